@@ -1,0 +1,242 @@
+//! PEFT adapter files (`adapter_model.safetensors` + `adapter_config.json`) and merged
+//! Hugging Face exports (sharded safetensors + index + config), written atomically.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig};
+
+use crate::config::LoraConfig;
+use crate::error::{Error, Result};
+use crate::inject::{LoraModel, PEFT_PREFIX};
+
+/// File name of PEFT adapter weights.
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// File name of the PEFT adapter config.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+
+/// Writes `bytes` to `path` through a temporary file in the same directory and a rename, so a
+/// crash leaves either the old file or the new one.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
+    sync_file(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| Error::io(path, e))
+}
+
+/// Saves tensors as safetensors (with `{"format": "pt"}` metadata, keys sorted) atomically.
+pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    let tmp = tmp_path(path);
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    safetensors::serialize_to_file(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &tmp)
+        .map_err(|e| Error::SafeTensors {
+            path: tmp.display().to_string(),
+            reason: e.to_string(),
+        })?;
+    sync_file(&tmp)?;
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+}
+
+impl LoraModel {
+    /// The adapter tensors under their PEFT keys, in `dtype` (f32 keeps them exact).
+    pub fn adapter_tensors(&self, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
+        self.trainable_vars()
+            .into_iter()
+            .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(dtype)?)))
+            .collect()
+    }
+
+    /// Writes `adapter_model.safetensors` and `adapter_config.json` into `dir` (created if
+    /// needed), each atomically, in PEFT's layout: `PeftModel.from_pretrained(base, dir)`
+    /// loads it.
+    pub fn save_adapter(&self, dir: &Path, dtype: DType) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        save_safetensors(&dir.join(ADAPTER_WEIGHTS), &self.adapter_tensors(dtype)?)?;
+        let mut cfg = self.config().clone();
+        cfg.inference_mode = true;
+        write_atomic(&dir.join(ADAPTER_CONFIG), (cfg.to_json()? + "\n").as_bytes())
+    }
+
+    /// Loads a PEFT adapter directory onto `model`: reads its config, injects adapters where
+    /// it says, and fills them from `adapter_model.safetensors`. Every tensor must fit.
+    pub fn from_pretrained(model: DeepSeekMoe, dir: &Path) -> Result<Self> {
+        let cfg = LoraConfig::from_file(dir.join(ADAPTER_CONFIG))?;
+        let mut lm = Self::new(model, cfg, 0)?;
+        lm.load_adapter_weights(&dir.join(ADAPTER_WEIGHTS))?;
+        Ok(lm)
+    }
+
+    /// Fills the adapters from a PEFT `adapter_model.safetensors` (adapter-name infixes such as
+    /// `.default` are accepted). Missing, unexpected or mis-shaped tensors are errors.
+    pub fn load_adapter_weights(&mut self, path: &Path) -> Result<()> {
+        let file = path.display().to_string();
+        let dev = self.model().device().clone();
+        let loaded = candle_core::safetensors::load(path, &dev).map_err(|e| Error::SafeTensors {
+            path: file.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut loaded: HashMap<String, Tensor> = loaded
+            .into_iter()
+            .map(|(k, v)| (k.replace(".default.weight", ".weight").replace(".modules_to_save.default", ""), v))
+            .collect();
+        for (key, var) in self.trainable_vars() {
+            let t = loaded.remove(&key).ok_or_else(|| Error::AdapterMismatch {
+                file: file.clone(),
+                reason: format!("tensor `{key}` is missing"),
+            })?;
+            if t.dims() != var.dims() {
+                return Err(Error::ShapeMismatch {
+                    name: key,
+                    file,
+                    expected: var.dims().to_vec(),
+                    got: t.dims().to_vec(),
+                });
+            }
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
+        if !loaded.is_empty() {
+            let mut extra: Vec<String> = loaded.into_keys().collect();
+            extra.sort();
+            extra.truncate(5);
+            return Err(Error::AdapterMismatch {
+                file,
+                reason: format!("tensors the model has no place for: {extra:?}"),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Options of [`export_hf`].
+#[derive(Debug, Clone)]
+pub struct ExportOptions {
+    /// dtype of the written weights (bf16 or f32; norms and router too).
+    pub dtype: DType,
+    /// Largest shard in bytes (transformers' default is 5 GB).
+    pub max_shard_bytes: usize,
+    /// Files copied next to the weights (tokenizer.json, tokenizer_config.json, …).
+    pub extra_files: Vec<PathBuf>,
+}
+
+impl Default for ExportOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::BF16,
+            max_shard_bytes: 5_000_000_000,
+            extra_files: Vec::new(),
+        }
+    }
+}
+
+/// Writes `model` as a Hugging Face checkpoint: `config.json`, `model.safetensors` or
+/// `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`. Shards are
+/// materialized one at a time (dequantizing/merging one weight at a time), so host memory
+/// stays near one shard.
+pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Result<Vec<PathBuf>> {
+    if !matches!(opts.dtype, DType::BF16 | DType::F32 | DType::F16) {
+        return Err(Error::InvalidConfig(format!("export dtype {:?} (bf16, f16 or f32)", opts.dtype)));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let elem = opts.dtype.size_in_bytes();
+    let mut plan: Vec<Vec<String>> = vec![vec![]];
+    let mut sizes = vec![0usize];
+    let mut total = 0usize;
+    model.visit_weights(&mut |name, w| {
+        let bytes = w.shape().iter().product::<usize>() * elem;
+        let last = plan.len() - 1;
+        if sizes[last] > 0 && sizes[last] + bytes > opts.max_shard_bytes {
+            plan.push(vec![]);
+            sizes.push(0);
+        }
+        let last = plan.len() - 1;
+        plan[last].push(name.to_string());
+        sizes[last] += bytes;
+        total += bytes;
+        Ok(())
+    })?;
+    let n = plan.len();
+    let names: Vec<String> = if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
+    };
+    let mut weight_map = BTreeMap::new();
+    let mut written = Vec::new();
+    for (i, shard) in plan.iter().enumerate() {
+        let wanted: std::collections::HashSet<&String> = shard.iter().collect();
+        let mut tensors = BTreeMap::new();
+        model.visit_weights(&mut |name, w| {
+            if wanted.contains(&name.to_string()) {
+                let t = w.materialize(opts.dtype)?.to_device(&Device::Cpu)?;
+                tensors.insert(name.to_string(), t);
+            }
+            Ok(())
+        })?;
+        let path = dir.join(&names[i]);
+        save_safetensors(&path, &tensors)?;
+        for k in tensors.keys() {
+            weight_map.insert(k.clone(), names[i].clone());
+        }
+        written.push(path);
+    }
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        let p = dir.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&index).map_err(|e| Error::json(&p, e))?;
+        write_atomic(&p, text.as_bytes())?;
+        written.push(p);
+    }
+    let mut cfg: DeepSeekMoeConfig = model.config().clone();
+    cfg.quantization_config = None;
+    cfg.torch_dtype = Some(
+        match opts.dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+        .into(),
+    );
+    let p = dir.join("config.json");
+    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::json(&p, e))?;
+    write_atomic(&p, (text + "\n").as_bytes())?;
+    written.push(p);
+    for f in &opts.extra_files {
+        let Some(name) = f.file_name() else { continue };
+        let to = dir.join(name);
+        std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
+        written.push(to);
+    }
+    Ok(written)
+}
+
+impl LoraModel {
+    /// Merges the adapters into a copy of the base and exports it with [`export_hf`].
+    pub fn export_merged(self, dir: &Path, opts: &ExportOptions) -> Result<Vec<PathBuf>> {
+        let merged = self.merge_and_unload()?;
+        export_hf(&merged, dir, opts)
+    }
+}
+
+/// The PEFT key of an adapter tensor for a site (`which` is `lora_A` or `lora_B`).
+pub fn peft_key(site: &str, which: &str) -> String {
+    format!("{PEFT_PREFIX}{site}.{which}.weight")
+}

@@ -1,0 +1,241 @@
+//! `LoraModel`: a DeepSeekMoE with adapters injected at the sites `LoraConfig` targets, plus
+//! the fully trained `modules_to_save`.
+//!
+//! Injection walks the model's site visitor (no macros, no type-name matching) and picks each
+//! adapter's shape from its base, so one config fits attention, dense MLP, routed and shared
+//! experts alike.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, Var};
+use moe_peft_model::{DeepSeekMoe, Embedding};
+use moe_peft_quant::DenseLinear;
+use rand::{Rng, SeedableRng};
+
+use crate::config::{InitLoraWeights, LoraConfig};
+use crate::error::{Error, Result};
+use crate::layer::{site_hash, DropoutState, LoraLinear, TrainableLinear};
+
+/// Key prefix of every tensor in a PEFT causal-LM adapter file.
+pub const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The `modules_to_save` this model supports, by module path.
+pub const SAVEABLE_MODULES: [&str; 2] = ["model.embed_tokens", "lm_head"];
+
+/// A model with LoRA adapters.
+#[derive(Debug)]
+pub struct LoraModel {
+    model: DeepSeekMoe,
+    config: LoraConfig,
+    adapters: BTreeMap<String, Arc<LoraLinear>>,
+    saved_modules: BTreeMap<String, Var>,
+    dropout: Arc<DropoutState>,
+}
+
+fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.random_range(-bound..bound)).collect()
+}
+
+impl LoraModel {
+    /// Injects freshly initialized adapters (PEFT init: A kaiming-uniform(a=√5), B zeros).
+    /// `seed` fixes the initialization and the dropout masks.
+    pub fn new(mut model: DeepSeekMoe, config: LoraConfig, seed: u64) -> Result<Self> {
+        config.validate()?;
+        let sites = model.site_names();
+        let missing = config.unmatched_targets(&sites);
+        if !missing.is_empty() {
+            return Err(Error::UnknownTargetModule {
+                missing,
+                valid: valid_target_names(&sites),
+            });
+        }
+        let dropout = Arc::new(DropoutState::new(seed));
+        let mut adapters = BTreeMap::new();
+        let dev = model.device().clone();
+        model.visit_sites_mut(&mut |name, slot| {
+            if !config.targets(name) {
+                return Ok(());
+            }
+            let (r, alpha) = config.rank_alpha(name);
+            let (inp, out) = (slot.in_features(), slot.out_features());
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ site_hash(name));
+            let a = match &config.init_lora_weights {
+                InitLoraWeights::Named(_) => {
+                    let d = rand_distr::Normal::new(0f32, 1.0 / r as f32)
+                        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                    (0..r * inp).map(|_| rng.sample(d)).collect()
+                }
+                InitLoraWeights::Bool(_) => uniform(&mut rng, r * inp, 1.0 / (inp as f32).sqrt()),
+            };
+            let b = match &config.init_lora_weights {
+                InitLoraWeights::Bool(false) => uniform(&mut rng, out * r, 1.0 / (r as f32).sqrt()),
+                _ => vec![0f32; out * r],
+            };
+            let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), &dev)?)?;
+            let b = Var::from_tensor(&Tensor::from_vec(b, (out, r), &dev)?)?;
+            let l = Arc::new(LoraLinear::new(
+                slot.clone(),
+                a,
+                b,
+                config.scaling_for(r, alpha),
+                config.lora_dropout,
+                name,
+                dropout.clone(),
+            ));
+            *slot = l.clone();
+            adapters.insert(name.to_string(), l);
+            Ok(())
+        })?;
+        if adapters.is_empty() {
+            return Err(Error::UnknownTargetModule {
+                missing: vec![format!("{:?}", config.target_modules)],
+                valid: valid_target_names(&sites),
+            });
+        }
+        let mut saved_modules = BTreeMap::new();
+        for m in config.modules_to_save.iter().flatten() {
+            let path = SAVEABLE_MODULES
+                .iter()
+                .find(|p| *p == m || p.ends_with(&format!(".{m}")))
+                .ok_or_else(|| Error::UnknownTargetModule {
+                    missing: vec![m.clone()],
+                    valid: vec!["embed_tokens".into(), "lm_head".into()],
+                })?;
+            if saved_modules.contains_key(*path) {
+                continue;
+            }
+            let var = match *path {
+                "model.embed_tokens" => {
+                    let v = Var::from_tensor(&model.embed_tokens.weight().to_dtype(DType::F32)?)?;
+                    model.embed_tokens = Embedding::new(v.as_tensor().clone());
+                    v
+                }
+                _ => {
+                    let v = Var::from_tensor(&model.lm_head.dense_weight(DType::F32)?)?;
+                    model.lm_head = Arc::new(TrainableLinear::new(v.clone()));
+                    v
+                }
+            };
+            saved_modules.insert(path.to_string(), var);
+        }
+        Ok(Self {
+            model,
+            config,
+            adapters,
+            saved_modules,
+            dropout,
+        })
+    }
+
+    /// The wrapped model (adapters live inside its sites).
+    pub fn model(&self) -> &DeepSeekMoe {
+        &self.model
+    }
+
+    /// The LoRA configuration.
+    pub fn config(&self) -> &LoraConfig {
+        &self.config
+    }
+
+    /// Mutable configuration (e.g. to set `base_model_name_or_path` before saving).
+    pub fn config_mut(&mut self) -> &mut LoraConfig {
+        &mut self.config
+    }
+
+    /// Adapters by site path, sorted.
+    pub fn adapters(&self) -> &BTreeMap<String, Arc<LoraLinear>> {
+        &self.adapters
+    }
+
+    /// Fully trained modules by path (`model.embed_tokens`, `lm_head`).
+    pub fn saved_modules(&self) -> &BTreeMap<String, Var> {
+        &self.saved_modules
+    }
+
+    /// The dropout stream shared by all adapters.
+    pub fn dropout_state(&self) -> &Arc<DropoutState> {
+        &self.dropout
+    }
+
+    /// Every trainable variable under its PEFT file key, sorted by key.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut v = Vec::with_capacity(self.adapters.len() * 2 + self.saved_modules.len());
+        for (site, l) in &self.adapters {
+            v.push((format!("{PEFT_PREFIX}{site}.lora_A.weight"), l.lora_a().clone()));
+            v.push((format!("{PEFT_PREFIX}{site}.lora_B.weight"), l.lora_b().clone()));
+        }
+        for (path, var) in &self.saved_modules {
+            v.push((format!("{PEFT_PREFIX}{path}.weight"), var.clone()));
+        }
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// Number of trainable parameters.
+    pub fn num_trainable_parameters(&self) -> usize {
+        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+
+    /// Folds every adapter into a dense copy of its base (the model dtype); the forward then
+    /// uses the merged weights. Refuses to merge twice.
+    pub fn merge(&self) -> Result<()> {
+        if self.adapters.values().any(|a| a.is_merged()) {
+            return Err(Error::AlreadyMerged);
+        }
+        let dtype = self.model.dtype();
+        for a in self.adapters.values() {
+            a.merge(dtype)?;
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::merge`].
+    pub fn unmerge(&self) -> Result<()> {
+        let mut any = false;
+        for a in self.adapters.values() {
+            any |= a.unmerge()?;
+        }
+        if any {
+            Ok(())
+        } else {
+            Err(Error::NotMerged)
+        }
+    }
+
+    /// Returns the base model with every adapter merged into a dense weight (`W + s·B·A`,
+    /// dequantizing quantized bases) and the trained `modules_to_save` in place: a plain
+    /// model that can be exported.
+    pub fn merge_and_unload(mut self) -> Result<DeepSeekMoe> {
+        if self.adapters.values().any(|a| a.is_merged()) {
+            return Err(Error::AlreadyMerged);
+        }
+        let dtype = self.model.dtype();
+        let adapters = std::mem::take(&mut self.adapters);
+        self.model.visit_sites_mut(&mut |name, slot| {
+            if let Some(a) = adapters.get(name) {
+                *slot = Arc::new(DenseLinear::new(a.merged_weight(dtype)?));
+            }
+            Ok(())
+        })?;
+        if let Some(v) = self.saved_modules.get("model.embed_tokens") {
+            self.model.embed_tokens = Embedding::new(v.as_tensor().to_dtype(dtype)?);
+        }
+        if let Some(v) = self.saved_modules.get("lm_head") {
+            self.model.lm_head = Arc::new(DenseLinear::new(v.as_tensor().to_dtype(dtype)?));
+        }
+        Ok(self.model)
+    }
+}
+
+/// The names a user can target: each distinct last path component, plus `all-linear`.
+pub fn valid_target_names(sites: &[String]) -> Vec<String> {
+    let mut v: Vec<String> = sites
+        .iter()
+        .filter_map(|s| s.rsplit('.').next().map(String::from))
+        .collect();
+    v.sort();
+    v.dedup();
+    v.push("all-linear".into());
+    v
+}

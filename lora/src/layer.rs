@@ -1,0 +1,367 @@
+//! `LoraLinear`: `y = base(x) + B·A·drop(x) · scaling`, the PEFT forward, around any frozen
+//! [`LinearLike`] base (dense or quantized).
+//!
+//! Only the adapter path is scaled (candle-lora scales the base output too) and dropout runs
+//! only in training. A and B are f32 `Var`s whatever the base dtype, because the optimizer keeps
+//! its moments in the variable's dtype; the input is cast to f32 for the adapter path and the
+//! result cast back, as PEFT does.
+
+use std::any::Any;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, ModuleT, Shape, Tensor, Var};
+use moe_peft_quant::{matmul_t, DenseLinear, LinearLike};
+
+/// Shared state of deterministic dropout: a seed and the current micro-step, set by the
+/// trainer. A mask is a pure function of (seed, micro-step, site, element), so a recomputed
+/// forward (gradient checkpointing) and a resumed run draw exactly the same masks.
+#[derive(Debug, Default)]
+pub struct DropoutState {
+    seed: AtomicU64,
+    step: AtomicU64,
+}
+
+impl DropoutState {
+    /// A state with a seed.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed: AtomicU64::new(seed),
+            step: AtomicU64::new(0),
+        }
+    }
+
+    /// Sets the micro-step whose masks the next forward draws.
+    pub fn set_step(&self, step: u64) {
+        self.step.store(step, Ordering::Relaxed);
+    }
+
+    /// The current micro-step.
+    pub fn step(&self) -> u64 {
+        self.step.load(Ordering::Relaxed)
+    }
+
+    /// The seed.
+    pub fn seed(&self) -> u64 {
+        self.seed.load(Ordering::Relaxed)
+    }
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// FNV-1a of a site name: a stable per-site stream id.
+pub fn site_hash(name: &str) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x1000_0000_01b3);
+    }
+    h
+}
+
+/// Inverted dropout with a counter-based mask: element `i` is kept iff
+/// `u(key, i) ≥ p`, `u` uniform in [0, 1) from splitmix64. Linear in `x`, so its backward is
+/// the same op applied to the gradient.
+#[derive(Debug, Clone, Copy)]
+struct HashDropout {
+    p: f32,
+    key: u64,
+}
+
+impl HashDropout {
+    fn keep(&self, i: usize) -> bool {
+        let u = (splitmix64(self.key ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 40) as f32
+            / (1u64 << 24) as f32;
+        u >= self.p
+    }
+
+    fn run<T: Copy + Send + Sync>(&self, v: &[T], mul: impl Fn(T, f32) -> T + Sync) -> Vec<T> {
+        let scale = 1.0 / (1.0 - self.p);
+        v.iter()
+            .enumerate()
+            .map(|(i, &x)| mul(x, if self.keep(i) { scale } else { 0.0 }))
+            .collect()
+    }
+}
+
+impl CustomOp1 for HashDropout {
+    fn name(&self) -> &'static str {
+        "hash-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("hash-dropout: input must be contiguous")
+        };
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b], |x, m| x * m)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[a..b], |x, m| {
+                half::bf16::from_f32(x.to_f32() * m)
+            })),
+            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[a..b], |x, m| {
+                half::f16::from_f32(x.to_f32() * m)
+            })),
+            _ => candle_core::bail!("hash-dropout: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(dropout(grad, self.p, self.key)?))
+    }
+}
+
+/// Applies [`HashDropout`]; on a GPU the mask is built on the host and uploaded.
+fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
+    let op = HashDropout { p, key };
+    let x = x.contiguous()?;
+    if x.device().is_cpu() {
+        return x.apply_op1(op);
+    }
+    let n = x.elem_count();
+    let scale = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..n).map(|i| if op.keep(i) { scale } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x * mask
+}
+
+/// A LoRA adapter around a frozen base projection.
+#[derive(Debug)]
+pub struct LoraLinear {
+    base: Arc<dyn LinearLike>,
+    a: Var,
+    b: Var,
+    scaling: f64,
+    dropout: f32,
+    site_key: u64,
+    state: Arc<DropoutState>,
+    merged: RwLock<Option<Arc<dyn LinearLike>>>,
+}
+
+impl LoraLinear {
+    /// Wraps `base` with `a` `(r, in)` and `b` `(out, r)` (f32 `Var`s).
+    pub fn new(
+        base: Arc<dyn LinearLike>,
+        a: Var,
+        b: Var,
+        scaling: f64,
+        dropout: f64,
+        site: &str,
+        state: Arc<DropoutState>,
+    ) -> Self {
+        Self {
+            base,
+            a,
+            b,
+            scaling,
+            dropout: dropout as f32,
+            site_key: site_hash(site),
+            state,
+            merged: RwLock::new(None),
+        }
+    }
+
+    /// The frozen base.
+    pub fn base(&self) -> &Arc<dyn LinearLike> {
+        &self.base
+    }
+
+    /// A `(r, in)`.
+    pub fn lora_a(&self) -> &Var {
+        &self.a
+    }
+
+    /// B `(out, r)`.
+    pub fn lora_b(&self) -> &Var {
+        &self.b
+    }
+
+    /// `alpha / r` (or `alpha / √r`).
+    pub fn scaling(&self) -> f64 {
+        self.scaling
+    }
+
+    /// Rank.
+    pub fn rank(&self) -> usize {
+        self.a.dims()[0]
+    }
+
+    /// `scaling · B·A` `(out, in)` in f32.
+    pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
+    }
+
+    /// `W + scaling·B·A` in `dtype` (dequantizing a quantized base).
+    pub fn merged_weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        let w = self.base.dense_weight(DType::F32)?;
+        (w + self.delta_weight()?)?.to_dtype(dtype)
+    }
+
+    /// Whether the adapter is merged.
+    pub fn is_merged(&self) -> bool {
+        self.merged.read().map(|m| m.is_some()).unwrap_or(false)
+    }
+
+    /// Folds the adapter into a dense copy of the base (`dtype`); forward then uses it.
+    /// Returns false if it was already merged.
+    pub fn merge(&self, dtype: DType) -> candle_core::Result<bool> {
+        let mut m = self
+            .merged
+            .write()
+            .map_err(|_| candle_core::Error::Msg("adapter lock poisoned".into()))?;
+        if m.is_some() {
+            return Ok(false);
+        }
+        *m = Some(Arc::new(DenseLinear::new(self.merged_weight(dtype)?)));
+        Ok(true)
+    }
+
+    /// Drops the merged copy. Returns false if it was not merged.
+    pub fn unmerge(&self) -> candle_core::Result<bool> {
+        let mut m = self
+            .merged
+            .write()
+            .map_err(|_| candle_core::Error::Msg("adapter lock poisoned".into()))?;
+        Ok(m.take().is_some())
+    }
+
+    fn key(&self) -> u64 {
+        splitmix64(self.state.seed() ^ splitmix64(self.state.step() ^ self.site_key))
+    }
+}
+
+impl ModuleT for LoraLinear {
+    fn forward_t(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        if let Ok(m) = self.merged.read() {
+            if let Some(m) = m.as_ref() {
+                return m.forward_t(x, train);
+            }
+        }
+        let y = self.base.forward_t(x, train)?;
+        let xa = if train && self.dropout > 0.0 {
+            dropout(x, self.dropout, self.key())?
+        } else {
+            x.clone()
+        };
+        let xa = xa.to_dtype(self.a.dtype())?;
+        let t = matmul_t(&matmul_t(&xa, self.a.as_tensor())?, self.b.as_tensor())?;
+        let t = (t * self.scaling)?.to_dtype(y.dtype())?;
+        y + t
+    }
+}
+
+impl LinearLike for LoraLinear {
+    fn in_features(&self) -> usize {
+        self.base.in_features()
+    }
+    fn out_features(&self) -> usize {
+        self.base.out_features()
+    }
+    fn dense_weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        self.merged_weight(dtype)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+/// A fully trained projection (`modules_to_save` `lm_head`): `x·Wᵀ` with `W` an f32 `Var`.
+#[derive(Debug, Clone)]
+pub struct TrainableLinear {
+    weight: Var,
+}
+
+impl TrainableLinear {
+    /// Wraps a trainable weight `(out, in)`.
+    pub fn new(weight: Var) -> Self {
+        Self { weight }
+    }
+
+    /// The variable.
+    pub fn var(&self) -> &Var {
+        &self.weight
+    }
+}
+
+impl ModuleT for TrainableLinear {
+    fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
+        let w = self.weight.as_tensor().to_dtype(x.dtype())?;
+        matmul_t(x, &w)
+    }
+}
+
+impl LinearLike for TrainableLinear {
+    fn in_features(&self) -> usize {
+        self.weight.dims()[1]
+    }
+    fn out_features(&self) -> usize {
+        self.weight.dims()[0]
+    }
+    fn dense_weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        self.weight.as_tensor().to_dtype(dtype)
+    }
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn adapter(alpha_over_r: f64, dropout: f64) -> candle_core::Result<LoraLinear> {
+        let dev = Device::Cpu;
+        let base = Arc::new(DenseLinear::new(Tensor::randn(0f32, 1., (6, 5), &dev)?));
+        let a = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5), &dev)?)?;
+        let b = Var::from_tensor(&Tensor::randn(0f32, 1., (6, 2), &dev)?)?;
+        Ok(LoraLinear::new(base, a, b, alpha_over_r, dropout, "s", Arc::new(DropoutState::new(1))))
+    }
+
+    #[test]
+    fn forward_scales_only_the_adapter_and_merge_agrees() -> candle_core::Result<()> {
+        let l = adapter(4.0, 0.0)?;
+        let x = Tensor::randn(0f32, 1., (3, 5), &Device::Cpu)?;
+        let y = l.forward_t(&x, false)?;
+        let w = l.base().dense_weight(DType::F32)?;
+        let want = (x.matmul(&w.t()?)?
+            + (x.matmul(&l.lora_a().as_tensor().t()?)?.matmul(&l.lora_b().as_tensor().t()?)? * 4.0)?)?;
+        let d = (&y - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "{d}");
+        assert!(l.merge(DType::F32)?);
+        assert!(!l.merge(DType::F32)?, "a second merge is refused");
+        let ym = l.forward_t(&x, false)?;
+        let d = (&y - &ym)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5, "merged differs by {d}");
+        assert!(l.unmerge()?);
+        Ok(())
+    }
+
+    #[test]
+    fn dropout_is_deterministic_keeps_about_1_minus_p_and_only_in_training() -> candle_core::Result<()> {
+        let x = Tensor::ones((64, 256), DType::F32, &Device::Cpu)?;
+        let a = dropout(&x, 0.25, 7)?;
+        let b = dropout(&x, 0.25, 7)?;
+        let c = dropout(&x, 0.25, 8)?;
+        assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
+        assert_ne!(a.to_vec2::<f32>()?, c.to_vec2::<f32>()?);
+        let kept = a.ne(0f32)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        assert!((kept - 0.75).abs() < 0.01, "{kept}");
+        let mean = a.mean_all()?.to_scalar::<f32>()?;
+        assert!((mean - 1.0).abs() < 0.02, "inverted dropout keeps the mean: {mean}");
+        let l = adapter(1.0, 0.5)?;
+        let x = Tensor::randn(0f32, 1., (3, 5), &Device::Cpu)?;
+        let e1 = l.forward_t(&x, false)?.to_vec2::<f32>()?;
+        let e2 = l.forward_t(&x, false)?.to_vec2::<f32>()?;
+        assert_eq!(e1, e2);
+        let t1 = l.forward_t(&x, true)?.to_vec2::<f32>()?;
+        assert_ne!(e1, t1);
+        Ok(())
+    }
+}

@@ -1,0 +1,27 @@
+//! LoRA and QLoRA for DeepSeekMoE: adapters on attention and every expert projection, the
+//! training loop (AdamW, schedules, clipping, accumulation, gradient checkpointing), PEFT
+//! save/load, merge and Hugging Face export.
+//!
+//! References: LoRA (Hu et al., arXiv 2106.09685), QLoRA (Dettmers et al., arXiv 2305.14314),
+//! rsLoRA (Kalajdzievski, arXiv 2312.03732), and huggingface/peft `tuners/lora` for the
+//! forward, initialization, matching rules and file format.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod export;
+pub mod inject;
+pub mod layer;
+pub mod optim;
+pub mod train;
+
+pub use config::{InitLoraWeights, LayerSelection, LoraConfig, TargetModules, DEEPSEEK_TARGETS};
+pub use error::{Error, Result};
+pub use export::{export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+pub use inject::{valid_target_names, LoraModel, PEFT_PREFIX};
+pub use layer::{DropoutState, LoraLinear, TrainableLinear};
+pub use optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig, Schedule};
+pub use train::{
+    latest_checkpoint, list_checkpoints, MicroGrads, StepMetrics, TrainBatch, TrainConfig, Trainer,
+    TrainerState, OPTIMIZER_STATE, TRAINER_STATE,
+};

@@ -1,0 +1,559 @@
+//! The trainer: one optimizer step over `gradient_accumulation_steps` micro-batches, with
+//! gradient checkpointing, clipping, schedules, non-finite detection and checkpoints that
+//! resume exactly.
+//!
+//! Loss scaling follows the reference (HF Trainer + `modeling_deepseek.py`): each micro-batch's
+//! mean cross-entropy is divided by the accumulation count, while every MoE layer's balancing
+//! loss enters the gradient with weight 1 (its `AddAuxiliaryLoss` ignores the scaling).
+//!
+//! Gradient checkpointing: candle has none, so the forward runs layer by layer keeping only
+//! each layer's (detached) input; the backward recomputes one layer at a time from a fresh
+//! `Var` of its input, back-propagates `Σ out ⊙ g_out + aux`, and hands the input gradient to
+//! the layer below. Memory holds one layer's graph at a time.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use moe_peft_model::causal_lm_loss;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::export::write_atomic;
+use crate::inject::LoraModel;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+
+/// One micro-batch on the model's device.
+#[derive(Debug, Clone)]
+pub struct TrainBatch {
+    /// `(b, seq)` u32.
+    pub input_ids: Tensor,
+    /// `(b, seq)` u32, 1 for real tokens.
+    pub attention_mask: Tensor,
+    /// `(b, seq)` i64, -100 where ignored.
+    pub labels: Tensor,
+}
+
+impl TrainBatch {
+    /// From row-major host buffers.
+    pub fn from_host(
+        input_ids: &[u32],
+        attention_mask: &[u32],
+        labels: &[i64],
+        batch: usize,
+        seq: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let n = batch * seq;
+        if input_ids.len() != n || attention_mask.len() != n || labels.len() != n {
+            return Err(Error::InvalidTrainConfig(format!(
+                "batch buffers must hold {batch}×{seq} values"
+            )));
+        }
+        Ok(Self {
+            input_ids: Tensor::from_slice(input_ids, (batch, seq), device)?,
+            attention_mask: Tensor::from_slice(attention_mask, (batch, seq), device)?,
+            labels: Tensor::from_slice(labels, (batch, seq), device)?,
+        })
+    }
+
+    /// Real (unpadded) tokens.
+    pub fn tokens(&self) -> Result<usize> {
+        Ok(self
+            .attention_mask
+            .to_dtype(DType::F32)?
+            .sum_all()?
+            .to_scalar::<f32>()? as usize)
+    }
+}
+
+/// Training hyper-parameters (transformers `TrainingArguments` names).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TrainConfig {
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// AdamW β₁.
+    pub adam_beta1: f64,
+    /// AdamW β₂.
+    pub adam_beta2: f64,
+    /// AdamW ε.
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm to this (0 disables).
+    pub max_grad_norm: f64,
+    /// Schedule shape.
+    pub lr_scheduler_type: Schedule,
+    /// Warm-up steps (wins over `warmup_ratio` when > 0).
+    pub warmup_steps: usize,
+    /// Warm-up as a fraction of `max_steps`.
+    pub warmup_ratio: f64,
+    /// Micro-batches per optimizer step.
+    pub gradient_accumulation_steps: usize,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub gradient_checkpointing: bool,
+    /// Total optimizer steps (the schedule's horizon).
+    pub max_steps: usize,
+    /// Seed of adapter initialization, dropout and data order.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 2e-4,
+            weight_decay: 0.0,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 0.3,
+            lr_scheduler_type: Schedule::Cosine,
+            warmup_steps: 0,
+            warmup_ratio: 0.0,
+            gradient_accumulation_steps: 1,
+            gradient_checkpointing: true,
+            max_steps: 1,
+            seed: 42,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Checks the values.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidTrainConfig(m));
+        if !(self.learning_rate >= 0.0 && self.learning_rate.is_finite()) {
+            return bad(format!("learning_rate {} must be ≥ 0", self.learning_rate));
+        }
+        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
+            return bad("adam betas must be in [0, 1)".into());
+        }
+        if !(self.adam_epsilon > 0.0) {
+            return bad("adam_epsilon must be > 0".into());
+        }
+        if !(self.max_grad_norm >= 0.0) {
+            return bad("max_grad_norm must be ≥ 0".into());
+        }
+        if self.gradient_accumulation_steps == 0 {
+            return bad("gradient_accumulation_steps must be at least 1".into());
+        }
+        if self.max_steps == 0 {
+            return bad("max_steps must be at least 1".into());
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            return bad("warmup_ratio must be in [0, 1]".into());
+        }
+        Ok(())
+    }
+
+    /// Warm-up steps in effect.
+    pub fn warmup(&self) -> usize {
+        if self.warmup_steps > 0 {
+            self.warmup_steps
+        } else {
+            (self.warmup_ratio * self.max_steps as f64).ceil() as usize
+        }
+    }
+
+    /// The learning rate of optimizer step `step` (0-based).
+    pub fn lr_at(&self, step: usize) -> f64 {
+        self.learning_rate * self.lr_scheduler_type.factor(step, self.warmup(), self.max_steps)
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Optimizer steps done after this one (1 for the first).
+    pub step: usize,
+    /// Mean cross-entropy over the micro-batches (as HF logs `loss`).
+    pub loss: f64,
+    /// Sum over MoE layers of the balancing loss, mean over micro-batches.
+    pub aux_loss: f64,
+    /// Learning rate used for this update.
+    pub learning_rate: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Real (unpadded) input tokens processed.
+    pub tokens: usize,
+    /// Target tokens (labels ≠ -100) counted in the loss.
+    pub target_tokens: usize,
+    /// Wall time of the step.
+    pub seconds: f64,
+    /// `tokens / seconds`.
+    pub tokens_per_second: f64,
+}
+
+/// Gradients of one micro-batch.
+#[derive(Debug)]
+pub struct MicroGrads {
+    /// Mean cross-entropy of the micro-batch.
+    pub loss: f64,
+    /// Sum of the layers' balancing losses.
+    pub aux_loss: f64,
+    /// Target tokens counted.
+    pub target_tokens: usize,
+    /// Gradient per trainable variable (order of [`Trainer::vars`]).
+    pub grads: Vec<Option<Tensor>>,
+}
+
+/// On-disk state of a checkpoint besides adapter and optimizer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub global_step: usize,
+    /// Micro-batches done (the dropout stream position).
+    pub micro_step: u64,
+    /// The training configuration.
+    pub config: TrainConfig,
+    /// Caller state (data position, epoch, …).
+    pub extra: serde_json::Value,
+}
+
+/// File of [`TrainerState`] in a checkpoint.
+pub const TRAINER_STATE: &str = "trainer_state.json";
+/// File of the optimizer moments in a checkpoint.
+pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
+
+/// Trains a [`LoraModel`].
+#[derive(Debug)]
+pub struct Trainer {
+    lora: LoraModel,
+    cfg: TrainConfig,
+    opt: AdamW,
+    vars: Vec<(String, Var)>,
+    global_step: usize,
+    micro_step: u64,
+}
+
+impl Trainer {
+    /// A trainer with fresh optimizer state.
+    pub fn new(lora: LoraModel, cfg: TrainConfig) -> Result<Self> {
+        cfg.validate()?;
+        let vars = lora.trainable_vars();
+        let opt = AdamW::new(
+            vars.clone(),
+            AdamWConfig {
+                beta1: cfg.adam_beta1,
+                beta2: cfg.adam_beta2,
+                eps: cfg.adam_epsilon,
+                weight_decay: cfg.weight_decay,
+            },
+        )?;
+        Ok(Self {
+            lora,
+            cfg,
+            opt,
+            vars,
+            global_step: 0,
+            micro_step: 0,
+        })
+    }
+
+    /// The model being trained.
+    pub fn lora(&self) -> &LoraModel {
+        &self.lora
+    }
+
+    /// Ends training, returning the model.
+    pub fn into_lora(self) -> LoraModel {
+        self.lora
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
+    }
+
+    /// Trainable variables with their PEFT keys, in optimizer order.
+    pub fn vars(&self) -> &[(String, Var)] {
+        &self.vars
+    }
+
+    /// Optimizer steps done.
+    pub fn global_step(&self) -> usize {
+        self.global_step
+    }
+
+    fn collect(&self, gs: &GradStore, acc: &mut [Option<Tensor>]) -> Result<()> {
+        for (i, (_, v)) in self.vars.iter().enumerate() {
+            if let Some(g) = gs.get(v.as_tensor()) {
+                acc[i] = Some(match acc[i].take() {
+                    Some(a) => (a + g)?,
+                    None => g.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Gradients of `ce · scale + Σ aux` for one micro-batch (no update).
+    pub fn micro_gradients(&self, batch: &TrainBatch, scale: f64) -> Result<MicroGrads> {
+        let model = self.lora.model();
+        self.lora.dropout_state().set_step(self.micro_step);
+        let (b, s) = batch.input_ids.dims2()?;
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let ctx = model.context(b, s, 0, Some(&batch.attention_mask), true)?;
+        let h0 = model.embed(&batch.input_ids)?;
+        if !self.cfg.gradient_checkpointing {
+            let mut h = h0;
+            let mut aux_sum: Option<Tensor> = None;
+            for layer in &model.layers {
+                let out = layer.forward(&h, &ctx, None)?;
+                h = out.hidden;
+                if let Some(a) = out.aux_loss {
+                    aux_sum = Some(match aux_sum {
+                        Some(s) => (s + a)?,
+                        None => a,
+                    });
+                }
+            }
+            let loss = causal_lm_loss(&model.head(&h)?, &batch.labels)?;
+            let mut obj = (&loss.loss * scale)?;
+            let mut aux = 0.0;
+            if let Some(a) = aux_sum {
+                aux = a.to_scalar::<f32>()? as f64;
+                obj = (obj + a)?;
+            }
+            let gs = obj.backward()?;
+            self.collect(&gs, &mut acc)?;
+            return Ok(MicroGrads {
+                loss: loss.loss.to_scalar::<f32>()? as f64,
+                aux_loss: aux,
+                target_tokens: loss.n_tokens,
+                grads: acc,
+            });
+        }
+        // Forward, keeping each layer's input only.
+        let mut inputs = Vec::with_capacity(model.layers.len());
+        let mut h = h0.detach();
+        let mut aux = 0.0;
+        for layer in &model.layers {
+            inputs.push(h.clone());
+            let out = layer.forward(&h, &ctx, None)?;
+            if let Some(a) = &out.aux_loss {
+                aux += a.to_scalar::<f32>()? as f64;
+            }
+            h = out.hidden.detach();
+        }
+        let hv = Var::from_tensor(&h)?;
+        let loss = causal_lm_loss(&model.head(hv.as_tensor())?, &batch.labels)?;
+        let gs = (&loss.loss * scale)?.backward()?;
+        self.collect(&gs, &mut acc)?;
+        let mut g = gs
+            .get(hv.as_tensor())
+            .cloned()
+            .unwrap_or(hv.as_tensor().zeros_like()?);
+        drop(gs);
+        for (layer, x) in model.layers.iter().zip(inputs.iter()).rev() {
+            let xv = Var::from_tensor(x)?;
+            let out = layer.forward(xv.as_tensor(), &ctx, None)?;
+            let mut obj = (out.hidden * &g)?.sum_all()?.to_dtype(DType::F32)?;
+            if let Some(a) = out.aux_loss {
+                obj = (obj + a)?;
+            }
+            let gs = obj.backward()?;
+            self.collect(&gs, &mut acc)?;
+            g = gs
+                .get(xv.as_tensor())
+                .cloned()
+                .unwrap_or(xv.as_tensor().zeros_like()?);
+        }
+        let h0 = model.embed(&batch.input_ids)?;
+        if h0.track_op() {
+            let gs = (h0 * &g)?.sum_all()?.backward()?;
+            self.collect(&gs, &mut acc)?;
+        }
+        Ok(MicroGrads {
+            loss: loss.loss.to_scalar::<f32>()? as f64,
+            aux_loss: aux,
+            target_tokens: loss.n_tokens,
+            grads: acc,
+        })
+    }
+
+    /// One optimizer step over `micro` (normally `gradient_accumulation_steps` batches).
+    /// A non-finite loss or gradient norm stops with [`Error::NonFinite`] before any update.
+    pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
+        if micro.is_empty() {
+            return Err(Error::InvalidTrainConfig("a step needs at least one micro-batch".into()));
+        }
+        let start = Instant::now();
+        let scale = 1.0 / micro.len() as f64;
+        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let (mut loss, mut aux, mut tokens, mut targets) = (0.0, 0.0, 0, 0);
+        for batch in micro {
+            let mg = self.micro_gradients(batch, scale)?;
+            self.micro_step += 1;
+            if !mg.loss.is_finite() {
+                return Err(Error::NonFinite {
+                    what: "loss",
+                    step: self.global_step + 1,
+                });
+            }
+            loss += mg.loss * scale;
+            aux += mg.aux_loss * scale;
+            targets += mg.target_tokens;
+            tokens += batch.tokens()?;
+            for (a, g) in acc.iter_mut().zip(mg.grads) {
+                if let Some(g) = g {
+                    *a = Some(match a.take() {
+                        Some(x) => (x + g)?,
+                        None => g,
+                    });
+                }
+            }
+        }
+        let grad_norm = clip_grad_norm(&mut acc, self.cfg.max_grad_norm)?;
+        if !grad_norm.is_finite() {
+            return Err(Error::NonFinite {
+                what: "gradient norm",
+                step: self.global_step + 1,
+            });
+        }
+        let lr = self.cfg.lr_at(self.global_step);
+        self.opt.step(&acc, lr)?;
+        self.global_step += 1;
+        let seconds = start.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.global_step,
+            loss,
+            aux_loss: aux,
+            learning_rate: lr,
+            grad_norm,
+            tokens,
+            target_tokens: targets,
+            seconds,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+        })
+    }
+
+    /// Mean loss of a batch without gradients or dropout: `(sum of token NLLs, tokens)`.
+    pub fn evaluate(&self, batch: &TrainBatch) -> Result<(f64, usize)> {
+        let out = self
+            .lora
+            .model()
+            .forward_t(&batch.input_ids, Some(&batch.attention_mask), false)?;
+        let l = causal_lm_loss(&out.logits, &batch.labels)?;
+        Ok((l.loss.to_scalar::<f32>()? as f64 * l.n_tokens as f64, l.n_tokens))
+    }
+
+    /// Saves `output_dir/checkpoint-<step>/` (PEFT adapter, optimizer moments, trainer state
+    /// with `extra`), atomically, then keeps only the newest `limit` checkpoints.
+    pub fn save_checkpoint(
+        &self,
+        output_dir: &Path,
+        extra: serde_json::Value,
+        limit: Option<usize>,
+    ) -> Result<PathBuf> {
+        self.save_checkpoint_with(output_dir, extra, limit, &|_| Ok(()))
+    }
+
+    /// [`Self::save_checkpoint`] with a hook run after everything is written and before the
+    /// checkpoint is put in place (an error there leaves earlier checkpoints untouched).
+    pub fn save_checkpoint_with(
+        &self,
+        output_dir: &Path,
+        extra: serde_json::Value,
+        limit: Option<usize>,
+        before_commit: &dyn Fn(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+        let name = format!("checkpoint-{}", self.global_step);
+        let fin = output_dir.join(&name);
+        let tmp = output_dir.join(format!(".{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.lora.save_adapter(&tmp, DType::F32)?;
+        self.opt.save(&tmp.join(OPTIMIZER_STATE))?;
+        let state = TrainerState {
+            global_step: self.global_step,
+            micro_step: self.micro_step,
+            config: self.cfg.clone(),
+            extra,
+        };
+        let p = tmp.join(TRAINER_STATE);
+        let text = serde_json::to_string_pretty(&state).map_err(|e| Error::json(&p, e))?;
+        write_atomic(&p, text.as_bytes())?;
+        before_commit(&tmp)?;
+        if fin.exists() {
+            let old = output_dir.join(format!(".{name}.old"));
+            if old.exists() {
+                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            }
+            std::fs::rename(&fin, &old).map_err(|e| Error::io(&fin, e))?;
+            std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+        } else {
+            std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
+        }
+        if let Ok(d) = std::fs::File::open(output_dir) {
+            let _ = d.sync_all();
+        }
+        if let Some(limit) = limit {
+            rotate_checkpoints(output_dir, limit.max(1))?;
+        }
+        Ok(fin)
+    }
+
+    /// Continues from a checkpoint written by [`Self::save_checkpoint`]: adapter weights,
+    /// optimizer moments and step counters. Returns the trainer and the saved `extra`.
+    pub fn resume(lora: LoraModel, cfg: TrainConfig, dir: &Path) -> Result<(Self, serde_json::Value)> {
+        let p = dir.join(TRAINER_STATE);
+        let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
+        let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::json(&p, e))?;
+        let mut lora = lora;
+        lora.load_adapter_weights(&dir.join(crate::export::ADAPTER_WEIGHTS))?;
+        let mut t = Self::new(lora, cfg)?;
+        t.opt.load(&dir.join(OPTIMIZER_STATE))?;
+        if t.opt.step_count() != state.global_step {
+            return Err(Error::Checkpoint {
+                path: dir.display().to_string(),
+                reason: format!(
+                    "optimizer has {} steps but trainer_state.json says {}",
+                    t.opt.step_count(),
+                    state.global_step
+                ),
+            });
+        }
+        t.global_step = state.global_step;
+        t.micro_step = state.micro_step;
+        Ok((t, state.extra))
+    }
+}
+
+/// Complete checkpoints (`checkpoint-N` with a trainer state) in `output_dir`, by step.
+pub fn list_checkpoints(output_dir: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(output_dir)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: usize = name.strip_prefix("checkpoint-")?.parse().ok()?;
+            let p = e.path();
+            p.join(TRAINER_STATE).exists().then_some((n, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The newest complete checkpoint in `output_dir`.
+pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
+    list_checkpoints(output_dir).pop().map(|(_, p)| p)
+}
+
+fn rotate_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+    let all = list_checkpoints(output_dir);
+    if all.len() > keep {
+        for (_, p) in &all[..all.len() - keep] {
+            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,657 @@
+//! The DeepSeekMoE decoder: RMSNorm, RoPE, causal multi-head attention, dense MLP, MoE layer
+//! with softmax router, routed and shared experts and the load-balancing loss.
+//!
+//! The math follows `modeling_deepseek.py` (v1) of `deepseek-ai/deepseek-moe-16b-base`. Only
+//! differentiable candle ops are used (no `softmax_last_dim`, fused `rms_norm` or `QMatMul`),
+//! so gradients reach adapters on every projection.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor, D};
+use moe_peft_quant::{frozen_matmul, LinearLike};
+
+use crate::config::{DeepSeekMoeConfig, RopeScaling};
+use crate::error::{Error, Result};
+use crate::ops::{dispatch_rows, permute_rows, softmax_f32};
+
+/// A projection slot: a frozen base or an adapter wrapping one.
+pub type Linear = Arc<dyn LinearLike>;
+
+/// RMSNorm as DeepSeek computes it: in f32, cast back to the input dtype, then times the weight.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    /// `weight` of shape `(hidden,)`, kept in f32.
+    pub fn new(weight: Tensor, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+
+    /// The weight (f32).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Normalizes over the last dimension.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let y = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
+        let y = y.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
+        Ok(y.to_dtype(dt)?)
+    }
+}
+
+/// Rotary position embedding (non-interleaved `rotate_half` layout).
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    head_dim: usize,
+    base: f64,
+    max_positions: usize,
+    scaling: Option<RopeScaling>,
+}
+
+impl Rotary {
+    /// From the model config.
+    pub fn new(cfg: &DeepSeekMoeConfig) -> Self {
+        Self {
+            head_dim: cfg.head_dim(),
+            base: cfg.rope_theta,
+            max_positions: cfg.max_position_embeddings,
+            scaling: cfg.rope_scaling.clone(),
+        }
+    }
+
+    fn inv_freq(&self, total_len: usize) -> Vec<f32> {
+        let d = self.head_dim;
+        let mut base = self.base;
+        if let Some(s) = &self.scaling {
+            if s.kind == "dynamic" && total_len > self.max_positions {
+                let f = s.factor;
+                base *= ((f * total_len as f64 / self.max_positions as f64) - (f - 1.0))
+                    .powf(d as f64 / (d as f64 - 2.0));
+            }
+        }
+        let base = base as f32;
+        (0..d)
+            .step_by(2)
+            .map(|i| 1.0f32 / base.powf(i as f32 / d as f32))
+            .collect()
+    }
+
+    /// `cos`, `sin` of shape `(len, head_dim)` for positions `offset..offset+len`.
+    pub fn cos_sin(
+        &self,
+        offset: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let inv = self.inv_freq(offset + len);
+        let half = inv.len();
+        let scale = match &self.scaling {
+            Some(s) if s.kind == "linear" => 1.0 / s.factor as f32,
+            _ => 1.0,
+        };
+        let mut cos = Vec::with_capacity(len * 2 * half);
+        let mut sin = Vec::with_capacity(len * 2 * half);
+        for p in offset..offset + len {
+            let t = p as f32 * scale;
+            for _ in 0..2 {
+                for f in &inv {
+                    let a = t * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (len, 2 * half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, 2 * half), device)?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` for `x` of shape `(b, heads, seq, head_dim)`.
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+}
+
+/// What one forward pass shares across layers.
+#[derive(Debug, Clone)]
+pub struct ForwardContext {
+    /// RoPE cosines `(seq, head_dim)` in the activation dtype.
+    pub cos: Tensor,
+    /// RoPE sines `(seq, head_dim)` in the activation dtype.
+    pub sin: Tensor,
+    /// Additive attention mask `(b, 1, seq, past+seq)` in f32, or `None` when every query may
+    /// see every key (one new token, no padding).
+    pub mask: Option<Tensor>,
+    /// Training mode (aux loss, adapter dropout).
+    pub train: bool,
+}
+
+/// Builds the additive causal + key-padding mask (`0` or `f32::MIN`, as HF's eager path).
+pub fn attention_mask(
+    attention_mask: Option<&Tensor>,
+    b: usize,
+    seq: usize,
+    past: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let total = past + seq;
+    if seq == 1 && attention_mask.is_none() {
+        return Ok(None);
+    }
+    let q = Tensor::arange(past as u32, total as u32, device)?.reshape((seq, 1))?;
+    let k = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
+    let mut allowed = k.broadcast_le(&q)?.unsqueeze(0)?.broadcast_as((b, seq, total))?;
+    if let Some(am) = attention_mask {
+        let dims = am.dims();
+        if dims != [b, total] {
+            return Err(Error::InvalidInput(format!(
+                "attention_mask has shape {dims:?}, expected [{b}, {total}]"
+            )));
+        }
+        let keys = am.to_dtype(DType::U32)?.ne(0u32)?.unsqueeze(1)?.broadcast_as((b, seq, total))?;
+        allowed = (allowed.to_dtype(DType::U8)? * keys.to_dtype(DType::U8)?)?;
+    }
+    let zero = Tensor::zeros((b, seq, total), DType::F32, device)?;
+    let min = Tensor::full(f32::MIN, (b, seq, total), device)?;
+    Ok(Some(allowed.contiguous()?.where_cond(&zero, &min)?.unsqueeze(1)?))
+}
+
+/// Cached keys and values of one layer, `(b, kv_heads, t, head_dim)`.
+#[derive(Debug, Clone, Default)]
+pub struct LayerCache {
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl LayerCache {
+    /// Cached length.
+    pub fn len(&self) -> usize {
+        self.kv.as_ref().map_or(0, |(k, _)| k.dims()[2])
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn append(&mut self, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
+        let (k, v) = match self.kv.take() {
+            None => (k, v),
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        Ok((k, v))
+    }
+}
+
+/// Causal multi-head attention with grouped key/value heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// From its four projections.
+    pub fn new(cfg: &DeepSeekMoeConfig, q: Linear, k: Linear, v: Linear, o: Linear) -> Self {
+        Self {
+            q_proj: q,
+            k_proj: k,
+            v_proj: v,
+            o_proj: o,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+        }
+    }
+
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let rep = self.heads / self.kv_heads;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((b, kv, rep, t, d))?
+            .reshape((b, kv * rep, t, d))?)
+    }
+
+    /// `x` of shape `(b, seq, hidden)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardContext,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward_t(x, ctx.train)?;
+        let k = self.k_proj.forward_t(x, ctx.train)?;
+        let v = self.v_proj.forward_t(x, ctx.train)?;
+        let q = q.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()?;
+        let k = k.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let v = v.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
+        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
+        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
+        let k = self.repeat_kv(k)?;
+        let v = self.repeat_kv(v)?;
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match &ctx.mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_f32(&scores)?.to_dtype(q.dtype())?;
+        let y = probs.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, s, h * d))?;
+        Ok(self.o_proj.forward_t(&y, ctx.train)?)
+    }
+}
+
+/// The MLP activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (DeepSeekMoE).
+    Silu,
+    /// Exact (erf) GELU.
+    Gelu,
+    /// ReLU.
+    Relu,
+}
+
+impl Activation {
+    fn from_name(name: &str) -> Self {
+        match name {
+            "gelu" => Self::Gelu,
+            "relu" => Self::Relu,
+            _ => Self::Silu,
+        }
+    }
+
+    fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Silu => x.silu()?,
+            Self::Gelu => x.gelu_erf()?,
+            Self::Relu => x.relu()?,
+        })
+    }
+}
+
+/// `down(act(gate(x)) · up(x))`: the dense MLP, one routed expert, or the fused shared experts.
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    /// Gate projection.
+    pub gate_proj: Linear,
+    /// Up projection.
+    pub up_proj: Linear,
+    /// Down projection.
+    pub down_proj: Linear,
+    act: Activation,
+}
+
+impl Mlp {
+    /// From its three projections.
+    pub fn new(cfg: &DeepSeekMoeConfig, gate: Linear, up: Linear, down: Linear) -> Self {
+        Self {
+            gate_proj: gate,
+            up_proj: up,
+            down_proj: down,
+            act: Activation::from_name(&cfg.hidden_act),
+        }
+    }
+
+    /// Applies the MLP to `x` of any rank.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let g = self.act.apply(&self.gate_proj.forward_t(x, train)?)?;
+        let u = self.up_proj.forward_t(x, train)?;
+        Ok(self.down_proj.forward_t(&(g * u)?, train)?)
+    }
+
+    fn sites_mut(
+        &mut self,
+        prefix: &str,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        f(&format!("{prefix}.gate_proj"), &mut self.gate_proj)?;
+        f(&format!("{prefix}.up_proj"), &mut self.up_proj)?;
+        f(&format!("{prefix}.down_proj"), &mut self.down_proj)
+    }
+
+    fn sites(&self, prefix: &str, f: &mut dyn FnMut(&str, &Linear) -> Result<()>) -> Result<()> {
+        f(&format!("{prefix}.gate_proj"), &self.gate_proj)?;
+        f(&format!("{prefix}.up_proj"), &self.up_proj)?;
+        f(&format!("{prefix}.down_proj"), &self.down_proj)
+    }
+}
+
+/// The softmax router (`MoEGate`): frozen, computed in f32, top-k on the device.
+#[derive(Debug, Clone)]
+pub struct MoeGate {
+    weight: Tensor,
+    top_k: usize,
+    norm_topk_prob: bool,
+    alpha: f64,
+    seq_aux: bool,
+}
+
+/// The routing of one MoE layer.
+#[derive(Debug, Clone)]
+pub struct Routing {
+    /// Softmax probabilities `(tokens, experts)`, f32, differentiable.
+    pub scores: Tensor,
+    /// Chosen experts `(tokens, k)`, u32, in descending score order.
+    pub topk_idx: Tensor,
+    /// Their gate weights `(tokens, k)`, f32, differentiable (renormalized iff `norm_topk_prob`).
+    pub topk_weight: Tensor,
+}
+
+impl MoeGate {
+    /// `weight` of shape `(experts, hidden)`.
+    pub fn new(cfg: &DeepSeekMoeConfig, weight: Tensor) -> Result<Self> {
+        Ok(Self {
+            weight: weight.to_dtype(DType::F32)?.detach(),
+            top_k: cfg.num_experts_per_tok.unwrap_or(1),
+            norm_topk_prob: cfg.norm_topk_prob,
+            alpha: cfg.aux_loss_alpha,
+            seq_aux: cfg.seq_aux,
+        })
+    }
+
+    /// The router weight `(experts, hidden)`, f32.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Experts per token.
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Routes `x` of shape `(tokens, hidden)`.
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        let xf = x.to_dtype(DType::F32)?;
+        let logits = frozen_matmul(&xf, &self.weight, Arc::new(self.weight.clone()))?;
+        let scores = softmax_f32(&logits)?;
+        let idx = scores
+            .detach()
+            .arg_sort_last_dim(false)?
+            .narrow(1, 0, self.top_k)?
+            .contiguous()?;
+        let mut w = scores.gather(&idx, 1)?;
+        if self.norm_topk_prob && self.top_k > 1 {
+            let denom = (w.sum_keepdim(1)? + 1e-20)?;
+            w = w.broadcast_div(&denom)?;
+        }
+        Ok(Routing {
+            scores,
+            topk_idx: idx,
+            topk_weight: w,
+        })
+    }
+
+    /// The balancing loss of `modeling_deepseek.py` (seq-level when `seq_aux`), given the
+    /// routing, the host copy of its flattened expert ids, and the batch layout. Padding
+    /// positions count, as in the reference.
+    pub fn aux_loss(&self, r: &Routing, flat: &[u32], b: usize, s: usize) -> Result<Option<Tensor>> {
+        if self.alpha <= 0.0 {
+            return Ok(None);
+        }
+        let e = self.weight.dim(0)?;
+        let k = self.top_k;
+        let dev = r.scores.device();
+        let aux = if self.seq_aux {
+            let mut ce = vec![0f32; b * e];
+            for (p, &x) in flat.iter().enumerate() {
+                let row = p / k / s;
+                ce[row * e + x as usize] += 1.0;
+            }
+            let denom = (s * k) as f32 / e as f32;
+            ce.iter_mut().for_each(|c| *c /= denom);
+            let ce = Tensor::from_vec(ce, (b, e), dev)?;
+            let p = r.scores.reshape((b, s, e))?.mean(1)?;
+            ((ce * p)?.sum(1)?.mean(0)? * self.alpha)?
+        } else {
+            let mut ce = vec![0f32; e];
+            for &x in flat {
+                ce[x as usize] += 1.0;
+            }
+            let n = flat.len() as f32;
+            let fi: Vec<f32> = ce.iter().map(|c| c / n * e as f32).collect();
+            let fi = Tensor::from_vec(fi, e, dev)?;
+            let pi = r.scores.mean(0)?;
+            ((pi * fi)?.sum_all()? * self.alpha)?
+        };
+        Ok(Some(aux))
+    }
+}
+
+/// A MoE layer: router, routed experts and optional fused shared experts.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// The router.
+    pub gate: MoeGate,
+    /// Routed experts.
+    pub experts: Vec<Mlp>,
+    /// Shared experts (one MLP of width `n_shared · moe_intermediate_size`).
+    pub shared_experts: Option<Mlp>,
+}
+
+/// Tokens grouped by expert: built once per layer from one device-to-host copy of the top-k ids.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// Top-k ids flattened token-major (`tokens · k`).
+    pub flat: Vec<u32>,
+    /// Tokens per expert.
+    pub counts: Vec<usize>,
+    /// `order[i]` = flattened (token, slot) position of the i-th row in expert order.
+    pub order: Vec<u32>,
+    /// Inverse of `order`.
+    pub inverse: Vec<u32>,
+}
+
+impl Dispatch {
+    /// Stable counting sort of the flattened top-k ids by expert.
+    pub fn new(flat: Vec<u32>, experts: usize) -> Result<Self> {
+        let mut counts = vec![0usize; experts];
+        for &e in &flat {
+            let e = e as usize;
+            if e >= experts {
+                return Err(Error::InvalidInput(format!("router chose expert {e} of {experts}")));
+            }
+            counts[e] += 1;
+        }
+        let mut start = vec![0usize; experts];
+        for i in 1..experts {
+            start[i] = start[i - 1] + counts[i - 1];
+        }
+        let mut order = vec![0u32; flat.len()];
+        let mut inverse = vec![0u32; flat.len()];
+        for (p, &e) in flat.iter().enumerate() {
+            let slot = &mut start[e as usize];
+            order[*slot] = p as u32;
+            inverse[p] = *slot as u32;
+            *slot += 1;
+        }
+        Ok(Self {
+            flat,
+            counts,
+            order,
+            inverse,
+        })
+    }
+}
+
+impl Moe {
+    /// Applies the layer to `x` of shape `(b, seq, hidden)`; returns the output and, in
+    /// training, the layer's aux loss.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, s, h) = x.dims3()?;
+        let n = b * s;
+        let k = self.gate.top_k;
+        let x2 = x.reshape((n, h))?;
+        let r = self.gate.route(&x2)?;
+        let flat: Vec<u32> = r.topk_idx.flatten_all()?.to_vec1()?;
+        let d = Dispatch::new(flat, self.experts.len())?;
+        let dev = x.device();
+        let order = Tensor::new(d.order.as_slice(), dev)?;
+        let inverse = Tensor::new(d.inverse.as_slice(), dev)?;
+        let src: Vec<u32> = d.order.iter().map(|&p| p / k as u32).collect();
+        let src = Tensor::new(src.as_slice(), dev)?;
+        let xs = dispatch_rows(&x2, &src, &inverse, k)?;
+        let mut outs = Vec::with_capacity(self.experts.len());
+        let mut off = 0;
+        for (e, expert) in self.experts.iter().enumerate() {
+            let c = d.counts[e];
+            if c == 0 {
+                continue;
+            }
+            outs.push(expert.forward(&xs.narrow(0, off, c)?, train)?);
+            off += c;
+        }
+        let ys = Tensor::cat(&outs, 0)?;
+        let w = r.topk_weight.flatten_all()?.index_select(&order, 0)?;
+        let ys = ys.to_dtype(DType::F32)?.broadcast_mul(&w.unsqueeze(1)?)?;
+        let y = permute_rows(&ys, &inverse, &order)?;
+        let mut y = y.reshape((n, k, h))?.sum(1)?.to_dtype(x.dtype())?;
+        if let Some(sh) = &self.shared_experts {
+            y = (y + sh.forward(&x2, train)?)?;
+        }
+        let aux = if train {
+            self.gate.aux_loss(&r, &d.flat, b, s)?
+        } else {
+            None
+        };
+        Ok((y.reshape((b, s, h))?, aux))
+    }
+}
+
+/// The feed-forward block of a decoder layer.
+#[derive(Debug, Clone)]
+pub enum MoeOrMlp {
+    /// Dense MLP (layers before `first_k_dense_replace`, or off `moe_layer_freq`).
+    Mlp(Mlp),
+    /// Mixture of experts.
+    Moe(Moe),
+}
+
+/// One pre-norm decoder layer: `h + attn(ln1 h)`, then `h + mlp(ln2 h)`.
+#[derive(Debug, Clone)]
+pub struct DecoderLayer {
+    /// Index of the layer.
+    pub index: usize,
+    /// Norm before attention.
+    pub input_layernorm: RmsNorm,
+    /// Attention.
+    pub self_attn: Attention,
+    /// Norm before the feed-forward block.
+    pub post_attention_layernorm: RmsNorm,
+    /// Feed-forward block.
+    pub mlp: MoeOrMlp,
+}
+
+/// What a decoder layer returns.
+#[derive(Debug, Clone)]
+pub struct LayerOutput {
+    /// Hidden states `(b, seq, hidden)`.
+    pub hidden: Tensor,
+    /// The MoE balancing loss (training, MoE layers, `aux_loss_alpha > 0`).
+    pub aux_loss: Option<Tensor>,
+}
+
+impl DecoderLayer {
+    /// Runs the layer.
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<LayerOutput> {
+        let x = self.input_layernorm.forward(h)?;
+        let x = self.self_attn.forward(&x, ctx, cache)?;
+        let h = (h + x)?;
+        let x = self.post_attention_layernorm.forward(&h)?;
+        let (x, aux_loss) = match &self.mlp {
+            MoeOrMlp::Mlp(m) => (m.forward(&x, ctx.train)?, None),
+            MoeOrMlp::Moe(m) => m.forward(&x, ctx.train)?,
+        };
+        Ok(LayerOutput {
+            hidden: (h + x)?,
+            aux_loss,
+        })
+    }
+
+    /// Visits every projection of the layer with its HF module path.
+    pub fn visit_sites_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        let p = format!("model.layers.{}", self.index);
+        let a = &mut self.self_attn;
+        f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj)?;
+        f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj)?;
+        f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj)?;
+        f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj)?;
+        match &mut self.mlp {
+            MoeOrMlp::Mlp(m) => m.sites_mut(&format!("{p}.mlp"), f),
+            MoeOrMlp::Moe(m) => {
+                for (e, x) in m.experts.iter_mut().enumerate() {
+                    x.sites_mut(&format!("{p}.mlp.experts.{e}"), f)?;
+                }
+                if let Some(sh) = &mut m.shared_experts {
+                    sh.sites_mut(&format!("{p}.mlp.shared_experts"), f)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Visits every projection of the layer (read-only).
+    pub fn visit_sites(&self, f: &mut dyn FnMut(&str, &Linear) -> Result<()>) -> Result<()> {
+        let p = format!("model.layers.{}", self.index);
+        let a = &self.self_attn;
+        f(&format!("{p}.self_attn.q_proj"), &a.q_proj)?;
+        f(&format!("{p}.self_attn.k_proj"), &a.k_proj)?;
+        f(&format!("{p}.self_attn.v_proj"), &a.v_proj)?;
+        f(&format!("{p}.self_attn.o_proj"), &a.o_proj)?;
+        match &self.mlp {
+            MoeOrMlp::Mlp(m) => m.sites(&format!("{p}.mlp"), f),
+            MoeOrMlp::Moe(m) => {
+                for (e, x) in m.experts.iter().enumerate() {
+                    x.sites(&format!("{p}.mlp.experts.{e}"), f)?;
+                }
+                if let Some(sh) = &m.shared_experts {
+                    sh.sites(&format!("{p}.mlp.shared_experts"), f)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,624 @@
+//! `DeepSeekMoe`: the whole causal LM, its loading, forward passes and loss.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use moe_peft_quant::{DenseLinear, Nf4Linear, Nf4Tensor, QuantPolicy};
+use rand::{Rng, SeedableRng};
+
+use crate::config::DeepSeekMoeConfig;
+use crate::error::{Error, Result};
+use crate::layers::{
+    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, Linear, Mlp, Moe,
+    MoeGate, MoeOrMlp, RmsNorm, Rotary,
+};
+use crate::ops::log_softmax_f32;
+use crate::weights::Checkpoint;
+
+/// How to materialize a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Activation and dense-weight dtype (f32, bf16 or f16). Norms and the router stay f32.
+    pub dtype: DType,
+    /// Device the model lives on.
+    pub device: Device,
+    /// How projection weights are stored: dense, or quantized as they are loaded.
+    /// A checkpoint saved by bitsandbytes in 4-bit stays 4-bit whatever this says.
+    pub quant: QuantPolicy,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            quant: QuantPolicy::None,
+        }
+    }
+}
+
+/// The token embedding.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    weight: Tensor,
+}
+
+impl Embedding {
+    /// `weight` of shape `(vocab, hidden)`.
+    pub fn new(weight: Tensor) -> Self {
+        Self { weight }
+    }
+
+    /// The matrix `(vocab, hidden)` (a `Var`'s tensor when it is trained).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Rows for `ids` of shape `(b, seq)` (u32).
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, s) = ids.dims2()?;
+        let h = self.weight.dim(1)?;
+        Ok(self
+            .weight
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b, s, h))?)
+    }
+}
+
+/// Outputs of a full forward pass.
+#[derive(Debug, Clone)]
+pub struct ModelOutput {
+    /// Logits `(b, seq, vocab)` in the model dtype.
+    pub logits: Tensor,
+    /// One balancing loss per MoE layer (training only).
+    pub aux_losses: Vec<Tensor>,
+    /// Embedding output, each layer's output, and the final normed states (if asked for).
+    pub hidden_states: Vec<Tensor>,
+}
+
+/// The causal-LM loss of a batch.
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    /// Mean negative log-likelihood over the counted targets (f32 scalar; 0 when none).
+    pub loss: Tensor,
+    /// Number of targets counted (labels ≠ -100 after the shift).
+    pub n_tokens: usize,
+}
+
+/// A KV cache for generation, one entry per layer.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    /// Per-layer caches.
+    pub layers: Vec<LayerCache>,
+}
+
+impl KvCache {
+    /// An empty cache for `n` layers.
+    pub fn new(n: usize) -> Self {
+        Self {
+            layers: vec![LayerCache::default(); n],
+        }
+    }
+
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.len())
+    }
+
+    /// Whether the cache is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// DeepSeekMoE (v1) for causal language modelling.
+#[derive(Debug, Clone)]
+pub struct DeepSeekMoe {
+    cfg: DeepSeekMoeConfig,
+    /// `model.embed_tokens`.
+    pub embed_tokens: Embedding,
+    /// `model.layers.*`.
+    pub layers: Vec<DecoderLayer>,
+    /// `model.norm`.
+    pub norm: RmsNorm,
+    /// `lm_head` (not a LoRA site; replaced by a trainable copy for `modules_to_save`).
+    pub lm_head: Linear,
+    rotary: Rotary,
+    dtype: DType,
+    device: Device,
+}
+
+/// Where weights come from while building a model.
+trait WeightSource {
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear>;
+    /// A plain tensor; `init` says how a random model fills it.
+    fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType, init: Init) -> Result<Tensor>;
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Init {
+    Normal(f64),
+    Ones,
+    /// kaiming_uniform(a=√5): U(−1/√fan_in, 1/√fan_in).
+    KaimingUniform,
+}
+
+struct FromCheckpoint<'a> {
+    ck: &'a Checkpoint,
+    opts: &'a LoadOptions,
+}
+
+impl WeightSource for FromCheckpoint<'_> {
+    fn linear(&mut self, name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let dev = &self.opts.device;
+        for kind in ["nf4", "fp4"] {
+            if self
+                .ck
+                .contains(&format!("{name}.weight.quant_state.bitsandbytes__{kind}"))
+            {
+                let file = self.ck.file_of(&format!("{name}.weight"));
+                let get = |key: &str| self.ck.get_raw(key, dev).ok();
+                let t = Nf4Tensor::from_bnb_tensors(name, &get, Some(&file))?;
+                if t.dims() != [out, inp] {
+                    return Err(Error::ShapeMismatch {
+                        name: format!("{name}.weight"),
+                        file,
+                        expected: vec![out, inp],
+                        got: t.dims().to_vec(),
+                    });
+                }
+                return Ok(Arc::new(Nf4Linear::from_arc(Arc::new(t))?));
+            }
+        }
+        let w = self
+            .ck
+            .get(&format!("{name}.weight"), &[out, inp], self.opts.dtype, dev)?;
+        Ok(self.opts.quant.make_linear(w)?)
+    }
+
+    fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType, _: Init) -> Result<Tensor> {
+        self.ck.get(name, shape, dtype, &self.opts.device)
+    }
+}
+
+struct Random<'a> {
+    rng: rand::rngs::StdRng,
+    opts: &'a LoadOptions,
+    std: f64,
+}
+
+impl Random<'_> {
+    fn fill(&mut self, shape: &[usize], dtype: DType, init: Init) -> Result<Tensor> {
+        let dev = &self.opts.device;
+        let n: usize = shape.iter().product();
+        let t = match init {
+            Init::Ones => Tensor::ones(shape, DType::F32, dev)?,
+            Init::Normal(std) if !dev.is_cpu() => Tensor::randn(0f32, std as f32, shape, dev)?,
+            Init::Normal(std) => {
+                let d = rand_distr::Normal::new(0f32, std as f32)
+                    .map_err(|e| Error::InvalidInput(format!("init std {std}: {e}")))?;
+                let v: Vec<f32> = (0..n).map(|_| self.rng.sample(d)).collect();
+                Tensor::from_vec(v, shape, dev)?
+            }
+            Init::KaimingUniform => {
+                let bound = 1.0 / (shape[shape.len() - 1] as f32).sqrt();
+                if dev.is_cpu() {
+                    let v: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..bound)).collect();
+                    Tensor::from_vec(v, shape, dev)?
+                } else {
+                    Tensor::rand(-bound, bound, shape, dev)?
+                }
+            }
+        };
+        Ok(t.to_dtype(dtype)?)
+    }
+}
+
+impl WeightSource for Random<'_> {
+    fn linear(&mut self, _name: &str, out: usize, inp: usize) -> Result<Linear> {
+        let w = self.fill(&[out, inp], self.opts.dtype, Init::Normal(self.std))?;
+        Ok(self.opts.quant.make_linear(w)?)
+    }
+
+    fn tensor(&mut self, _name: &str, shape: &[usize], dtype: DType, init: Init) -> Result<Tensor> {
+        self.fill(shape, dtype, init)
+    }
+}
+
+impl DeepSeekMoe {
+    /// Loads a model directory: `config.json` plus `model.safetensors` or sharded safetensors.
+    pub fn from_pretrained(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
+        let dir = dir.as_ref();
+        let cfg = DeepSeekMoeConfig::from_file(dir.join("config.json"))?;
+        let ck = Checkpoint::open_dir(dir)?;
+        Self::load(cfg, &ck, opts)
+    }
+
+    /// Builds the model from an opened checkpoint, converting (and, per `opts.quant`,
+    /// quantizing) one tensor at a time.
+    pub fn load(cfg: DeepSeekMoeConfig, ck: &Checkpoint, opts: &LoadOptions) -> Result<Self> {
+        cfg.validate()?;
+        let mut src = FromCheckpoint { ck, opts };
+        Self::build(cfg, &mut src, opts)
+    }
+
+    /// A model with random weights (HF's init: normal(0, `initializer_range`), router
+    /// kaiming-uniform, norms 1), seeded; on a GPU the device's generator is used.
+    pub fn random(cfg: DeepSeekMoeConfig, opts: &LoadOptions, seed: u64) -> Result<Self> {
+        cfg.validate()?;
+        if !opts.device.is_cpu() {
+            opts.device.set_seed(seed)?;
+        }
+        let mut src = Random {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            opts,
+            std: cfg.initializer_range,
+        };
+        Self::build(cfg, &mut src, opts)
+    }
+
+    fn build(cfg: DeepSeekMoeConfig, src: &mut dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let v = cfg.vocab_size;
+        let kv = cfg.kv_heads() * cfg.head_dim();
+        let std = cfg.initializer_range;
+        let embed = src.tensor("model.embed_tokens.weight", &[v, h], opts.dtype, Init::Normal(std))?;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let norm = |src: &mut dyn WeightSource, n: &str| -> Result<RmsNorm> {
+                RmsNorm::new(
+                    src.tensor(&format!("{p}.{n}.weight"), &[h], DType::F32, Init::Ones)?,
+                    cfg.rms_norm_eps,
+                )
+            };
+            let input_layernorm = norm(src, "input_layernorm")?;
+            let post_attention_layernorm = norm(src, "post_attention_layernorm")?;
+            let q = src.linear(&format!("{p}.self_attn.q_proj"), h, h)?;
+            let k = src.linear(&format!("{p}.self_attn.k_proj"), kv, h)?;
+            let vv = src.linear(&format!("{p}.self_attn.v_proj"), kv, h)?;
+            let o = src.linear(&format!("{p}.self_attn.o_proj"), h, h)?;
+            let self_attn = Attention::new(&cfg, q, k, vv, o);
+            let mlp = |src: &mut dyn WeightSource, prefix: &str, width: usize| -> Result<Mlp> {
+                let g = src.linear(&format!("{prefix}.gate_proj"), width, h)?;
+                let u = src.linear(&format!("{prefix}.up_proj"), width, h)?;
+                let d = src.linear(&format!("{prefix}.down_proj"), h, width)?;
+                Ok(Mlp::new(&cfg, g, u, d))
+            };
+            let ffn = if cfg.is_moe_layer(i) {
+                let e = cfg.routed_experts();
+                let gw = src.tensor(
+                    &format!("{p}.mlp.gate.weight"),
+                    &[e, h],
+                    DType::F32,
+                    Init::KaimingUniform,
+                )?;
+                let gate = MoeGate::new(&cfg, gw)?;
+                let mut experts = Vec::with_capacity(e);
+                for j in 0..e {
+                    experts.push(mlp(src, &format!("{p}.mlp.experts.{j}"), cfg.moe_intermediate_size)?);
+                }
+                let shared_experts = match cfg.shared_intermediate() {
+                    Some(w) => Some(mlp(src, &format!("{p}.mlp.shared_experts"), w)?),
+                    None => None,
+                };
+                MoeOrMlp::Moe(Moe {
+                    gate,
+                    experts,
+                    shared_experts,
+                })
+            } else {
+                MoeOrMlp::Mlp(mlp(src, &format!("{p}.mlp"), cfg.intermediate_size)?)
+            };
+            layers.push(DecoderLayer {
+                index: i,
+                input_layernorm,
+                self_attn,
+                post_attention_layernorm,
+                mlp: ffn,
+            });
+        }
+        let norm = RmsNorm::new(
+            src.tensor("model.norm.weight", &[h], DType::F32, Init::Ones)?,
+            cfg.rms_norm_eps,
+        )?;
+        let lm_head: Linear = if cfg.tie_word_embeddings {
+            Arc::new(DenseLinear::new(embed.clone()))
+        } else {
+            let w = src.tensor("lm_head.weight", &[v, h], opts.dtype, Init::Normal(std))?;
+            Arc::new(DenseLinear::new(w))
+        };
+        Ok(Self {
+            rotary: Rotary::new(&cfg),
+            cfg,
+            embed_tokens: Embedding::new(embed),
+            layers,
+            norm,
+            lm_head,
+            dtype: opts.dtype,
+            device: opts.device.clone(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DeepSeekMoeConfig {
+        &self.cfg
+    }
+
+    /// Activation dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Device.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Embeds `ids` `(b, seq)` (u32) in the model dtype.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.forward(ids)?.to_dtype(self.dtype).map_err(Into::into)
+    }
+
+    /// RoPE tables and attention mask for a pass over `seq` new positions after `past`.
+    pub fn context(
+        &self,
+        b: usize,
+        seq: usize,
+        past: usize,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<ForwardContext> {
+        let (cos, sin) = self.rotary.cos_sin(past, seq, self.dtype, &self.device)?;
+        let mask = self::attention_mask(attention_mask, b, seq, past, &self.device)?;
+        Ok(ForwardContext {
+            cos,
+            sin,
+            mask,
+            train,
+        })
+    }
+
+    /// Final norm then `lm_head`: logits in the model dtype.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let x = self.norm.forward(h)?;
+        Ok(self.lm_head.forward_t(&x, false)?)
+    }
+
+    fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
+        let (b, s) = ids
+            .dims2()
+            .map_err(|_| Error::InvalidInput(format!("input_ids must be (batch, seq), got {:?}", ids.dims())))?;
+        if s == 0 || b == 0 {
+            return Err(Error::InvalidInput("empty input_ids".into()));
+        }
+        if ids.dtype() != DType::U32 {
+            return Err(Error::InvalidInput(format!("input_ids must be u32, got {:?}", ids.dtype())));
+        }
+        let max = ids.max_all()?.to_scalar::<u32>()? as usize;
+        if max >= self.cfg.vocab_size {
+            return Err(Error::InvalidInput(format!(
+                "token id {max} is outside the vocabulary ({})",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok((b, s))
+    }
+
+    /// Full forward pass. `attention_mask` `(b, seq)` marks real (1) and padded (0) positions.
+    /// In training mode each MoE layer also returns its balancing loss.
+    pub fn forward_t(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<ModelOutput> {
+        self.forward_inner(ids, attention_mask, train, false)
+    }
+
+    /// [`Self::forward_t`] that also returns every hidden state.
+    pub fn forward_with_hidden(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+    ) -> Result<ModelOutput> {
+        self.forward_inner(ids, attention_mask, train, true)
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        train: bool,
+        keep: bool,
+    ) -> Result<ModelOutput> {
+        let (b, s) = self.check_ids(ids)?;
+        let ctx = self.context(b, s, 0, attention_mask, train)?;
+        let mut h = self.embed(ids)?;
+        let mut hidden_states = Vec::new();
+        let mut aux_losses = Vec::new();
+        for layer in &self.layers {
+            if keep {
+                hidden_states.push(h.clone());
+            }
+            let out = layer.forward(&h, &ctx, None)?;
+            h = out.hidden;
+            aux_losses.extend(out.aux_loss);
+        }
+        let x = self.norm.forward(&h)?;
+        if keep {
+            hidden_states.push(x.clone());
+        }
+        let logits = self.lm_head.forward_t(&x, false)?;
+        Ok(ModelOutput {
+            logits,
+            aux_losses,
+            hidden_states,
+        })
+    }
+
+    /// Incremental forward for generation: appends `ids` to `cache` and returns the logits of
+    /// the new positions. `attention_mask`, if given, covers cached and new positions.
+    pub fn forward_cached(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, s) = self.check_ids(ids)?;
+        if cache.layers.len() != self.layers.len() {
+            *cache = KvCache::new(self.layers.len());
+        }
+        let past = cache.len();
+        let ctx = self.context(b, s, past, attention_mask, false)?;
+        let mut h = self.embed(ids)?;
+        for (layer, c) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            h = layer.forward(&h, &ctx, Some(c))?.hidden;
+        }
+        self.head(&h)
+    }
+
+    /// Visits every projection site (attention, dense MLP, each routed expert, shared
+    /// experts) with its HF module path, e.g. `model.layers.3.mlp.experts.17.down_proj`.
+    /// The router and `lm_head` are not sites.
+    pub fn visit_sites_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
+    ) -> Result<()> {
+        for l in &mut self.layers {
+            l.visit_sites_mut(f)?;
+        }
+        Ok(())
+    }
+
+    /// Read-only [`Self::visit_sites_mut`].
+    pub fn visit_sites(&self, f: &mut dyn FnMut(&str, &Linear) -> Result<()>) -> Result<()> {
+        for l in &self.layers {
+            l.visit_sites(f)?;
+        }
+        Ok(())
+    }
+
+    /// Every site path, in model order.
+    pub fn site_names(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        let _ = self.visit_sites(&mut |n, _| {
+            v.push(n.to_string());
+            Ok(())
+        });
+        v
+    }
+}
+
+/// The HF causal-LM loss: logits at `t` predict `labels[t+1]`; targets equal to -100 are
+/// ignored; the mean is over all counted targets of the batch. Computed in f32.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<LossOutput> {
+    let (b, s, v) = logits.dims3()?;
+    if labels.dims() != [b, s] {
+        return Err(Error::InvalidInput(format!(
+            "labels have shape {:?}, logits {:?}",
+            labels.dims(),
+            logits.dims()
+        )));
+    }
+    let dev = logits.device();
+    if s < 2 {
+        return Ok(LossOutput {
+            loss: Tensor::zeros((), DType::F32, dev)?,
+            n_tokens: 0,
+        });
+    }
+    let lab: Vec<i64> = labels
+        .to_dtype(DType::I64)?
+        .narrow(1, 1, s - 1)?
+        .flatten_all()?
+        .to_vec1()?;
+    let mut targets = Vec::with_capacity(lab.len());
+    let mut keep = Vec::with_capacity(lab.len());
+    for &l in &lab {
+        if l == -100 {
+            targets.push(0u32);
+            keep.push(0f32);
+        } else if l < 0 || l as usize >= v {
+            return Err(Error::InvalidInput(format!(
+                "label {l} is outside the vocabulary ({v}) and is not -100"
+            )));
+        } else {
+            targets.push(l as u32);
+            keep.push(1f32);
+        }
+    }
+    let n_tokens = keep.iter().filter(|&&k| k > 0.0).count();
+    if n_tokens == 0 {
+        return Ok(LossOutput {
+            loss: Tensor::zeros((), DType::F32, dev)?,
+            n_tokens,
+        });
+    }
+    let rows = b * (s - 1);
+    let x = logits.narrow(1, 0, s - 1)?.reshape((rows, v))?;
+    let logp = log_softmax_f32(&x)?;
+    let t = Tensor::from_vec(targets, (rows, 1), dev)?;
+    let keep = Tensor::from_vec(keep, rows, dev)?;
+    let picked = logp.gather(&t, 1)?.squeeze(1)?;
+    let loss = ((picked * keep)?.sum_all()?.neg()? / n_tokens as f64)?;
+    Ok(LossOutput { loss, n_tokens })
+}
+
+/// A parameter of the model as [`DeepSeekMoe::visit_weights`] hands it out: a plain tensor, or
+/// a projection whose dense weight is materialized only when asked for (dequantizing or
+/// merging one matrix at a time).
+#[derive(Debug, Clone, Copy)]
+pub enum WeightRef<'a> {
+    /// A stored tensor (embeddings, norms, router).
+    Tensor(&'a Tensor),
+    /// A projection (`(out, in)`).
+    Linear(&'a Linear),
+}
+
+impl WeightRef<'_> {
+    /// Shape of the dense weight.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Tensor(t) => t.dims().to_vec(),
+            Self::Linear(l) => vec![l.out_features(), l.in_features()],
+        }
+    }
+
+    /// The dense weight in `dtype`.
+    pub fn materialize(&self, dtype: DType) -> Result<Tensor> {
+        Ok(match self {
+            Self::Tensor(t) => t.to_dtype(dtype)?,
+            Self::Linear(l) => l.dense_weight(dtype)?,
+        })
+    }
+}
+
+impl DeepSeekMoe {
+    /// Visits every parameter under its HF `state_dict` name, in model order.
+    pub fn visit_weights(&self, f: &mut dyn FnMut(&str, WeightRef<'_>) -> Result<()>) -> Result<()> {
+        f("model.embed_tokens.weight", WeightRef::Tensor(self.embed_tokens.weight()))?;
+        for l in &self.layers {
+            let p = format!("model.layers.{}", l.index);
+            f(
+                &format!("{p}.input_layernorm.weight"),
+                WeightRef::Tensor(l.input_layernorm.weight()),
+            )?;
+            f(
+                &format!("{p}.post_attention_layernorm.weight"),
+                WeightRef::Tensor(l.post_attention_layernorm.weight()),
+            )?;
+            if let MoeOrMlp::Moe(m) = &l.mlp {
+                f(&format!("{p}.mlp.gate.weight"), WeightRef::Tensor(m.gate.weight()))?;
+            }
+            l.visit_sites(&mut |name, lin| f(&format!("{name}.weight"), WeightRef::Linear(lin)))?;
+        }
+        f("model.norm.weight", WeightRef::Tensor(self.norm.weight()))?;
+        if !self.cfg.tie_word_embeddings {
+            f("lm_head.weight", WeightRef::Linear(&self.lm_head))?;
+        }
+        Ok(())
+    }
+}
