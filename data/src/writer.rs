@@ -189,6 +189,14 @@ mod tests {
                 ..Default::default()
             };
             write_records_parquet(&p, &recs, &opts).unwrap();
+            // The reader sees the type that was written (the arrow schema is embedded).
+            let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(
+                File::open(&p).unwrap(),
+            )
+            .unwrap();
+            let expected = [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View][i].clone();
+            assert_eq!(builder.schema().field_with_name("output").unwrap().data_type(), &expected);
+            assert_eq!(builder.metadata().num_row_groups(), 2);
             assert_eq!(read_records(&[&p], &ReaderConfig::default()).unwrap(), recs, "{st:?}");
         }
         let p = dir.path().join("r.jsonl");
