@@ -9,7 +9,7 @@ use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
-use crate::inject::{LoraModel, PEFT_PREFIX};
+use crate::inject::{LoraModel, TrainMode, PEFT_PREFIX};
 
 /// File name of PEFT adapter weights.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -54,6 +54,30 @@ pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Resu
 }
 
 impl LoraModel {
+    /// Saves what training changes into `dir`: the PEFT adapter for LoRA, or for full
+    /// fine-tuning a HF checkpoint (`model.safetensors` + `config.json`, f32).
+    pub fn save_trainable(&self, dir: &Path) -> Result<()> {
+        match self.mode() {
+            TrainMode::Lora => self.save_adapter(dir, DType::F32),
+            TrainMode::Full => {
+                let opts = ExportOptions {
+                    dtype: DType::F32,
+                    max_shard_bytes: usize::MAX,
+                    extra_files: vec![],
+                };
+                export_hf(self.model(), dir, &opts).map(|_| ())
+            }
+        }
+    }
+
+    /// Restores what [`Self::save_trainable`] wrote.
+    pub fn load_trainable(&mut self, dir: &Path) -> Result<()> {
+        match self.mode() {
+            TrainMode::Lora => self.load_adapter_weights(&dir.join(ADAPTER_WEIGHTS)),
+            TrainMode::Full => self.load_adapter_weights(&dir.join("model.safetensors")),
+        }
+    }
+
     /// The adapter tensors under their PEFT keys, in `dtype` (f32 keeps them exact).
     pub fn adapter_tensors(&self, dtype: DType) -> Result<BTreeMap<String, Tensor>> {
         self.trainable_vars()

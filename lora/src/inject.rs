@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Tensor, Var};
-use moe_peft_model::{DeepSeekMoe, Embedding};
+use moe_peft_model::{DeepSeekMoe, Embedding, MoeOrMlp, RmsNorm};
 use moe_peft_quant::DenseLinear;
 use rand::{Rng, SeedableRng};
 
@@ -23,9 +23,19 @@ pub const PEFT_PREFIX: &str = "base_model.model.";
 /// The `modules_to_save` this model supports, by module path.
 pub const SAVEABLE_MODULES: [&str; 2] = ["model.embed_tokens", "lm_head"];
 
-/// A model with LoRA adapters.
+/// What is trained.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrainMode {
+    /// LoRA adapters (plus `modules_to_save`); saved in PEFT's format.
+    Lora,
+    /// Every weight (the reference's `--use_lora False`); saved as a HF checkpoint.
+    Full,
+}
+
+/// A model with LoRA adapters (or, in [`TrainMode::Full`], with every weight trainable).
 #[derive(Debug)]
 pub struct LoraModel {
+    mode: TrainMode,
     model: DeepSeekMoe,
     config: LoraConfig,
     adapters: BTreeMap<String, Arc<LoraLinear>>,
@@ -120,12 +130,68 @@ impl LoraModel {
             saved_modules.insert(path.to_string(), var);
         }
         Ok(Self {
+            mode: TrainMode::Lora,
             model,
             config,
             adapters,
             saved_modules,
             dropout,
         })
+    }
+
+    /// Full fine-tuning: every weight of `model` becomes an f32 `Var` (projections, norms,
+    /// routers, embeddings, `lm_head`). Sized for small models: it needs four f32 copies of
+    /// the model (weights, gradients, two AdamW moments).
+    pub fn full_finetune(mut model: DeepSeekMoe, seed: u64) -> Result<Self> {
+        let mut vars = BTreeMap::new();
+        model.visit_sites_mut(&mut |name, slot| {
+            let v = Var::from_tensor(&slot.dense_weight(DType::F32)?)?;
+            *slot = Arc::new(TrainableLinear::new(v.clone()));
+            vars.insert(format!("{name}.weight"), v);
+            Ok(())
+        })?;
+        let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?) };
+        let embed = var(model.embed_tokens.weight())?;
+        model.embed_tokens = Embedding::new(embed.as_tensor().clone());
+        vars.insert("model.embed_tokens.weight".into(), embed.clone());
+        for l in &mut model.layers {
+            let p = format!("model.layers.{}", l.index);
+            let v = var(l.input_layernorm.weight())?;
+            l.input_layernorm = RmsNorm::new(v.as_tensor().clone(), l.input_layernorm.eps())?;
+            vars.insert(format!("{p}.input_layernorm.weight"), v);
+            let v = var(l.post_attention_layernorm.weight())?;
+            l.post_attention_layernorm =
+                RmsNorm::new(v.as_tensor().clone(), l.post_attention_layernorm.eps())?;
+            vars.insert(format!("{p}.post_attention_layernorm.weight"), v);
+            if let MoeOrMlp::Moe(m) = &mut l.mlp {
+                let v = var(m.gate.weight())?;
+                m.gate.set_weight(v.as_tensor().clone());
+                vars.insert(format!("{p}.mlp.gate.weight"), v);
+            }
+        }
+        let v = var(model.norm.weight())?;
+        model.norm = RmsNorm::new(v.as_tensor().clone(), model.norm.eps())?;
+        vars.insert("model.norm.weight".into(), v);
+        if model.config().tie_word_embeddings {
+            model.lm_head = Arc::new(TrainableLinear::new(embed));
+        } else {
+            let v = Var::from_tensor(&model.lm_head.dense_weight(DType::F32)?)?;
+            model.lm_head = Arc::new(TrainableLinear::new(v.clone()));
+            vars.insert("lm_head.weight".into(), v);
+        }
+        Ok(Self {
+            mode: TrainMode::Full,
+            model,
+            config: LoraConfig::default(),
+            adapters: BTreeMap::new(),
+            saved_modules: vars,
+            dropout: Arc::new(DropoutState::new(seed)),
+        })
+    }
+
+    /// What is trained.
+    pub fn mode(&self) -> TrainMode {
+        self.mode
     }
 
     /// The wrapped model (adapters live inside its sites).
@@ -158,8 +224,12 @@ impl LoraModel {
         &self.dropout
     }
 
-    /// Every trainable variable under its PEFT file key, sorted by key.
+    /// Every trainable variable under its file key, sorted by key: PEFT keys
+    /// (`base_model.model.….lora_A.weight`) for LoRA, HF parameter names for full fine-tuning.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        if self.mode == TrainMode::Full {
+            return self.saved_modules.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        }
         let mut v = Vec::with_capacity(self.adapters.len() * 2 + self.saved_modules.len());
         for (site, l) in &self.adapters {
             v.push((format!("{PEFT_PREFIX}{site}.lora_A.weight"), l.lora_a().clone()));
@@ -207,6 +277,9 @@ impl LoraModel {
     /// dequantizing quantized bases) and the trained `modules_to_save` in place: a plain
     /// model that can be exported.
     pub fn merge_and_unload(mut self) -> Result<DeepSeekMoe> {
+        if self.mode == TrainMode::Full {
+            return Ok(self.model);
+        }
         if self.adapters.values().any(|a| a.is_merged()) {
             return Err(Error::AlreadyMerged);
         }

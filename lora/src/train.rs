@@ -468,7 +468,7 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.lora.save_adapter(&tmp, DType::F32)?;
+        self.lora.save_trainable(&tmp)?;
         self.opt.save(&tmp.join(OPTIMIZER_STATE))?;
         let state = TrainerState {
             global_step: self.global_step,
@@ -507,7 +507,7 @@ impl Trainer {
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::json(&p, e))?;
         let mut lora = lora;
-        lora.load_adapter_weights(&dir.join(crate::export::ADAPTER_WEIGHTS))?;
+        lora.load_trainable(dir)?;
         let mut t = Self::new(lora, cfg)?;
         t.opt.load(&dir.join(OPTIMIZER_STATE))?;
         if t.opt.step_count() != state.global_step {

@@ -194,3 +194,24 @@ fn bad_adapters_and_configs_are_refused_clearly() -> Result<()> {
     assert!(lm.unmerge().unwrap_err().to_string().contains("not merged"));
     Ok(())
 }
+
+#[test]
+fn full_finetune_trains_every_weight_and_resumes() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let lm = LoraModel::full_finetune(base()?, 0)?;
+    let n_params = base()?.config().num_parameters();
+    assert_eq!(lm.num_trainable_parameters(), n_params);
+    let cfg = TrainConfig { learning_rate: 1e-3, ..train_cfg(6) };
+    let mut t = Trainer::new(lm, cfg.clone())?;
+    let mut losses = run(&mut t, 0, 3)?;
+    let ck = t.save_checkpoint(dir.path(), serde_json::json!({}), None)?;
+    assert!(ck.join("model.safetensors").exists() && ck.join("config.json").exists());
+    losses.extend(run(&mut t, 3, 6)?);
+    assert!(losses[5] < losses[0], "{losses:?}");
+    let (mut r, _) = Trainer::resume(LoraModel::full_finetune(base()?, 0)?, cfg, &ck)?;
+    assert_eq!(run(&mut r, 3, 6)?, losses[3..].to_vec());
+    // The saved checkpoint is a loadable HF model.
+    let m = DeepSeekMoe::from_pretrained(&ck, &LoadOptions::default())?;
+    assert_eq!(m.config().num_parameters(), n_params);
+    Ok(())
+}

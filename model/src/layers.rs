@@ -38,6 +38,11 @@ impl RmsNorm {
         &self.weight
     }
 
+    /// Epsilon.
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     /// Normalizes over the last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
@@ -390,6 +395,12 @@ impl MoeGate {
         &self.weight
     }
 
+    /// Replaces the router weight. A `Var`'s tensor makes the router trainable (full
+    /// fine-tuning): routing then records the weight gradient too.
+    pub fn set_weight(&mut self, weight: Tensor) {
+        self.weight = weight;
+    }
+
     /// Experts per token.
     pub fn top_k(&self) -> usize {
         self.top_k
@@ -398,7 +409,11 @@ impl MoeGate {
     /// Routes `x` of shape `(tokens, hidden)`.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let xf = x.to_dtype(DType::F32)?;
-        let logits = frozen_matmul(&xf, &self.weight, Arc::new(self.weight.clone()))?;
+        let logits = if self.weight.track_op() {
+            xf.matmul(&self.weight.t()?)?
+        } else {
+            frozen_matmul(&xf, &self.weight, Arc::new(self.weight.clone()))?
+        };
         let scores = softmax_f32(&logits)?;
         let idx = scores
             .detach()

@@ -1,0 +1,177 @@
+//! Throughput of read + template + tokenize + mask on an Open-Platypus-sized dataset.
+//!
+//! Generates `--rows` (default 25 000) records with instructions of 100–300 words and outputs of
+//! 100–400 words, writes them to a temporary directory as parquet and JSONL, then times:
+//! reading alone, the full [`InstructionDataset::load`] pipeline (reference template, DeepSeek
+//! tokenizer, masking; rayon over all cores, and on one thread for scaling), and one epoch of
+//! batching.
+//!
+//! `cargo run --release -p moe-peft-data --example tokenize_bench [-- --rows N --max-len L]`
+
+use std::time::Instant;
+
+use moe_peft_data::{
+    read_records, write_records_jsonl, write_records_parquet, DataConfig, InstructionDataset,
+    LoaderConfig, PreprocessConfig, ReaderConfig, Record, SplitMix64, TextTokenizer, WriteOptions,
+};
+
+const WORDS: &[&str] = &[
+    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "with", "be", "on", "by",
+    "this", "are", "which", "an", "or", "from", "at", "we", "can", "if", "not", "all", "has",
+    "number", "function", "value", "equation", "solution", "triangle", "probability", "integer",
+    "answer", "question", "problem", "first", "second", "each", "therefore", "since", "because",
+    "find", "given", "let", "consider", "sum", "product", "area", "length", "angle", "point",
+    "line", "circle", "square", "root", "term", "sequence", "series", "prime", "factor", "divisor",
+    "remainder", "polynomial", "coefficient", "variable", "expression", "simplify", "compute",
+    "evaluate", "determine", "prove", "assume", "suppose", "then", "thus", "hence", "so", "also",
+    "however", "example", "result", "method", "approach", "step", "case", "condition", "model",
+    "data", "system", "energy", "force", "mass", "velocity", "acceleration", "temperature",
+    "pressure", "molecule", "reaction", "cell", "protein", "gene", "species", "population",
+    "economic", "market", "price", "policy", "argument", "premise", "conclusion", "evidence",
+    "statement", "logical", "inference", "hypothesis", "theory", "experiment", "observation",
+    "program", "algorithm", "array", "string", "loop", "return", "class", "object", "method",
+    "input", "output", "recursion", "complexity", "memory", "pointer", "matrix", "vector",
+    "derivative", "integral", "limit", "graph", "slope", "intercept", "minimum", "maximum",
+    "positive", "negative", "real", "complex", "rational", "odd", "even", "distinct", "possible",
+    "correct", "incorrect", "following", "options", "choose", "explain", "describe", "analysis",
+    "important", "different", "similar", "large", "small", "total", "average", "rate", "time",
+    "distance", "speed", "volume", "radius", "diameter", "perimeter", "coordinates", "origin",
+];
+
+fn text(rng: &mut SplitMix64, min_words: u64, max_words: u64) -> String {
+    let n = min_words + rng.below(max_words - min_words + 1);
+    let mut s = String::with_capacity(n as usize * 7);
+    let mut sentence = 0;
+    for i in 0..n {
+        if i > 0 {
+            s.push(if sentence > 0 && rng.below(40) == 0 { '\n' } else { ' ' });
+        }
+        match rng.below(20) {
+            0 => s.push_str(&rng.below(10_000).to_string()),
+            1 => s.push_str(&format!("$x^{} + {}$", rng.below(5), rng.below(100))),
+            _ => {
+                let w = WORDS[rng.below(WORDS.len() as u64) as usize];
+                if sentence == 0 {
+                    let mut c = w.chars();
+                    if let Some(f) = c.next() {
+                        s.extend(f.to_uppercase());
+                        s.push_str(c.as_str());
+                    }
+                } else {
+                    s.push_str(w);
+                }
+            }
+        }
+        sentence += 1;
+        if rng.below(12) == 0 {
+            s.push(if rng.below(5) == 0 { ',' } else { '.' });
+            sentence = 0;
+        }
+    }
+    s.push('.');
+    s
+}
+
+fn records(n: usize) -> Vec<Record> {
+    let mut rng = SplitMix64::new(2024);
+    (0..n)
+        .map(|_| {
+            let instruction = text(&mut rng, 100, 300);
+            let output = text(&mut rng, 100, 400);
+            Record::new(instruction, output).with_input("")
+        })
+        .collect()
+}
+
+fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.iter().position(|a| a == name) {
+        Some(i) => Ok(args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?
+            .parse()?),
+        None => Ok(default),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let rows = arg("--rows", 25_000)?;
+    let max_len = arg("--max-len", 1024)?;
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
+    let tokenizer = TextTokenizer::from_dir(format!("{root}/tokenizer"))?;
+    let dir = tempfile::tempdir()?;
+    let parquet = dir.path().join("platypus_like.parquet");
+    let jsonl = dir.path().join("platypus_like.jsonl");
+
+    let t = Instant::now();
+    let recs = records(rows);
+    let words: usize = recs
+        .iter()
+        .map(|r| r.instruction.split_whitespace().count() + r.output.split_whitespace().count())
+        .sum();
+    write_records_parquet(&parquet, &recs, &WriteOptions::default())?;
+    write_records_jsonl(&jsonl, &recs, &WriteOptions::default())?;
+    drop(recs);
+    println!(
+        "generated {rows} rows ({:.0} words/row) in {:.2}s: parquet {:.1} MB, jsonl {:.1} MB",
+        words as f64 / rows as f64,
+        t.elapsed().as_secs_f64(),
+        std::fs::metadata(&parquet)?.len() as f64 / 1e6,
+        std::fs::metadata(&jsonl)?.len() as f64 / 1e6,
+    );
+    println!("rayon threads: {}, max_len {max_len}\n", rayon::current_num_threads());
+
+    println!("| stage | input | threads | seconds | examples/s | tokens/s |");
+    println!("|---|---|---|---|---|---|");
+    for (name, path) in [("parquet", &parquet), ("jsonl", &jsonl)] {
+        let t = Instant::now();
+        let n = read_records(&[path], &ReaderConfig::default())?.len();
+        let s = t.elapsed().as_secs_f64();
+        println!("| read only | {name} | 1 | {s:.2} | {:.0} | - |", n as f64 / s);
+    }
+    let config = DataConfig {
+        preprocess: PreprocessConfig {
+            max_len: Some(max_len),
+            progress: false,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut dataset = None;
+    let threads = rayon::current_num_threads();
+    let runs = [("parquet", &parquet, threads), ("jsonl", &jsonl, threads), ("parquet", &parquet, 1)];
+    for (name, path, n_threads) in runs {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(n_threads).build()?;
+        let t = Instant::now();
+        let d = pool.install(|| InstructionDataset::load(&[path], &tokenizer, &config))?;
+        let s = t.elapsed().as_secs_f64();
+        println!(
+            "| read+template+tokenize+mask | {name} | {n_threads} | {s:.2} | {:.0} | {:.0} |",
+            d.summary.records as f64 / s,
+            d.summary.total_tokens as f64 / s
+        );
+        if dataset.is_none() {
+            dataset = Some(d);
+        } else if n_threads == threads {
+            assert_eq!(dataset.as_ref().map(|x| &x.examples), Some(&d.examples), "formats disagree");
+        }
+    }
+    let dataset = dataset.ok_or_else(|| anyhow::anyhow!("no run"))?;
+    println!("\nsummary (tokens/s above count kept tokens after truncation; each record's prompt is");
+    println!("tokenized twice, alone and inside the full text, as in the reference):\n{}\n", dataset.summary);
+
+    let t = Instant::now();
+    let loader = dataset.loader(LoaderConfig::default().batch_size(16))?;
+    let (mut batches, mut padded) = (0usize, 0usize);
+    for b in loader {
+        batches += 1;
+        padded += b.n_padded_tokens();
+    }
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "loader: {batches} batches of 16 (shuffled, padded to longest) in {s:.3}s = {:.0} batches/s, {:.0} padded tokens/s",
+        batches as f64 / s,
+        padded as f64 / s
+    );
+    Ok(())
+}
