@@ -18,7 +18,9 @@ fn main() -> anyhow::Result<()> {
     let options = WriteOptions {
         extra_columns: vec![(
             "data_source".into(),
-            (0..ROWS).map(|i| format!("synthetic/{}", task_of_row(i))).collect(),
+            (0..ROWS)
+                .map(|i| format!("synthetic/{}", task_of_row(i)))
+                .collect(),
         )],
         ..Default::default()
     };

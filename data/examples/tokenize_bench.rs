@@ -16,26 +16,187 @@ use moe_peft_data::{
 };
 
 const WORDS: &[&str] = &[
-    "the", "of", "and", "to", "a", "in", "is", "that", "for", "it", "as", "with", "be", "on", "by",
-    "this", "are", "which", "an", "or", "from", "at", "we", "can", "if", "not", "all", "has",
-    "number", "function", "value", "equation", "solution", "triangle", "probability", "integer",
-    "answer", "question", "problem", "first", "second", "each", "therefore", "since", "because",
-    "find", "given", "let", "consider", "sum", "product", "area", "length", "angle", "point",
-    "line", "circle", "square", "root", "term", "sequence", "series", "prime", "factor", "divisor",
-    "remainder", "polynomial", "coefficient", "variable", "expression", "simplify", "compute",
-    "evaluate", "determine", "prove", "assume", "suppose", "then", "thus", "hence", "so", "also",
-    "however", "example", "result", "method", "approach", "step", "case", "condition", "model",
-    "data", "system", "energy", "force", "mass", "velocity", "acceleration", "temperature",
-    "pressure", "molecule", "reaction", "cell", "protein", "gene", "species", "population",
-    "economic", "market", "price", "policy", "argument", "premise", "conclusion", "evidence",
-    "statement", "logical", "inference", "hypothesis", "theory", "experiment", "observation",
-    "program", "algorithm", "array", "string", "loop", "return", "class", "object", "method",
-    "input", "output", "recursion", "complexity", "memory", "pointer", "matrix", "vector",
-    "derivative", "integral", "limit", "graph", "slope", "intercept", "minimum", "maximum",
-    "positive", "negative", "real", "complex", "rational", "odd", "even", "distinct", "possible",
-    "correct", "incorrect", "following", "options", "choose", "explain", "describe", "analysis",
-    "important", "different", "similar", "large", "small", "total", "average", "rate", "time",
-    "distance", "speed", "volume", "radius", "diameter", "perimeter", "coordinates", "origin",
+    "the",
+    "of",
+    "and",
+    "to",
+    "a",
+    "in",
+    "is",
+    "that",
+    "for",
+    "it",
+    "as",
+    "with",
+    "be",
+    "on",
+    "by",
+    "this",
+    "are",
+    "which",
+    "an",
+    "or",
+    "from",
+    "at",
+    "we",
+    "can",
+    "if",
+    "not",
+    "all",
+    "has",
+    "number",
+    "function",
+    "value",
+    "equation",
+    "solution",
+    "triangle",
+    "probability",
+    "integer",
+    "answer",
+    "question",
+    "problem",
+    "first",
+    "second",
+    "each",
+    "therefore",
+    "since",
+    "because",
+    "find",
+    "given",
+    "let",
+    "consider",
+    "sum",
+    "product",
+    "area",
+    "length",
+    "angle",
+    "point",
+    "line",
+    "circle",
+    "square",
+    "root",
+    "term",
+    "sequence",
+    "series",
+    "prime",
+    "factor",
+    "divisor",
+    "remainder",
+    "polynomial",
+    "coefficient",
+    "variable",
+    "expression",
+    "simplify",
+    "compute",
+    "evaluate",
+    "determine",
+    "prove",
+    "assume",
+    "suppose",
+    "then",
+    "thus",
+    "hence",
+    "so",
+    "also",
+    "however",
+    "example",
+    "result",
+    "method",
+    "approach",
+    "step",
+    "case",
+    "condition",
+    "model",
+    "data",
+    "system",
+    "energy",
+    "force",
+    "mass",
+    "velocity",
+    "acceleration",
+    "temperature",
+    "pressure",
+    "molecule",
+    "reaction",
+    "cell",
+    "protein",
+    "gene",
+    "species",
+    "population",
+    "economic",
+    "market",
+    "price",
+    "policy",
+    "argument",
+    "premise",
+    "conclusion",
+    "evidence",
+    "statement",
+    "logical",
+    "inference",
+    "hypothesis",
+    "theory",
+    "experiment",
+    "observation",
+    "program",
+    "algorithm",
+    "array",
+    "string",
+    "loop",
+    "return",
+    "class",
+    "object",
+    "method",
+    "input",
+    "output",
+    "recursion",
+    "complexity",
+    "memory",
+    "pointer",
+    "matrix",
+    "vector",
+    "derivative",
+    "integral",
+    "limit",
+    "graph",
+    "slope",
+    "intercept",
+    "minimum",
+    "maximum",
+    "positive",
+    "negative",
+    "real",
+    "complex",
+    "rational",
+    "odd",
+    "even",
+    "distinct",
+    "possible",
+    "correct",
+    "incorrect",
+    "following",
+    "options",
+    "choose",
+    "explain",
+    "describe",
+    "analysis",
+    "important",
+    "different",
+    "similar",
+    "large",
+    "small",
+    "total",
+    "average",
+    "rate",
+    "time",
+    "distance",
+    "speed",
+    "volume",
+    "radius",
+    "diameter",
+    "perimeter",
+    "coordinates",
+    "origin",
 ];
 
 fn text(rng: &mut SplitMix64, min_words: u64, max_words: u64) -> String {
@@ -44,7 +205,11 @@ fn text(rng: &mut SplitMix64, min_words: u64, max_words: u64) -> String {
     let mut sentence = 0;
     for i in 0..n {
         if i > 0 {
-            s.push(if sentence > 0 && rng.below(40) == 0 { '\n' } else { ' ' });
+            s.push(if sentence > 0 && rng.below(40) == 0 {
+                '\n'
+            } else {
+                ' '
+            });
         }
         match rng.below(20) {
             0 => s.push_str(&rng.below(10_000).to_string()),
@@ -119,7 +284,10 @@ fn main() -> anyhow::Result<()> {
         std::fs::metadata(&parquet)?.len() as f64 / 1e6,
         std::fs::metadata(&jsonl)?.len() as f64 / 1e6,
     );
-    println!("rayon threads: {}, max_len {max_len}\n", rayon::current_num_threads());
+    println!(
+        "rayon threads: {}, max_len {max_len}\n",
+        rayon::current_num_threads()
+    );
 
     println!("| stage | input | threads | seconds | examples/s | tokens/s |");
     println!("|---|---|---|---|---|---|");
@@ -127,7 +295,10 @@ fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let n = read_records(&[path], &ReaderConfig::default())?.len();
         let s = t.elapsed().as_secs_f64();
-        println!("| read only | {name} | 1 | {s:.2} | {:.0} | - |", n as f64 / s);
+        println!(
+            "| read only | {name} | 1 | {s:.2} | {:.0} | - |",
+            n as f64 / s
+        );
     }
     let config = DataConfig {
         preprocess: PreprocessConfig {
@@ -139,9 +310,15 @@ fn main() -> anyhow::Result<()> {
     };
     let mut dataset = None;
     let threads = rayon::current_num_threads();
-    let runs = [("parquet", &parquet, threads), ("jsonl", &jsonl, threads), ("parquet", &parquet, 1)];
+    let runs = [
+        ("parquet", &parquet, threads),
+        ("jsonl", &jsonl, threads),
+        ("parquet", &parquet, 1),
+    ];
     for (name, path, n_threads) in runs {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(n_threads).build()?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n_threads)
+            .build()?;
         let t = Instant::now();
         let d = pool.install(|| InstructionDataset::load(&[path], &tokenizer, &config))?;
         let s = t.elapsed().as_secs_f64();
@@ -153,12 +330,21 @@ fn main() -> anyhow::Result<()> {
         if dataset.is_none() {
             dataset = Some(d);
         } else if n_threads == threads {
-            assert_eq!(dataset.as_ref().map(|x| &x.examples), Some(&d.examples), "formats disagree");
+            assert_eq!(
+                dataset.as_ref().map(|x| &x.examples),
+                Some(&d.examples),
+                "formats disagree"
+            );
         }
     }
     let dataset = dataset.ok_or_else(|| anyhow::anyhow!("no run"))?;
-    println!("\nsummary (tokens/s above count kept tokens after truncation; each record's prompt is");
-    println!("tokenized twice, alone and inside the full text, as in the reference):\n{}\n", dataset.summary);
+    println!(
+        "\nsummary (tokens/s above count kept tokens after truncation; each record's prompt is"
+    );
+    println!(
+        "tokenized twice, alone and inside the full text, as in the reference):\n{}\n",
+        dataset.summary
+    );
 
     let t = Instant::now();
     let loader = dataset.loader(LoaderConfig::default().batch_size(16))?;

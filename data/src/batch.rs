@@ -88,7 +88,10 @@ pub fn collate(
         let len = e.len();
         input_ids[row..row + len].copy_from_slice(&e.input_ids);
         labels[row..row + len].copy_from_slice(&e.labels);
-        for (dst, &m) in attention_mask[row..row + len].iter_mut().zip(&e.attention_mask) {
+        for (dst, &m) in attention_mask[row..row + len]
+            .iter_mut()
+            .zip(&e.attention_mask)
+        {
             *dst = u32::from(m);
         }
         n_target_tokens += e.n_target_tokens();

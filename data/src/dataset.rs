@@ -81,7 +81,8 @@ impl InstructionDataset {
         let mut summary = Summary::default();
         let mut chunk: Vec<Record> = Vec::with_capacity(CHUNK_RECORDS);
         let mut flush = |chunk: &mut Vec<Record>, summary: &mut Summary| -> Result<()> {
-            let (ex, s) = build_examples_inner(chunk, summary.records, tokenizer, &config.preprocess, pb)?;
+            let (ex, s) =
+                build_examples_inner(chunk, summary.records, tokenizer, &config.preprocess, pb)?;
             examples.extend(ex);
             summary.merge(&s);
             chunk.clear();

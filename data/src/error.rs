@@ -216,7 +216,10 @@ mod tests {
             location: Location::Line(7),
             field: "output".into(),
         };
-        assert_eq!(e.to_string(), "a/b.jsonl: line 7: missing required field `output`");
+        assert_eq!(
+            e.to_string(),
+            "a/b.jsonl: line 7: missing required field `output`"
+        );
         let e = Error::MissingField {
             path: "x.parquet".into(),
             location: Location::Row {

@@ -52,7 +52,13 @@ impl Example {
         let labels = input_ids
             .iter()
             .enumerate()
-            .map(|(i, &t)| if i < n_masked { IGNORE_INDEX } else { i64::from(t) })
+            .map(|(i, &t)| {
+                if i < n_masked {
+                    IGNORE_INDEX
+                } else {
+                    i64::from(t)
+                }
+            })
             .collect();
         let attention_mask = vec![1; input_ids.len()];
         Example {
@@ -102,6 +108,8 @@ pub struct PreprocessConfig {
     /// `model_max_length` (16384 for DeepSeek).
     pub max_len: Option<usize>,
     /// Drop examples whose labels are all `-100` (default `true`); they are counted either way.
+    /// The reference keeps them (they add no loss term, but a batch made only of them has an
+    /// undefined mean loss); set `false` to match it exactly.
     pub drop_fully_masked: bool,
     /// Show a progress bar (only when stderr is a terminal and there are at least
     /// [`PreprocessConfig::PROGRESS_MIN_RECORDS`] records).
@@ -129,7 +137,9 @@ impl PreprocessConfig {
         self.template.validate()?;
         if let Some(l) = self.max_len {
             if l < 2 {
-                return Err(Error::InvalidConfig(format!("max_len must be at least 2, got {l}")));
+                return Err(Error::InvalidConfig(format!(
+                    "max_len must be at least 2, got {l}"
+                )));
             }
         }
         Ok(())
@@ -261,7 +271,11 @@ impl Summary {
         }
         if kept {
             let len = p.example.len();
-            self.shortest = if self.examples == 0 { len } else { self.shortest.min(len) };
+            self.shortest = if self.examples == 0 {
+                len
+            } else {
+                self.shortest.min(len)
+            };
             self.examples += 1;
             self.truncated += usize::from(p.truncated);
             self.boundary_mismatches += usize::from(p.boundary_mismatch);
@@ -316,24 +330,19 @@ pub(crate) fn progress_bar(enabled: bool, total: Option<usize>) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
-    let pb = match total {
-        Some(t) => {
-            let pb = ProgressBar::with_draw_target(Some(t as u64), ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template(
-                "tokenizing {bar:40} {pos}/{len} examples ({per_sec}, eta {eta})",
-            ) {
-                pb.set_style(style);
-            }
-            pb
-        }
-        None => {
-            let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-            if let Ok(style) = ProgressStyle::with_template("tokenizing {spinner} {pos} examples ({per_sec})") {
-                pb.set_style(style);
-            }
-            pb
-        }
+    let (pb, template) = match total {
+        Some(t) => (
+            ProgressBar::with_draw_target(Some(t as u64), ProgressDrawTarget::stderr()),
+            "tokenizing {bar:40} {pos}/{len} examples ({per_sec}, eta {eta})",
+        ),
+        None => (
+            ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr()),
+            "tokenizing {spinner} {pos} examples ({per_sec})",
+        ),
     };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        pb.set_style(style);
+    }
     pb
 }
 
@@ -365,7 +374,9 @@ pub(crate) fn build_examples_inner(
         .map(|(i, r)| {
             let p = build_example(r, tokenizer, &config.template, config.input_policy, max_len)
                 .map_err(|e| match e {
-                    Error::Tokenizer(m) => Error::Tokenizer(format!("record {}: {m}", first_index + i)),
+                    Error::Tokenizer(m) => {
+                        Error::Tokenizer(format!("record {}: {m}", first_index + i))
+                    }
                     other => other,
                 });
             pb.inc(1);

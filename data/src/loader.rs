@@ -13,6 +13,9 @@
 //!
 //! The plan does not depend on thread count or on what happened in earlier epochs, so a
 //! [`LoaderState`] `{epoch, position}` is enough to resume exactly.
+//!
+//! The shuffled order is not the one PyTorch's `RandomSampler` would draw (different generator);
+//! it is a uniform permutation all the same.
 
 use std::sync::Arc;
 
@@ -82,7 +85,9 @@ impl LoaderConfig {
             return bad("pad_to_multiple_of must be > 0");
         }
         if self.token_budget.is_some() && self.drop_last {
-            return bad("drop_last applies to fixed-size batches; it cannot be combined with token_budget");
+            return bad(
+                "drop_last applies to fixed-size batches; it cannot be combined with token_budget",
+            );
         }
         if self.epochs == Some(0) {
             return bad("epochs must be > 0 (or None for endless)");
@@ -185,7 +190,11 @@ impl Loader {
     ///
     /// Fails on an empty dataset ([`Error::EmptyDataset`]), on an example that cannot fit the
     /// token budget ([`Error::ExampleExceedsBudget`]), and when `drop_last` would leave no batch.
-    pub fn new(examples: impl Into<Arc<[Example]>>, pad_id: u32, config: LoaderConfig) -> Result<Self> {
+    pub fn new(
+        examples: impl Into<Arc<[Example]>>,
+        pad_id: u32,
+        config: LoaderConfig,
+    ) -> Result<Self> {
         config.validate()?;
         let examples: Arc<[Example]> = examples.into();
         if examples.is_empty() {
@@ -350,7 +359,8 @@ impl Loader {
                 let mut cur_max = 0;
                 for i in order {
                     let new_max = cur_max.max(self.lengths[i]);
-                    let cost = (cur.len() + 1) * padded_len(new_max, self.config.pad_to_multiple_of);
+                    let cost =
+                        (cur.len() + 1) * padded_len(new_max, self.config.pad_to_multiple_of);
                     if !cur.is_empty() && (cost > budget || cur.len() == self.config.batch_size) {
                         plan.push(std::mem::take(&mut cur));
                         cur_max = 0;
@@ -484,7 +494,10 @@ mod tests {
     #[test]
     fn drop_last_and_no_shuffle() {
         let ex = examples(&[2; 10]);
-        let cfg = LoaderConfig::default().batch_size(4).shuffle(false).drop_last(true);
+        let cfg = LoaderConfig::default()
+            .batch_size(4)
+            .shuffle(false)
+            .drop_last(true);
         let l = Loader::new(ex, 0, cfg).unwrap();
         assert_eq!(l.epoch_plan(0), vec![vec![0, 1, 2, 3], vec![4, 5, 6, 7]]);
         assert_eq!(l.steps_per_epoch(), 2);
@@ -521,15 +534,28 @@ mod tests {
             Err(Error::EmptyDataset)
         ));
         assert!(matches!(
-            Loader::new(examples(&[5, 20]), 0, LoaderConfig::default().token_budget(Some(16))),
-            Err(Error::ExampleExceedsBudget { index: 1, len: 20, budget: 16 })
+            Loader::new(
+                examples(&[5, 20]),
+                0,
+                LoaderConfig::default().token_budget(Some(16))
+            ),
+            Err(Error::ExampleExceedsBudget {
+                index: 1,
+                len: 20,
+                budget: 16
+            })
         ));
     }
 
     #[test]
     fn endless_and_remaining() {
         let ex = examples(&[2; 5]);
-        let mut l = Loader::new(ex.clone(), 0, LoaderConfig::default().batch_size(2).epochs(Some(3))).unwrap();
+        let mut l = Loader::new(
+            ex.clone(),
+            0,
+            LoaderConfig::default().batch_size(2).epochs(Some(3)),
+        )
+        .unwrap();
         assert_eq!(l.remaining_steps(), Some(9));
         assert_eq!(l.by_ref().count(), 9);
         assert_eq!(l.remaining_steps(), Some(0));

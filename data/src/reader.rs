@@ -88,7 +88,9 @@ impl ReaderConfig {
     pub fn validate(&self) -> Result<()> {
         self.columns.validate()?;
         if self.parquet_batch_rows == 0 {
-            return Err(Error::InvalidConfig("parquet_batch_rows must be > 0".into()));
+            return Err(Error::InvalidConfig(
+                "parquet_batch_rows must be > 0".into(),
+            ));
         }
         Ok(())
     }
@@ -195,7 +197,9 @@ impl Records {
                 line_no: 0,
                 buf: String::new(),
             }),
-            DataFormat::Json => Inner::Json(read_json_array(path, file, &config.columns)?.into_iter()),
+            DataFormat::Json => {
+                Inner::Json(read_json_array(path, file, &config.columns)?.into_iter())
+            }
             DataFormat::Parquet => Inner::Parquet(Box::new(ParquetRecords::open(
                 path,
                 file,
@@ -343,15 +347,25 @@ impl JsonlRecords {
                     }))
                 }
             };
-            return Some(record_from_value(value, &self.columns, &self.path, location));
+            return Some(record_from_value(
+                value,
+                &self.columns,
+                &self.path,
+                location,
+            ));
         }
     }
 }
 
-fn read_json_array(path: &Path, mut file: File, columns: &ColumnNames) -> Result<Vec<Result<Record>>> {
+fn read_json_array(
+    path: &Path,
+    mut file: File,
+    columns: &ColumnNames,
+) -> Result<Vec<Result<Record>>> {
     use std::io::Read;
     let mut text = String::new();
-    file.read_to_string(&mut text).map_err(|e| Error::io(path, e))?;
+    file.read_to_string(&mut text)
+        .map_err(|e| Error::io(path, e))?;
     let body = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let values: Vec<Value> = serde_json::from_str(body).map_err(|source| Error::Json {
         path: path.into(),
@@ -460,7 +474,8 @@ impl ParquetRecords {
             None => false,
         };
         let mask = ProjectionMask::roots(metadata.metadata().file_metadata().schema_descr(), roots);
-        let total_rows = usize::try_from(metadata.metadata().file_metadata().num_rows()).unwrap_or(0);
+        let total_rows =
+            usize::try_from(metadata.metadata().file_metadata().num_rows()).unwrap_or(0);
         let n_row_groups = metadata.metadata().num_row_groups();
         Ok(ParquetRecords {
             path: path.into(),
@@ -489,24 +504,34 @@ impl ParquetRecords {
         let rg = self.next_row_group;
         self.next_row_group += 1;
         self.rows_before_group += self.group_rows;
-        self.group_rows = usize::try_from(self.metadata.metadata().row_group(rg).num_rows()).unwrap_or(0);
+        self.group_rows =
+            usize::try_from(self.metadata.metadata().row_group(rg).num_rows()).unwrap_or(0);
         self.row_group = rg;
         self.row_in_group = 0;
-        let file = self.file.try_clone().map_err(|e| Error::io(&self.path, e))?;
-        let reader = ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
-            .with_row_groups(vec![rg])
-            .with_projection(self.mask.clone())
-            .with_batch_size(self.batch_rows)
-            .build()
-            .map_err(|source| Error::Parquet {
-                path: self.path.clone(),
-                source,
-            })?;
+        let file = self
+            .file
+            .try_clone()
+            .map_err(|e| Error::io(&self.path, e))?;
+        let reader =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, self.metadata.clone())
+                .with_row_groups(vec![rg])
+                .with_projection(self.mask.clone())
+                .with_batch_size(self.batch_rows)
+                .build()
+                .map_err(|source| Error::Parquet {
+                    path: self.path.clone(),
+                    source,
+                })?;
         self.current = Some(reader);
         Ok(true)
     }
 
-    fn column<'a>(&self, batch: &'a RecordBatch, name: &str, casted: &'a mut Option<ArrayRef>) -> Result<Option<StrCol<'a>>> {
+    fn column<'a>(
+        &self,
+        batch: &'a RecordBatch,
+        name: &str,
+        casted: &'a mut Option<ArrayRef>,
+    ) -> Result<Option<StrCol<'a>>> {
         let Some(col) = batch.column_by_name(name) else {
             return Ok(None);
         };
@@ -540,7 +565,12 @@ impl ParquetRecords {
         let missing = |name: &str| Error::MissingColumn {
             path: self.path.clone(),
             column: name.into(),
-            available: batch.schema().fields().iter().map(|f| f.name().clone()).collect(),
+            available: batch
+                .schema()
+                .fields()
+                .iter()
+                .map(|f| f.name().clone())
+                .collect(),
         };
         let ins = self
             .column(batch, &self.columns.instruction, &mut c1)?
@@ -622,9 +652,18 @@ mod tests {
 
     #[test]
     fn format_from_extension() {
-        assert_eq!(DataFormat::from_path(Path::new("a/b.PARQUET")), Some(DataFormat::Parquet));
-        assert_eq!(DataFormat::from_path(Path::new("b.jsonl")), Some(DataFormat::Jsonl));
-        assert_eq!(DataFormat::from_path(Path::new("b.json")), Some(DataFormat::Json));
+        assert_eq!(
+            DataFormat::from_path(Path::new("a/b.PARQUET")),
+            Some(DataFormat::Parquet)
+        );
+        assert_eq!(
+            DataFormat::from_path(Path::new("b.jsonl")),
+            Some(DataFormat::Jsonl)
+        );
+        assert_eq!(
+            DataFormat::from_path(Path::new("b.json")),
+            Some(DataFormat::Json)
+        );
         assert_eq!(DataFormat::from_path(Path::new("b.csv")), None);
         assert_eq!(DataFormat::from_path(Path::new("noext")), None);
     }
@@ -651,10 +690,19 @@ mod tests {
     #[test]
     fn jsonl_errors_name_line() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "a.jsonl", "{\"instruction\":\"i\",\"output\":\"o\"}\n\n{\"instruction\":5,\"output\":\"o\"}\n");
+        let p = write(
+            dir.path(),
+            "a.jsonl",
+            "{\"instruction\":\"i\",\"output\":\"o\"}\n\n{\"instruction\":5,\"output\":\"o\"}\n",
+        );
         let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
         match e {
-            Error::FieldType { location, field, found, .. } => {
+            Error::FieldType {
+                location,
+                field,
+                found,
+                ..
+            } => {
                 assert_eq!(location, Location::Line(3));
                 assert_eq!(field, "instruction");
                 assert_eq!(found, "number");
@@ -664,14 +712,21 @@ mod tests {
         let p = write(dir.path(), "b.jsonl", "[1,2]\n");
         assert!(matches!(
             read_records(&[&p], &ReaderConfig::default()),
-            Err(Error::FieldType { location: Location::Line(1), .. })
+            Err(Error::FieldType {
+                location: Location::Line(1),
+                ..
+            })
         ));
     }
 
     #[test]
     fn custom_column_names() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "a.json", "[{\"q\":\"i\",\"a\":\"o\",\"ctx\":\"c\"}]");
+        let p = write(
+            dir.path(),
+            "a.json",
+            "[{\"q\":\"i\",\"a\":\"o\",\"ctx\":\"c\"}]",
+        );
         let cfg = ReaderConfig {
             columns: ColumnNames {
                 instruction: "q".into(),
@@ -680,14 +735,20 @@ mod tests {
             },
             ..Default::default()
         };
-        assert_eq!(read_records(&[&p], &cfg).unwrap(), vec![Record::new("i", "o").with_input("c")]);
+        assert_eq!(
+            read_records(&[&p], &cfg).unwrap(),
+            vec![Record::new("i", "o").with_input("c")]
+        );
         // Forced format ignores the extension.
         let p2 = write(dir.path(), "a.txt", "{\"q\":\"i\",\"a\":\"o\"}\n");
         let cfg2 = ReaderConfig {
             format: Some(DataFormat::Jsonl),
             ..cfg
         };
-        assert_eq!(read_records(&[&p2], &cfg2).unwrap(), vec![Record::new("i", "o")]);
+        assert_eq!(
+            read_records(&[&p2], &cfg2).unwrap(),
+            vec![Record::new("i", "o")]
+        );
         assert!(matches!(
             read_records(&[&p2], &ReaderConfig::default()),
             Err(Error::UnknownFormat { .. })
@@ -697,18 +758,31 @@ mod tests {
     #[test]
     fn json_array_element_errors() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(dir.path(), "a.json", "[{\"instruction\":\"i\",\"output\":\"o\"},{\"instruction\":\"i\"}]");
+        let p = write(
+            dir.path(),
+            "a.json",
+            "[{\"instruction\":\"i\",\"output\":\"o\"},{\"instruction\":\"i\"}]",
+        );
         match read_records(&[&p], &ReaderConfig::default()).unwrap_err() {
-            Error::MissingField { location, field, .. } => {
+            Error::MissingField {
+                location, field, ..
+            } => {
                 assert_eq!(location, Location::Element(1));
                 assert_eq!(field, "output");
             }
             other => panic!("unexpected {other}"),
         }
-        let p = write(dir.path(), "b.json", "[{\"instruction\":\"i\",\n\"output\":}]");
+        let p = write(
+            dir.path(),
+            "b.json",
+            "[{\"instruction\":\"i\",\n\"output\":}]",
+        );
         assert!(matches!(
             read_records(&[&p], &ReaderConfig::default()),
-            Err(Error::Json { location: Location::Line(2), .. })
+            Err(Error::Json {
+                location: Location::Line(2),
+                ..
+            })
         ));
     }
 
@@ -716,7 +790,10 @@ mod tests {
     fn empty_inputs() {
         let dir = tempfile::tempdir().unwrap();
         let p = write(dir.path(), "empty.jsonl", "");
-        assert!(matches!(Records::open(&p, &ReaderConfig::default()), Err(Error::EmptyFile { .. })));
+        assert!(matches!(
+            Records::open(&p, &ReaderConfig::default()),
+            Err(Error::EmptyFile { .. })
+        ));
         let p = write(dir.path(), "blank.jsonl", "\n\n");
         assert!(matches!(
             read_records(&[&p], &ReaderConfig::default()),
@@ -725,6 +802,9 @@ mod tests {
         let sub = dir.path().join("sub");
         std::fs::create_dir(&sub).unwrap();
         write(&sub, "notes.txt", "x");
-        assert!(matches!(expand_inputs(&[&sub]), Err(Error::EmptyDirectory { .. })));
+        assert!(matches!(
+            expand_inputs(&[&sub]),
+            Err(Error::EmptyDirectory { .. })
+        ));
     }
 }

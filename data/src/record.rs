@@ -67,7 +67,9 @@ impl ColumnNames {
             names.push(i);
         }
         if names.iter().any(|n| n.is_empty()) {
-            return Err(crate::Error::InvalidConfig("column names must not be empty".into()));
+            return Err(crate::Error::InvalidConfig(
+                "column names must not be empty".into(),
+            ));
         }
         for (i, a) in names.iter().enumerate() {
             if names[i + 1..].contains(a) {

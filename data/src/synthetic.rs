@@ -39,7 +39,9 @@ pub fn task_of_row(i: usize) -> &'static str {
 
 fn words(rng: &mut SplitMix64) -> Vec<&'static str> {
     let n = 2 + rng.below(4) as usize;
-    (0..n).map(|_| WORDS[rng.below(WORDS.len() as u64) as usize]).collect()
+    (0..n)
+        .map(|_| WORDS[rng.below(WORDS.len() as u64) as usize])
+        .collect()
 }
 
 fn task(name: &str, rng: &mut SplitMix64) -> (String, String) {
@@ -55,7 +57,10 @@ fn task(name: &str, rng: &mut SplitMix64) -> (String, String) {
         }
         "first" => {
             let w = words(rng);
-            (format!("Say the first word: {}", w.join(" ")), w[0].to_string())
+            (
+                format!("Say the first word: {}", w.join(" ")),
+                w[0].to_string(),
+            )
         }
         "last" => {
             let w = words(rng);
@@ -70,7 +75,10 @@ fn task(name: &str, rng: &mut SplitMix64) -> (String, String) {
             let shown: Vec<String> = d.iter().map(u64::to_string).collect();
             d.sort_unstable();
             let sorted: Vec<String> = d.iter().map(u64::to_string).collect();
-            (format!("Sort the digits: {}", shown.join(" ")), sorted.join(" "))
+            (
+                format!("Sort the digits: {}", shown.join(" ")),
+                sorted.join(" "),
+            )
         }
         "add" => {
             let a = rng.below(50);
@@ -79,7 +87,10 @@ fn task(name: &str, rng: &mut SplitMix64) -> (String, String) {
         }
         _ => {
             let w = words(rng);
-            (format!("Count the words: {}", w.join(" ")), w.len().to_string())
+            (
+                format!("Count the words: {}", w.join(" ")),
+                w.len().to_string(),
+            )
         }
     }
 }
@@ -103,7 +114,7 @@ mod tests {
                     assert_eq!(r.output, w.join(" "));
                 }
                 "first" => assert_eq!(r.output, args.split(' ').next().unwrap()),
-                "last" => assert_eq!(r.output, args.split(' ').last().unwrap()),
+                "last" => assert_eq!(r.output, args.split(' ').next_back().unwrap()),
                 "sort" => {
                     let mut d: Vec<_> = args.split(' ').collect();
                     d.sort();

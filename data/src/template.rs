@@ -177,21 +177,24 @@ fn substitute<'a>(t: &str, vars: &dyn Fn(&str) -> Option<&'a str>) -> String {
     while let Some(pos) = rest.find(['{', '}']) {
         out.push_str(&rest[..pos]);
         let tail = &rest[pos..];
-        if tail.starts_with("{{") {
+        if let Some(after) = tail.strip_prefix("{{") {
             out.push('{');
-            rest = &tail[2..];
-        } else if tail.starts_with("}}") {
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix("}}") {
             out.push('}');
-            rest = &tail[2..];
-        } else if tail.starts_with('{') {
-            match tail[1..].find('}').and_then(|end| Some((end, vars(&tail[1..1 + end])?))) {
+            rest = after;
+        } else if let Some(after) = tail.strip_prefix('{') {
+            match after
+                .find('}')
+                .and_then(|end| Some((end, vars(&after[..end])?)))
+            {
                 Some((end, value)) => {
                     out.push_str(value);
-                    rest = &tail[end + 2..];
+                    rest = &after[end + 1..];
                 }
                 None => {
                     out.push('{');
-                    rest = &tail[1..];
+                    rest = after;
                 }
             }
         } else {
@@ -242,7 +245,10 @@ mod tests {
     fn deepseek_chat() {
         let r = Record::new("Hi", "Hello!");
         let (s, t) = Template::DeepSeekChat.render(&r, InputPolicy::Ignore);
-        assert_eq!(format!("{s}{t}"), "User: Hi\n\nAssistant: Hello!<｜end▁of▁sentence｜>");
+        assert_eq!(
+            format!("{s}{t}"),
+            "User: Hi\n\nAssistant: Hello!<｜end▁of▁sentence｜>"
+        );
         assert_eq!(s, "User: Hi\n\nAssistant:");
     }
 
@@ -282,6 +288,9 @@ mod tests {
             let j = serde_json::to_string(&t).unwrap();
             assert_eq!(serde_json::from_str::<Template>(&j).unwrap(), t);
         }
-        assert_eq!(serde_json::to_string(&Template::Reference).unwrap(), r#"{"type":"reference"}"#);
+        assert_eq!(
+            serde_json::to_string(&Template::Reference).unwrap(),
+            r#"{"type":"reference"}"#
+        );
     }
 }

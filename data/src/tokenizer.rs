@@ -64,7 +64,10 @@ impl TokenizerSettings {
             .map(|x| x as usize);
         TokenizerSettings {
             add_bos_token,
-            add_eos_token: v.get("add_eos_token").and_then(Value::as_bool).unwrap_or(false),
+            add_eos_token: v
+                .get("add_eos_token")
+                .and_then(Value::as_bool)
+                .unwrap_or(false),
             bos_token,
             eos_token: token_text(v.get("eos_token")),
             pad_token: token_text(v.get("pad_token")),
@@ -118,7 +121,10 @@ impl TextTokenizer {
     /// Loads a `tokenizer.json` and an optional `tokenizer_config.json`. Without a config,
     /// [`TokenizerSettings::default`] applies (no BOS, no pad token), which fails with
     /// [`Error::NoPadToken`] unless the settings are supplied through [`TextTokenizer::new`].
-    pub fn from_files(tokenizer_json: impl AsRef<Path>, config_json: Option<&Path>) -> Result<Self> {
+    pub fn from_files(
+        tokenizer_json: impl AsRef<Path>,
+        config_json: Option<&Path>,
+    ) -> Result<Self> {
         let settings = match config_json {
             Some(p) => TokenizerSettings::from_config_file(p)?,
             None => TokenizerSettings::default(),
@@ -148,10 +154,14 @@ impl TextTokenizer {
             .or(eos_id)
             .ok_or(Error::NoPadToken)?;
         if settings.add_bos_token && bos_id.is_none() {
-            return Err(Error::InvalidConfig("add_bos_token is set but no bos_token is named".into()));
+            return Err(Error::InvalidConfig(
+                "add_bos_token is set but no bos_token is named".into(),
+            ));
         }
         if settings.add_eos_token && eos_id.is_none() {
-            return Err(Error::InvalidConfig("add_eos_token is set but no eos_token is named".into()));
+            return Err(Error::InvalidConfig(
+                "add_eos_token is set but no eos_token is named".into(),
+            ));
         }
         Ok(TextTokenizer {
             inner,
@@ -216,7 +226,10 @@ impl TextTokenizer {
     /// Encodes text **without** BOS/EOS (`add_special_tokens=False`). Added tokens written in
     /// the text (e.g. a literal `<｜end▁of▁sentence｜>`) are still recognised.
     pub fn encode_raw(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self.inner.encode_fast(text, false).map_err(Error::tokenizer)?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(Error::tokenizer)?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -237,7 +250,10 @@ impl TextTokenizer {
                 "max_len {max_len} leaves no room next to {n_special} special token(s)"
             )));
         }
-        let enc = self.inner.encode_fast(text, false).map_err(Error::tokenizer)?;
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(Error::tokenizer)?;
         let body = enc.get_ids();
         let keep = body.len().min(max_len - n_special);
         let mut ids = Vec::with_capacity(keep + n_special);
@@ -253,7 +269,9 @@ impl TextTokenizer {
 
     /// Decodes ids to text.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> Result<String> {
-        self.inner.decode(ids, skip_special_tokens).map_err(Error::tokenizer)
+        self.inner
+            .decode(ids, skip_special_tokens)
+            .map_err(Error::tokenizer)
     }
 
     /// Whether `text` encodes to exactly one token (e.g. to check that an end-of-turn marker is a
@@ -288,7 +306,8 @@ mod tests {
         assert_eq!(s.eos_token.as_deref(), Some("</s>"));
         assert_eq!(s.pad_token, None);
         assert_eq!(s.model_max_length, None);
-        let s = TokenizerSettings::from_config_value(&serde_json::json!({"model_max_length": 4096}));
+        let s =
+            TokenizerSettings::from_config_value(&serde_json::json!({"model_max_length": 4096}));
         assert_eq!(s.model_max_length, Some(4096));
         assert!(!s.add_bos_token);
     }

@@ -75,7 +75,10 @@ impl WriteOptions {
     fn column_values<'a>(&'a self, records: &'a [Record]) -> Vec<(&'a str, Vec<Option<&'a str>>)> {
         let mut cols = Vec::new();
         if let Some(name) = &self.columns.input {
-            cols.push((name.as_str(), records.iter().map(|r| r.input.as_deref()).collect()));
+            cols.push((
+                name.as_str(),
+                records.iter().map(|r| r.input.as_deref()).collect(),
+            ));
         }
         cols.push((
             self.columns.output.as_str(),
@@ -83,17 +86,27 @@ impl WriteOptions {
         ));
         cols.push((
             self.columns.instruction.as_str(),
-            records.iter().map(|r| Some(r.instruction.as_str())).collect(),
+            records
+                .iter()
+                .map(|r| Some(r.instruction.as_str()))
+                .collect(),
         ));
         for (name, vals) in &self.extra_columns {
-            cols.push((name.as_str(), vals.iter().map(|v| Some(v.as_str())).collect()));
+            cols.push((
+                name.as_str(),
+                vals.iter().map(|v| Some(v.as_str())).collect(),
+            ));
         }
         cols
     }
 }
 
 /// Writes records to a parquet file (snappy-compressed).
-pub fn write_records_parquet(path: impl AsRef<Path>, records: &[Record], options: &WriteOptions) -> Result<()> {
+pub fn write_records_parquet(
+    path: impl AsRef<Path>,
+    records: &[Record],
+    options: &WriteOptions,
+) -> Result<()> {
     let path = path.as_ref();
     options.check(records.len())?;
     let cols = options.column_values(records);
@@ -145,23 +158,36 @@ pub fn write_records_parquet(path: impl AsRef<Path>, records: &[Record], options
 
 /// Writes records as JSONL, one object per line, keys in the order instruction, input (when
 /// named and present), output, extras.
-pub fn write_records_jsonl(path: impl AsRef<Path>, records: &[Record], options: &WriteOptions) -> Result<()> {
+pub fn write_records_jsonl(
+    path: impl AsRef<Path>,
+    records: &[Record],
+    options: &WriteOptions,
+) -> Result<()> {
     let path = path.as_ref();
     options.check(records.len())?;
     let file = File::create(path).map_err(|e| Error::io(path, e))?;
     let mut w = BufWriter::new(file);
     let js = |s: &str| serde_json::Value::String(s.to_owned()).to_string();
     for (i, r) in records.iter().enumerate() {
-        let mut line = format!("{{{}: {}", js(&options.columns.instruction), js(&r.instruction));
+        let mut line = format!(
+            "{{{}: {}",
+            js(&options.columns.instruction),
+            js(&r.instruction)
+        );
         if let (Some(name), Some(input)) = (&options.columns.input, &r.input) {
             line.push_str(&format!(", {}: {}", js(name), js(input)));
         }
-        line.push_str(&format!(", {}: {}", js(&options.columns.output), js(&r.output)));
+        line.push_str(&format!(
+            ", {}: {}",
+            js(&options.columns.output),
+            js(&r.output)
+        ));
         for (name, vals) in &options.extra_columns {
             line.push_str(&format!(", {}: {}", js(name), js(&vals[i])));
         }
         line.push_str("}\n");
-        w.write_all(line.as_bytes()).map_err(|e| Error::io(path, e))?;
+        w.write_all(line.as_bytes())
+            .map_err(|e| Error::io(path, e))?;
     }
     w.flush().map_err(|e| Error::io(path, e))?;
     Ok(())
@@ -180,7 +206,14 @@ mod tests {
             Record::new("b", "out 2"),
             Record::new("c", ""),
         ];
-        for (i, st) in [StringType::Utf8, StringType::LargeUtf8, StringType::Utf8View].into_iter().enumerate() {
+        for (i, st) in [
+            StringType::Utf8,
+            StringType::LargeUtf8,
+            StringType::Utf8View,
+        ]
+        .into_iter()
+        .enumerate()
+        {
             let p = dir.path().join(format!("r{i}.parquet"));
             let opts = WriteOptions {
                 string_type: st,
@@ -195,9 +228,20 @@ mod tests {
             )
             .unwrap();
             let expected = [DataType::Utf8, DataType::LargeUtf8, DataType::Utf8View][i].clone();
-            assert_eq!(builder.schema().field_with_name("output").unwrap().data_type(), &expected);
+            assert_eq!(
+                builder
+                    .schema()
+                    .field_with_name("output")
+                    .unwrap()
+                    .data_type(),
+                &expected
+            );
             assert_eq!(builder.metadata().num_row_groups(), 2);
-            assert_eq!(read_records(&[&p], &ReaderConfig::default()).unwrap(), recs, "{st:?}");
+            assert_eq!(
+                read_records(&[&p], &ReaderConfig::default()).unwrap(),
+                recs,
+                "{st:?}"
+            );
         }
         let p = dir.path().join("r.jsonl");
         write_records_jsonl(&p, &recs, &WriteOptions::default()).unwrap();

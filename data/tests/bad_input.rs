@@ -31,11 +31,19 @@ fn malformed_jsonl_line_names_file_and_line() {
     )
     .unwrap();
     let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
-    assert!(matches!(e, Error::Json { location: Location::Line(3), ref path, .. } if path == &p), "{e:?}");
+    assert!(
+        matches!(e, Error::Json { location: Location::Line(3), ref path, .. } if path == &p),
+        "{e:?}"
+    );
     let msg = e.to_string();
-    assert!(msg.contains("train.jsonl") && msg.contains("line 3"), "{msg}");
+    assert!(
+        msg.contains("train.jsonl") && msg.contains("line 3"),
+        "{msg}"
+    );
     // The stream yields the good record, then the error, then stops.
-    let items: Vec<_> = Records::open(&p, &ReaderConfig::default()).unwrap().collect();
+    let items: Vec<_> = Records::open(&p, &ReaderConfig::default())
+        .unwrap()
+        .collect();
     assert_eq!(items.len(), 2);
     assert!(items[0].is_ok() && items[1].is_err());
 }
@@ -51,7 +59,11 @@ fn missing_output_names_field_file_and_line() {
     .unwrap();
     let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
     match &e {
-        Error::MissingField { path, location, field } => {
+        Error::MissingField {
+            path,
+            location,
+            field,
+        } => {
             assert_eq!(path, &p);
             assert_eq!(*location, Location::Line(2));
             assert_eq!(field, "output");
@@ -59,13 +71,23 @@ fn missing_output_names_field_file_and_line() {
         other => panic!("unexpected {other:?}"),
     }
     let msg = e.to_string();
-    assert!(msg.contains("platypus.jsonl: line 2: missing required field `output`"), "{msg}");
+    assert!(
+        msg.contains("platypus.jsonl: line 2: missing required field `output`"),
+        "{msg}"
+    );
     // A null is as missing as an absent key; a wrong type is its own error.
     std::fs::write(&p, "{\"instruction\": \"a\", \"output\": null}\n").unwrap();
-    assert!(matches!(read_records(&[&p], &ReaderConfig::default()), Err(Error::MissingField { .. })));
+    assert!(matches!(
+        read_records(&[&p], &ReaderConfig::default()),
+        Err(Error::MissingField { .. })
+    ));
     std::fs::write(&p, "{\"instruction\": \"a\", \"output\": [\"b\"]}\n").unwrap();
     let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
-    assert!(e.to_string().contains("field `output` has type array, expected string"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("field `output` has type array, expected string"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -73,26 +95,44 @@ fn parquet_wrong_column_type_or_missing_column() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.parquet");
     let batch = RecordBatch::try_from_iter([
-        ("instruction", Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef),
+        (
+            "instruction",
+            Arc::new(StringArray::from(vec!["a", "b"])) as ArrayRef,
+        ),
         ("output", Arc::new(Int64Array::from(vec![1, 2])) as ArrayRef),
     ])
     .unwrap();
     write_batch(&p, &batch);
     let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
     match &e {
-        Error::ColumnType { path, column, found, .. } => {
+        Error::ColumnType {
+            path,
+            column,
+            found,
+            ..
+        } => {
             assert_eq!(path, &p);
             assert_eq!(column, "output");
             assert_eq!(found, "Int64");
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(e.to_string().contains("column `output` has type Int64, expected a string column"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("column `output` has type Int64, expected a string column"),
+        "{e}"
+    );
 
     let p = dir.path().join("missing.parquet");
     let batch = RecordBatch::try_from_iter([
-        ("instruction", Arc::new(StringArray::from(vec!["a"])) as ArrayRef),
-        ("response", Arc::new(StringArray::from(vec!["b"])) as ArrayRef),
+        (
+            "instruction",
+            Arc::new(StringArray::from(vec!["a"])) as ArrayRef,
+        ),
+        (
+            "response",
+            Arc::new(StringArray::from(vec!["b"])) as ArrayRef,
+        ),
     ])
     .unwrap();
     write_batch(&p, &batch);
@@ -104,7 +144,10 @@ fn parquet_wrong_column_type_or_missing_column() {
     // A wrongly typed *optional* column is an error too (it is read when named).
     let p = dir.path().join("input_int.parquet");
     let batch = RecordBatch::try_from_iter([
-        ("instruction", Arc::new(StringArray::from(vec!["a"])) as ArrayRef),
+        (
+            "instruction",
+            Arc::new(StringArray::from(vec!["a"])) as ArrayRef,
+        ),
         ("output", Arc::new(StringArray::from(vec!["b"])) as ArrayRef),
         ("input", Arc::new(Int64Array::from(vec![3])) as ArrayRef),
     ])
@@ -120,9 +163,14 @@ fn parquet_wrong_column_type_or_missing_column() {
 fn parquet_null_names_row_group_and_row() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("nulls.parquet");
-    let outputs: Vec<Option<&str>> = (0..10).map(|i| if i == 6 { None } else { Some("o") }).collect();
+    let outputs: Vec<Option<&str>> = (0..10)
+        .map(|i| if i == 6 { None } else { Some("o") })
+        .collect();
     let batch = RecordBatch::try_from_iter([
-        ("instruction", Arc::new(StringArray::from(vec!["i"; 10])) as ArrayRef),
+        (
+            "instruction",
+            Arc::new(StringArray::from(vec!["i"; 10])) as ArrayRef,
+        ),
         ("output", Arc::new(StringArray::from(outputs)) as ArrayRef),
     ])
     .unwrap();
@@ -135,13 +183,27 @@ fn parquet_null_names_row_group_and_row() {
     w.close().unwrap();
     let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
     match &e {
-        Error::MissingField { location, field, .. } => {
+        Error::MissingField {
+            location, field, ..
+        } => {
             assert_eq!(field, "output");
-            assert_eq!(*location, Location::Row { row_group: 1, row: 2, file_row: 6 });
+            assert_eq!(
+                *location,
+                Location::Row {
+                    row_group: 1,
+                    row: 2,
+                    file_row: 6
+                }
+            );
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(e.to_string().contains("nulls.parquet: row group 1, row 2 (file row 6): missing required field `output`"), "{e}");
+    assert!(
+        e.to_string().contains(
+            "nulls.parquet: row group 1, row 2 (file row 6): missing required field `output`"
+        ),
+        "{e}"
+    );
 }
 
 #[test]
@@ -166,7 +228,11 @@ fn empty_and_garbage_files() {
     write_records_parquet(&zero_rows, &[], &WriteOptions::default()).unwrap();
     for p in [&blank, &empty_array, &zero_rows] {
         let e = InstructionDataset::load(&[p], &tok, &cfg).unwrap_err();
-        assert!(matches!(e, Error::NoRecords { .. }), "{}: {e:?}", p.display());
+        assert!(
+            matches!(e, Error::NoRecords { .. }),
+            "{}: {e:?}",
+            p.display()
+        );
     }
     // ... but fine next to a file that has records.
     let good = dir.path().join("good.jsonl");
@@ -177,14 +243,23 @@ fn empty_and_garbage_files() {
     let junk = dir.path().join("junk.parquet");
     std::fs::write(&junk, b"this is not a parquet file, just some text").unwrap();
     let e = read_records(&[&junk], &ReaderConfig::default()).unwrap_err();
-    assert!(matches!(e, Error::Parquet { .. }) && e.to_string().contains("junk.parquet"), "{e}");
+    assert!(
+        matches!(e, Error::Parquet { .. }) && e.to_string().contains("junk.parquet"),
+        "{e}"
+    );
     // A JSON file that is not an array.
     let obj = dir.path().join("obj.json");
     std::fs::write(&obj, "{\"instruction\": \"a\", \"output\": \"b\"}").unwrap();
-    assert!(matches!(read_records(&[&obj], &ReaderConfig::default()), Err(Error::Json { .. })));
+    assert!(matches!(
+        read_records(&[&obj], &ReaderConfig::default()),
+        Err(Error::Json { .. })
+    ));
     // A path that does not exist.
     let e = read_records(&[dir.path().join("nope.jsonl")], &ReaderConfig::default()).unwrap_err();
-    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("nope.jsonl"), "{e}");
+    assert!(
+        matches!(e, Error::Io { .. }) && e.to_string().contains("nope.jsonl"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -194,7 +269,10 @@ fn prompt_longer_than_max_len_is_a_counted_drop() {
     let p = dir.path().join("long.parquet");
     let records = vec![
         Record::new("short question", "short answer"),
-        Record::new(format!("a very long question {}", "blah ".repeat(200)), "answer"),
+        Record::new(
+            format!("a very long question {}", "blah ".repeat(200)),
+            "answer",
+        ),
     ];
     write_records_parquet(&p, &records, &WriteOptions::default()).unwrap();
     let cfg = DataConfig {
@@ -221,7 +299,10 @@ fn prompt_longer_than_max_len_is_a_counted_drop() {
     let d = InstructionDataset::load(&[&p], &tok, &cfg).unwrap();
     assert!(d.is_empty());
     assert_eq!(d.summary.dropped_prompt_too_long, 2);
-    assert!(matches!(d.loader(Default::default()), Err(Error::EmptyDataset)));
+    assert!(matches!(
+        d.loader(Default::default()),
+        Err(Error::EmptyDataset)
+    ));
 }
 
 #[test]
@@ -240,7 +321,10 @@ fn invalid_configs_are_errors() {
         },
         ..Default::default()
     };
-    assert!(matches!(InstructionDataset::load(&[&p], &tok, &bad_template), Err(Error::InvalidConfig(_))));
+    assert!(matches!(
+        InstructionDataset::load(&[&p], &tok, &bad_template),
+        Err(Error::InvalidConfig(_))
+    ));
     let unknown = dir.path().join("a.csv");
     std::fs::write(&unknown, "x").unwrap();
     assert!(matches!(

@@ -32,8 +32,10 @@ fn shipped_fixture_parquet_and_jsonl_are_identical() {
     // The shipped files are exactly the synthetic generator's output.
     assert_eq!(from_jsonl, tiny_instruct(256, 0));
 
-    let a = InstructionDataset::load(&[fixture("data/tiny_instruct.jsonl")], &tok, &quiet()).unwrap();
-    let b = InstructionDataset::load(&[fixture("data/tiny_instruct.parquet")], &tok, &quiet()).unwrap();
+    let a =
+        InstructionDataset::load(&[fixture("data/tiny_instruct.jsonl")], &tok, &quiet()).unwrap();
+    let b =
+        InstructionDataset::load(&[fixture("data/tiny_instruct.parquet")], &tok, &quiet()).unwrap();
     assert_eq!(a.examples.len(), 256);
     assert_eq!(a, b);
 }
@@ -42,7 +44,10 @@ fn varied_records(n: usize) -> Vec<Record> {
     (0..n)
         .map(|i| {
             let r = Record::new(
-                format!("  Instruction {i}: explain «{}» in détail.\n", "x".repeat(i % 13)),
+                format!(
+                    "  Instruction {i}: explain «{}» in détail.\n",
+                    "x".repeat(i % 13)
+                ),
                 format!("Answer {i}\nwith a second line and 中文 {}", i * 7),
             );
             match i % 3 {
@@ -62,10 +67,20 @@ fn all_formats_and_string_types_agree() {
     let jsonl = dir.path().join("d.jsonl");
     write_records_jsonl(&jsonl, &records, &WriteOptions::default()).unwrap();
     let json = dir.path().join("d.json");
-    let array: Vec<serde_json::Value> = records.iter().map(|r| serde_json::to_value(r).unwrap()).collect();
+    let array: Vec<serde_json::Value> = records
+        .iter()
+        .map(|r| serde_json::to_value(r).unwrap())
+        .collect();
     std::fs::write(&json, serde_json::to_string_pretty(&array).unwrap()).unwrap();
     let mut paths = vec![jsonl.clone(), json.clone()];
-    for (i, st) in [StringType::Utf8, StringType::LargeUtf8, StringType::Utf8View].into_iter().enumerate() {
+    for (i, st) in [
+        StringType::Utf8,
+        StringType::LargeUtf8,
+        StringType::Utf8View,
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let p = dir.path().join(format!("d{i}.parquet"));
         let opts = WriteOptions {
             string_type: st,
@@ -78,7 +93,12 @@ fn all_formats_and_string_types_agree() {
     let reference = InstructionDataset::load(&[&jsonl], &tok, &quiet()).unwrap();
     assert_eq!(reference.summary.records, 100);
     for p in &paths {
-        assert_eq!(read_records(&[p], &ReaderConfig::default()).unwrap(), records, "{}", p.display());
+        assert_eq!(
+            read_records(&[p], &ReaderConfig::default()).unwrap(),
+            records,
+            "{}",
+            p.display()
+        );
         let d = InstructionDataset::load(&[p], &tok, &quiet()).unwrap();
         assert_eq!(d, reference, "{}", p.display());
     }
@@ -89,12 +109,28 @@ fn directories_and_several_files() {
     let tok = deepseek();
     let dir = tempfile::tempdir().unwrap();
     let records = varied_records(30);
-    write_records_parquet(dir.path().join("a.parquet"), &records[..10], &WriteOptions::default()).unwrap();
-    write_records_jsonl(dir.path().join("b.jsonl"), &records[10..], &WriteOptions::default()).unwrap();
+    write_records_parquet(
+        dir.path().join("a.parquet"),
+        &records[..10],
+        &WriteOptions::default(),
+    )
+    .unwrap();
+    write_records_jsonl(
+        dir.path().join("b.jsonl"),
+        &records[10..],
+        &WriteOptions::default(),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("README.md"), "ignored").unwrap();
-    assert_eq!(read_records(&[dir.path()], &ReaderConfig::default()).unwrap(), records);
+    assert_eq!(
+        read_records(&[dir.path()], &ReaderConfig::default()).unwrap(),
+        records
+    );
     let both = [dir.path().join("a.parquet"), dir.path().join("b.jsonl")];
-    assert_eq!(read_records(&both, &ReaderConfig::default()).unwrap(), records);
+    assert_eq!(
+        read_records(&both, &ReaderConfig::default()).unwrap(),
+        records
+    );
     let from_dir = InstructionDataset::load(&[dir.path()], &tok, &quiet()).unwrap();
     let from_mem = InstructionDataset::from_records(&records, &tok, &quiet().preprocess).unwrap();
     assert_eq!(from_dir, from_mem);
@@ -110,9 +146,15 @@ fn forced_format_and_dictionary_columns() {
     let path = dir.path().join("data.bin");
     let output: DictionaryArray<Int32Type> = vec!["yes", "no", "yes"].into_iter().collect();
     let batch = RecordBatch::try_from_iter([
-        ("instruction", Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef),
+        (
+            "instruction",
+            Arc::new(StringArray::from(vec!["a", "b", "c"])) as ArrayRef,
+        ),
         ("output", Arc::new(output) as ArrayRef),
-        ("input", Arc::new(StringArray::from(vec![Some("x"), None, Some("")])) as ArrayRef),
+        (
+            "input",
+            Arc::new(StringArray::from(vec![Some("x"), None, Some("")])) as ArrayRef,
+        ),
     ])
     .unwrap();
     let file = std::fs::File::create(&path).unwrap();
@@ -141,5 +183,8 @@ fn forced_format_and_dictionary_columns() {
         },
         ..Default::default()
     };
-    assert!(read_records(&[&path], &cfg).unwrap().iter().all(|r| r.input.is_none()));
+    assert!(read_records(&[&path], &cfg)
+        .unwrap()
+        .iter()
+        .all(|r| r.input.is_none()));
 }

@@ -20,7 +20,8 @@ fn examples() -> Vec<Example> {
         },
         ..Default::default()
     };
-    let d = InstructionDataset::load(&[fixture("data/tiny_instruct.parquet")], &deepseek(), &cfg).unwrap();
+    let d = InstructionDataset::load(&[fixture("data/tiny_instruct.parquet")], &deepseek(), &cfg)
+        .unwrap();
     assert_eq!(d.pad_id, PAD);
     assert_eq!(d.examples.len(), 256);
     d.examples
@@ -57,18 +58,26 @@ fn check_padding(batch: &Batch, ex: &[Example], multiple: Option<usize>) {
         targets += e.n_target_tokens();
     }
     assert_eq!(batch.n_target_tokens, targets);
-    assert_eq!(batch.n_target_tokens, batch.labels.iter().filter(|&&l| l != IGNORE_INDEX).count());
+    assert_eq!(
+        batch.n_target_tokens,
+        batch.labels.iter().filter(|&&l| l != IGNORE_INDEX).count()
+    );
 }
 
 #[test]
 fn same_seed_same_batches_different_seed_different_order() {
     let ex = examples();
-    let cfg = LoaderConfig::default().batch_size(8).seed(7).epochs(Some(2));
+    let cfg = LoaderConfig::default()
+        .batch_size(8)
+        .seed(7)
+        .epochs(Some(2));
     let a: Vec<Batch> = Loader::new(ex.clone(), PAD, cfg.clone()).unwrap().collect();
     let b: Vec<Batch> = Loader::new(ex.clone(), PAD, cfg.clone()).unwrap().collect();
     assert_eq!(a.len(), 64);
     assert_eq!(a, b);
-    let c: Vec<Batch> = Loader::new(ex.clone(), PAD, cfg.clone().seed(8)).unwrap().collect();
+    let c: Vec<Batch> = Loader::new(ex.clone(), PAD, cfg.clone().seed(8))
+        .unwrap()
+        .collect();
     assert_ne!(orders(&a), orders(&c));
     // Each epoch is a permutation, and epochs are reshuffled.
     let (e0, e1) = a.split_at(32);
@@ -82,9 +91,13 @@ fn same_seed_same_batches_different_seed_different_order() {
         check_padding(batch, &ex, None);
     }
     // Without shuffling, the order is the file order.
-    let plain: Vec<Batch> = Loader::new(ex.clone(), PAD, LoaderConfig::default().batch_size(100).shuffle(false))
-        .unwrap()
-        .collect();
+    let plain: Vec<Batch> = Loader::new(
+        ex.clone(),
+        PAD,
+        LoaderConfig::default().batch_size(100).shuffle(false),
+    )
+    .unwrap()
+    .collect();
     assert_eq!(plain.len(), 3);
     assert_eq!(plain[0].indices, (0..100).collect::<Vec<_>>());
     assert_eq!(plain[2].batch_size, 56);
@@ -113,8 +126,13 @@ fn check_resume(ex: &[Example], cfg: &LoaderConfig, k: usize) -> LoaderState {
 #[test]
 fn resume_mid_epoch_and_across_epoch_boundary() {
     let ex = examples();
-    let cfg = LoaderConfig::default().batch_size(10).seed(3).epochs(Some(3));
-    let steps = Loader::new(ex.clone(), PAD, cfg.clone()).unwrap().steps_per_epoch();
+    let cfg = LoaderConfig::default()
+        .batch_size(10)
+        .seed(3)
+        .epochs(Some(3));
+    let steps = Loader::new(ex.clone(), PAD, cfg.clone())
+        .unwrap()
+        .steps_per_epoch();
     assert_eq!(steps, 26);
     // Mid-epoch.
     let s = check_resume(&ex, &cfg, 11);
@@ -135,7 +153,9 @@ fn resume_mid_epoch_and_across_epoch_boundary() {
         ..cfg.clone()
     };
     check_resume(&ex, &cfg2, 5);
-    let per_epoch = Loader::new(ex.clone(), PAD, cfg2.clone()).unwrap().steps_per_epoch();
+    let per_epoch = Loader::new(ex.clone(), PAD, cfg2.clone())
+        .unwrap()
+        .steps_per_epoch();
     check_resume(&ex, &cfg2, per_epoch + 2);
     // A restored loader may run for more epochs than the original.
     let mut a = Loader::new(ex.clone(), PAD, cfg.clone()).unwrap();
@@ -157,15 +177,26 @@ fn restore_refuses_foreign_states() {
     assert!(matches!(e, Error::StateMismatch(_)), "{e}");
     let e = Loader::restore(ex[..200].to_vec(), PAD, cfg.clone(), &state).unwrap_err();
     assert!(matches!(e, Error::StateMismatch(_)), "{e}");
-    let past = LoaderState { position: 1000, ..state };
-    assert!(matches!(Loader::restore(ex, PAD, cfg, &past), Err(Error::StateMismatch(_))));
+    let past = LoaderState {
+        position: 1000,
+        ..state
+    };
+    assert!(matches!(
+        Loader::restore(ex, PAD, cfg, &past),
+        Err(Error::StateMismatch(_))
+    ));
 }
 
 #[test]
 fn token_budget_is_never_exceeded() {
     let ex = examples();
     let longest = ex.iter().map(Example::len).max().unwrap();
-    for (budget, multiple, group) in [(longest, None, false), (300, None, false), (512, Some(8), true), (1000, Some(16), false)] {
+    for (budget, multiple, group) in [
+        (longest, None, false),
+        (300, None, false),
+        (512, Some(8), true),
+        (1000, Some(16), false),
+    ] {
         let cfg = LoaderConfig {
             batch_size: 64,
             token_budget: Some(budget),
@@ -178,7 +209,11 @@ fn token_budget_is_never_exceeded() {
         let mut seen = BTreeSet::new();
         let mut count = 0;
         for b in loader {
-            assert!(b.n_padded_tokens() <= budget, "{} > {budget}", b.n_padded_tokens());
+            assert!(
+                b.n_padded_tokens() <= budget,
+                "{} > {budget}",
+                b.n_padded_tokens()
+            );
             assert!(b.batch_size <= 64);
             check_padding(&b, &ex, multiple);
             count += b.batch_size;
@@ -188,14 +223,27 @@ fn token_budget_is_never_exceeded() {
         assert_eq!(seen.len(), 256);
     }
     // An example that cannot fit is refused up front.
-    let e = Loader::new(ex.clone(), PAD, LoaderConfig::default().token_budget(Some(longest - 1))).unwrap_err();
+    let e = Loader::new(
+        ex.clone(),
+        PAD,
+        LoaderConfig::default().token_budget(Some(longest - 1)),
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::ExampleExceedsBudget { .. }), "{e}");
 }
 
 #[test]
 fn drop_last_and_steps_per_epoch() {
     let ex = examples();
-    let l = Loader::new(ex.clone(), PAD, LoaderConfig::default().batch_size(24).drop_last(true).epochs(Some(2))).unwrap();
+    let l = Loader::new(
+        ex.clone(),
+        PAD,
+        LoaderConfig::default()
+            .batch_size(24)
+            .drop_last(true)
+            .epochs(Some(2)),
+    )
+    .unwrap();
     assert_eq!(l.steps_per_epoch(), 10);
     assert_eq!(l.remaining_steps(), Some(20));
     let batches: Vec<Batch> = l.collect();
@@ -205,7 +253,11 @@ fn drop_last_and_steps_per_epoch() {
     assert_eq!(l.steps_per_epoch(), 11);
     assert_eq!(l.count(), 11);
     assert!(matches!(
-        Loader::new(ex[..10].to_vec(), PAD, LoaderConfig::default().batch_size(24).drop_last(true)),
+        Loader::new(
+            ex[..10].to_vec(),
+            PAD,
+            LoaderConfig::default().batch_size(24).drop_last(true)
+        ),
         Err(Error::InvalidConfig(_))
     ));
 }
@@ -233,6 +285,16 @@ fn group_by_length_puts_similar_lengths_together() {
     // Less padding than random batches.
     let padded = |l: Loader| l.map(|b| b.n_padded_tokens()).sum::<usize>();
     let grouped = padded(loader);
-    let random = padded(Loader::new(ex.clone(), PAD, LoaderConfig { group_by_length: false, ..cfg }).unwrap());
+    let random = padded(
+        Loader::new(
+            ex.clone(),
+            PAD,
+            LoaderConfig {
+                group_by_length: false,
+                ..cfg
+            },
+        )
+        .unwrap(),
+    );
     assert!(grouped < random, "{grouped} >= {random}");
 }

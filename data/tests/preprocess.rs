@@ -28,13 +28,27 @@ fn matches_transformers_reference_output() {
     assert_eq!(cases.len(), 6);
     for c in cases {
         let name = c["name"].as_str().unwrap();
-        let record = Record::new(c["instruction"].as_str().unwrap(), c["output"].as_str().unwrap());
+        let record = Record::new(
+            c["instruction"].as_str().unwrap(),
+            c["output"].as_str().unwrap(),
+        );
         let max_len = c["max_len"].as_u64().unwrap() as usize;
         let (source, target) = Template::Reference.render(&record, InputPolicy::Ignore);
         assert_eq!(source, c["source"].as_str().unwrap(), "{name}: source text");
         assert_eq!(target, c["target"].as_str().unwrap(), "{name}: target text");
-        let p = build_example(&record, &tok, &Template::Reference, InputPolicy::Ignore, max_len).unwrap();
-        assert_eq!(p.example.input_ids, ids(&c["input_ids"]), "{name}: input_ids");
+        let p = build_example(
+            &record,
+            &tok,
+            &Template::Reference,
+            InputPolicy::Ignore,
+            max_len,
+        )
+        .unwrap();
+        assert_eq!(
+            p.example.input_ids,
+            ids(&c["input_ids"]),
+            "{name}: input_ids"
+        );
         assert_eq!(p.example.labels, ints(&c["labels"]), "{name}: labels");
         assert!(!p.boundary_mismatch, "{name}");
         let source_len = c["source_len"].as_u64().unwrap() as usize;
@@ -51,7 +65,11 @@ fn matches_transformers_reference_output() {
             _ => {
                 assert!(!p.truncated, "{name}");
                 assert_eq!(p.drop, None, "{name}");
-                assert_eq!(p.example.input_ids[p.example.len() - 6..], EOT_TAIL, "{name}");
+                assert_eq!(
+                    p.example.input_ids[p.example.len() - 6..],
+                    EOT_TAIL,
+                    "{name}"
+                );
             }
         }
     }
@@ -68,9 +86,20 @@ fn worked_example_token_by_token() {
     let prompt_ids = reference_tokenize(&raw, prompt, usize::MAX);
     let full_ids = reference_tokenize(&raw, &full, usize::MAX);
     let n_prompt = prompt_ids.len();
-    assert_eq!(full_ids[..n_prompt], prompt_ids[..], "prompt is a token prefix of the full text");
+    assert_eq!(
+        full_ids[..n_prompt],
+        prompt_ids[..],
+        "prompt is a token prefix of the full text"
+    );
 
-    let p = build_example(&record, &tok, &Template::Reference, InputPolicy::Ignore, 512).unwrap();
+    let p = build_example(
+        &record,
+        &tok,
+        &Template::Reference,
+        InputPolicy::Ignore,
+        512,
+    )
+    .unwrap();
     let e = &p.example;
     assert_eq!(e.input_ids, full_ids);
     assert_eq!(e.input_ids[0], BOS);
@@ -84,7 +113,10 @@ fn worked_example_token_by_token() {
     }
     assert_eq!(e.attention_mask, vec![1; e.len()]);
     // The target starts right after "### Response:\n" and ends with "\n<|EOT|>" (5 pieces).
-    assert_eq!(tok.decode(&e.input_ids[n_prompt..], false).unwrap(), "7 + 5 = 12.\n<|EOT|>");
+    assert_eq!(
+        tok.decode(&e.input_ids[n_prompt..], false).unwrap(),
+        "7 + 5 = 12.\n<|EOT|>"
+    );
     assert_eq!(e.input_ids[e.len() - 6..], EOT_TAIL);
     assert_eq!(e.labels[e.len() - 6..], EOT_TAIL.map(i64::from));
     assert_eq!(tok.id_to_token(e.input_ids[n_prompt - 1]).unwrap(), "Ċ"); // prompt ends in "\n"
@@ -97,16 +129,36 @@ fn worked_example_token_by_token() {
     assert_eq!(p.example.input_ids, reference_tokenize(&raw, &full, l));
     assert_eq!(p.example.input_ids, full_ids[..l]);
     assert_eq!(p.example.n_target_tokens(), 3);
-    assert_eq!(p.example.labels[n_prompt..], full_ids[n_prompt..l].iter().map(|&x| i64::from(x)).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        p.example.labels[n_prompt..],
+        full_ids[n_prompt..l]
+            .iter()
+            .map(|&x| i64::from(x))
+            .collect::<Vec<_>>()[..]
+    );
     assert!(!p.example.input_ids.ends_with(&EOT_TAIL));
 
     // Room for exactly one target token.
-    let p = build_example(&record, &tok, &Template::Reference, InputPolicy::Ignore, n_prompt + 1).unwrap();
+    let p = build_example(
+        &record,
+        &tok,
+        &Template::Reference,
+        InputPolicy::Ignore,
+        n_prompt + 1,
+    )
+    .unwrap();
     assert_eq!(p.example.n_target_tokens(), 1);
     assert_eq!(p.drop, None);
 
     // The prompt exactly fills max_len: nothing to learn, dropped as PromptTooLong.
-    let p = build_example(&record, &tok, &Template::Reference, InputPolicy::Ignore, n_prompt).unwrap();
+    let p = build_example(
+        &record,
+        &tok,
+        &Template::Reference,
+        InputPolicy::Ignore,
+        n_prompt,
+    )
+    .unwrap();
     assert_eq!(p.drop, Some(DropReason::PromptTooLong));
     assert!(p.example.labels.iter().all(|&l| l == IGNORE_INDEX));
     assert_eq!(p.example.input_ids, prompt_ids);
@@ -121,7 +173,14 @@ fn worked_example_token_by_token() {
     let records = vec![record.clone(), Record::new("Hi", "Hello")];
     let (examples, summary) = build_examples(&records, &tok, &cfg).unwrap();
     // The "Hi" record is dropped too if its (shorter) prompt also fills `short` tokens.
-    let hi_prompt = reference_tokenize(&raw, &Template::Reference.render(&records[1], InputPolicy::Ignore).0, usize::MAX).len();
+    let hi_prompt = reference_tokenize(
+        &raw,
+        &Template::Reference
+            .render(&records[1], InputPolicy::Ignore)
+            .0,
+        usize::MAX,
+    )
+    .len();
     let expected_dropped = 1 + usize::from(hi_prompt >= short);
     assert_eq!(summary.records, 2);
     assert_eq!(summary.dropped_prompt_too_long, expected_dropped);
@@ -141,7 +200,11 @@ fn worked_example_token_by_token() {
 #[test]
 fn summary_counts_on_tiny_dataset() {
     let tok = deepseek();
-    let records = read_records(&[fixture("data/tiny_instruct.jsonl")], &ReaderConfig::default()).unwrap();
+    let records = read_records(
+        &[fixture("data/tiny_instruct.jsonl")],
+        &ReaderConfig::default(),
+    )
+    .unwrap();
     let cfg = PreprocessConfig {
         progress: false,
         ..Default::default()
@@ -152,8 +215,14 @@ fn summary_counts_on_tiny_dataset() {
     assert_eq!(s.dropped(), 0);
     assert_eq!(s.truncated, 0);
     assert_eq!(s.boundary_mismatches, 0);
-    assert_eq!(s.total_tokens, examples.iter().map(|e| e.len()).sum::<usize>());
-    assert_eq!(s.target_tokens, examples.iter().map(|e| e.n_target_tokens()).sum::<usize>());
+    assert_eq!(
+        s.total_tokens,
+        examples.iter().map(|e| e.len()).sum::<usize>()
+    );
+    assert_eq!(
+        s.target_tokens,
+        examples.iter().map(|e| e.n_target_tokens()).sum::<usize>()
+    );
     assert_eq!(s.longest, examples.iter().map(|e| e.len()).max().unwrap());
     assert_eq!(s.shortest, examples.iter().map(|e| e.len()).min().unwrap());
     let text = s.to_string();
@@ -194,7 +263,14 @@ fn result_is_independent_of_thread_count() {
 fn deepseek_chat_template() {
     let tok = deepseek();
     let record = Record::new("Hi there", "Hello! How can I help?");
-    let p = build_example(&record, &tok, &Template::DeepSeekChat, InputPolicy::Ignore, 512).unwrap();
+    let p = build_example(
+        &record,
+        &tok,
+        &Template::DeepSeekChat,
+        InputPolicy::Ignore,
+        512,
+    )
+    .unwrap();
     let e = &p.example;
     assert_eq!(e.input_ids[0], BOS);
     assert_eq!(*e.input_ids.last().unwrap(), 100001, "ends in EOS");
@@ -202,7 +278,10 @@ fn deepseek_chat_template() {
     // Same ids as the tokenizer's chat template rendering (BOS + "User: ..\n\nAssistant: ..<eos>").
     let rendered = "User: Hi there\n\nAssistant: Hello! How can I help?<｜end▁of▁sentence｜>";
     assert_eq!(e.input_ids, tok.encode(rendered).unwrap());
-    assert_eq!(tok.decode(&e.input_ids[p.source_len..], false).unwrap(), " Hello! How can I help?<｜end▁of▁sentence｜>");
+    assert_eq!(
+        tok.decode(&e.input_ids[p.source_len..], false).unwrap(),
+        " Hello! How can I help?<｜end▁of▁sentence｜>"
+    );
 
     // Splitting after "Assistant: " instead would make the prompt end in a lone space token,
     // merged into " Hello" in the full text: the reference rule would then mask the first answer
@@ -214,7 +293,11 @@ fn deepseek_chat_template() {
     let q = build_example(&record, &tok, &naive, InputPolicy::Ignore, 512).unwrap();
     assert_eq!(q.example.input_ids, e.input_ids, "same text, same ids");
     assert!(q.boundary_mismatch);
-    assert_eq!(q.source_len, p.source_len + 1, "one answer token lost to the mask");
+    assert_eq!(
+        q.source_len,
+        p.source_len + 1,
+        "one answer token lost to the mask"
+    );
     let records = moe_peft_data::synthetic::tiny_instruct(50, 1);
     let cfg = |template| PreprocessConfig {
         template,
@@ -246,14 +329,92 @@ fn custom_template_and_input_policy() {
         tok.decode(&p.example.input_ids[1..], false).unwrap(),
         "### Q: Translate to French.\n### Input: Hello\n### A:\nBonjour"
     );
-    let p = build_example(&record, &tok, &Template::Reference, InputPolicy::AppendToInstruction, 512).unwrap();
+    let p = build_example(
+        &record,
+        &tok,
+        &Template::Reference,
+        InputPolicy::AppendToInstruction,
+        512,
+    )
+    .unwrap();
     let text = tok.decode(&p.example.input_ids[1..], false).unwrap();
-    assert!(text.contains("### Instruction:\nTranslate to French.\n\nHello\n### Response:\nBonjour\n<|EOT|>"), "{text}");
+    assert!(
+        text.contains(
+            "### Instruction:\nTranslate to French.\n\nHello\n### Response:\nBonjour\n<|EOT|>"
+        ),
+        "{text}"
+    );
     // An empty target adds no token: counted as NoTargetTokens.
     let empty = Template::Custom {
         prompt: "{instruction}\n".into(),
         target: "{output}".into(),
     };
-    let p = build_example(&Record::new("x", ""), &tok, &empty, InputPolicy::Ignore, 512).unwrap();
+    let p = build_example(
+        &Record::new("x", ""),
+        &tok,
+        &empty,
+        InputPolicy::Ignore,
+        512,
+    )
+    .unwrap();
     assert_eq!(p.drop, Some(DropReason::NoTargetTokens));
+}
+
+#[test]
+fn collate_matches_reference_collator() {
+    let tok = deepseek();
+    let reference = json("data/reference_preprocess.json");
+    assert_eq!(reference["pad_token_id"], 100001);
+    let examples: Vec<_> = reference["cases"].as_array().unwrap()[..3]
+        .iter()
+        .map(|c| {
+            let record = Record::new(
+                c["instruction"].as_str().unwrap(),
+                c["output"].as_str().unwrap(),
+            );
+            build_example(
+                &record,
+                &tok,
+                &Template::Reference,
+                InputPolicy::Ignore,
+                512,
+            )
+            .unwrap()
+            .example
+        })
+        .collect();
+    let rows: Vec<_> = examples.iter().collect();
+    let batch = moe_peft_data::collate(&rows, &[0, 1, 2], tok.pad_id(), None);
+    let flat = |key: &str| -> Vec<i64> {
+        reference["collated_first_3"][key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(ints)
+            .collect()
+    };
+    let width = reference["collated_first_3"]["input_ids"][0]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(batch.seq_len, width);
+    assert_eq!(
+        batch
+            .input_ids
+            .iter()
+            .map(|&x| i64::from(x))
+            .collect::<Vec<_>>(),
+        flat("input_ids")
+    );
+    assert_eq!(batch.labels, flat("labels"));
+    // With the reference template no EOS occurs inside a row, so `input_ids != pad` (reference)
+    // and our length-based mask agree.
+    assert_eq!(
+        batch
+            .attention_mask
+            .iter()
+            .map(|&x| i64::from(x))
+            .collect::<Vec<_>>(),
+        flat("attention_mask")
+    );
 }

@@ -16,7 +16,11 @@ fn expected_json_samples_match_python() {
         let name = s["name"].as_str().unwrap();
         let text = s["text"].as_str().unwrap();
         // Raw ids (tokenizers.Tokenizer.encode(text, add_special_tokens=False)).
-        assert_eq!(tok.encode_raw(text).unwrap(), ids(&s["ids"]), "{name}: raw ids");
+        assert_eq!(
+            tok.encode_raw(text).unwrap(),
+            ids(&s["ids"]),
+            "{name}: raw ids"
+        );
         let hf = ids(&s["ids_hf_fast_tokenizer"]);
         if name == "chat_template" {
             // The rendered chat string already holds BOS; HF was called with add_special_tokens=False.
@@ -26,7 +30,10 @@ fn expected_json_samples_match_python() {
             assert_eq!(tok.encode(text).unwrap(), hf, "{name}: with BOS");
             assert_eq!(hf[0], 100000);
         }
-        assert_eq!(tok.decode(&ids(&s["ids"]), false).unwrap(), s["decoded"].as_str().unwrap());
+        assert_eq!(
+            tok.decode(&ids(&s["ids"]), false).unwrap(),
+            s["decoded"].as_str().unwrap()
+        );
     }
 }
 
@@ -64,7 +71,10 @@ fn eot_is_plain_text_not_a_token() {
     let tail = tok.encode_raw("answer\n<|EOT|>").unwrap();
     assert_eq!(tail[tail.len() - 6..], [185, 27, 91, 36, 2787, 66325]);
     // Whereas the DeepSeek EOS text is one added token.
-    assert_eq!(tok.encode_raw("<｜end▁of▁sentence｜>").unwrap(), vec![100001]);
+    assert_eq!(
+        tok.encode_raw("<｜end▁of▁sentence｜>").unwrap(),
+        vec![100001]
+    );
 }
 
 #[test]
@@ -79,7 +89,10 @@ fn truncation_keeps_bos_and_cuts_right() {
     let (same, truncated) = tok.encode_truncated(text, full.len()).unwrap();
     assert!(!truncated);
     assert_eq!(same, full);
-    assert!(matches!(tok.encode_truncated(text, 1), Err(Error::InvalidConfig(_))));
+    assert!(matches!(
+        tok.encode_truncated(text, 1),
+        Err(Error::InvalidConfig(_))
+    ));
 }
 
 #[test]

@@ -135,7 +135,13 @@ impl Default for LoraConfig {
 
 /// The projection names of DeepSeekMoE that the reference recipe targets.
 pub const DEEPSEEK_TARGETS: [&str; 7] = [
-    "q_proj", "v_proj", "k_proj", "o_proj", "gate_proj", "down_proj", "up_proj",
+    "q_proj",
+    "v_proj",
+    "k_proj",
+    "o_proj",
+    "gate_proj",
+    "down_proj",
+    "up_proj",
 ];
 
 impl LoraConfig {
@@ -203,10 +209,16 @@ impl LoraConfig {
             return bad("`lora_alpha` must be finite".into());
         }
         if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad(format!("`lora_dropout` ({}) must be in [0, 1)", self.lora_dropout));
+            return bad(format!(
+                "`lora_dropout` ({}) must be in [0, 1)",
+                self.lora_dropout
+            ));
         }
         if !matches!(self.bias.as_str(), "none" | "all" | "lora_only") {
-            return bad(format!("`bias` is {:?}; expected none, all or lora_only", self.bias));
+            return bad(format!(
+                "`bias` is {:?}; expected none, all or lora_only",
+                self.bias
+            ));
         }
         if self.use_dora {
             return bad("`use_dora` is not supported".into());
@@ -215,16 +227,24 @@ impl LoraConfig {
             return bad("`fan_in_fan_out` must be false: DeepSeekMoE weights are (out, in)".into());
         }
         if self.peft_type != "LORA" {
-            return bad(format!("`peft_type` is {:?}, expected LORA", self.peft_type));
+            return bad(format!(
+                "`peft_type` is {:?}, expected LORA",
+                self.peft_type
+            ));
         }
         match &self.init_lora_weights {
             InitLoraWeights::Bool(_) => {}
             InitLoraWeights::Named(n) if n == "gaussian" => {}
             InitLoraWeights::Named(n) => {
-                return bad(format!("`init_lora_weights` {n:?} is not supported (true, false, \"gaussian\")"))
+                return bad(format!(
+                    "`init_lora_weights` {n:?} is not supported (true, false, \"gaussian\")"
+                ))
             }
         }
-        for t in [&self.target_modules, &self.exclude_modules].into_iter().flatten() {
+        for t in [&self.target_modules, &self.exclude_modules]
+            .into_iter()
+            .flatten()
+        {
             match t {
                 TargetModules::List(v) if v.iter().any(|s| s.is_empty()) => {
                     return bad("target/exclude module names must not be empty".into())
@@ -243,7 +263,9 @@ impl LoraConfig {
             }
         }
         if self.target_modules.is_none() {
-            return bad("`target_modules` must be set (a list of names, a regex or \"all-linear\")".into());
+            return bad(
+                "`target_modules` must be set (a list of names, a regex or \"all-linear\")".into(),
+            );
         }
         for k in self.rank_pattern.keys().chain(self.alpha_pattern.keys()) {
             if let Err(e) = Regex::new(&format!("(^|.*\\.){k}$")) {
@@ -270,9 +292,10 @@ impl LoraConfig {
         if let Some(sel) = &self.layers_to_transform {
             let pattern = match &self.layers_pattern {
                 Some(serde_json::Value::String(s)) => vec![s.clone()],
-                Some(serde_json::Value::Array(a)) => {
-                    a.iter().filter_map(|v| v.as_str().map(String::from)).collect()
-                }
+                Some(serde_json::Value::Array(a)) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect(),
                 _ => vec!["layers".to_string()],
             };
             let idx = layer_index(site, &pattern);
@@ -299,7 +322,10 @@ impl LoraConfig {
                 .collect(),
             Some(TargetModules::Regex(r)) => {
                 let re = Regex::new(&format!("^(?:{r})$")).ok();
-                if sites.iter().any(|s| re.as_ref().is_some_and(|re| re.is_match(s))) {
+                if sites
+                    .iter()
+                    .any(|s| re.as_ref().is_some_and(|re| re.is_match(s)))
+                {
                     vec![]
                 } else {
                     vec![r.clone()]
@@ -320,7 +346,9 @@ fn matches(t: &TargetModules, site: &str, allow_all_linear: bool) -> bool {
             .iter()
             .any(|x| (allow_all_linear && x == "all-linear") || list_match(x, site)),
         TargetModules::Regex(r) if allow_all_linear && r == "all-linear" => true,
-        TargetModules::Regex(r) => Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(site)),
+        TargetModules::Regex(r) => {
+            Regex::new(&format!("^(?:{r})$")).is_ok_and(|re| re.is_match(site))
+        }
     }
 }
 
@@ -380,8 +408,14 @@ mod tests {
         assert!(cfg.targets("model.layers.1.mlp.experts.0.up_proj"));
         cfg.rank_pattern.insert("experts.0.up_proj".into(), 4);
         cfg.alpha_pattern.insert("down_proj".into(), 32.0);
-        assert_eq!(cfg.rank_alpha("model.layers.1.mlp.experts.0.up_proj"), (4, 16.0));
-        assert_eq!(cfg.rank_alpha("model.layers.1.mlp.experts.10.up_proj"), (64, 16.0));
+        assert_eq!(
+            cfg.rank_alpha("model.layers.1.mlp.experts.0.up_proj"),
+            (4, 16.0)
+        );
+        assert_eq!(
+            cfg.rank_alpha("model.layers.1.mlp.experts.10.up_proj"),
+            (64, 16.0)
+        );
         assert_eq!(cfg.rank_alpha("model.layers.1.mlp.down_proj"), (64, 32.0));
         assert_eq!(cfg.scaling_for(64, 16.0), 0.25);
     }
@@ -393,12 +427,20 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("`r`"));
         let mut cfg = LoraConfig::deepseek_recipe();
         cfg.lora_dropout = 1.0;
-        assert!(cfg.validate().unwrap_err().to_string().contains("lora_dropout"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("lora_dropout"));
         let mut cfg = LoraConfig::deepseek_recipe();
         cfg.use_dora = true;
         assert!(cfg.validate().is_err());
         let cfg = LoraConfig::default();
-        assert!(cfg.validate().unwrap_err().to_string().contains("target_modules"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("target_modules"));
     }
 
     #[test]
@@ -409,13 +451,38 @@ mod tests {
         cfg.validate().unwrap();
         assert_eq!(cfg.r, 8);
         let out: serde_json::Value = serde_json::from_str(&cfg.to_json().unwrap()).unwrap();
-        let keys: Vec<&str> = out.as_object().unwrap().keys().map(|s| s.as_str()).collect();
+        let keys: Vec<&str> = out
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(|s| s.as_str())
+            .collect();
         assert!(!keys.contains(&"peft_version"));
-        for k in ["r", "lora_alpha", "lora_dropout", "target_modules", "bias", "task_type",
-                  "peft_type", "base_model_name_or_path", "fan_in_fan_out", "inference_mode",
-                  "init_lora_weights", "modules_to_save", "use_rslora", "use_dora", "rank_pattern",
-                  "alpha_pattern", "layers_to_transform", "layers_pattern", "revision",
-                  "megatron_config", "megatron_core", "loftq_config", "layer_replication"] {
+        for k in [
+            "r",
+            "lora_alpha",
+            "lora_dropout",
+            "target_modules",
+            "bias",
+            "task_type",
+            "peft_type",
+            "base_model_name_or_path",
+            "fan_in_fan_out",
+            "inference_mode",
+            "init_lora_weights",
+            "modules_to_save",
+            "use_rslora",
+            "use_dora",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+            "layers_pattern",
+            "revision",
+            "megatron_config",
+            "megatron_core",
+            "loftq_config",
+            "layer_replication",
+        ] {
             assert!(keys.contains(&k), "{k} missing");
         }
     }

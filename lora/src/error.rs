@@ -45,7 +45,9 @@ pub enum Error {
     #[error("invalid training config: {0}")]
     InvalidTrainConfig(String),
     /// `target_modules` (or `modules_to_save`) names something the model does not have.
-    #[error("target module(s) {missing:?} match no projection of the model; valid names: {valid:?}")]
+    #[error(
+        "target module(s) {missing:?} match no projection of the model; valid names: {valid:?}"
+    )]
     UnknownTargetModule {
         /// The names that matched nothing.
         missing: Vec<String>,

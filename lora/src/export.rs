@@ -26,7 +26,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
 }
 
@@ -94,7 +97,10 @@ impl LoraModel {
         save_safetensors(&dir.join(ADAPTER_WEIGHTS), &self.adapter_tensors(dtype)?)?;
         let mut cfg = self.config().clone();
         cfg.inference_mode = true;
-        write_atomic(&dir.join(ADAPTER_CONFIG), (cfg.to_json()? + "\n").as_bytes())
+        write_atomic(
+            &dir.join(ADAPTER_CONFIG),
+            (cfg.to_json()? + "\n").as_bytes(),
+        )
     }
 
     /// Loads a PEFT adapter directory onto `model`: reads its config, injects adapters where
@@ -111,13 +117,20 @@ impl LoraModel {
     pub fn load_adapter_weights(&mut self, path: &Path) -> Result<()> {
         let file = path.display().to_string();
         let dev = self.model().device().clone();
-        let loaded = candle_core::safetensors::load(path, &dev).map_err(|e| Error::SafeTensors {
-            path: file.clone(),
-            reason: e.to_string(),
-        })?;
+        let loaded =
+            candle_core::safetensors::load(path, &dev).map_err(|e| Error::SafeTensors {
+                path: file.clone(),
+                reason: e.to_string(),
+            })?;
         let mut loaded: HashMap<String, Tensor> = loaded
             .into_iter()
-            .map(|(k, v)| (k.replace(".default.weight", ".weight").replace(".modules_to_save.default", ""), v))
+            .map(|(k, v)| {
+                (
+                    k.replace(".default.weight", ".weight")
+                        .replace(".modules_to_save.default", ""),
+                    v,
+                )
+            })
             .collect();
         for (key, var) in self.trainable_vars() {
             let t = loaded.remove(&key).ok_or_else(|| Error::AdapterMismatch {
@@ -174,7 +187,10 @@ impl Default for ExportOptions {
 /// stays near one shard.
 pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Result<Vec<PathBuf>> {
     if !matches!(opts.dtype, DType::BF16 | DType::F32 | DType::F16) {
-        return Err(Error::InvalidConfig(format!("export dtype {:?} (bf16, f16 or f32)", opts.dtype)));
+        return Err(Error::InvalidConfig(format!(
+            "export dtype {:?} (bf16, f16 or f32)",
+            opts.dtype
+        )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let elem = opts.dtype.size_in_bytes();
@@ -198,7 +214,9 @@ pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Resul
     let names: Vec<String> = if n == 1 {
         vec!["model.safetensors".into()]
     } else {
-        (1..=n).map(|i| format!("model-{i:05}-of-{n:05}.safetensors")).collect()
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
     };
     let mut weight_map = BTreeMap::new();
     let mut written = Vec::new();

@@ -228,12 +228,22 @@ impl LoraModel {
     /// (`base_model.model.….lora_A.weight`) for LoRA, HF parameter names for full fine-tuning.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {
         if self.mode == TrainMode::Full {
-            return self.saved_modules.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+            return self
+                .saved_modules
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
         }
         let mut v = Vec::with_capacity(self.adapters.len() * 2 + self.saved_modules.len());
         for (site, l) in &self.adapters {
-            v.push((format!("{PEFT_PREFIX}{site}.lora_A.weight"), l.lora_a().clone()));
-            v.push((format!("{PEFT_PREFIX}{site}.lora_B.weight"), l.lora_b().clone()));
+            v.push((
+                format!("{PEFT_PREFIX}{site}.lora_A.weight"),
+                l.lora_a().clone(),
+            ));
+            v.push((
+                format!("{PEFT_PREFIX}{site}.lora_B.weight"),
+                l.lora_b().clone(),
+            ));
         }
         for (path, var) in &self.saved_modules {
             v.push((format!("{PEFT_PREFIX}{path}.weight"), var.clone()));
@@ -244,7 +254,10 @@ impl LoraModel {
 
     /// Number of trainable parameters.
     pub fn num_trainable_parameters(&self) -> usize {
-        self.trainable_vars().iter().map(|(_, v)| v.elem_count()).sum()
+        self.trainable_vars()
+            .iter()
+            .map(|(_, v)| v.elem_count())
+            .sum()
     }
 
     /// Folds every adapter into a dense copy of its base (the model dtype); the forward then

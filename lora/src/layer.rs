@@ -76,7 +76,8 @@ struct HashDropout {
 
 impl HashDropout {
     fn keep(&self, i: usize) -> bool {
-        let u = (splitmix64(self.key ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 40) as f32
+        let u = (splitmix64(self.key ^ (i as u64).wrapping_mul(0xD6E8_FEB8_6659_FD93)) >> 40)
+            as f32
             / (1u64 << 24) as f32;
         u >= self.p
     }
@@ -101,18 +102,23 @@ impl CustomOp1 for HashDropout {
         };
         let out = match s {
             CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b], |x, m| x * m)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(self.run(&v[a..b], |x, m| {
-                half::bf16::from_f32(x.to_f32() * m)
-            })),
-            CpuStorage::F16(v) => CpuStorage::F16(self.run(&v[a..b], |x, m| {
-                half::f16::from_f32(x.to_f32() * m)
-            })),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(self.run(&v[a..b], |x, m| half::bf16::from_f32(x.to_f32() * m)))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F16(self.run(&v[a..b], |x, m| half::f16::from_f32(x.to_f32() * m)))
+            }
             _ => candle_core::bail!("hash-dropout: unsupported dtype {:?}", s.dtype()),
         };
         Ok((out, l.shape().clone()))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(dropout(grad, self.p, self.key)?))
     }
 }
@@ -126,7 +132,9 @@ fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
     }
     let n = x.elem_count();
     let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..n).map(|i| if op.keep(i) { scale } else { 0.0 }).collect();
+    let mask: Vec<f32> = (0..n)
+        .map(|i| if op.keep(i) { scale } else { 0.0 })
+        .collect();
     let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
     x * mask
 }
@@ -321,7 +329,15 @@ mod tests {
         let base = Arc::new(DenseLinear::new(Tensor::randn(0f32, 1., (6, 5), &dev)?));
         let a = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 5), &dev)?)?;
         let b = Var::from_tensor(&Tensor::randn(0f32, 1., (6, 2), &dev)?)?;
-        Ok(LoraLinear::new(base, a, b, alpha_over_r, dropout, "s", Arc::new(DropoutState::new(1))))
+        Ok(LoraLinear::new(
+            base,
+            a,
+            b,
+            alpha_over_r,
+            dropout,
+            "s",
+            Arc::new(DropoutState::new(1)),
+        ))
     }
 
     #[test]
@@ -331,7 +347,9 @@ mod tests {
         let y = l.forward_t(&x, false)?;
         let w = l.base().dense_weight(DType::F32)?;
         let want = (x.matmul(&w.t()?)?
-            + (x.matmul(&l.lora_a().as_tensor().t()?)?.matmul(&l.lora_b().as_tensor().t()?)? * 4.0)?)?;
+            + (x.matmul(&l.lora_a().as_tensor().t()?)?
+                .matmul(&l.lora_b().as_tensor().t()?)?
+                * 4.0)?)?;
         let d = (&y - &want)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(d < 1e-5, "{d}");
         assert!(l.merge(DType::F32)?);
@@ -344,17 +362,25 @@ mod tests {
     }
 
     #[test]
-    fn dropout_is_deterministic_keeps_about_1_minus_p_and_only_in_training() -> candle_core::Result<()> {
+    fn dropout_is_deterministic_keeps_about_1_minus_p_and_only_in_training(
+    ) -> candle_core::Result<()> {
         let x = Tensor::ones((64, 256), DType::F32, &Device::Cpu)?;
         let a = dropout(&x, 0.25, 7)?;
         let b = dropout(&x, 0.25, 7)?;
         let c = dropout(&x, 0.25, 8)?;
         assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?);
         assert_ne!(a.to_vec2::<f32>()?, c.to_vec2::<f32>()?);
-        let kept = a.ne(0f32)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+        let kept = a
+            .ne(0f32)?
+            .to_dtype(DType::F32)?
+            .mean_all()?
+            .to_scalar::<f32>()?;
         assert!((kept - 0.75).abs() < 0.01, "{kept}");
         let mean = a.mean_all()?.to_scalar::<f32>()?;
-        assert!((mean - 1.0).abs() < 0.02, "inverted dropout keeps the mean: {mean}");
+        assert!(
+            (mean - 1.0).abs() < 0.02,
+            "inverted dropout keeps the mean: {mean}"
+        );
         let l = adapter(1.0, 0.5)?;
         let x = Tensor::randn(0f32, 1., (3, 5), &Device::Cpu)?;
         let e1 = l.forward_t(&x, false)?.to_vec2::<f32>()?;

@@ -17,7 +17,9 @@ pub mod train;
 
 pub use config::{InitLoraWeights, LayerSelection, LoraConfig, TargetModules, DEEPSEEK_TARGETS};
 pub use error::{Error, Result};
-pub use export::{export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+pub use export::{
+    export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
+};
 pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};
 pub use optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig, Schedule};

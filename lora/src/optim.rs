@@ -142,7 +142,11 @@ impl AdamW {
 
     /// Restores what [`Self::save`] wrote; every variable must be present with its shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let dev = self.vars.first().map(|v| v.device().clone()).unwrap_or(Device::Cpu);
+        let dev = self
+            .vars
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(Device::Cpu);
         let map = candle_core::safetensors::load(path, &dev).map_err(|e| Error::SafeTensors {
             path: path.display().to_string(),
             reason: e.to_string(),
@@ -312,10 +316,20 @@ mod tests {
         let init = Tensor::randn(0f32, 1., (4, 8), &dev)?;
         let ours = Var::from_tensor(&init)?;
         let theirs = Var::from_tensor(&init)?;
-        let mut a = AdamW::new(vec![("w".into(), ours.clone())], AdamWConfig { weight_decay: 0.05, ..Default::default() })?;
+        let mut a = AdamW::new(
+            vec![("w".into(), ours.clone())],
+            AdamWConfig {
+                weight_decay: 0.05,
+                ..Default::default()
+            },
+        )?;
         let mut b = Adam::new(
             vec![theirs.clone()],
-            ParamsAdam { lr: 1e-2, weight_decay: Some(Decay::DecoupledWeightDecay(0.05)), ..Default::default() },
+            ParamsAdam {
+                lr: 1e-2,
+                weight_decay: Some(Decay::DecoupledWeightDecay(0.05)),
+                ..Default::default()
+            },
         )?;
         for _ in 0..5 {
             let g = Tensor::randn(0f32, 1., (4, 8), &dev)?;
@@ -323,7 +337,10 @@ mod tests {
             let loss = (theirs.as_tensor() * &g)?.sum_all()?;
             b.backward_step(&loss)?;
         }
-        let d = (ours.as_tensor() - theirs.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (ours.as_tensor() - theirs.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-6, "{d}");
         Ok(())
     }

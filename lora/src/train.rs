@@ -16,7 +16,6 @@ use std::time::Instant;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use moe_peft_model::causal_lm_loss;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -159,7 +158,10 @@ impl TrainConfig {
 
     /// The learning rate of optimizer step `step` (0-based).
     pub fn lr_at(&self, step: usize) -> f64 {
-        self.learning_rate * self.lr_scheduler_type.factor(step, self.warmup(), self.max_steps)
+        self.learning_rate
+            * self
+                .lr_scheduler_type
+                .factor(step, self.warmup(), self.max_steps)
     }
 }
 
@@ -310,7 +312,7 @@ impl Trainer {
                     });
                 }
             }
-            let loss = causal_lm_loss(&model.head(&h)?, &batch.labels)?;
+            let loss = model.lm_loss(&h, &batch.labels)?;
             let mut obj = (&loss.loss * scale)?;
             let mut aux = 0.0;
             if let Some(a) = aux_sum {
@@ -339,7 +341,7 @@ impl Trainer {
             h = out.hidden.detach();
         }
         let hv = Var::from_tensor(&h)?;
-        let loss = causal_lm_loss(&model.head(hv.as_tensor())?, &batch.labels)?;
+        let loss = model.lm_loss(hv.as_tensor(), &batch.labels)?;
         let gs = (&loss.loss * scale)?.backward()?;
         self.collect(&gs, &mut acc)?;
         let mut g = gs
@@ -378,7 +380,9 @@ impl Trainer {
     /// A non-finite loss or gradient norm stops with [`Error::NonFinite`] before any update.
     pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
         if micro.is_empty() {
-            return Err(Error::InvalidTrainConfig("a step needs at least one micro-batch".into()));
+            return Err(Error::InvalidTrainConfig(
+                "a step needs at least one micro-batch".into(),
+            ));
         }
         let start = Instant::now();
         let scale = 1.0 / micro.len() as f64;
@@ -432,12 +436,18 @@ impl Trainer {
 
     /// Mean loss of a batch without gradients or dropout: `(sum of token NLLs, tokens)`.
     pub fn evaluate(&self, batch: &TrainBatch) -> Result<(f64, usize)> {
-        let out = self
-            .lora
-            .model()
-            .forward_t(&batch.input_ids, Some(&batch.attention_mask), false)?;
-        let l = causal_lm_loss(&out.logits, &batch.labels)?;
-        Ok((l.loss.to_scalar::<f32>()? as f64 * l.n_tokens as f64, l.n_tokens))
+        let model = self.lora.model();
+        let (b, s) = batch.input_ids.dims2()?;
+        let ctx = model.context(b, s, 0, Some(&batch.attention_mask), false)?;
+        let mut h = model.embed(&batch.input_ids)?;
+        for layer in &model.layers {
+            h = layer.forward(&h, &ctx, None)?.hidden;
+        }
+        let l = model.lm_loss(&h, &batch.labels)?;
+        Ok((
+            l.loss.to_scalar::<f32>()? as f64 * l.n_tokens as f64,
+            l.n_tokens,
+        ))
     }
 
     /// Saves `output_dir/checkpoint-<step>/` (PEFT adapter, optimizer moments, trainer state
@@ -502,7 +512,11 @@ impl Trainer {
 
     /// Continues from a checkpoint written by [`Self::save_checkpoint`]: adapter weights,
     /// optimizer moments and step counters. Returns the trainer and the saved `extra`.
-    pub fn resume(lora: LoraModel, cfg: TrainConfig, dir: &Path) -> Result<(Self, serde_json::Value)> {
+    pub fn resume(
+        lora: LoraModel,
+        cfg: TrainConfig,
+        dir: &Path,
+    ) -> Result<(Self, serde_json::Value)> {
         let p = dir.join(TRAINER_STATE);
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::json(&p, e))?;

@@ -44,7 +44,10 @@ fn lora_model(base_dir: &str, aux: bool) -> Result<LoraModel> {
     }
     let ck = moe_peft_model::Checkpoint::open_dir(&dir)?;
     let model = DeepSeekMoe::load(cfg, &ck, &LoadOptions::default())?;
-    Ok(LoraModel::from_pretrained(model, &fixtures().join("lora/adapter"))?)
+    Ok(LoraModel::from_pretrained(
+        model,
+        &fixtures().join("lora/adapter"),
+    )?)
 }
 
 /// Elementwise `|ours − ref| ≤ 1e-6 + 1e-4·|ref|` for every tensor of `reference`.
@@ -55,11 +58,20 @@ fn check_grads(trainer: &Trainer, grads: &[Option<Tensor>], reference: &Path) ->
     for ((name, _), g) in trainer.vars().iter().zip(grads) {
         let w = &want[name];
         let g = g.as_ref().unwrap_or_else(|| panic!("{name}: no gradient"));
-        let excess = ((g - w)?.abs()? - (w.abs()? * 1e-4)?)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let excess = ((g - w)?.abs()? - (w.abs()? * 1e-4)?)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         worst = worst.max(excess);
-        assert!(excess <= 1e-6, "{name}: gradient off by {excess} beyond 1e-4·|ref|");
+        assert!(
+            excess <= 1e-6,
+            "{name}: gradient off by {excess} beyond 1e-4·|ref|"
+        );
     }
-    eprintln!("{}: worst excess over 1e-4·|ref| = {worst:e}", reference.display());
+    eprintln!(
+        "{}: worst excess over 1e-4·|ref| = {worst:e}",
+        reference.display()
+    );
     Ok(())
 }
 
@@ -69,18 +81,31 @@ fn loaded_peft_adapter_gives_peft_logits_and_loss() -> Result<()> {
     let lm = lora_model("tiny_deepseek_moe", true)?;
     assert_eq!(lm.adapters().len(), 69);
     let b = batch()?;
-    let o = lm.model().forward_t(&b.input_ids, Some(&b.attention_mask), false)?;
+    let o = lm
+        .model()
+        .forward_t(&b.input_ids, Some(&b.attention_mask), false)?;
     let d = max_abs(&o.logits, &out["lora.logits_eval"])?;
     assert!(d <= 2e-5, "eval logits differ by {d}");
-    let loss = causal_lm_loss(&o.logits, &b.labels)?.loss.to_scalar::<f32>()?;
-    assert!((loss - scalar(&out["lora.loss_eval"])?).abs() <= 1e-5, "loss {loss}");
-    let o = lm.model().forward_t(&b.input_ids, Some(&b.attention_mask), true)?;
+    let loss = causal_lm_loss(&o.logits, &b.labels)?
+        .loss
+        .to_scalar::<f32>()?;
+    assert!(
+        (loss - scalar(&out["lora.loss_eval"])?).abs() <= 1e-5,
+        "loss {loss}"
+    );
+    let o = lm
+        .model()
+        .forward_t(&b.input_ids, Some(&b.attention_mask), true)?;
     let d = max_abs(&o.logits, &out["lora.logits_train"])?;
     assert!(d <= 2e-5, "train logits differ by {d}");
     for (i, a) in o.aux_losses.iter().enumerate() {
         let want = scalar(&out[&format!("lora.train.aux_loss.layer{}", i + 1)])?;
         let got = a.to_scalar::<f32>()?;
-        assert!(((got - want) / want).abs() <= 1e-4, "aux {}: {got} vs {want}", i + 1);
+        assert!(
+            ((got - want) / want).abs() <= 1e-4,
+            "aux {}: {got} vs {want}",
+            i + 1
+        );
     }
     Ok(())
 }
@@ -88,12 +113,18 @@ fn loaded_peft_adapter_gives_peft_logits_and_loss() -> Result<()> {
 #[test]
 fn lora_gradients_match_peft_with_and_without_checkpointing() -> Result<()> {
     let b = batch()?;
-    for (aux, file) in [(true, "lora/lora_grads.safetensors"), (false, "lora/lora_grads_ce_only.safetensors")] {
+    for (aux, file) in [
+        (true, "lora/lora_grads.safetensors"),
+        (false, "lora/lora_grads_ce_only.safetensors"),
+    ] {
         let mut per_mode = Vec::new();
         for ckpt in [true, false] {
             let t = Trainer::new(
                 lora_model("tiny_deepseek_moe", aux)?,
-                TrainConfig { gradient_checkpointing: ckpt, ..Default::default() },
+                TrainConfig {
+                    gradient_checkpointing: ckpt,
+                    ..Default::default()
+                },
             )?;
             let mg = t.micro_gradients(&b, 1.0)?;
             let want = load(&fixtures().join("lora/lora_outputs.safetensors"))?;
@@ -113,7 +144,10 @@ fn lora_gradients_match_peft_with_and_without_checkpointing() -> Result<()> {
 
 #[test]
 fn every_adapter_gets_a_gradient_when_its_expert_got_tokens() -> Result<()> {
-    let t = Trainer::new(lora_model("tiny_deepseek_moe", true)?, TrainConfig::default())?;
+    let t = Trainer::new(
+        lora_model("tiny_deepseek_moe", true)?,
+        TrainConfig::default(),
+    )?;
     let mg = t.micro_gradients(&batch()?, 1.0)?;
     for ((name, _), g) in t.vars().iter().zip(&mg.grads) {
         let g = g.as_ref().unwrap_or_else(|| panic!("{name}: no gradient"));
@@ -129,11 +163,17 @@ fn merge_matches_peft_merge_and_unload() -> Result<()> {
     let merged_ref = load(&fixtures().join("lora/merged.safetensors"))?;
     let lm = lora_model("tiny_deepseek_moe", true)?;
     let b = batch()?;
-    let before = lm.model().forward_t(&b.input_ids, Some(&b.attention_mask), false)?.logits;
+    let before = lm
+        .model()
+        .forward_t(&b.input_ids, Some(&b.attention_mask), false)?
+        .logits;
     lm.merge()?;
     let e = lm.merge().unwrap_err().to_string();
     assert!(e.contains("already merged"), "{e}");
-    let after = lm.model().forward_t(&b.input_ids, Some(&b.attention_mask), false)?.logits;
+    let after = lm
+        .model()
+        .forward_t(&b.input_ids, Some(&b.attention_mask), false)?
+        .logits;
     let d = max_abs(&before, &after)?;
     assert!(d <= 1e-5, "merged vs unmerged logits (alpha 16 ≠ r 8): {d}");
     lm.unmerge()?;
@@ -141,12 +181,18 @@ fn merge_matches_peft_merge_and_unload() -> Result<()> {
     let mut worst = 0f32;
     model.visit_weights(&mut |name, w| {
         let t = w.materialize(DType::F32)?;
-        let d = (t - &merged_ref[name]).and_then(|x| x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
+        let d = (t - &merged_ref[name])
+            .and_then(|x| x.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>());
         worst = worst.max(d.map_err(moe_peft_model::Error::from)?);
         Ok(())
     })?;
-    assert!(worst <= 1e-6, "merged weights differ from PEFT's by {worst}");
-    let logits = model.forward_t(&b.input_ids, Some(&b.attention_mask), false)?.logits;
+    assert!(
+        worst <= 1e-6,
+        "merged weights differ from PEFT's by {worst}"
+    );
+    let logits = model
+        .forward_t(&b.input_ids, Some(&b.attention_mask), false)?
+        .logits;
     let d = max_abs(&logits, &out["merged.logits"])?;
     assert!(d <= 2e-5, "merged logits vs PEFT {d}");
     Ok(())
@@ -156,16 +202,30 @@ fn merge_matches_peft_merge_and_unload() -> Result<()> {
 fn qlora_on_the_bitsandbytes_nf4_base_matches() -> Result<()> {
     let q = load(&fixtures().join("nf4/qlora_outputs.safetensors"))?;
     let b = batch()?;
-    let base = DeepSeekMoe::from_pretrained(fixtures().join("nf4/tiny_deepseek_moe_nf4"), &LoadOptions::default())?;
+    let base = DeepSeekMoe::from_pretrained(
+        fixtures().join("nf4/tiny_deepseek_moe_nf4"),
+        &LoadOptions::default(),
+    )?;
     let o = base.forward_t(&b.input_ids, Some(&b.attention_mask), false)?;
     let d = max_abs(&o.logits, &q["nf4_base.logits"])?;
     assert!(d <= 2e-5, "NF4 base logits differ by {d}");
     let lm = LoraModel::from_pretrained(base, &fixtures().join("lora/adapter"))?;
-    let o = lm.model().forward_t(&b.input_ids, Some(&b.attention_mask), false)?;
-    let loss = causal_lm_loss(&o.logits, &b.labels)?.loss.to_scalar::<f32>()?;
-    assert!((loss - scalar(&q["qlora.loss_eval"])?).abs() <= 1e-5, "QLoRA loss {loss}");
+    let o = lm
+        .model()
+        .forward_t(&b.input_ids, Some(&b.attention_mask), false)?;
+    let loss = causal_lm_loss(&o.logits, &b.labels)?
+        .loss
+        .to_scalar::<f32>()?;
+    assert!(
+        (loss - scalar(&q["qlora.loss_eval"])?).abs() <= 1e-5,
+        "QLoRA loss {loss}"
+    );
     let t = Trainer::new(lm, TrainConfig::default())?;
     let mg = t.micro_gradients(&b, 1.0)?;
     assert!((mg.loss as f32 - scalar(&q["qlora.loss_train"])?).abs() <= 1e-5);
-    check_grads(&t, &mg.grads, &fixtures().join("nf4/qlora_grads.safetensors"))
+    check_grads(
+        &t,
+        &mg.grads,
+        &fixtures().join("nf4/qlora_grads.safetensors"),
+    )
 }

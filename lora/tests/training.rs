@@ -24,7 +24,10 @@ fn lora_cfg(dropout: f64) -> LoraConfig {
         lora_alpha: 16.0,
         lora_dropout: dropout,
         target_modules: Some(TargetModules::List(
-            moe_peft_lora::DEEPSEEK_TARGETS.iter().map(|s| s.to_string()).collect(),
+            moe_peft_lora::DEEPSEEK_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         )),
         modules_to_save: Some(vec!["lm_head".into()]),
         ..Default::default()
@@ -48,7 +51,14 @@ fn batch(step: usize) -> Result<TrainBatch> {
             labels.push(if pad || t < 3 { -100 } else { id as i64 });
         }
     }
-    Ok(TrainBatch::from_host(&ids, &mask, &labels, b, s, &Device::Cpu)?)
+    Ok(TrainBatch::from_host(
+        &ids,
+        &mask,
+        &labels,
+        b,
+        s,
+        &Device::Cpu,
+    )?)
 }
 
 fn train_cfg(steps: usize) -> TrainConfig {
@@ -75,11 +85,20 @@ fn run(trainer: &mut Trainer, from: usize, to: usize) -> Result<Vec<f64>> {
 #[test]
 fn loss_falls_clearly() -> Result<()> {
     let lm = LoraModel::new(base()?, lora_cfg(0.0), 1)?;
-    let mut t = Trainer::new(lm, TrainConfig { learning_rate: 1e-2, ..train_cfg(40) })?;
+    let mut t = Trainer::new(
+        lm,
+        TrainConfig {
+            learning_rate: 1e-2,
+            ..train_cfg(40)
+        },
+    )?;
     let losses = run(&mut t, 0, 40)?;
     let first = losses[..3].iter().sum::<f64>() / 3.0;
     let last = losses[37..].iter().sum::<f64>() / 3.0;
-    assert!(last < 0.6 * first, "loss {first:.3} → {last:.3}: {losses:?}");
+    assert!(
+        last < 0.6 * first,
+        "loss {first:.3} → {last:.3}: {losses:?}"
+    );
     Ok(())
 }
 
@@ -91,15 +110,21 @@ fn resume_reproduces_the_uninterrupted_run_exactly() -> Result<()> {
     let ck = full.save_checkpoint(dir.path(), serde_json::json!({"next_step": 4}), Some(2))?;
     losses.extend(run(&mut full, 4, 8)?);
 
-    let (mut resumed, extra) =
-        Trainer::resume(LoraModel::new(base()?, lora_cfg(0.1), 3)?, train_cfg(8), &ck)?;
+    let (mut resumed, extra) = Trainer::resume(
+        LoraModel::new(base()?, lora_cfg(0.1), 3)?,
+        train_cfg(8),
+        &ck,
+    )?;
     assert_eq!(extra["next_step"], 4);
     assert_eq!(resumed.global_step(), 4);
     let tail = run(&mut resumed, 4, 8)?;
     assert_eq!(tail, losses[4..].to_vec(), "resumed losses differ");
     // The adapters end identical too.
     for ((n, a), (_, b)) in full.vars().iter().zip(resumed.vars()) {
-        let d = (a.as_tensor() - b.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (a.as_tensor() - b.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert_eq!(d, 0.0, "{n}");
     }
     Ok(())
@@ -113,25 +138,38 @@ fn checkpoints_rotate_and_a_failed_save_leaves_the_previous_intact() -> Result<(
         run(&mut t, step, step + 1)?;
         t.save_checkpoint(dir.path(), serde_json::json!({}), Some(2))?;
     }
-    let kept: Vec<usize> = list_checkpoints(dir.path()).into_iter().map(|(n, _)| n).collect();
+    let kept: Vec<usize> = list_checkpoints(dir.path())
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
     assert_eq!(kept, vec![2, 3]);
     run(&mut t, 3, 4)?;
     let err = t
         .save_checkpoint_with(dir.path(), serde_json::json!({}), Some(2), &|_| {
-            Err(Error::Checkpoint { path: "test".into(), reason: "killed between write and rename".into() })
+            Err(Error::Checkpoint {
+                path: "test".into(),
+                reason: "killed between write and rename".into(),
+            })
         })
         .unwrap_err();
     assert!(err.to_string().contains("killed"));
     let latest = latest_checkpoint(dir.path()).unwrap();
     assert!(latest.ends_with("checkpoint-3"), "{latest:?}");
     // The surviving checkpoint still loads.
-    let (r, _) = Trainer::resume(LoraModel::new(base()?, lora_cfg(0.0), 3)?, train_cfg(6), &latest)?;
+    let (r, _) = Trainer::resume(
+        LoraModel::new(base()?, lora_cfg(0.0), 3)?,
+        train_cfg(6),
+        &latest,
+    )?;
     assert_eq!(r.global_step(), 3);
     Ok(())
 }
 
 fn tensors(dir: &Path) -> Result<std::collections::HashMap<String, candle_core::Tensor>> {
-    Ok(candle_core::safetensors::load(dir.join("adapter_model.safetensors"), &Device::Cpu)?)
+    Ok(candle_core::safetensors::load(
+        dir.join("adapter_model.safetensors"),
+        &Device::Cpu,
+    )?)
 }
 
 #[test]
@@ -143,19 +181,28 @@ fn save_load_round_trip_is_identical_and_peft_named() -> Result<()> {
     lm.save_adapter(a.path(), DType::F32)?;
     let saved = tensors(a.path())?;
     assert_eq!(saved.len(), 69 * 2 + 1);
-    assert!(saved.contains_key("base_model.model.model.layers.1.mlp.experts.7.down_proj.lora_B.weight"));
+    assert!(
+        saved.contains_key("base_model.model.model.layers.1.mlp.experts.7.down_proj.lora_B.weight")
+    );
     assert!(saved.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
     assert!(saved.contains_key("base_model.model.lm_head.weight"));
     // Deterministic bytes.
     let b = tempfile::tempdir()?;
     lm.save_adapter(b.path(), DType::F32)?;
     for f in ["adapter_model.safetensors", "adapter_config.json"] {
-        assert_eq!(std::fs::read(a.path().join(f))?, std::fs::read(b.path().join(f))?, "{f}");
+        assert_eq!(
+            std::fs::read(a.path().join(f))?,
+            std::fs::read(b.path().join(f))?,
+            "{f}"
+        );
     }
     let loaded = LoraModel::from_pretrained(base()?, a.path())?;
     for ((k1, v1), (k2, v2)) in lm.trainable_vars().iter().zip(loaded.trainable_vars()) {
         assert_eq!(k1, &k2);
-        let d = (v1.as_tensor() - v2.as_tensor())?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let d = (v1.as_tensor() - v2.as_tensor())?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         assert_eq!(d, 0.0, "{k1}");
     }
     Ok(())
@@ -165,29 +212,48 @@ fn save_load_round_trip_is_identical_and_peft_named() -> Result<()> {
 fn bad_adapters_and_configs_are_refused_clearly() -> Result<()> {
     // Unknown target module: the error lists what exists.
     let mut cfg = lora_cfg(0.0);
-    cfg.target_modules = Some(TargetModules::List(vec!["q_proj".into(), "qkv_proj".into()]));
+    cfg.target_modules = Some(TargetModules::List(vec![
+        "q_proj".into(),
+        "qkv_proj".into(),
+    ]));
     let e = LoraModel::new(base()?, cfg, 0).unwrap_err().to_string();
-    assert!(e.contains("qkv_proj") && e.contains("gate_proj") && e.contains("all-linear"), "{e}");
+    assert!(
+        e.contains("qkv_proj") && e.contains("gate_proj") && e.contains("all-linear"),
+        "{e}"
+    );
     // r = 0.
     let mut cfg = lora_cfg(0.0);
     cfg.r = 0;
-    assert!(LoraModel::new(base()?, cfg, 0).unwrap_err().to_string().contains("`r`"));
+    assert!(LoraModel::new(base()?, cfg, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("`r`"));
     // An adapter whose shapes do not fit: saved at r=8, config edited to r=4.
     let dir = tempfile::tempdir()?;
     LoraModel::new(base()?, lora_cfg(0.0), 0)?.save_adapter(dir.path(), DType::F32)?;
     let p = dir.path().join("adapter_config.json");
     let text = std::fs::read_to_string(&p)?.replace("\"r\": 8", "\"r\": 4");
     std::fs::write(&p, text)?;
-    let e = LoraModel::from_pretrained(base()?, dir.path()).unwrap_err().to_string();
-    assert!(e.contains("lora_A.weight") && e.contains("expected shape [4,") && e.contains("found [8,"), "{e}");
+    let e = LoraModel::from_pretrained(base()?, dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("lora_A.weight") && e.contains("expected shape [4,") && e.contains("found [8,"),
+        "{e}"
+    );
     // An adapter for a different model width.
     let mut wide = DeepSeekMoeConfig::tiny(128);
     wide.hidden_size = 96;
     wide.num_attention_heads = 6;
     wide.num_key_value_heads = Some(6);
     let wide = DeepSeekMoe::random(wide, &LoadOptions::default(), 1)?;
-    std::fs::write(&p, std::fs::read_to_string(&p)?.replace("\"r\": 4", "\"r\": 8"))?;
-    let e = LoraModel::from_pretrained(wide, dir.path()).unwrap_err().to_string();
+    std::fs::write(
+        &p,
+        std::fs::read_to_string(&p)?.replace("\"r\": 4", "\"r\": 8"),
+    )?;
+    let e = LoraModel::from_pretrained(wide, dir.path())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("expected shape"), "{e}");
     // Unmerge without merge.
     let lm = LoraModel::new(base()?, lora_cfg(0.0), 0)?;
@@ -201,7 +267,10 @@ fn full_finetune_trains_every_weight_and_resumes() -> Result<()> {
     let lm = LoraModel::full_finetune(base()?, 0)?;
     let n_params = base()?.config().num_parameters();
     assert_eq!(lm.num_trainable_parameters(), n_params);
-    let cfg = TrainConfig { learning_rate: 1e-3, ..train_cfg(6) };
+    let cfg = TrainConfig {
+        learning_rate: 1e-3,
+        ..train_cfg(6)
+    };
     let mut t = Trainer::new(lm, cfg.clone())?;
     let mut losses = run(&mut t, 0, 3)?;
     let ck = t.save_checkpoint(dir.path(), serde_json::json!({}), None)?;

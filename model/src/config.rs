@@ -276,7 +276,10 @@ impl DeepSeekMoeConfig {
         if self.model_type != "deepseek" {
             return bad(
                 "model_type",
-                format!("is {:?}; only DeepSeekMoE v1 (\"deepseek\") is supported", self.model_type),
+                format!(
+                    "is {:?}; only DeepSeekMoE v1 (\"deepseek\") is supported",
+                    self.model_type
+                ),
             );
         }
         for (field, v) in [
@@ -302,7 +305,10 @@ impl DeepSeekMoeConfig {
             );
         }
         if self.head_dim() % 2 != 0 {
-            return bad("hidden_size", "gives an odd head_dim; RoPE needs an even one".into());
+            return bad(
+                "hidden_size",
+                "gives an odd head_dim; RoPE needs an even one".into(),
+            );
         }
         let kv = self.kv_heads();
         if kv == 0 || self.num_attention_heads % kv != 0 {
@@ -338,7 +344,10 @@ impl DeepSeekMoeConfig {
         if self.scoring_func != "softmax" {
             return bad(
                 "scoring_func",
-                format!("is {:?}; DeepSeekMoE only defines \"softmax\"", self.scoring_func),
+                format!(
+                    "is {:?}; DeepSeekMoE only defines \"softmax\"",
+                    self.scoring_func
+                ),
             );
         }
         if !matches!(self.hidden_act.as_str(), "silu" | "gelu" | "relu") {
@@ -354,13 +363,19 @@ impl DeepSeekMoeConfig {
             return bad("rope_theta", "must be positive".into());
         }
         if !(0.0..=1.0).contains(&self.aux_loss_alpha) {
-            return bad("aux_loss_alpha", format!("({}) must be in [0, 1]", self.aux_loss_alpha));
+            return bad(
+                "aux_loss_alpha",
+                format!("({}) must be in [0, 1]", self.aux_loss_alpha),
+            );
         }
         if self.pretraining_tp != 1 {
             return bad("pretraining_tp", "must be 1".into());
         }
         if self.attention_bias {
-            return bad("attention_bias", "true is not supported (DeepSeekMoE has none)".into());
+            return bad(
+                "attention_bias",
+                "true is not supported (DeepSeekMoE has none)".into(),
+            );
         }
         if self.attention_dropout != 0.0 {
             return bad(
@@ -370,7 +385,10 @@ impl DeepSeekMoeConfig {
         }
         if let Some(rs) = &self.rope_scaling {
             if !matches!(rs.kind.as_str(), "linear" | "dynamic") {
-                return bad("rope_scaling", format!("type {:?} is not linear or dynamic", rs.kind));
+                return bad(
+                    "rope_scaling",
+                    format!("type {:?} is not linear or dynamic", rs.kind),
+                );
             }
             if !(rs.factor >= 1.0) {
                 return bad("rope_scaling", format!("factor {} must be ≥ 1", rs.factor));
@@ -425,6 +443,10 @@ mod tests {
         assert!(e.contains("num_attention_heads"), "{e}");
         let mut cfg = DeepSeekMoeConfig::tiny(512);
         cfg.scoring_func = "sigmoid".into();
-        assert!(cfg.validate().unwrap_err().to_string().contains("scoring_func"));
+        assert!(cfg
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("scoring_func"));
     }
 }

@@ -37,10 +37,16 @@ impl GenerateOptions {
     /// Checks the values.
     pub fn validate(&self) -> Result<()> {
         if !(self.temperature >= 0.0) {
-            return Err(Error::InvalidInput(format!("temperature {} must be ≥ 0", self.temperature)));
+            return Err(Error::InvalidInput(format!(
+                "temperature {} must be ≥ 0",
+                self.temperature
+            )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidInput(format!("top_p {} must be in (0, 1]", self.top_p)));
+            return Err(Error::InvalidInput(format!(
+                "top_p {} must be in (0, 1]",
+                self.top_p
+            )));
         }
         Ok(())
     }

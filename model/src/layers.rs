@@ -161,7 +161,10 @@ pub fn attention_mask(
     }
     let q = Tensor::arange(past as u32, total as u32, device)?.reshape((seq, 1))?;
     let k = Tensor::arange(0u32, total as u32, device)?.reshape((1, total))?;
-    let mut allowed = k.broadcast_le(&q)?.unsqueeze(0)?.broadcast_as((b, seq, total))?;
+    let mut allowed = k
+        .broadcast_le(&q)?
+        .unsqueeze(0)?
+        .broadcast_as((b, seq, total))?;
     if let Some(am) = attention_mask {
         let dims = am.dims();
         if dims != [b, total] {
@@ -169,12 +172,21 @@ pub fn attention_mask(
                 "attention_mask has shape {dims:?}, expected [{b}, {total}]"
             )));
         }
-        let keys = am.to_dtype(DType::U32)?.ne(0u32)?.unsqueeze(1)?.broadcast_as((b, seq, total))?;
+        let keys = am
+            .to_dtype(DType::U32)?
+            .ne(0u32)?
+            .unsqueeze(1)?
+            .broadcast_as((b, seq, total))?;
         allowed = (allowed.to_dtype(DType::U8)? * keys.to_dtype(DType::U8)?)?;
     }
     let zero = Tensor::zeros((b, seq, total), DType::F32, device)?;
     let min = Tensor::full(f32::MIN, (b, seq, total), device)?;
-    Ok(Some(allowed.contiguous()?.where_cond(&zero, &min)?.unsqueeze(1)?))
+    Ok(Some(
+        allowed
+            .contiguous()?
+            .where_cond(&zero, &min)?
+            .unsqueeze(1)?,
+    ))
 }
 
 /// Cached keys and values of one layer, `(b, kv_heads, t, head_dim)`.
@@ -435,7 +447,13 @@ impl MoeGate {
     /// The balancing loss of `modeling_deepseek.py` (seq-level when `seq_aux`), given the
     /// routing, the host copy of its flattened expert ids, and the batch layout. Padding
     /// positions count, as in the reference.
-    pub fn aux_loss(&self, r: &Routing, flat: &[u32], b: usize, s: usize) -> Result<Option<Tensor>> {
+    pub fn aux_loss(
+        &self,
+        r: &Routing,
+        flat: &[u32],
+        b: usize,
+        s: usize,
+    ) -> Result<Option<Tensor>> {
         if self.alpha <= 0.0 {
             return Ok(None);
         }
@@ -499,7 +517,9 @@ impl Dispatch {
         for &e in &flat {
             let e = e as usize;
             if e >= experts {
-                return Err(Error::InvalidInput(format!("router chose expert {e} of {experts}")));
+                return Err(Error::InvalidInput(format!(
+                    "router chose expert {e} of {experts}"
+                )));
             }
             counts[e] += 1;
         }

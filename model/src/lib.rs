@@ -23,7 +23,8 @@ pub use layers::{
     MoeGate, MoeOrMlp, RmsNorm, Routing,
 };
 pub use model::{
-    causal_lm_loss, DeepSeekMoe, Embedding, KvCache, LoadOptions, LossOutput, ModelOutput, WeightRef,
+    causal_lm_loss, DeepSeekMoe, Embedding, KvCache, LoadOptions, LossOutput, ModelOutput,
+    WeightRef,
 };
 pub use moe_peft_quant::{LinearLike, QuantPolicy};
 pub use weights::Checkpoint;

@@ -10,8 +10,8 @@ use rand::{Rng, SeedableRng};
 use crate::config::DeepSeekMoeConfig;
 use crate::error::{Error, Result};
 use crate::layers::{
-    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, Linear, Mlp, Moe,
-    MoeGate, MoeOrMlp, RmsNorm, Rotary,
+    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, Linear, Mlp, Moe, MoeGate,
+    MoeOrMlp, RmsNorm, Rotary,
 };
 use crate::ops::log_softmax_f32;
 use crate::weights::Checkpoint;
@@ -204,7 +204,9 @@ impl Random<'_> {
             Init::KaimingUniform => {
                 let bound = 1.0 / (shape[shape.len() - 1] as f32).sqrt();
                 if dev.is_cpu() {
-                    let v: Vec<f32> = (0..n).map(|_| self.rng.random_range(-bound..bound)).collect();
+                    let v: Vec<f32> = (0..n)
+                        .map(|_| self.rng.random_range(-bound..bound))
+                        .collect();
                     Tensor::from_vec(v, shape, dev)?
                 } else {
                     Tensor::rand(-bound, bound, shape, dev)?
@@ -258,12 +260,21 @@ impl DeepSeekMoe {
         Self::build(cfg, &mut src, opts)
     }
 
-    fn build(cfg: DeepSeekMoeConfig, src: &mut dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
+    fn build(
+        cfg: DeepSeekMoeConfig,
+        src: &mut dyn WeightSource,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let h = cfg.hidden_size;
         let v = cfg.vocab_size;
         let kv = cfg.kv_heads() * cfg.head_dim();
         let std = cfg.initializer_range;
-        let embed = src.tensor("model.embed_tokens.weight", &[v, h], opts.dtype, Init::Normal(std))?;
+        let embed = src.tensor(
+            "model.embed_tokens.weight",
+            &[v, h],
+            opts.dtype,
+            Init::Normal(std),
+        )?;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -297,7 +308,11 @@ impl DeepSeekMoe {
                 let gate = MoeGate::new(&cfg, gw)?;
                 let mut experts = Vec::with_capacity(e);
                 for j in 0..e {
-                    experts.push(mlp(src, &format!("{p}.mlp.experts.{j}"), cfg.moe_intermediate_size)?);
+                    experts.push(mlp(
+                        src,
+                        &format!("{p}.mlp.experts.{j}"),
+                        cfg.moe_intermediate_size,
+                    )?);
                 }
                 let shared_experts = match cfg.shared_intermediate() {
                     Some(w) => Some(mlp(src, &format!("{p}.mlp.shared_experts"), w)?),
@@ -358,7 +373,10 @@ impl DeepSeekMoe {
 
     /// Embeds `ids` `(b, seq)` (u32) in the model dtype.
     pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        self.embed_tokens.forward(ids)?.to_dtype(self.dtype).map_err(Into::into)
+        self.embed_tokens
+            .forward(ids)?
+            .to_dtype(self.dtype)
+            .map_err(Into::into)
     }
 
     /// RoPE tables and attention mask for a pass over `seq` new positions after `past`.
@@ -386,15 +404,76 @@ impl DeepSeekMoe {
         Ok(self.lm_head.forward_t(&x, false)?)
     }
 
+    /// The causal-LM loss straight from the last hidden states `h` `(b, seq, hidden)`: final
+    /// norm, then `lm_head` and cross-entropy fused and computed a chunk of rows at a time
+    /// (only rows with a target), so the `(tokens, vocab)` logits are never held whole. Same
+    /// value and gradients as [`causal_lm_loss`] on [`Self::head`].
+    pub fn lm_loss(&self, h: &Tensor, labels: &Tensor) -> Result<LossOutput> {
+        let (b, s, hd) = h.dims3()?;
+        let v = self.cfg.vocab_size;
+        if labels.dims() != [b, s] {
+            return Err(Error::InvalidInput(format!(
+                "labels have shape {:?}, hidden states {:?}",
+                labels.dims(),
+                h.dims()
+            )));
+        }
+        let dev = h.device();
+        let lab: Vec<i64> = if s < 2 {
+            vec![]
+        } else {
+            labels
+                .to_dtype(DType::I64)?
+                .narrow(1, 1, s - 1)?
+                .flatten_all()?
+                .to_vec1()?
+        };
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (i, &l) in lab.iter().enumerate() {
+            if l == -100 {
+                continue;
+            }
+            if l < 0 || l as usize >= v {
+                return Err(Error::InvalidInput(format!(
+                    "label {l} is outside the vocabulary ({v}) and is not -100"
+                )));
+            }
+            rows.push(((i / (s - 1)) * s + i % (s - 1)) as u32);
+            targets.push(l as u32);
+        }
+        if rows.is_empty() {
+            return Ok(LossOutput {
+                loss: Tensor::zeros((), DType::F32, dev)?,
+                n_tokens: 0,
+            });
+        }
+        let x = self.norm.forward(h)?.reshape((b * s, hd))?;
+        let n = rows.len();
+        let x = x.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+        let w = self.lm_head.dense_weight(x.dtype())?;
+        let budget: usize = if dev.is_cpu() { 1 << 24 } else { 1 << 28 };
+        let chunk = (budget / v).max(16);
+        let t = Tensor::from_vec(targets, n, dev)?;
+        let loss = crate::ops::chunked_cross_entropy(&x, &w, &t, chunk)?;
+        Ok(LossOutput { loss, n_tokens: n })
+    }
+
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
-        let (b, s) = ids
-            .dims2()
-            .map_err(|_| Error::InvalidInput(format!("input_ids must be (batch, seq), got {:?}", ids.dims())))?;
+        let (b, s) = ids.dims2().map_err(|_| {
+            Error::InvalidInput(format!(
+                "input_ids must be (batch, seq), got {:?}",
+                ids.dims()
+            ))
+        })?;
         if s == 0 || b == 0 {
             return Err(Error::InvalidInput("empty input_ids".into()));
         }
         if ids.dtype() != DType::U32 {
-            return Err(Error::InvalidInput(format!("input_ids must be u32, got {:?}", ids.dtype())));
+            return Err(Error::InvalidInput(format!(
+                "input_ids must be u32, got {:?}",
+                ids.dtype()
+            )));
         }
         let max = ids.max_all()?.to_scalar::<u32>()? as usize;
         if max >= self.cfg.vocab_size {
@@ -598,8 +677,14 @@ impl WeightRef<'_> {
 
 impl DeepSeekMoe {
     /// Visits every parameter under its HF `state_dict` name, in model order.
-    pub fn visit_weights(&self, f: &mut dyn FnMut(&str, WeightRef<'_>) -> Result<()>) -> Result<()> {
-        f("model.embed_tokens.weight", WeightRef::Tensor(self.embed_tokens.weight()))?;
+    pub fn visit_weights(
+        &self,
+        f: &mut dyn FnMut(&str, WeightRef<'_>) -> Result<()>,
+    ) -> Result<()> {
+        f(
+            "model.embed_tokens.weight",
+            WeightRef::Tensor(self.embed_tokens.weight()),
+        )?;
         for l in &self.layers {
             let p = format!("model.layers.{}", l.index);
             f(
@@ -611,7 +696,10 @@ impl DeepSeekMoe {
                 WeightRef::Tensor(l.post_attention_layernorm.weight()),
             )?;
             if let MoeOrMlp::Moe(m) = &l.mlp {
-                f(&format!("{p}.mlp.gate.weight"), WeightRef::Tensor(m.gate.weight()))?;
+                f(
+                    &format!("{p}.mlp.gate.weight"),
+                    WeightRef::Tensor(m.gate.weight()),
+                )?;
             }
             l.visit_sites(&mut |name, lin| f(&format!("{name}.weight"), WeightRef::Linear(lin)))?;
         }

@@ -81,12 +81,168 @@ pub fn with_grad(
     )
 }
 
+type GradFn2 =
+    dyn Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
+
+/// `AttachGrad` with two differentiable inputs; the value is the third argument.
+struct AttachGrad2 {
+    grad_fn: Arc<GradFn2>,
+}
+
+impl candle_core::CustomOp3 for AttachGrad2 {
+    fn name(&self) -> &'static str {
+        "attach-grad2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        AttachGrad {
+            grad_fn: Arc::new(|g| Ok(g.clone())),
+        }
+        .cpu_fwd(y, l, y, l)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if !l.is_contiguous() || l.start_offset() != 0 {
+            candle_core::bail!("attach-grad2: value must be contiguous from offset 0")
+        }
+        Ok((y.try_clone(l)?, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.grad_fn)(grad)?;
+        Ok((ga, gb, None))
+    }
+}
+
+/// [`with_grad`] for two inputs: backward gives `(a, b)` the pair `grad_fn(grad_y)`.
+pub fn with_grad2(
+    a: &Tensor,
+    b: &Tensor,
+    y: Tensor,
+    grad_fn: impl Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> candle_core::Result<Tensor> {
+    let y = y.contiguous()?;
+    if !a.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    a.apply_op3(
+        b,
+        &y,
+        AttachGrad2 {
+            grad_fn: Arc::new(grad_fn),
+        },
+    )
+}
+
+/// Mean cross-entropy of `x · Wᵀ` against `targets`, computed `chunk` rows at a time so the
+/// `(rows, vocab)` logits are never held whole, in forward or backward.
+///
+/// `x` is `(n, hidden)` (only the rows that have a target), `w` is `(vocab, hidden)`; logits are
+/// computed in the dtype of `x` and taken to f32, as the reference's `logits.float()`. The
+/// backward recomputes each chunk: `∂/∂x = (softmax − onehot)·W = softmax·W − W[t]`, and, when
+/// `w` is trained, `∂/∂W = softmaxᵀ·x − Σ onehotᵀ·x`. Returns the mean over the `n` rows.
+pub fn chunked_cross_entropy(
+    x: &Tensor,
+    w: &Tensor,
+    targets: &Tensor,
+    chunk: usize,
+) -> candle_core::Result<Tensor> {
+    let (n, _) = x.dims2()?;
+    let chunk = chunk.max(1);
+    let xd = x.detach();
+    let wd = w.detach();
+    let wt = wd.t()?;
+    let mut total = Tensor::zeros((), DType::F32, x.device())?;
+    let mut start = 0;
+    while start < n {
+        let c = chunk.min(n - start);
+        let xc = xd.narrow(0, start, c)?;
+        let tc = targets.narrow(0, start, c)?;
+        let logits = xc.matmul(&wt)?.to_dtype(DType::F32)?;
+        let max = logits.max_keepdim(D::Minus1)?;
+        let lse = (logits
+            .broadcast_sub(&max)?
+            .exp()?
+            .sum_keepdim(D::Minus1)?
+            .log()?
+            + &max)?;
+        let picked = logits.gather(&tc.unsqueeze(1)?, 1)?;
+        total = (total + (lse - picked)?.sum_all()?)?;
+        start += c;
+    }
+    let loss = (total / n as f64)?;
+    let targets = targets.clone();
+    let train_w = w.track_op();
+    with_grad2(x, w, loss, move |g| {
+        let scale = (g.to_dtype(DType::F32)? / n as f64)?;
+        let mut gx = Vec::new();
+        let mut gw: Option<Tensor> = None;
+        let mut start = 0;
+        while start < n {
+            let c = chunk.min(n - start);
+            let xc = xd.narrow(0, start, c)?;
+            let tc = targets.narrow(0, start, c)?;
+            let logits = xc.matmul(&wt)?.to_dtype(DType::F32)?;
+            let p = softmax_f32(&logits)?
+                .broadcast_mul(&scale)?
+                .to_dtype(xd.dtype())?;
+            let rows = wd
+                .index_select(&tc, 0)?
+                .broadcast_mul(&scale.to_dtype(xd.dtype())?)?;
+            gx.push((p.matmul(&wd)? - rows)?);
+            if train_w {
+                let s = scale.to_dtype(xd.dtype())?;
+                let part = p.t()?.matmul(&xc)?;
+                let part = part.index_add(&tc, &xc.broadcast_mul(&s)?.neg()?, 0)?;
+                gw = Some(match gw {
+                    Some(a) => (a + part)?,
+                    None => part,
+                });
+            }
+            start += c;
+        }
+        let gx = Tensor::cat(&gx, 0)?;
+        Ok((Some(gx), gw))
+    })
+}
+
 /// Row gather `x[idx]` for a permutation-with-repeats whose backward is also a gather:
 /// `idx[p] = p_src`, and `inv_rows[n]` lists, `k` per source row, the positions `p` that read
 /// row `n` (so every source row is read exactly `k` times, as in top-k expert dispatch).
 /// Backward: `grad_x[n] = Σ_j grad[inv_rows[n·k + j]]`: one gather and a reshape-sum, no
 /// scatter-add (candle's index_add is ~40× slower than a gather on CUDA).
-pub fn dispatch_rows(x: &Tensor, idx: &Tensor, inv_rows: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+pub fn dispatch_rows(
+    x: &Tensor,
+    idx: &Tensor,
+    inv_rows: &Tensor,
+    k: usize,
+) -> candle_core::Result<Tensor> {
     let y = x.detach().index_select(idx, 0)?;
     let inv = inv_rows.clone();
     let (n, h) = x.dims2()?;

@@ -89,7 +89,11 @@ impl Checkpoint {
             if !ck.index.contains_key(name) {
                 return Err(Error::MissingTensor {
                     name: name.clone(),
-                    location: format!("{} (listed in {})", dir.join(shard).display(), index.display()),
+                    location: format!(
+                        "{} (listed in {})",
+                        dir.join(shard).display(),
+                        index.display()
+                    ),
                 });
             }
         }
@@ -198,7 +202,13 @@ impl Checkpoint {
     }
 
     /// Reads a floating-point tensor, checks its shape and converts it to `dtype`.
-    pub fn get(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let Some((_, got, st_dtype)) = self.index.get(name) else {
             return Err(Error::MissingTensor {
                 name: name.to_string(),
@@ -215,7 +225,10 @@ impl Checkpoint {
         }
         if !matches!(
             st_dtype,
-            safetensors::Dtype::F32 | safetensors::Dtype::BF16 | safetensors::Dtype::F16 | safetensors::Dtype::F64
+            safetensors::Dtype::F32
+                | safetensors::Dtype::BF16
+                | safetensors::Dtype::F16
+                | safetensors::Dtype::F64
         ) {
             return Err(Error::UnsupportedDtype {
                 name: name.to_string(),
@@ -224,7 +237,11 @@ impl Checkpoint {
             });
         }
         let t = self.get_raw(name, &Device::Cpu)?;
-        let t = if t.dtype() == dtype { t } else { t.to_dtype(dtype)? };
+        let t = if t.dtype() == dtype {
+            t
+        } else {
+            t.to_dtype(dtype)?
+        };
         Ok(t.to_device(device)?)
     }
 }

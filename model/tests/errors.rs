@@ -19,26 +19,35 @@ fn write_model(dir: &std::path::Path, tensors: &HashMap<String, Tensor>) -> Resu
 
 #[test]
 fn missing_tensor_is_named_with_its_file() -> Result<()> {
-    let mut t = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let mut t =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     t.remove("model.layers.2.mlp.experts.5.up_proj.weight");
     let dir = tempfile::tempdir()?;
     write_model(dir.path(), &t)?;
-    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default()).unwrap_err().to_string();
-    assert!(e.contains("model.layers.2.mlp.experts.5.up_proj.weight"), "{e}");
+    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.layers.2.mlp.experts.5.up_proj.weight"),
+        "{e}"
+    );
     assert!(e.contains("model.safetensors"), "{e}");
     Ok(())
 }
 
 #[test]
 fn wrong_shape_is_named_with_both_shapes() -> Result<()> {
-    let mut t = candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    let mut t =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
     t.insert(
         "model.layers.1.self_attn.k_proj.weight".into(),
         Tensor::zeros((64, 32), candle_core::DType::F32, &Device::Cpu)?,
     );
     let dir = tempfile::tempdir()?;
     write_model(dir.path(), &t)?;
-    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default()).unwrap_err().to_string();
+    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("model.layers.1.self_attn.k_proj.weight"), "{e}");
     assert!(e.contains("[64, 64]") && e.contains("[64, 32]"), "{e}");
     Ok(())
@@ -50,17 +59,29 @@ fn bad_config_value_names_the_field() -> Result<()> {
     let text = std::fs::read_to_string(fixture_dir().join("config.json"))?;
     let text = text.replace("\"num_experts_per_tok\": 3", "\"num_experts_per_tok\": 12");
     std::fs::write(dir.path().join("config.json"), text)?;
-    std::fs::copy(fixture_dir().join("model.safetensors"), dir.path().join("model.safetensors"))?;
-    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default()).unwrap_err().to_string();
+    std::fs::copy(
+        fixture_dir().join("model.safetensors"),
+        dir.path().join("model.safetensors"),
+    )?;
+    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("num_experts_per_tok"), "{e}");
     // Malformed JSON names the file.
     std::fs::write(dir.path().join("config.json"), "{\"hidden_size\": 64,")?;
-    let e = DeepSeekMoeConfig::from_file(dir.path().join("config.json")).unwrap_err().to_string();
+    let e = DeepSeekMoeConfig::from_file(dir.path().join("config.json"))
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("config.json"), "{e}");
     // No weights at all.
     let empty = tempfile::tempdir()?;
-    std::fs::copy(fixture_dir().join("config.json"), empty.path().join("config.json"))?;
-    let e = DeepSeekMoe::from_pretrained(empty.path(), &LoadOptions::default()).unwrap_err().to_string();
+    std::fs::copy(
+        fixture_dir().join("config.json"),
+        empty.path().join("config.json"),
+    )?;
+    let e = DeepSeekMoe::from_pretrained(empty.path(), &LoadOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("safetensors"), "{e}");
     Ok(())
 }

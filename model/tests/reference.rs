@@ -14,7 +14,10 @@ fn fixtures() -> PathBuf {
 }
 
 fn reference() -> Result<HashMap<String, Tensor>> {
-    Ok(candle_core::safetensors::load(fixtures().join("forward.safetensors"), &Device::Cpu)?)
+    Ok(candle_core::safetensors::load(
+        fixtures().join("forward.safetensors"),
+        &Device::Cpu,
+    )?)
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
@@ -77,7 +80,9 @@ fn train_mode_logits_loss_and_aux_losses_match_pytorch() -> Result<()> {
     let out = model.forward_t(&b.ids, Some(&b.mask), true)?;
     let d = max_abs(&out.logits, &r["train.logits"])?;
     assert!(d <= 2e-5, "train logits differ by {d}");
-    let loss = causal_lm_loss(&out.logits, &b.labels)?.loss.to_scalar::<f32>()?;
+    let loss = causal_lm_loss(&out.logits, &b.labels)?
+        .loss
+        .to_scalar::<f32>()?;
     let want = r["train.loss"].flatten_all()?.to_vec1::<f32>()?[0];
     assert!((loss - want).abs() <= 1e-5, "train loss {loss} vs {want}");
     assert_eq!(out.aux_losses.len(), 2);
@@ -118,16 +123,22 @@ fn router_scores_and_top_k_match_pytorch() -> Result<()> {
         assert!(d <= 1e-6, "layer {layer}: router scores differ by {d}");
         let mut idx: Vec<Vec<u32>> = routing.topk_idx.to_vec2()?;
         let w: Vec<Vec<f32>> = routing.topk_weight.to_vec2()?;
-        let want_idx: Vec<Vec<i64>> = r[&format!("router.layer{layer}.topk_idx_sorted")].to_vec2()?;
-        let want_w: Vec<Vec<f32>> = r[&format!("router.layer{layer}.topk_weight_sorted")].to_vec2()?;
+        let want_idx: Vec<Vec<i64>> =
+            r[&format!("router.layer{layer}.topk_idx_sorted")].to_vec2()?;
+        let want_w: Vec<Vec<f32>> =
+            r[&format!("router.layer{layer}.topk_weight_sorted")].to_vec2()?;
         for t in 0..32 {
-            let mut pairs: Vec<(u32, f32)> = idx[t].iter().cloned().zip(w[t].iter().cloned()).collect();
+            let mut pairs: Vec<(u32, f32)> =
+                idx[t].iter().cloned().zip(w[t].iter().cloned()).collect();
             pairs.sort_by_key(|p| p.0);
             idx[t] = pairs.iter().map(|p| p.0).collect();
             let expect: Vec<u32> = want_idx[t].iter().map(|&x| x as u32).collect();
             assert_eq!(idx[t], expect, "layer {layer} token {t}: experts differ");
             for (j, p) in pairs.iter().enumerate() {
-                assert!((p.1 - want_w[t][j]).abs() <= 1e-6, "layer {layer} token {t}: gate weight");
+                assert!(
+                    (p.1 - want_w[t][j]).abs() <= 1e-6,
+                    "layer {layer} token {t}: gate weight"
+                );
             }
         }
     }

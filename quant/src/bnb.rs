@@ -215,7 +215,8 @@ impl Nf4Tensor {
 
     /// Reads the bitsandbytes tensors of module prefix `prefix` through `get` (which returns
     /// `None` for an absent key). `file` only names the source in errors. The parts are moved to
-    /// the device of `P.weight`.
+    /// the device of `P.weight`. The stored `quant_map`, `nested_quant_map` and `nested_offset`
+    /// are kept and used to dequantize (a CPU-quantized checkpoint's `-1.0` map entry included).
     ///
     /// Errors (never panics) name the tensor and file: a missing `weight`, `absmax`,
     /// `quant_map`, `nested_*` or quant-state tensor; a blob that is not UTF-8 or not the
@@ -238,7 +239,9 @@ impl Nf4Tensor {
             (None, Some(b)) => (fp4_key, QuantType::Fp4, b),
             (None, None) => return Err(cx.missing(&format!("{nf4_key}` (or `{fp4_key}"))),
             (Some(_), Some(_)) => {
-                return Err(cx.bad_state(&nf4_key, format!("both `{nf4_key}` and `{fp4_key}` exist")))
+                return Err(
+                    cx.bad_state(&nf4_key, format!("both `{nf4_key}` and `{fp4_key}` exist"))
+                )
             }
         };
         if blob.dtype() != DType::U8 {
@@ -253,7 +256,10 @@ impl Nf4Tensor {
         let qt = QuantType::from_name(&st.quant_type).ok_or_else(|| {
             cx.bad_state(
                 &qs_key,
-                format!("unknown quant_type {:?} (expected \"nf4\" or \"fp4\")", st.quant_type),
+                format!(
+                    "unknown quant_type {:?} (expected \"nf4\" or \"fp4\")",
+                    st.quant_type
+                ),
             )
         })?;
         if qt != key_qt {
@@ -263,9 +269,8 @@ impl Nf4Tensor {
             ));
         }
         check_block_size(st.blocksize).map_err(|e| cx.bad_state(&qs_key, e.to_string()))?;
-        let dtype = dtype_from_torch_name(&st.dtype).ok_or_else(|| {
-            cx.bad_state(&qs_key, format!("unsupported dtype {:?}", st.dtype))
-        })?;
+        let dtype = dtype_from_torch_name(&st.dtype)
+            .ok_or_else(|| cx.bad_state(&qs_key, format!("unsupported dtype {:?}", st.dtype)))?;
         let dims = st
             .shape
             .clone()
@@ -274,7 +279,12 @@ impl Nf4Tensor {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .filter(|&n| n > 0)
-            .ok_or_else(|| cx.bad_state(&qs_key, format!("shape {dims:?} has no elements or overflows")))?;
+            .ok_or_else(|| {
+                cx.bad_state(
+                    &qs_key,
+                    format!("shape {dims:?} has no elements or overflows"),
+                )
+            })?;
 
         // packed codes: U8 [ceil(n/2), 1] (or flat)
         let n_packed = numel.div_ceil(2);
@@ -306,7 +316,9 @@ impl Nf4Tensor {
                     .nested_offset
                     .ok_or_else(|| cx.bad_state(&qs_key, "`nested_offset` missing"))?;
                 if !offset.is_finite() {
-                    return Err(cx.bad_state(&qs_key, format!("nested_offset {offset} is not finite")));
+                    return Err(
+                        cx.bad_state(&qs_key, format!("nested_offset {offset} is not finite"))
+                    );
                 }
                 let nbs = st
                     .nested_blocksize
@@ -316,12 +328,20 @@ impl Nf4Tensor {
                 }
                 if let Some(nd) = &st.nested_dtype {
                     if nd != "float32" {
-                        return Err(cx.bad_state(&qs_key, format!("unsupported nested_dtype {nd:?}")));
+                        return Err(
+                            cx.bad_state(&qs_key, format!("unsupported nested_dtype {nd:?}"))
+                        );
                     }
                 }
                 let nmap_key = format!("{wkey}.nested_quant_map");
                 let map = cx.get(get, &nmap_key)?;
-                cx.expect(&absmax, &absmax_key, DType::U8, n_blocks, "double-quantized absmax codes")?;
+                cx.expect(
+                    &absmax,
+                    &absmax_key,
+                    DType::U8,
+                    n_blocks,
+                    "double-quantized absmax codes",
+                )?;
                 cx.expect(
                     &nested_absmax,
                     &nested_key,
@@ -329,7 +349,13 @@ impl Nf4Tensor {
                     n_blocks.div_ceil(nbs),
                     "one absmax per nested block",
                 )?;
-                cx.expect(&map, &nmap_key, DType::F32, DYNAMIC_MAP_LEN, "the 8-bit map")?;
+                cx.expect(
+                    &map,
+                    &nmap_key,
+                    DType::F32,
+                    DYNAMIC_MAP_LEN,
+                    "the 8-bit map",
+                )?;
                 Nf4Absmax::Double(DoubleQuantState {
                     codes: absmax.to_device(&device)?,
                     map: map.to_device(&device)?,
@@ -340,7 +366,13 @@ impl Nf4Tensor {
             }
             None if nested_json => return Err(cx.missing(&nested_key)),
             None => {
-                cx.expect(&absmax, &absmax_key, DType::F32, n_blocks, "fp32 absmax per block")?;
+                cx.expect(
+                    &absmax,
+                    &absmax_key,
+                    DType::F32,
+                    n_blocks,
+                    "fp32 absmax per block",
+                )?;
                 Nf4Absmax::Fp32(absmax.to_device(&device)?)
             }
         };
@@ -481,7 +513,9 @@ pub fn save_bnb_safetensors(
     let mut insert = |k: String, t: &Tensor| -> Result<()> {
         let v = owned_view(&k, t)?;
         if views.insert(k.clone(), v).is_some() {
-            return Err(Error::InvalidConfig(format!("tensor `{k}` would be written twice")));
+            return Err(Error::InvalidConfig(format!(
+                "tensor `{k}` would be written twice"
+            )));
         }
         Ok(())
     };
@@ -545,7 +579,11 @@ mod tests {
 
     #[test]
     fn is_bnb_4bit_needs_weight_and_state() {
-        let keys = ["a.weight", "a.weight.quant_state.bitsandbytes__nf4", "b.weight"];
+        let keys = [
+            "a.weight",
+            "a.weight.quant_state.bitsandbytes__nf4",
+            "b.weight",
+        ];
         let has = |k: &str| keys.contains(&k);
         assert!(is_bnb_4bit("a", &has));
         assert!(!is_bnb_4bit("b", &has));

@@ -49,7 +49,10 @@ fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
 fn pow10_f32(e: i32) -> f32 {
     // Parsing a decimal literal is correctly rounded; the f64 -> f32 step matches torch's cast of
     // the Python scalar.
-    format!("1e{e}").parse::<f64>().map(|v| v as f32).unwrap_or(0.0)
+    format!("1e{e}")
+        .parse::<f64>()
+        .map(|v| v as f32)
+        .unwrap_or(0.0)
 }
 
 /// bitsandbytes' `create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`: 256 sorted
@@ -259,7 +262,7 @@ mod tests {
         // smallest entry is the canonical -0.99296874 (bnb CPU overwrites it with -1.0)
         assert_eq!(m[0], -0.992_968_74);
         assert_eq!(m[254], 0.992_968_74);
-        assert_eq!(m[1], -0.978_906_27);
+        assert_eq!(m[1], -0.978_906_3);
         // symmetric apart from the extra 1.0
         for k in 0..127 {
             assert_eq!(m[k], -m[254 - k], "entry {k}");
@@ -294,7 +297,11 @@ mod tests {
             });
             // `x > midpoint` goes up; the midpoint itself stays down
             if mid > m[k] && above < m[k + 1] {
-                assert_eq!(quantize_8bit_value(m, above) as usize, k + 1, "above mid {k}");
+                assert_eq!(
+                    quantize_8bit_value(m, above) as usize,
+                    k + 1,
+                    "above mid {k}"
+                );
             }
         }
         assert_eq!(quantize_8bit_value(m, 1.0), 255);
@@ -304,7 +311,9 @@ mod tests {
 
     #[test]
     fn double_quant_round_trip_is_close() {
-        let absmax: Vec<f32> = (0..600).map(|i| 0.5 + ((i * 7919) % 613) as f32 / 613.0).collect();
+        let absmax: Vec<f32> = (0..600)
+            .map(|i| 0.5 + ((i * 7919) % 613) as f32 / 613.0)
+            .collect();
         let dq = double_quantize(&absmax, dynamic_map(), 256).unwrap();
         assert_eq!(dq.codes.len(), 600);
         assert_eq!(dq.nested_absmax.len(), 3);
@@ -325,9 +334,33 @@ mod tests {
     }
 
     #[test]
+    fn constant_absmax_gives_zero_nested_absmax() {
+        let absmax = vec![0.37f32; 300];
+        let dq = double_quantize(&absmax, dynamic_map(), 256).unwrap();
+        assert_eq!(dq.offset, 0.37);
+        assert_eq!(dq.nested_absmax, vec![0.0, 0.0]);
+        assert!(dq.codes.iter().all(|&c| c == 127), "code of 0.0");
+        let mut back = vec![0f32; 300];
+        dequantize_absmax_into(
+            &dq.codes,
+            dynamic_map(),
+            &dq.nested_absmax,
+            256,
+            dq.offset,
+            &mut back,
+        )
+        .unwrap();
+        assert!(back.iter().all(|&v| v == 0.37));
+    }
+
+    #[test]
     fn bad_lengths_are_errors() {
         let mut out = [0f32; 3];
-        assert!(dequantize_absmax_into(&[0, 0, 0], dynamic_map(), &[], 256, 0.0, &mut out).is_err());
-        assert!(dequantize_absmax_into(&[0, 0, 0], &[0.0; 16], &[1.0], 256, 0.0, &mut out).is_err());
+        assert!(
+            dequantize_absmax_into(&[0, 0, 0], dynamic_map(), &[], 256, 0.0, &mut out).is_err()
+        );
+        assert!(
+            dequantize_absmax_into(&[0, 0, 0], &[0.0; 16], &[1.0], 256, 0.0, &mut out).is_err()
+        );
     }
 }

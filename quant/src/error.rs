@@ -22,7 +22,9 @@ pub enum Error {
     #[error("json: {0}")]
     Json(#[from] serde_json::Error),
     /// The block size is not one bitsandbytes accepts.
-    #[error("invalid block size {0}: bitsandbytes accepts 32, 64, 128, 256, 512, 1024, 2048 or 4096")]
+    #[error(
+        "invalid block size {0}: bitsandbytes accepts 32, 64, 128, 256, 512, 1024, 2048 or 4096"
+    )]
     InvalidBlockSize(usize),
     /// A tensor has a shape or dtype that does not fit.
     #[error("tensor `{name}`: expected {expected}, got {got}")]
@@ -71,7 +73,9 @@ pub enum Error {
 }
 
 fn in_file(file: &Option<String>) -> String {
-    file.as_ref().map(|f| format!(" in {f}")).unwrap_or_default()
+    file.as_ref()
+        .map(|f| format!(" in {f}"))
+        .unwrap_or_default()
 }
 
 /// Result type of this crate.

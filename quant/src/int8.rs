@@ -303,11 +303,17 @@ mod tests {
             for c in 0..96 {
                 let e = (d[r][c] - w2[r][c]).abs();
                 // half a step plus fp32 rounding of the scale product
-                assert!(e <= m / 254.0 * (1.0 + 1e-5) + 1e-7, "row {r} col {c}: {e} vs {m}");
+                assert!(
+                    e <= m / 254.0 * (1.0 + 1e-5) + 1e-7,
+                    "row {r} col {c}: {e} vs {m}"
+                );
                 worst = worst.max(e / m);
             }
         }
-        assert!(worst > 0.0039 && worst <= 1.0 / 254.0 * (1.0 + 1e-5), "{worst}");
+        assert!(
+            worst > 0.0039 && worst <= 1.0 / 254.0 * (1.0 + 1e-5),
+            "{worst}"
+        );
         Ok(())
     }
 

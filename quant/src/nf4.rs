@@ -53,7 +53,7 @@ pub const FP4_CODE: [f32; 16] = [
     0.0 / 12.0,
     0.0625 / 12.0,
     8.0 / 12.0,
-    12.0 / 12.0,
+    1.0, // 12 / 12
     4.0 / 12.0,
     6.0 / 12.0,
     2.0 / 12.0,
@@ -103,6 +103,9 @@ pub const FP4_THRESHOLDS: [f32; 7] = [
 
 /// FP4 magnitude rank (0 = smallest) to its 3-bit pattern.
 const FP4_RANK_TO_BITS: [u8; 8] = [0b000, 0b001, 0b110, 0b111, 0b100, 0b101, 0b010, 0b011];
+
+/// The largest block size (bitsandbytes' too).
+pub const MAX_BLOCK_SIZE: usize = 4096;
 
 /// Block sizes bitsandbytes' `quantize_4bit` accepts.
 pub const VALID_BLOCK_SIZES: [usize; 8] = [32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -172,11 +175,11 @@ impl std::fmt::Display for QuantType {
 
 #[inline(always)]
 fn nf4_index(x: f32) -> u8 {
-    let mut c = 0u8;
+    let mut c = 0u32;
     for t in NF4_THRESHOLDS {
-        c += (x > t) as u8;
+        c += (x > t) as u32;
     }
-    c
+    c as u8
 }
 
 #[inline(always)]
@@ -346,14 +349,14 @@ pub fn num_blocks(n: usize, block_size: usize) -> usize {
 /// Blockwise 4-bit quantization of `input` (flattened): returns the packed bytes
 /// (`ceil(n / 2)`, element `2j` in the high nibble) and the fp32 absmax per block.
 ///
-/// Errors if `block_size` is zero or odd (bitsandbytes' own sizes are checked by
-/// [`check_block_size`]).
+/// Errors if `block_size` is zero, odd or above [`MAX_BLOCK_SIZE`] (bitsandbytes' own sizes
+/// are checked by [`check_block_size`]).
 pub fn quantize_4bit<T: InElem>(
     input: &[T],
     block_size: usize,
     quant_type: QuantType,
 ) -> Result<(Vec<u8>, Vec<f32>)> {
-    if block_size == 0 || block_size % 2 != 0 {
+    if block_size == 0 || block_size % 2 != 0 || block_size > MAX_BLOCK_SIZE {
         return Err(Error::InvalidBlockSize(block_size));
     }
     let n = input.len();
@@ -379,22 +382,35 @@ pub fn quantize_4bit<T: InElem>(
     Ok((packed, absmax))
 }
 
-/// Quantizes one block into `out` (`ceil(x.len() / 2)` bytes); returns its absmax.
+/// `max |x|` over a block, ignoring NaN like CUDA's `fmaxf`. Computed on the magnitude bits
+/// (for non-NaN floats their integer order is the float order), which vectorizes.
+#[inline(always)]
+fn block_absmax<T: InElem>(x: &[T]) -> f32 {
+    let mut m = 0u32;
+    for &v in x {
+        let b = v.to_f32().to_bits() & 0x7FFF_FFFF;
+        let b = if b > 0x7F80_0000 { 0 } else { b };
+        m = m.max(b);
+    }
+    f32::from_bits(m)
+}
+
+/// Quantizes one block (at most [`MAX_BLOCK_SIZE`] elements) into `out` (`ceil(x.len() / 2)` bytes); returns
+/// its absmax. Codes go through a stack buffer so the code loop and the packing loop are simple
+/// enough to vectorize.
 #[inline(always)]
 fn quantize_block<T: InElem>(x: &[T], out: &mut [u8], index: impl Fn(f32) -> u8) -> f32 {
-    let mut absmax = 0f32;
-    for &v in x {
-        absmax = absmax.max(v.to_f32().abs());
-    }
+    let absmax = block_absmax(x);
     let inv = 1.0f32 / absmax.max(1e-38);
-    let (pairs, tail) = x.split_at(x.len() & !1);
-    for (o, p) in out.iter_mut().zip(pairs.chunks_exact(2)) {
-        let hi = index(p[0].to_f32() * inv);
-        let lo = index(p[1].to_f32() * inv);
-        *o = (hi << 4) | lo;
+    let mut codes = [0u8; MAX_BLOCK_SIZE + 2];
+    let len = x.len().min(MAX_BLOCK_SIZE);
+    for (c, &v) in codes[..len].iter_mut().zip(x) {
+        *c = index(v.to_f32() * inv);
     }
-    if let (Some(&v), Some(o)) = (tail.first(), out.last_mut()) {
-        *o = (index(v.to_f32() * inv) << 4) | index(0.0);
+    // an odd tail pairs with a 0.0, as the CUDA kernel's zero-filled load does
+    codes[len] = index(0.0);
+    for (o, p) in out.iter_mut().zip(codes[..len + 1].chunks_exact(2)) {
+        *o = (p[0] << 4) | p[1];
     }
     absmax
 }
@@ -568,7 +584,11 @@ mod tests {
         for &t in NF4_THRESHOLDS.iter().chain(FP4_THRESHOLDS.iter()) {
             for s in [1.0f32, -1.0] {
                 let t = t * s;
-                v.extend([t, f32::from_bits(t.to_bits() + 1), f32::from_bits(t.to_bits() - 1)]);
+                v.extend([
+                    t,
+                    f32::from_bits(t.to_bits() + 1),
+                    f32::from_bits(t.to_bits() - 1),
+                ]);
             }
         }
         for i in -20_000..=20_000 {
@@ -624,7 +644,10 @@ mod tests {
                     .iter()
                     .map(|&v| (v - x).abs())
                     .fold(f32::INFINITY, f32::min);
-                assert!(d_c <= d_min + 1e-6, "x={x}: code {c} off by {d_c} vs {d_min}");
+                assert!(
+                    d_c <= d_min + 1e-6,
+                    "x={x}: code {c} off by {d_c} vs {d_min}"
+                );
             }
         }
     }
@@ -663,7 +686,10 @@ mod tests {
         assert_eq!(a, vec![6.3, 0.25]);
         assert_eq!(p.len(), 40);
         let codes = unpack_codes(&p, 80);
-        assert!(codes[64..].iter().all(|&c| c == 0), "-0.25/0.25 = -1 -> code 0");
+        assert!(
+            codes[64..].iter().all(|&c| c == 0),
+            "-0.25/0.25 = -1 -> code 0"
+        );
         let mut out = vec![0f32; 80];
         dequantize_4bit_into(&p, &a, &NF4_CODE, 64, &mut out).unwrap();
         assert!(out[64..].iter().all(|&v| v == -0.25));
@@ -707,13 +733,38 @@ mod tests {
 
     #[test]
     fn bf16_input_equals_its_f32_widening() {
-        let x: Vec<f32> = (0..300).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let x: Vec<f32> = (0..300)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
         let xb: Vec<bf16> = x.iter().map(|&v| bf16::from_f32(v)).collect();
         let xw: Vec<f32> = xb.iter().map(|v| v.to_f32()).collect();
         assert_eq!(
             quantize_4bit(&xb, 64, QuantType::Nf4).unwrap(),
             quantize_4bit(&xw, 64, QuantType::Nf4).unwrap()
         );
+    }
+
+    #[test]
+    fn absmax_ignores_nan_like_fmaxf() {
+        let x = [0.5f32, f32::NAN, -3.0, 2.0, -f32::NAN, 1e-40];
+        assert_eq!(block_absmax(&x), 3.0);
+        assert_eq!(block_absmax(&[f32::NAN, f32::NAN]), 0.0);
+        assert_eq!(block_absmax(&[f32::NEG_INFINITY, 1.0]), f32::INFINITY);
+        let y: Vec<f32> = (0..777)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0)
+            .collect();
+        assert_eq!(block_absmax(&y), y.iter().fold(0f32, |m, v| m.max(v.abs())));
+    }
+
+    #[test]
+    fn largest_block_and_out_of_range_sizes() {
+        let x: Vec<f32> = (0..4097).map(|i| (i as f32).sin()).collect();
+        let (p, a) = quantize_4bit(&x, 4096, QuantType::Nf4).unwrap();
+        assert_eq!((p.len(), a.len()), (2049, 2));
+        assert_eq!(p[2048] & 0x0F, 7);
+        assert!(quantize_4bit(&x, 8192, QuantType::Nf4).is_err());
+        assert!(quantize_4bit(&x, 0, QuantType::Nf4).is_err());
+        assert!(quantize_4bit(&x, 63, QuantType::Nf4).is_err());
     }
 
     #[test]

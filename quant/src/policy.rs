@@ -93,7 +93,8 @@ mod tests {
             serde_json::to_string(&QuantPolicy::None).unwrap(),
             r#"{"method":"none"}"#
         );
-        let p: QuantPolicy = serde_json::from_str(r#"{"method":"nf4","double_quant":false}"#).unwrap();
+        let p: QuantPolicy =
+            serde_json::from_str(r#"{"method":"nf4","double_quant":false}"#).unwrap();
         assert_eq!(p, QuantPolicy::Nf4(Nf4Config::nf4_no_double_quant()));
         let p: QuantPolicy = serde_json::from_str(r#"{"method":"nf4"}"#).unwrap();
         assert_eq!(p, QuantPolicy::qlora());

@@ -5,6 +5,7 @@ use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape,
     Storage, Tensor, WithDType,
 };
+use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 
 use crate::config::Nf4Config;
@@ -295,7 +296,10 @@ impl Nf4Tensor {
             self.absmax_here()
         } else {
             let dev = self.device().clone();
-            Ok(self.to_device(&Device::Cpu)?.absmax_here()?.to_device(&dev)?)
+            Ok(self
+                .to_device(&Device::Cpu)?
+                .absmax_here()?
+                .to_device(&dev)?)
         }
     }
 
@@ -450,7 +454,9 @@ pub(crate) enum DenseSlice<'a> {
     F64(&'a mut [f64]),
 }
 
-/// Allocates `n` elements of `dtype` and lets `fill` write them.
+/// Allocates `n` zeroed elements of `dtype` and lets `fill` write them. The buffers come from
+/// the zeroing allocator (`vec![0; n]`, lazily zeroed pages for large sizes), so the page faults
+/// of a fresh output land in the parallel kernel instead of a serial fill.
 pub(crate) fn dense_output(
     dtype: DType,
     n: usize,
@@ -464,12 +470,12 @@ pub(crate) fn dense_output(
             CpuStorage::F32(v)
         }
         DType::BF16 => {
-            let mut v = vec![bf16::ZERO; n];
+            let mut v: Vec<bf16> = vec![0u16; n].reinterpret_into();
             fill(DenseSlice::BF16(&mut v)).map_err(e)?;
             CpuStorage::BF16(v)
         }
         DType::F16 => {
-            let mut v = vec![f16::ZERO; n];
+            let mut v: Vec<f16> = vec![0u16; n].reinterpret_into();
             fill(DenseSlice::F16(&mut v)).map_err(e)?;
             CpuStorage::F16(v)
         }

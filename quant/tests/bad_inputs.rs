@@ -40,7 +40,10 @@ fn load_err(m: &HashMap<String, Tensor>) -> Error {
 
 fn assert_names(e: &Error, tensor: &str) {
     let msg = e.to_string();
-    assert!(msg.contains(tensor), "message does not name `{tensor}`: {msg}");
+    assert!(
+        msg.contains(tensor),
+        "message does not name `{tensor}`: {msg}"
+    );
     assert!(msg.contains(FILE), "message does not name the file: {msg}");
 }
 
@@ -121,7 +124,10 @@ fn unknown_quant_type_and_missing_fields() {
     assert!(e.to_string().contains("nf5"), "{e}");
     assert_names(&e, &state_key());
     let json = json_of(&m).replace("\"dtype\": \"float32\", ", "");
-    assert_names(&load_err(&with_json(m.clone(), json.as_bytes())), &state_key());
+    assert_names(
+        &load_err(&with_json(m.clone(), json.as_bytes())),
+        &state_key(),
+    );
     let json = json_of(&m).replace("\"float32\"", "\"int4\"");
     assert_names(&load_err(&with_json(m, json.as_bytes())), &state_key());
 }

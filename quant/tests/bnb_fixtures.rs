@@ -21,7 +21,8 @@ fn load(name: &str) -> Map {
 }
 
 fn t<'a>(m: &'a Map, k: &str) -> &'a Tensor {
-    m.get(k).unwrap_or_else(|| panic!("fixture key {k} missing"))
+    m.get(k)
+        .unwrap_or_else(|| panic!("fixture key {k} missing"))
 }
 
 fn u8s(t: &Tensor) -> Vec<u8> {
@@ -86,12 +87,18 @@ fn check_nested(
     let d_off = (s.offset - ref_offset).abs();
     for (a, b) in ours.iter().zip(ref_nested) {
         let one_ulp = f32::from_bits(b.to_bits() + 1) - b;
-        assert!((a - b).abs() <= d_off + one_ulp, "{k}: nested absmax {a} vs {b}");
+        assert!(
+            (a - b).abs() <= d_off + one_ulp,
+            "{k}: nested absmax {a} vs {b}"
+        );
     }
     let centered: Vec<f32> = absmax.iter().map(|a| a - ref_offset).collect();
     let (codes, nested) =
         moe_peft_quant::dynamic::quantize_blockwise_8bit(&centered, dynamic_map(), 256).unwrap();
-    assert!(bit_equal(&nested, ref_nested), "{k}: nested absmax with the reference offset");
+    assert!(
+        bit_equal(&nested, ref_nested),
+        "{k}: nested absmax with the reference offset"
+    );
     assert_eq!(codes, ref_codes, "{k}: codes with the reference offset");
 }
 
@@ -105,10 +112,22 @@ fn quantize_matches_bnb_cpu_reference() {
         let original = t(&m, &format!("{k}.original"));
         let q = Nf4Tensor::quantize(original, &Nf4Config::default()).unwrap();
         assert_eq!(q.dims(), original.dims());
-        assert_eq!(u8s(q.packed()), u8s(t(&m, &format!("{k}.weight"))), "{k}: packed");
-        assert_eq!(q.codes().unwrap(), u8s(t(&m, &format!("{k}.codes"))), "{k}: codes");
+        assert_eq!(
+            u8s(q.packed()),
+            u8s(t(&m, &format!("{k}.weight"))),
+            "{k}: packed"
+        );
+        assert_eq!(
+            q.codes().unwrap(),
+            u8s(t(&m, &format!("{k}.codes"))),
+            "{k}: codes"
+        );
         let s = dq_state(&q);
-        assert_eq!(u8s(&s.codes), u8s(t(&m, &format!("{k}.weight.absmax"))), "{k}: absmax codes");
+        assert_eq!(
+            u8s(&s.codes),
+            u8s(t(&m, &format!("{k}.weight.absmax"))),
+            "{k}: absmax codes"
+        );
         assert_eq!(
             u8s(&s.codes),
             u8s(t(&m, &format!("{k}.canonical_map.weight.absmax"))),
@@ -128,7 +147,10 @@ fn quantize_matches_bnb_cpu_reference() {
         // the map we quantize with is the canonical one (CPU bnb overwrote entry 0 with -1.0)
         let stored_map = f32s(t(&m, &format!("{k}.weight.nested_quant_map")));
         assert_eq!(stored_map[0], -1.0);
-        assert!(bit_equal(&f32s(&s.map)[1..], &stored_map[1..]), "{k}: map entries 1..");
+        assert!(
+            bit_equal(&f32s(&s.map)[1..], &stored_map[1..]),
+            "{k}: map entries 1.."
+        );
         // dequantized with our own state vs numpy's canonical-map values (offset may differ 1 ulp)
         let ours = f32s(&q.dequantize(DType::F32).unwrap());
         let canon = f32s(t(&m, &format!("{k}.canonical_map.dequantized")));
@@ -136,17 +158,33 @@ fn quantize_matches_bnb_cpu_reference() {
         println!("{k}: our DQ quantize+dequantize vs canonical_map.dequantized max |diff| {d:e}, offset {off_ulps} ulp");
         assert!(d <= 1e-6, "{k}: {d}");
         if off_ulps == 0 {
-            assert!(bit_equal(&ours, &canon), "{k}: equal offsets must give equal values");
+            assert!(
+                bit_equal(&ours, &canon),
+                "{k}: equal offsets must give equal values"
+            );
         }
 
         // first level without double quant
         let nd = Nf4Tensor::quantize(original, &Nf4Config::nf4_no_double_quant()).unwrap();
-        assert_eq!(u8s(nd.packed()), u8s(t(&m, &format!("{k}.noDQ.weight"))), "{k}: noDQ packed");
+        assert_eq!(
+            u8s(nd.packed()),
+            u8s(t(&m, &format!("{k}.noDQ.weight"))),
+            "{k}: noDQ packed"
+        );
         let absmax = f32s(&nd.absmax_f32().unwrap());
-        assert!(bit_equal(&absmax, &f32s(t(&m, &format!("{k}.absmax_fp32")))), "{k}: absmax_fp32");
-        assert!(bit_equal(&absmax, &f32s(t(&m, &format!("{k}.noDQ.weight.absmax")))), "{k}: noDQ absmax");
+        assert!(
+            bit_equal(&absmax, &f32s(t(&m, &format!("{k}.absmax_fp32")))),
+            "{k}: absmax_fp32"
+        );
+        assert!(
+            bit_equal(&absmax, &f32s(t(&m, &format!("{k}.noDQ.weight.absmax")))),
+            "{k}: noDQ absmax"
+        );
         let dq = f32s(&nd.dequantize(DType::F32).unwrap());
-        assert!(bit_equal(&dq, &f32s(t(&m, &format!("{k}.noDQ.dequantized")))), "{k}: noDQ dequantized");
+        assert!(
+            bit_equal(&dq, &f32s(t(&m, &format!("{k}.noDQ.dequantized")))),
+            "{k}: noDQ dequantized"
+        );
     }
 }
 
@@ -159,7 +197,11 @@ fn load_bnb_cpu_state_is_bit_exact() {
     let file = format!("{NF4_DIR}/nf4_reference.safetensors");
     for k in MATRICES {
         for (prefix, deq_key, absmax_key) in [
-            (k.to_string(), format!("{k}.dequantized"), Some(format!("{k}.absmax_dequantized"))),
+            (
+                k.to_string(),
+                format!("{k}.dequantized"),
+                Some(format!("{k}.absmax_dequantized")),
+            ),
             (format!("{k}.noDQ"), format!("{k}.noDQ.dequantized"), None),
         ] {
             let q = Nf4Tensor::from_bnb_tensors(&prefix, &|key| m.get(key).cloned(), Some(&file))
@@ -169,9 +211,16 @@ fn load_bnb_cpu_state_is_bit_exact() {
             let deq = q.dequantize(DType::F32).unwrap();
             assert_eq!(deq.dims(), t(&m, &deq_key).dims());
             let (a, b) = (f32s(&deq), f32s(t(&m, &deq_key)));
-            assert!(bit_equal(&a, &b), "{prefix}: max diff {:e}", max_abs_diff(&a, &b));
+            assert!(
+                bit_equal(&a, &b),
+                "{prefix}: max diff {:e}",
+                max_abs_diff(&a, &b)
+            );
             if let Some(ak) = absmax_key {
-                assert!(bit_equal(&f32s(&q.absmax_f32().unwrap()), &f32s(t(&m, &ak))), "{ak}");
+                assert!(
+                    bit_equal(&f32s(&q.absmax_f32().unwrap()), &f32s(t(&m, &ak))),
+                    "{ak}"
+                );
             }
             for (key, tensor) in q.to_bnb_tensors(&prefix).unwrap() {
                 let reference = t(&m, &key);
@@ -199,14 +248,28 @@ fn quantize_matches_bnb_cuda() {
     for k in MATRICES {
         let original = t(&reference, &format!("{k}.original"));
         let q = Nf4Tensor::quantize(original, &Nf4Config::default()).unwrap();
-        assert_eq!(u8s(q.packed()), u8s(t(&m, &format!("{k}.weight"))), "{k}: packed");
+        assert_eq!(
+            u8s(q.packed()),
+            u8s(t(&m, &format!("{k}.weight"))),
+            "{k}: packed"
+        );
         let s = dq_state(&q);
-        assert_eq!(u8s(&s.codes), u8s(t(&m, &format!("{k}.weight.absmax"))), "{k}: absmax codes");
+        assert_eq!(
+            u8s(&s.codes),
+            u8s(t(&m, &format!("{k}.weight.absmax"))),
+            "{k}: absmax codes"
+        );
         assert!(
-            bit_equal(&f32s(&s.map), &f32s(t(&m, &format!("{k}.weight.nested_quant_map")))),
+            bit_equal(
+                &f32s(&s.map),
+                &f32s(t(&m, &format!("{k}.weight.nested_quant_map")))
+            ),
             "{k}: dynamic map"
         );
-        assert!(bit_equal(&dynamic_map()[..], &f32s(t(&m, &format!("{k}.weight.nested_quant_map")))));
+        assert!(bit_equal(
+            &dynamic_map()[..],
+            &f32s(t(&m, &format!("{k}.weight.nested_quant_map")))
+        ));
         assert!(
             bit_equal(q.code(), &f32s(t(&m, &format!("{k}.weight.quant_map")))),
             "{k}: quant_map"
@@ -228,10 +291,17 @@ fn quantize_matches_bnb_cuda() {
         println!("{k}: our DQ values vs CUDA bnb max |diff| {d:e} (offset {off_ulps} ulp apart)");
         assert!(d <= 1e-6, "{k}: {d}");
         if off_ulps == 0 {
-            assert!(bit_equal(&ours, &cuda), "{k}: equal offsets must give equal values");
+            assert!(
+                bit_equal(&ours, &cuda),
+                "{k}: equal offsets must give equal values"
+            );
         }
         let nd = Nf4Tensor::quantize(original, &Nf4Config::nf4_no_double_quant()).unwrap();
-        assert_eq!(u8s(nd.packed()), u8s(t(&m, &format!("{k}.noDQ.weight"))), "{k}: noDQ packed");
+        assert_eq!(
+            u8s(nd.packed()),
+            u8s(t(&m, &format!("{k}.noDQ.weight"))),
+            "{k}: noDQ packed"
+        );
         assert!(bit_equal(
             &f32s(&nd.absmax_f32().unwrap()),
             &f32s(t(&m, &format!("{k}.noDQ.weight.absmax")))
@@ -241,8 +311,12 @@ fn quantize_matches_bnb_cuda() {
             &f32s(t(&m, &format!("{k}.noDQ.dequantized")))
         ));
         // the CUDA file's own state
-        let loaded = Nf4Tensor::from_bnb_tensors(k, &|key| m.get(key).cloned(), Some(&file)).unwrap();
-        assert!(bit_equal(&f32s(&loaded.dequantize(DType::F32).unwrap()), &cuda), "{k}: load CUDA state");
+        let loaded =
+            Nf4Tensor::from_bnb_tensors(k, &|key| m.get(key).cloned(), Some(&file)).unwrap();
+        assert!(
+            bit_equal(&f32s(&loaded.dequantize(DType::F32).unwrap()), &cuda),
+            "{k}: load CUDA state"
+        );
         assert!(bit_equal(
             &f32s(&loaded.absmax_f32().unwrap()),
             &f32s(t(&m, &format!("{k}.absmax_dequantized")))

@@ -5,7 +5,8 @@ use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use moe_peft_quant::{DenseLinear, Int8Linear, Nf4Absmax, Nf4Config, Nf4Linear, Nf4Tensor};
 
 fn chain(l1: &dyn ModuleT, l2: &dyn ModuleT, x: &Tensor) -> candle_core::Result<Tensor> {
-    l2.forward_t(&l1.forward_t(x, true)?.tanh()?, true)?.sum_all()
+    l2.forward_t(&l1.forward_t(x, true)?.tanh()?, true)?
+        .sum_all()
 }
 
 /// `x → Nf4Linear → tanh → DenseLinear → sum` with `x` a `Var` (f32). The input gradient matches
@@ -44,7 +45,11 @@ fn nf4_linear_input_gradient_matches_finite_differences() -> anyhow::Result<()> 
         m[idx] -= eps;
         let fd = (f(&p)? - f(&m)?) / (2.0 * eps);
         let err = (gx[idx] as f64 - fd).abs();
-        assert!(err <= 1e-5 * (1.0 + fd.abs()), "x[{idx}]: grad {} vs fd {fd}", gx[idx]);
+        assert!(
+            err <= 1e-5 * (1.0 + fd.abs()),
+            "x[{idx}]: grad {} vs fd {fd}",
+            gx[idx]
+        );
         worst = worst.max(err);
     }
     println!("Nf4Linear chain: max |grad - finite difference| = {worst:e}");
@@ -53,8 +58,15 @@ fn nf4_linear_input_gradient_matches_finite_differences() -> anyhow::Result<()> 
     let dense1 = DenseLinear::new(q.dequantize(DType::F32)?);
     let xd = Var::from_tensor(&x0)?;
     let gd = chain(&dense1, &lin2, xd.as_tensor())?.backward()?;
-    let gd = gd.get(xd.as_tensor()).expect("grad").flatten_all()?.to_vec1::<f32>()?;
-    assert_eq!(gx, gd, "Nf4Linear and dense-of-dequantized give the same input gradient");
+    let gd = gd
+        .get(xd.as_tensor())
+        .expect("grad")
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert_eq!(
+        gx, gd,
+        "Nf4Linear and dense-of-dequantized give the same input gradient"
+    );
 
     // frozen: nothing but x (and intermediates) gets a gradient; none of the stored parts
     let mut parts = vec![lin1.weight().packed().clone()];
@@ -65,7 +77,10 @@ fn nf4_linear_input_gradient_matches_finite_differences() -> anyhow::Result<()> 
         assert!(grads.get(p).is_none(), "a stored part got a gradient");
         assert!(!grads.get_ids().any(|id| *id == p.id()));
     }
-    assert!(grads.get(lin2.weight()).is_none(), "dense frozen weight got a gradient");
+    assert!(
+        grads.get(lin2.weight()).is_none(),
+        "dense frozen weight got a gradient"
+    );
     Ok(())
 }
 

@@ -122,9 +122,9 @@ fn save_load_round_trip() -> anyhow::Result<()> {
     // the raw file has bitsandbytes' keys, dtypes and shapes
     let raw = candle_core::safetensors::load(&path, &dev)?;
     let p = "model.layers.0.mlp.down_proj.weight";
-    let n = 163 * 129;
+    let n: usize = 163 * 129;
     assert_eq!(raw[p].dtype(), DType::U8);
-    assert_eq!(raw[p].dims(), &[(n + 1) / 2, 1]);
+    assert_eq!(raw[p].dims(), &[n.div_ceil(2), 1]);
     assert_eq!(raw[&format!("{p}.absmax")].dtype(), DType::U8);
     assert_eq!(raw[&format!("{p}.absmax")].dims(), &[n.div_ceil(64)]);
     assert_eq!(raw[&format!("{p}.nested_absmax")].dims(), &[2]);
@@ -138,7 +138,8 @@ fn save_load_round_trip() -> anyhow::Result<()> {
     let q = "model.layers.0.self_attn.q_proj.weight";
     assert_eq!(raw[&format!("{q}.absmax")].dtype(), DType::F32);
     assert!(!raw.contains_key(&format!("{q}.nested_absmax")));
-    assert!(raw.contains_key("model.layers.1.mlp.experts.3.up_proj.weight.quant_state.bitsandbytes__fp4"));
+    assert!(raw
+        .contains_key("model.layers.1.mlp.experts.3.up_proj.weight.quant_state.bitsandbytes__fp4"));
     assert_eq!(raw.len(), 6 + 4 + 6 + 6 + 4 + 2);
     let header_len = u64::from_le_bytes(std::fs::read(&path)?[..8].try_into()?) as usize;
     let header: serde_json::Value =
@@ -167,7 +168,10 @@ fn save_load_round_trip() -> anyhow::Result<()> {
 fn save_refuses_duplicate_keys() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 1., (8, 8), &dev)?;
-    let quantized = BTreeMap::from([("p".to_string(), Nf4Tensor::quantize(&w, &Nf4Config::default())?)]);
+    let quantized = BTreeMap::from([(
+        "p".to_string(),
+        Nf4Tensor::quantize(&w, &Nf4Config::default())?,
+    )]);
     let dense = BTreeMap::from([("p.weight".to_string(), w)]);
     let dir = tempfile::tempdir()?;
     let err = save_bnb_safetensors(dir.path().join("x.safetensors"), &quantized, &dense)
@@ -250,6 +254,9 @@ fn bits_per_param_values() -> anyhow::Result<()> {
     assert_eq!(q.bits_per_param(), 4.5);
     // exact storage of this tensor: the formula plus the 64-byte code book
     let exact = 8.0 * q.storage_bytes() as f64 / q.numel() as f64;
-    assert!((exact - (4.5 + 512.0 / q.numel() as f64)).abs() < 1e-12, "{exact}");
+    assert!(
+        (exact - (4.5 + 512.0 / q.numel() as f64)).abs() < 1e-12,
+        "{exact}"
+    );
     Ok(())
 }

@@ -18,7 +18,8 @@ pub fn deepseek() -> TextTokenizer {
 
 /// The raw `tokenizers` tokenizer (no config, no BOS).
 pub fn raw() -> tokenizers::Tokenizer {
-    tokenizers::Tokenizer::from_file(fixture("tokenizer/tokenizer.json")).expect("raw tokenizer loads")
+    tokenizers::Tokenizer::from_file(fixture("tokenizer/tokenizer.json"))
+        .expect("raw tokenizer loads")
 }
 
 /// A JSON fixture.
@@ -38,5 +39,8 @@ pub fn ints(v: &serde_json::Value) -> Vec<i64> {
 
 /// A JSON array of integers as `Vec<u32>`.
 pub fn ids(v: &serde_json::Value) -> Vec<u32> {
-    ints(v).into_iter().map(|x| u32::try_from(x).expect("u32")).collect()
+    ints(v)
+        .into_iter()
+        .map(|x| u32::try_from(x).expect("u32"))
+        .collect()
 }

