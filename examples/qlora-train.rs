@@ -43,12 +43,10 @@ use common::{parse_bool, JsonLines};
     about = "LoRA/QLoRA fine-tuning of DeepSeekMoE (flags as DeepSeek-MoE finetune.py). Run with no arguments for a CPU demo."
 )]
 struct Args {
-    /// Local model directory (config.json + safetensors, optionally tokenizer.json).
-    #[arg(
-        long = "model_name_or_path",
-        default_value = "deepseek-ai/deepseek-moe-16b"
-    )]
-    model_name_or_path: PathBuf,
+    /// Local model directory (config.json + safetensors, optionally tokenizer.json). Without
+    /// it and without --data_path the built-in demo runs.
+    #[arg(long = "model_name_or_path")]
+    model_name_or_path: Option<PathBuf>,
     /// Training data: parquet, JSONL or JSON (comma-separated list, or a directory).
     #[arg(long = "data_path")]
     data_path: Option<String>,
@@ -185,36 +183,75 @@ struct Args {
 }
 
 impl Args {
-    /// The settings of the no-argument demo.
-    fn demo() -> Self {
-        let mut a = Args::parse_from(["qlora-train"]);
-        a.use_lora = true;
-        a.bits = 4;
-        a.lora_r = 16;
-        a.lora_alpha = 32.0;
-        a.lora_dropout = 0.05;
-        a.modules_to_save = "embed_tokens,lm_head".into();
-        a.learning_rate = 3e-3;
-        a.lr_scheduler_type = "cosine".into();
-        a.warmup_steps = 5;
-        a.max_steps = 60;
-        a.per_device_train_batch_size = 8;
-        a.model_max_length = 128;
-        a.logging_steps = 10.0;
-        a.save_steps = 30.0;
-        a.max_grad_norm = 0.3;
-        a.gradient_checkpointing = true;
-        a
+    /// The demo's settings for every flag not given on the command line.
+    fn apply_demo_defaults(&mut self, m: &clap::ArgMatches) {
+        let given = |id: &str| m.value_source(id) == Some(clap::parser::ValueSource::CommandLine);
+        if !given("use_lora") {
+            self.use_lora = true;
+        }
+        if !given("bits") {
+            self.bits = 4;
+        }
+        if !given("lora_r") {
+            self.lora_r = 16;
+        }
+        if !given("lora_alpha") {
+            self.lora_alpha = 32.0;
+        }
+        if !given("lora_dropout") {
+            self.lora_dropout = 0.05;
+        }
+        if !given("modules_to_save") {
+            self.modules_to_save = "embed_tokens,lm_head".into();
+        }
+        if !given("learning_rate") {
+            self.learning_rate = 3e-3;
+        }
+        if !given("lr_scheduler_type") {
+            self.lr_scheduler_type = "cosine".into();
+        }
+        if !given("warmup_steps") {
+            self.warmup_steps = 5;
+        }
+        if !given("max_steps") {
+            self.max_steps = 60;
+        }
+        if !given("per_device_train_batch_size") {
+            self.per_device_train_batch_size = 8;
+        }
+        if !given("model_max_length") {
+            self.model_max_length = 128;
+        }
+        if !given("logging_steps") {
+            self.logging_steps = 10.0;
+        }
+        if !given("save_steps") {
+            self.save_steps = 30.0;
+        }
+        if !given("max_grad_norm") {
+            self.max_grad_norm = 0.3;
+        }
+        if !given("gradient_checkpointing") {
+            self.gradient_checkpointing = true;
+        }
     }
 }
 
 fn main() {
-    let demo = std::env::args().len() == 1;
-    let args = if demo { Args::demo() } else { Args::parse() };
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Args::command().get_matches();
+    let mut args = match Args::from_arg_matches(&matches) {
+        Ok(a) => a,
+        Err(e) => e.exit(),
+    };
+    let demo = args.model_name_or_path.is_none() && args.data_path.is_none();
+    if demo {
+        args.apply_demo_defaults(&matches);
+    }
     match run(args, demo) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", common::error_text(&e));
             std::process::exit(1);
         }
     }
@@ -290,14 +327,14 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     } else {
         QuantPolicy::None
     };
-    let dtype = common::compute_dtype(args.bf16);
+    let dtype = common::compute_dtype(args.bf16, &device);
 
     let out = match (&args.output_dir, demo) {
         (Some(o), _) => o.clone(),
         (None, true) => std::env::temp_dir().join("moe-peft-demo"),
         (None, false) => bail!("--output_dir is required"),
     };
-    if demo && out.exists() {
+    if demo && args.output_dir.is_none() && out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
     std::fs::create_dir_all(&out)
@@ -343,14 +380,17 @@ fn run(args: Args, demo: bool) -> Result<i32> {
             args.seed,
         )?;
         let base_dir = out.join("base");
+        let (_, tok_dir) = common::load_tokenizer(None, &out)?;
         moe_peft::lora::export_hf(
             &dense,
             &base_dir,
             &ExportOptions {
                 dtype: DType::F32,
+                extra_files: common::tokenizer_files(&tok_dir),
                 ..Default::default()
             },
         )?;
+        std::fs::remove_dir_all(&tok_dir).ok();
         drop(dense);
         println!(
             "demo: tiny random DeepSeekMoE ({} parameters: {} layers, {} routed experts top-{}, {} shared) written to {}",
@@ -366,8 +406,11 @@ fn run(args: Args, demo: bool) -> Result<i32> {
             Some(base_dir),
         )
     } else {
-        let m = common::load_model(&args.model_name_or_path, &opts)?;
-        (m, Some(args.model_name_or_path.clone()))
+        let dir = args
+            .model_name_or_path
+            .clone()
+            .unwrap_or_else(|| "deepseek-ai/deepseek-moe-16b".into());
+        (common::load_model(&dir, &opts)?, Some(dir))
     };
     println!(
         "model: {} parameters, dtype {:?}, base {}",
@@ -563,7 +606,10 @@ fn run(args: Args, demo: bool) -> Result<i32> {
             Ok(m) => m,
             Err(e) => {
                 bar.abandon();
-                bail!("{e}; the last checkpoint in {} is intact", out.display());
+                let last = latest_checkpoint(&out)
+                    .map(|p| format!("the last checkpoint, {}, is intact", p.display()))
+                    .unwrap_or_else(|| "no checkpoint had been written yet".into());
+                bail!("{}; {last}", common::error_text(&anyhow::Error::from(e)));
             }
         };
         let epoch = loader.state().steps as f64 / loader.steps_per_epoch().max(1) as f64;

@@ -125,13 +125,37 @@ pub fn to_train_batch(b: &Batch, device: &Device) -> Result<TrainBatch> {
     )?)
 }
 
-/// The activation dtype for `--bf16`.
-pub fn compute_dtype(bf16: bool) -> DType {
-    if bf16 {
-        DType::BF16
-    } else {
+/// The activation dtype for `--bf16` on `device`. candle's CPU matmul has no bf16 kernel, so
+/// on the CPU `--bf16` computes in f32 (and says so).
+pub fn compute_dtype(bf16: bool, device: &Device) -> DType {
+    if !bf16 {
         DType::F32
+    } else if device.is_cpu() {
+        eprintln!(
+            "note: --bf16 on the CPU computes in f32 (candle's CPU matmul has no bf16 kernel)"
+        );
+        DType::F32
+    } else {
+        DType::BF16
     }
+}
+
+/// An error chain as one message, without the backtraces candle attaches when
+/// `RUST_BACKTRACE` is set.
+pub fn error_text(e: &anyhow::Error) -> String {
+    let full = format!("{e:#}");
+    let mut out = Vec::new();
+    for line in full.lines() {
+        let t = line.trim_start();
+        let frame = t
+            .split_once(": ")
+            .is_some_and(|(n, _)| n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty());
+        if frame || t.starts_with("at ") || t == "stack backtrace:" {
+            continue;
+        }
+        out.push(line);
+    }
+    out.join("\n").trim().to_string()
 }
 
 /// The tiny DeepSeekMoE of the embedded demo (real layout, DeepSeek's vocabulary).
@@ -226,4 +250,72 @@ pub fn loss_svg(points: &[(usize, f64)], title: &str) -> String {
         pts.join(" ")
     ));
     s
+}
+
+/// A base model with, optionally, a PEFT adapter directory applied.
+pub enum Loaded {
+    /// The base alone.
+    Base(DeepSeekMoe),
+    /// Base + adapter.
+    Adapted(Box<moe_peft::lora::LoraModel>),
+}
+
+impl Loaded {
+    /// The model to run.
+    pub fn model(&self) -> &DeepSeekMoe {
+        match self {
+            Self::Base(m) => m,
+            Self::Adapted(l) => l.model(),
+        }
+    }
+}
+
+/// Loads `model_dir` and, if given, the PEFT adapter in `adapter` (its `adapter_config.json`
+/// and `adapter_model.safetensors`).
+pub fn load_with_adapter(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    opts: &LoadOptions,
+) -> Result<Loaded> {
+    if let Some(a) = adapter {
+        if !a.join("adapter_config.json").exists() {
+            bail!(
+                "--adapter {}: no adapter_config.json there (a PEFT adapter directory is expected)",
+                a.display()
+            );
+        }
+    }
+    let base = load_model(model_dir, opts)?;
+    Ok(match adapter {
+        None => Loaded::Base(base),
+        Some(a) => Loaded::Adapted(Box::new(
+            moe_peft::lora::LoraModel::from_pretrained(base, a)
+                .with_context(|| format!("applying the adapter in {}", a.display()))?,
+        )),
+    })
+}
+
+/// Parses sizes such as `5GB`, `500MB`, `1GiB` or a plain byte count.
+pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        u => {
+            return Err(format!(
+                "bad size unit {u:?} in {s:?} (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
+    };
+    Ok((n * mult) as usize)
 }

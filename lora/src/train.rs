@@ -436,14 +436,12 @@ impl Trainer {
 
     /// Mean loss of a batch without gradients or dropout: `(sum of token NLLs, tokens)`.
     pub fn evaluate(&self, batch: &TrainBatch) -> Result<(f64, usize)> {
-        let model = self.lora.model();
-        let (b, s) = batch.input_ids.dims2()?;
-        let ctx = model.context(b, s, 0, Some(&batch.attention_mask), false)?;
-        let mut h = model.embed(&batch.input_ids)?;
-        for layer in &model.layers {
-            h = layer.forward(&h, &ctx, None)?.hidden;
-        }
-        let l = model.lm_loss(&h, &batch.labels)?;
+        let (l, _) = self.lora.model().loss(
+            &batch.input_ids,
+            Some(&batch.attention_mask),
+            &batch.labels,
+            false,
+        )?;
         Ok((
             l.loss.to_scalar::<f32>()? as f64 * l.n_tokens as f64,
             l.n_tokens,

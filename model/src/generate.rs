@@ -19,6 +19,8 @@ pub struct GenerateOptions {
     pub seed: u64,
     /// Stop when this token is produced (it is included in the output).
     pub eos_token_id: Option<u32>,
+    /// Stop when the output ends with one of these token sequences (included in the output).
+    pub stop_sequences: Vec<Vec<u32>>,
 }
 
 impl Default for GenerateOptions {
@@ -29,6 +31,7 @@ impl Default for GenerateOptions {
             top_p: 1.0,
             seed: 0,
             eos_token_id: None,
+            stop_sequences: Vec::new(),
         }
     }
 }
@@ -117,7 +120,12 @@ impl DeepSeekMoe {
                 .to_vec1()?;
             let tok = sample(&row, opts, &mut rng);
             out.push(tok);
-            if Some(tok) == opts.eos_token_id {
+            if Some(tok) == opts.eos_token_id
+                || opts
+                    .stop_sequences
+                    .iter()
+                    .any(|s| !s.is_empty() && out.ends_with(s))
+            {
                 break;
             }
             next = Tensor::new(&[tok], self.device())?.unsqueeze(0)?;

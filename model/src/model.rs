@@ -459,6 +459,27 @@ impl DeepSeekMoe {
         Ok(LossOutput { loss, n_tokens: n })
     }
 
+    /// Forward pass and causal-LM loss of a batch (fused chunked head, see [`Self::lm_loss`]).
+    /// Returns the loss and, in training mode, the MoE balancing losses.
+    pub fn loss(
+        &self,
+        ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+        train: bool,
+    ) -> Result<(LossOutput, Vec<Tensor>)> {
+        let (b, s) = self.check_ids(ids)?;
+        let ctx = self.context(b, s, 0, attention_mask, train)?;
+        let mut h = self.embed(ids)?;
+        let mut aux = Vec::new();
+        for layer in &self.layers {
+            let out = layer.forward(&h, &ctx, None)?;
+            h = out.hidden;
+            aux.extend(out.aux_loss);
+        }
+        Ok((self.lm_loss(&h, labels)?, aux))
+    }
+
     fn check_ids(&self, ids: &Tensor) -> Result<(usize, usize)> {
         let (b, s) = ids.dims2().map_err(|_| {
             Error::InvalidInput(format!(

@@ -1,0 +1,119 @@
+//! `generate`: continue a prompt with a DeepSeekMoE (+ optional PEFT adapter), greedy or
+//! temperature + top-p sampling, with a KV cache. The prompt is wrapped in DeepSeek's chat
+//! template (`User: …\n\nAssistant:`), the reference fine-tuning template, or sent raw.
+
+mod common;
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use moe_peft::data::{REFERENCE_EOT, REFERENCE_SYSTEM_PROMPT};
+use moe_peft::model::{GenerateOptions, LoadOptions};
+
+use common::parse_bool;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "generate",
+    about = "Generate text with a DeepSeekMoE (+ adapter)"
+)]
+struct Args {
+    /// Local model directory.
+    #[arg(long = "model_name_or_path")]
+    model_name_or_path: PathBuf,
+    /// PEFT adapter directory.
+    #[arg(long = "adapter")]
+    adapter: Option<PathBuf>,
+    /// The user message (or raw text with --template raw).
+    #[arg(long = "prompt")]
+    prompt: String,
+    /// chat (DeepSeek chat template), reference (finetune.py template) or raw.
+    #[arg(long = "template", default_value = "chat")]
+    template: String,
+    /// Most new tokens.
+    #[arg(long = "max_new_tokens", default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long = "temperature", default_value_t = 0.0)]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long = "top_p", default_value_t = 1.0)]
+    top_p: f64,
+    /// Sampling seed.
+    #[arg(long = "seed", default_value_t = 0)]
+    seed: u64,
+    /// Base precision: 4, 8, 16 or 32.
+    #[arg(long = "bits", default_value_t = 16)]
+    bits: u32,
+    /// nf4 or fp4.
+    #[arg(long = "quant_type", default_value = "nf4")]
+    quant_type: String,
+    /// bf16 activations.
+    #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    bf16: bool,
+    /// Run on the CPU even when a GPU is available.
+    #[arg(long = "cpu", default_value_t = false)]
+    cpu: bool,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {}", common::error_text(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = common::select_device(args.cpu);
+    eprintln!("generate: device {}", common::device_name(&device));
+    let text = match args.template.as_str() {
+        "chat" => format!("User: {}\n\nAssistant:", args.prompt),
+        "reference" => format!(
+            "{REFERENCE_SYSTEM_PROMPT}\n### Instruction:\n{}\n### Response:\n",
+            moe_peft::data::py_strip(&args.prompt)
+        ),
+        "raw" => args.prompt.clone(),
+        t => bail!("--template {t}: expected chat, reference or raw"),
+    };
+    let opts = LoadOptions {
+        dtype: common::compute_dtype(args.bf16, &device),
+        device,
+        quant: common::quant_policy(args.bits, &args.quant_type, true)?,
+    };
+    let loaded =
+        common::load_with_adapter(&args.model_name_or_path, args.adapter.as_deref(), &opts)?;
+    let model = loaded.model();
+    let scratch = std::env::temp_dir().join(format!("moe-peft-gen-{}", std::process::id()));
+    let tok_dir = [
+        Some(args.model_name_or_path.as_path()),
+        args.adapter.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .find(|d| d.join("tokenizer.json").exists());
+    let (tok, _) = common::load_tokenizer(tok_dir, &scratch)?;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let ids = tok.encode(&text)?;
+    let mut stops = Vec::new();
+    if args.template == "reference" {
+        stops.push(tok.encode_raw(&format!("\n{REFERENCE_EOT}"))?);
+        stops.push(tok.encode_raw(REFERENCE_EOT)?);
+    }
+    let out = model.generate(
+        &ids,
+        &GenerateOptions {
+            max_new_tokens: args.max_new_tokens,
+            temperature: args.temperature,
+            top_p: args.top_p,
+            seed: args.seed,
+            eos_token_id: tok.eos_id(),
+            stop_sequences: stops,
+        },
+    )?;
+    let text = tok.decode(&out, true)?;
+    let text = text.trim_end_matches(REFERENCE_EOT).trim_end();
+    println!("{text}");
+    eprintln!("({} prompt tokens, {} new tokens)", ids.len(), out.len());
+    Ok(())
+}
