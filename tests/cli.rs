@@ -1,0 +1,420 @@
+//! End to end through the command-line programs on the tiny demo model: train → checkpoint →
+//! resume → PEFT adapter → evaluate → merge → evaluate merged → generate, the reference's README
+//! command line, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn example(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test> → target/<profile>/examples/<name>
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile dir");
+    let p = dir.join("examples").join(name);
+    assert!(
+        p.exists(),
+        "{} is not built (cargo test builds the examples)",
+        p.display()
+    );
+    p
+}
+
+fn run(name: &str, args: &[&str]) -> Output {
+    Command::new(example(name))
+        .args(args)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("spawn")
+}
+
+fn ok(name: &str, args: &[&str]) -> String {
+    let o = run(name, args);
+    let stdout = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        o.status.success(),
+        "{name} {args:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    stdout
+}
+
+fn fails(name: &str, args: &[&str], needle: &str) {
+    let o = run(name, args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{name} {args:?} should fail");
+    assert!(
+        err.contains(needle),
+        "{name} {args:?}: stderr lacks {needle:?}:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked"),
+        "{name} {args:?} panicked:\n{err}"
+    );
+    assert!(
+        !err.contains("stack backtrace") && !err.contains("   0: "),
+        "backtrace shown:\n{err}"
+    );
+}
+
+fn eval_loss(args: &[&str]) -> f64 {
+    let out = ok("evaluate", args);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("evaluate prints JSON");
+    v["loss"].as_f64().expect("loss")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn train_resume_evaluate_merge_generate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    let common = [
+        "--max_steps",
+        "12",
+        "--save_steps",
+        "6",
+        "--report_to",
+        "tensorboard",
+    ];
+    let mut args_a = vec!["--output_dir", s(&a)];
+    args_a.extend(common);
+    let out = ok("qlora-train", &args_a);
+    assert!(out.contains("merged export"), "{out}");
+    for f in [
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "metrics.jsonl",
+        "loss_curve.svg",
+        "completed",
+    ] {
+        assert!(a.join(f).exists(), "{f} missing");
+    }
+    assert!(a.join("checkpoint-6").is_dir() && a.join("checkpoint-12").is_dir());
+    assert!(a.join("merged/config.json").exists() && a.join("base/model.safetensors").exists());
+    assert!(
+        std::fs::read_dir(a.join("runs")).unwrap().count() == 1,
+        "one TensorBoard event file"
+    );
+
+    // PEFT layout.
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 16);
+    let st = candle_core::safetensors::load(
+        a.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(st.keys().all(|k| k.starts_with("base_model.model.")));
+    assert!(st.contains_key("base_model.model.model.layers.2.mlp.experts.5.up_proj.lora_A.weight"));
+    assert!(st.contains_key("base_model.model.model.embed_tokens.weight"));
+
+    // Same run, interrupted after checkpoint-6 (later state removed), then resumed by running
+    // the same command again: the final adapter is byte-identical.
+    let mut args_b = vec!["--output_dir", s(&b)];
+    args_b.extend(common);
+    ok("qlora-train", &args_b);
+    for f in [
+        "checkpoint-12",
+        "completed",
+        "adapter_model.safetensors",
+        "adapter_config.json",
+    ] {
+        let p = b.join(f);
+        if p.is_dir() {
+            std::fs::remove_dir_all(p).unwrap();
+        } else {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let out = ok("qlora-train", &args_b);
+    assert!(
+        out.contains("resuming from") && out.contains("checkpoint-6"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(b.join("adapter_model.safetensors")).unwrap(),
+        "resumed run ends with a different adapter"
+    );
+    let ma = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    let loss = |m: &str, step: u64| -> f64 {
+        m.lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v["step"] == step)
+            .last()
+            .unwrap()["loss"]
+            .as_f64()
+            .unwrap()
+    };
+    for step in 7..=12 {
+        assert_eq!(loss(&ma, step), loss(&mb, step), "step {step}");
+    }
+
+    // Evaluate: the adapter lowers the loss; merged = adapter.
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.jsonl"
+    );
+    let base = a.join("base");
+    let e = [
+        "--data_path",
+        data,
+        "--model_max_length",
+        "128",
+        "--bits",
+        "4",
+    ];
+    let mut base_args = vec!["--model_name_or_path", s(&base)];
+    base_args.extend(e);
+    let l_base = eval_loss(&base_args);
+    let mut ad_args = base_args.clone();
+    ad_args.extend(["--adapter", s(&a)]);
+    let l_adapter = eval_loss(&ad_args);
+    assert!(
+        l_adapter < l_base - 1.0,
+        "adapter {l_adapter} vs base {l_base}"
+    );
+    let merged = tmp.path().join("merged");
+    ok(
+        "merge-adapter",
+        &[
+            "--model_name_or_path",
+            s(&base),
+            "--adapter",
+            s(&a),
+            "--output_dir",
+            s(&merged),
+            "--bits",
+            "4",
+            "--dtype",
+            "f32",
+            "--max_shard_size",
+            "20MB",
+        ],
+    );
+    assert!(
+        merged.join("model.safetensors.index.json").exists(),
+        "sharded export"
+    );
+    let l_merged = eval_loss(&[
+        "--model_name_or_path",
+        s(&merged),
+        "--data_path",
+        data,
+        "--model_max_length",
+        "128",
+    ]);
+    assert!(
+        (l_merged - l_adapter).abs() < 1e-4,
+        "merged {l_merged} vs adapter {l_adapter}"
+    );
+
+    // Generate runs with a KV cache, greedy and sampled.
+    ok(
+        "generate",
+        &[
+            "--model_name_or_path",
+            s(&base),
+            "--adapter",
+            s(&a),
+            "--bits",
+            "4",
+            "--prompt",
+            "Repeat the words: red cat",
+            "--template",
+            "reference",
+            "--max_new_tokens",
+            "8",
+        ],
+    );
+    ok(
+        "generate",
+        &[
+            "--model_name_or_path",
+            s(&merged),
+            "--prompt",
+            "Hello",
+            "--temperature",
+            "0.8",
+            "--top_p",
+            "0.9",
+            "--max_new_tokens",
+            "8",
+        ],
+    );
+
+    // The reference README's QLoRA command, program name replaced, with --max_steps.
+    let parquet = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.parquet"
+    );
+    let r = tmp.path().join("reference");
+    let out = ok(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            s(&base),
+            "--data_path",
+            parquet,
+            "--output_dir",
+            s(&r),
+            "--num_train_epochs",
+            "3",
+            "--model_max_length",
+            "1024",
+            "--per_device_train_batch_size",
+            "16",
+            "--per_device_eval_batch_size",
+            "1",
+            "--gradient_accumulation_steps",
+            "4",
+            "--evaluation_strategy",
+            "no",
+            "--save_strategy",
+            "steps",
+            "--save_steps",
+            "100",
+            "--save_total_limit",
+            "100",
+            "--learning_rate",
+            "2e-5",
+            "--warmup_steps",
+            "10",
+            "--logging_steps",
+            "1",
+            "--lr_scheduler_type",
+            "cosine",
+            "--gradient_checkpointing",
+            "True",
+            "--report_to",
+            "tensorboard",
+            "--deepspeed",
+            "configs/ds_config_zero2_no_offload.json",
+            "--bf16",
+            "True",
+            "--use_lora",
+            "True",
+            "--bits",
+            "4",
+            "--max_grad_norm",
+            "0.3",
+            "--double_quant",
+            "--lora_r",
+            "64",
+            "--lora_alpha",
+            "16",
+            "--quant_type",
+            "nf4",
+            "--max_steps",
+            "1",
+        ],
+    );
+    assert!(
+        out.contains("--deepspeed") && out.contains("ignored"),
+        "{out}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(r.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["r"], 64);
+    assert_eq!(cfg["lora_alpha"], 16.0);
+}
+
+#[test]
+fn bad_command_lines_give_one_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("o");
+    let o = s(&out);
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/tiny_deepseek_moe");
+    fails(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            model,
+            "--data_path",
+            "/nonexistent/data.parquet",
+            "--output_dir",
+            o,
+        ],
+        "/nonexistent/data.parquet",
+    );
+    fails(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            "/nonexistent/model",
+            "--data_path",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fixtures/data/tiny_instruct.jsonl"
+            ),
+            "--output_dir",
+            o,
+        ],
+        "not a local directory",
+    );
+    fails(
+        "qlora-train",
+        &["--output_dir", o, "--bits", "5", "--max_steps", "1"],
+        "--bits 5",
+    );
+    fails(
+        "qlora-train",
+        &["--output_dir", o, "--quant_type", "nf8", "--max_steps", "1"],
+        "--quant_type",
+    );
+    fails(
+        "qlora-train",
+        &["--output_dir", o, "--lr_scheduler_type", "triangle"],
+        "--lr_scheduler_type",
+    );
+    fails(
+        "qlora-train",
+        &["--output_dir", o, "--learning_rate", "fast"],
+        "--learning_rate",
+    );
+    fails(
+        "qlora-train",
+        &["--output_dir", o, "--bf16", "maybe"],
+        "--bf16",
+    );
+    let file = tmp.path().join("plain-file");
+    std::fs::write(&file, b"x").unwrap();
+    fails(
+        "qlora-train",
+        &["--output_dir", s(&file.join("sub")), "--max_steps", "1"],
+        "--output_dir",
+    );
+    fails(
+        "evaluate",
+        &[
+            "--model_name_or_path",
+            model,
+            "--data_path",
+            "/nonexistent.jsonl",
+        ],
+        "/nonexistent.jsonl",
+    );
+    fails(
+        "merge-adapter",
+        &[
+            "--model_name_or_path",
+            model,
+            "--adapter",
+            o,
+            "--output_dir",
+            o,
+        ],
+        "adapter_config.json",
+    );
+}
