@@ -1,5 +1,11 @@
-//! moe-peft: LoRA and QLoRA fine-tuning of Mixture-of-Experts models on candle.
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+/// Instruction data: readers, templates, tokenization, masking, batching.
 pub use moe_peft_data as data;
+/// Adapters, training, PEFT files, merge and export.
 pub use moe_peft_lora as lora;
+/// DeepSeekMoE in candle.
 pub use moe_peft_model as model;
+/// bitsandbytes-compatible NF4/FP4/int8 frozen weights and linear layers.
 pub use moe_peft_quant as quant;
