@@ -418,3 +418,30 @@ fn bad_command_lines_give_one_clear_error() {
         "adapter_config.json",
     );
 }
+
+#[test]
+fn bench_runs_on_the_cpu_with_the_small_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    let json = tmp.path().join("bench.json");
+    let out = ok(
+        "qlora-bench",
+        &[
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "32",
+            "--steps",
+            "2",
+            "--cpu",
+            "--json",
+            s(&json),
+        ],
+    );
+    assert!(out.contains("RESULT"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["steps"].as_array().unwrap().len(), 2);
+}

@@ -24,6 +24,6 @@ pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};
 pub use optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig, Schedule};
 pub use train::{
-    latest_checkpoint, list_checkpoints, MicroGrads, StepMetrics, TrainBatch, TrainConfig, Trainer,
-    TrainerState, OPTIMIZER_STATE, TRAINER_STATE,
+    latest_checkpoint, list_checkpoints, MicroGrads, PhaseTimes, StepMetrics, TrainBatch,
+    TrainConfig, Trainer, TrainerState, OPTIMIZER_STATE, TRAINER_STATE,
 };

@@ -97,6 +97,9 @@ pub struct TrainConfig {
     pub max_steps: usize,
     /// Seed of adapter initialization, dropout and data order.
     pub seed: u64,
+    /// Time the phases of each step (synchronizing the device between them).
+    #[serde(skip)]
+    pub profile: bool,
 }
 
 impl Default for TrainConfig {
@@ -115,6 +118,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             max_steps: 1,
             seed: 42,
+            profile: false,
         }
     }
 }
@@ -186,6 +190,22 @@ pub struct StepMetrics {
     pub seconds: f64,
     /// `tokens / seconds`.
     pub tokens_per_second: f64,
+    /// Seconds per phase, when [`TrainConfig::profile`] is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phases: Option<PhaseTimes>,
+}
+
+/// Where a step's time went (device synchronized at each boundary).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTimes {
+    /// Embedding and the layer-by-layer forward (no graph kept with checkpointing).
+    pub forward: f64,
+    /// Final norm, LM head and loss, forward and backward.
+    pub head: f64,
+    /// Recompute + backward of the decoder layers (the whole backward without checkpointing).
+    pub backward: f64,
+    /// Clipping and the AdamW update.
+    pub optimizer: f64,
 }
 
 /// Gradients of one micro-batch.
@@ -222,6 +242,7 @@ pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 /// Trains a [`LoraModel`].
 #[derive(Debug)]
 pub struct Trainer {
+    phases: std::cell::RefCell<PhaseTimes>,
     lora: LoraModel,
     cfg: TrainConfig,
     opt: AdamW,
@@ -245,6 +266,7 @@ impl Trainer {
             },
         )?;
         Ok(Self {
+            phases: Default::default(),
             lora,
             cfg,
             opt,
@@ -279,6 +301,16 @@ impl Trainer {
         self.global_step
     }
 
+    /// Adds the time since `*t` to a phase (synchronizing first) when profiling.
+    fn lap(&self, t: &mut Instant, phase: fn(&mut PhaseTimes) -> &mut f64) -> Result<()> {
+        if self.cfg.profile {
+            self.lora.model().device().synchronize()?;
+            *phase(&mut self.phases.borrow_mut()) += t.elapsed().as_secs_f64();
+            *t = Instant::now();
+        }
+        Ok(())
+    }
+
     fn collect(&self, gs: &GradStore, acc: &mut [Option<Tensor>]) -> Result<()> {
         for (i, (_, v)) in self.vars.iter().enumerate() {
             if let Some(g) = gs.get(v.as_tensor()) {
@@ -297,6 +329,7 @@ impl Trainer {
         self.lora.dropout_state().set_step(self.micro_step);
         let (b, s) = batch.input_ids.dims2()?;
         let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        let mut t = Instant::now();
         let ctx = model.context(b, s, 0, Some(&batch.attention_mask), true)?;
         let h0 = model.embed(&batch.input_ids)?;
         if !self.cfg.gradient_checkpointing {
@@ -319,8 +352,10 @@ impl Trainer {
                 aux = a.to_scalar::<f32>()? as f64;
                 obj = (obj + a)?;
             }
+            self.lap(&mut t, |p| &mut p.forward)?;
             let gs = obj.backward()?;
             self.collect(&gs, &mut acc)?;
+            self.lap(&mut t, |p| &mut p.backward)?;
             return Ok(MicroGrads {
                 loss: loss.loss.to_scalar::<f32>()? as f64,
                 aux_loss: aux,
@@ -340,10 +375,12 @@ impl Trainer {
             }
             h = out.hidden.detach();
         }
+        self.lap(&mut t, |p| &mut p.forward)?;
         let hv = Var::from_tensor(&h)?;
         let loss = model.lm_loss(hv.as_tensor(), &batch.labels)?;
         let gs = (&loss.loss * scale)?.backward()?;
         self.collect(&gs, &mut acc)?;
+        self.lap(&mut t, |p| &mut p.head)?;
         let mut g = gs
             .get(hv.as_tensor())
             .cloned()
@@ -368,6 +405,7 @@ impl Trainer {
             let gs = (h0 * &g)?.sum_all()?.backward()?;
             self.collect(&gs, &mut acc)?;
         }
+        self.lap(&mut t, |p| &mut p.backward)?;
         Ok(MicroGrads {
             loss: loss.loss.to_scalar::<f32>()? as f64,
             aux_loss: aux,
@@ -385,6 +423,7 @@ impl Trainer {
             ));
         }
         let start = Instant::now();
+        *self.phases.borrow_mut() = PhaseTimes::default();
         let scale = 1.0 / micro.len() as f64;
         let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let (mut loss, mut aux, mut tokens, mut targets) = (0.0, 0.0, 0, 0);
@@ -410,6 +449,7 @@ impl Trainer {
                 }
             }
         }
+        let mut t = Instant::now();
         let grad_norm = clip_grad_norm(&mut acc, self.cfg.max_grad_norm)?;
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite {
@@ -419,6 +459,7 @@ impl Trainer {
         }
         let lr = self.cfg.lr_at(self.global_step);
         self.opt.step(&acc, lr)?;
+        self.lap(&mut t, |p| &mut p.optimizer)?;
         self.global_step += 1;
         let seconds = start.elapsed().as_secs_f64();
         Ok(StepMetrics {
@@ -431,6 +472,7 @@ impl Trainer {
             target_tokens: targets,
             seconds,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            phases: self.cfg.profile.then(|| self.phases.borrow().clone()),
         })
     }
 

@@ -1,0 +1,310 @@
+//! `qlora-bench`: times QLoRA training steps of DeepSeekMoE at full size (random weights built
+//! directly on the device, NF4 + double quantization, LoRA r=64/α=16 on all seven projection
+//! types including every expert, AdamW, clipping 0.3, gradient checkpointing) and prints step
+//! time, tokens/s, peak device memory, per-phase times and MFU.
+//!
+//! `--preset 16b` (default on a GPU) is DeepSeekMoE-16B; `--preset tiny` (default on the CPU)
+//! is the small layout CI runs; `--config config.json` takes any DeepSeekMoE config.
+//!
+//! FLOPs counted per token (and printed): matmul FLOPs of the forward, 2·(active projection
+//! parameters + lm_head) + 4·layers·seq·hidden for attention scores and values (the full
+//! square, as eager attention computes it); a training step is counted as three forwards
+//! (forward, recompute, input-gradient backward) plus the LoRA weight gradients
+//! (2·r·(in+out) per adapter and token). MFU divides by the device's dense bf16 peak
+//! (`--peak_tflops`, 989 for an H100/H200 SXM).
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+use moe_peft::lora::{
+    LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer, DEEPSEEK_TARGETS,
+};
+use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft::quant::QuantPolicy;
+use rand::{Rng, SeedableRng};
+
+use common::parse_bool;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "qlora-bench",
+    about = "Time QLoRA training steps of DeepSeekMoE",
+    rename_all = "snake_case"
+)]
+struct Args {
+    /// 16b or tiny (default: 16b on a GPU, tiny on the CPU).
+    #[arg(long)]
+    preset: Option<String>,
+    /// A config.json instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Sequences per step.
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 1024)]
+    seq_len: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 3)]
+    steps: usize,
+    /// Untimed warm-up steps.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// LoRA rank.
+    #[arg(long, default_value_t = 64)]
+    lora_r: usize,
+    /// LoRA alpha.
+    #[arg(long, default_value_t = 16.0)]
+    lora_alpha: f64,
+    /// Also train embed_tokens and lm_head in full (the recipe's modules_to_save).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    modules_to_save: bool,
+    /// 4 (NF4+DQ), 8 or 16.
+    #[arg(long, default_value_t = 4)]
+    bits: u32,
+    /// Gradient checkpointing.
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    gradient_checkpointing: bool,
+    /// Synchronize between phases and report their times.
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    profile: bool,
+    /// Dense bf16 peak of the device in TFLOP/s, for MFU.
+    #[arg(long, default_value_t = 989.0)]
+    peak_tflops: f64,
+    /// Run on the CPU.
+    #[arg(long, default_value_t = false)]
+    cpu: bool,
+    /// Write the results as JSON here too.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+fn main() {
+    if let Err(e) = run(Args::parse()) {
+        eprintln!("error: {}", common::error_text(&e));
+        std::process::exit(1);
+    }
+}
+
+/// Peak device memory seen by polling the driver (`nvidia-smi`), in MiB.
+struct MemoryWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Option<u64>>>,
+}
+
+impl MemoryWatch {
+    fn start(enabled: bool) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = enabled.then(|| {
+            std::thread::spawn(move || {
+                let mut peak: Option<u64> = None;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = std::process::Command::new("nvidia-smi")
+                        .args([
+                            "--query-gpu=memory.used",
+                            "--format=csv,noheader,nounits",
+                            "-i",
+                            "0",
+                        ])
+                        .output();
+                    if let Ok(o) = out {
+                        if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<u64>() {
+                            peak = Some(peak.map_or(v, |p| p.max(v)));
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                peak
+            })
+        });
+        Self { stop, handle }
+    }
+
+    fn finish(mut self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().and_then(|h| h.join().ok().flatten())
+    }
+}
+
+fn run(args: Args) -> Result<()> {
+    let device = common::select_device(args.cpu);
+    let preset = args.preset.clone().unwrap_or_else(|| {
+        if device.is_cpu() {
+            "tiny".into()
+        } else {
+            "16b".into()
+        }
+    });
+    let cfg = match (&args.config, preset.as_str()) {
+        (Some(p), _) => {
+            DeepSeekMoeConfig::from_file(p).with_context(|| format!("--config {}", p.display()))?
+        }
+        (None, "16b") => DeepSeekMoeConfig::deepseek_moe_16b(),
+        (None, "tiny") => {
+            let mut c = DeepSeekMoeConfig::tiny(1024);
+            c.max_position_embeddings = 4096;
+            c
+        }
+        (None, p) => bail!("--preset {p}: expected 16b or tiny"),
+    };
+    if args.batch_size == 0 || args.seq_len < 2 || args.steps == 0 {
+        bail!("--batch_size ≥ 1, --seq_len ≥ 2 and --steps ≥ 1 are needed");
+    }
+    let dtype = common::compute_dtype(true, &device);
+    let quant = common::quant_policy(args.bits, "nf4", true)?;
+    println!(
+        "qlora-bench: {} on {}, {}×{} tokens, LoRA r={} α={} on {:?}, base {}, dtype {:?}",
+        preset,
+        common::device_name(&device),
+        args.batch_size,
+        args.seq_len,
+        args.lora_r,
+        args.lora_alpha,
+        DEEPSEEK_TARGETS,
+        match &quant {
+            QuantPolicy::None => "dense".to_string(),
+            q => format!("{q:?}"),
+        },
+        dtype
+    );
+    let watch = MemoryWatch::start(device.is_cuda());
+    let t = Instant::now();
+    let opts = LoadOptions {
+        dtype,
+        device: device.clone(),
+        quant,
+    };
+    let model = DeepSeekMoe::random(cfg.clone(), &opts, 0)?;
+    device.synchronize()?;
+    let build_s = t.elapsed().as_secs_f64();
+    let lcfg = LoraConfig {
+        r: args.lora_r,
+        lora_alpha: args.lora_alpha,
+        lora_dropout: 0.1,
+        target_modules: Some(TargetModules::List(
+            DEEPSEEK_TARGETS.iter().map(|s| s.to_string()).collect(),
+        )),
+        modules_to_save: args
+            .modules_to_save
+            .then(|| vec!["embed_tokens".into(), "lm_head".into()]),
+        ..Default::default()
+    };
+    let lora = LoraModel::new(model, lcfg.clone(), 0)?;
+    let n_lora = lora.num_trainable_parameters();
+    println!(
+        "built in {build_s:.1}s: {} parameters, {} trainable, {} adapters",
+        cfg.num_parameters(),
+        n_lora,
+        lora.adapters().len()
+    );
+    let tcfg = TrainConfig {
+        learning_rate: 2e-5,
+        max_grad_norm: 0.3,
+        warmup_steps: 1,
+        max_steps: args.warmup + args.steps,
+        gradient_checkpointing: args.gradient_checkpointing,
+        profile: args.profile,
+        ..Default::default()
+    };
+    let mut trainer = Trainer::new(lora, tcfg)?;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    let n = args.batch_size * args.seq_len;
+    let vocab = cfg.vocab_size as u32;
+    let mut results = Vec::new();
+    for step in 0..args.warmup + args.steps {
+        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+        let batch = TrainBatch::from_host(
+            &ids,
+            &vec![1; n],
+            &labels,
+            args.batch_size,
+            args.seq_len,
+            &device,
+        )?;
+        let m = trainer.step(&[batch])?;
+        let timed = step >= args.warmup;
+        println!(
+            "{} step {}: {:.3}s, {:.0} tokens/s, loss {:.4}, grad-norm {:.3}{}",
+            if timed { "timed" } else { "warm-up" },
+            step + 1,
+            m.seconds,
+            m.tokens_per_second,
+            m.loss,
+            m.grad_norm,
+            m.phases
+                .as_ref()
+                .map(|p| format!(
+                    " [forward {:.3}s, head {:.3}s, backward {:.3}s, optimizer {:.3}s]",
+                    p.forward, p.head, p.backward, p.optimizer
+                ))
+                .unwrap_or_default()
+        );
+        if timed {
+            results.push(m);
+        }
+    }
+    let peak_mib = watch.finish();
+    let mut secs: Vec<f64> = results.iter().map(|m| m.seconds).collect();
+    secs.sort_by(f64::total_cmp);
+    let median = secs[secs.len() / 2];
+    let tps = n as f64 / median;
+    // FLOPs per token.
+    let h = cfg.hidden_size as f64;
+    let kv = (cfg.kv_heads() * cfg.head_dim()) as f64;
+    let mut fwd = 2.0 * cfg.vocab_size as f64 * h; // lm_head
+    let mut lora_fwd = 0.0;
+    let r = args.lora_r as f64;
+    for i in 0..cfg.num_hidden_layers {
+        let attn = 2.0 * h * h + 2.0 * h * kv;
+        fwd += 2.0 * attn + 4.0 * args.seq_len as f64 * h;
+        lora_fwd += 2.0 * r * (2.0 * (h + h) + 2.0 * (h + kv));
+        let mlp = |w: f64| 3.0 * h * w;
+        let lora_mlp = |w: f64| 2.0 * r * 3.0 * (h + w);
+        if cfg.is_moe_layer(i) {
+            let k = cfg.num_experts_per_tok.unwrap_or(0) as f64;
+            let e = cfg.moe_intermediate_size as f64;
+            fwd += 2.0 * (k * mlp(e) + cfg.routed_experts() as f64 * h);
+            lora_fwd += k * lora_mlp(e);
+            if let Some(w) = cfg.shared_intermediate() {
+                fwd += 2.0 * mlp(w as f64);
+                lora_fwd += lora_mlp(w as f64);
+            }
+        } else {
+            fwd += 2.0 * mlp(cfg.intermediate_size as f64);
+            lora_fwd += lora_mlp(cfg.intermediate_size as f64);
+        }
+    }
+    let per_token = 3.0 * (fwd + lora_fwd) + lora_fwd;
+    let tflops = per_token * tps / 1e12;
+    let mfu = tflops / args.peak_tflops;
+    println!(
+        "flops/token: {:.2} GFLOP (forward {:.2}, LoRA forward {:.3})",
+        per_token / 1e9,
+        fwd / 1e9,
+        lora_fwd / 1e9
+    );
+    println!(
+        "RESULT median step {median:.3}s, {tps:.0} tokens/s, {tflops:.1} TFLOP/s, MFU {:.1}% of {} TFLOP/s, peak device memory {}",
+        100.0 * mfu,
+        args.peak_tflops,
+        peak_mib.map(|m| format!("{m} MiB ({:.1} GiB)", m as f64 / 1024.0)).unwrap_or_else(|| "n/a (CPU)".into())
+    );
+    if let Some(p) = &args.json {
+        let v = serde_json::json!({
+            "preset": preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
+            "lora_r": args.lora_r, "bits": args.bits, "modules_to_save": args.modules_to_save,
+            "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,
+            "peak_mib": peak_mib, "build_s": build_s, "steps": results,
+            "flops_per_token": per_token, "trainable_parameters": n_lora,
+        });
+        std::fs::write(p, serde_json::to_string_pretty(&v)?)
+            .with_context(|| format!("--json {}", p.display()))?;
+    }
+    Ok(())
+}
