@@ -15,6 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::{InitLoraWeights, LoraConfig};
 use crate::error::{Error, Result};
+use crate::fused::{FusedLoraExperts, GradSink};
 use crate::layer::{site_hash, DropoutState, LoraLinear, TrainableLinear};
 
 /// Key prefix of every tensor in a PEFT causal-LM adapter file.
@@ -41,6 +42,7 @@ pub struct LoraModel {
     adapters: BTreeMap<String, Arc<LoraLinear>>,
     saved_modules: BTreeMap<String, Var>,
     dropout: Arc<DropoutState>,
+    sink: Arc<GradSink>,
 }
 
 fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f32) -> Vec<f32> {
@@ -129,14 +131,36 @@ impl LoraModel {
             };
             saved_modules.insert(path.to_string(), var);
         }
-        Ok(Self {
+        let mut lm = Self {
             mode: TrainMode::Lora,
             model,
             config,
             adapters,
             saved_modules,
             dropout,
-        })
+            sink: Arc::new(GradSink::default()),
+        };
+        lm.set_fused_experts(true);
+        Ok(lm)
+    }
+
+    /// Runs the routed experts of each MoE layer through the fused path ([`FusedLoraExperts`],
+    /// on by default) or through autograd, expert by expert (same results).
+    pub fn set_fused_experts(&mut self, on: bool) {
+        let sink = self.sink.clone();
+        for l in &mut self.model.layers {
+            if let MoeOrMlp::Moe(m) = &mut l.mlp {
+                m.experts_forward = on.then(|| {
+                    Arc::new(FusedLoraExperts::new(sink.clone()))
+                        as Arc<dyn moe_peft_model::ExpertsForward>
+                });
+            }
+        }
+    }
+
+    /// Gradients the fused expert path produced outside candle's graph.
+    pub fn grad_sink(&self) -> &Arc<GradSink> {
+        &self.sink
     }
 
     /// Full fine-tuning: every weight of `model` becomes an f32 `Var` (projections, norms,
@@ -186,6 +210,7 @@ impl LoraModel {
             adapters: BTreeMap::new(),
             saved_modules: vars,
             dropout: Arc::new(DropoutState::new(seed)),
+            sink: Arc::new(GradSink::default()),
         })
     }
 
@@ -298,6 +323,7 @@ impl LoraModel {
         }
         let dtype = self.model.dtype();
         let adapters = std::mem::take(&mut self.adapters);
+        self.set_fused_experts(false);
         self.model.visit_sites_mut(&mut |name, slot| {
             if let Some(a) = adapters.get(name) {
                 *slot = Arc::new(DenseLinear::new(a.merged_weight(dtype)?));

@@ -124,7 +124,7 @@ impl CustomOp1 for HashDropout {
 }
 
 /// Applies [`HashDropout`]; on a GPU the mask is built on the host and uploaded.
-fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
+pub(crate) fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
     let op = HashDropout { p, key };
     let x = x.contiguous()?;
     if x.device().is_cpu() {
@@ -239,8 +239,14 @@ impl LoraLinear {
         Ok(m.take().is_some())
     }
 
-    fn key(&self) -> u64 {
+    /// The dropout key of the current micro-step (a function of seed, step and site).
+    pub fn dropout_key(&self) -> u64 {
         splitmix64(self.state.seed() ^ splitmix64(self.state.step() ^ self.site_key))
+    }
+
+    /// The dropout probability.
+    pub fn dropout_p(&self) -> f32 {
+        self.dropout
     }
 }
 
@@ -253,7 +259,7 @@ impl ModuleT for LoraLinear {
         }
         let y = self.base.forward_t(x, train)?;
         let xa = if train && self.dropout > 0.0 {
-            dropout(x, self.dropout, self.key())?
+            dropout(x, self.dropout, self.dropout_key())?
         } else {
             x.clone()
         };

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod fused;
 pub mod inject;
 pub mod layer;
 pub mod optim;
@@ -20,6 +21,7 @@ pub use error::{Error, Result};
 pub use export::{
     export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
+pub use fused::{FusedLoraExperts, GradSink};
 pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};
 pub use optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig, Schedule};

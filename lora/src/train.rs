@@ -247,6 +247,7 @@ pub struct Trainer {
     cfg: TrainConfig,
     opt: AdamW,
     vars: Vec<(String, Var)>,
+    index: std::collections::HashMap<candle_core::TensorId, usize>,
     global_step: usize,
     micro_step: u64,
 }
@@ -270,6 +271,11 @@ impl Trainer {
             lora,
             cfg,
             opt,
+            index: vars
+                .iter()
+                .enumerate()
+                .map(|(i, (_, v))| (v.as_tensor().id(), i))
+                .collect(),
             vars,
             global_step: 0,
             micro_step: 0,
@@ -312,12 +318,21 @@ impl Trainer {
     }
 
     fn collect(&self, gs: &GradStore, acc: &mut [Option<Tensor>]) -> Result<()> {
+        let add = |acc: &mut [Option<Tensor>], i: usize, g: &Tensor| -> Result<()> {
+            acc[i] = Some(match acc[i].take() {
+                Some(a) => (a + g)?,
+                None => g.clone(),
+            });
+            Ok(())
+        };
         for (i, (_, v)) in self.vars.iter().enumerate() {
             if let Some(g) = gs.get(v.as_tensor()) {
-                acc[i] = Some(match acc[i].take() {
-                    Some(a) => (a + g)?,
-                    None => g.clone(),
-                });
+                add(acc, i, g)?;
+            }
+        }
+        for (id, g) in self.lora.grad_sink().drain() {
+            if let Some(&i) = self.index.get(&id) {
+                add(acc, i, &g)?;
             }
         }
         Ok(())

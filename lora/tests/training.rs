@@ -284,3 +284,48 @@ fn full_finetune_trains_every_weight_and_resumes() -> Result<()> {
     assert_eq!(m.config().num_parameters(), n_params);
     Ok(())
 }
+
+#[test]
+fn fused_experts_match_autograd_with_dropout_and_checkpointing() -> Result<()> {
+    for ckpt in [true, false] {
+        let cfg = TrainConfig {
+            gradient_checkpointing: ckpt,
+            ..train_cfg(4)
+        };
+        let b = batch(3)?;
+        let mut grads = Vec::new();
+        for fused in [true, false] {
+            let mut lm = LoraModel::new(base()?, lora_cfg(0.3), 11)?;
+            // Non-zero B so every path of the adapter backward matters.
+            for (k, (_, l)) in lm.adapters().iter().enumerate() {
+                let b = l.lora_b();
+                let n = b.elem_count();
+                let v: Vec<f32> = (0..n)
+                    .map(|i| (((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+                    .collect();
+                b.set(&candle_core::Tensor::from_vec(v, b.shape(), &Device::Cpu)?)?;
+            }
+            lm.set_fused_experts(fused);
+            let t = Trainer::new(lm, cfg.clone())?;
+            let mg = t.micro_gradients(&b, 0.5)?;
+            grads.push((mg.loss, mg.grads, t.vars().to_vec()));
+        }
+        assert_eq!(grads[0].0, grads[1].0, "loss");
+        for (i, (name, _)) in grads[0].2.iter().enumerate() {
+            let (a, b) = (grads[0].1[i].as_ref(), grads[1].1[i].as_ref());
+            match (a, b) {
+                (Some(a), Some(b)) => {
+                    let d = (a - b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                    let m = b.abs()?.max_all()?.to_scalar::<f32>()?;
+                    assert!(
+                        d <= 1e-6 + 1e-5 * m,
+                        "{name}: fused differs by {d} (max {m})"
+                    );
+                }
+                (None, None) => {}
+                _ => panic!("{name}: gradient present in one path only"),
+            }
+        }
+    }
+    Ok(())
+}

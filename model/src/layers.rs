@@ -313,7 +313,27 @@ impl Activation {
         }
     }
 
-    fn apply(self, x: &Tensor) -> Result<Tensor> {
+    /// `grad · act'(x)`, the backward of [`Self::apply`].
+    pub fn backward(self, x: &Tensor, grad: &Tensor) -> Result<Tensor> {
+        let d = match self {
+            Self::Silu => {
+                let s = (x.neg()?.exp()? + 1.0)?.recip()?;
+                let one_minus = (1.0 - &s)?;
+                (&s * ((x * one_minus)? + 1.0)?)?
+            }
+            Self::Relu => x.gt(0.0)?.to_dtype(x.dtype())?,
+            Self::Gelu => {
+                let cdf = (((x / std::f64::consts::SQRT_2)?.erf()? + 1.0)? * 0.5)?;
+                let pdf =
+                    ((x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt()))?;
+                (cdf + (x * pdf)?)?
+            }
+        };
+        Ok((grad * d)?)
+    }
+
+    /// Applies the activation.
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
             Self::Silu => x.silu()?,
             Self::Gelu => x.gelu_erf()?,
@@ -343,6 +363,11 @@ impl Mlp {
             down_proj: down,
             act: Activation::from_name(&cfg.hidden_act),
         }
+    }
+
+    /// The activation.
+    pub fn activation(&self) -> Activation {
+        self.act
     }
 
     /// Applies the MLP to `x` of any rank.
@@ -486,6 +511,21 @@ impl MoeGate {
     }
 }
 
+/// A replacement for the per-expert loop: runs every routed expert on its contiguous slice
+/// of `xs` (rows grouped by expert, `counts[e]` rows for expert `e`) and returns the outputs in
+/// the same order. `Ok(None)` means "not handled here": the layer then runs its plain loop.
+/// Adapters install one to fuse their math and backward across the experts of a layer.
+pub trait ExpertsForward: Send + Sync + std::fmt::Debug {
+    /// Computes `(rows, hidden)` for `xs` `(rows, hidden)`.
+    fn forward(
+        &self,
+        experts: &[Mlp],
+        xs: &Tensor,
+        counts: &[usize],
+        train: bool,
+    ) -> Result<Option<Tensor>>;
+}
+
 /// A MoE layer: router, routed experts and optional fused shared experts.
 #[derive(Debug, Clone)]
 pub struct Moe {
@@ -495,6 +535,8 @@ pub struct Moe {
     pub experts: Vec<Mlp>,
     /// Shared experts (one MLP of width `n_shared · moe_intermediate_size`).
     pub shared_experts: Option<Mlp>,
+    /// An optional replacement of the per-expert loop.
+    pub experts_forward: Option<Arc<dyn ExpertsForward>>,
 }
 
 /// Tokens grouped by expert: built once per layer from one device-to-host copy of the top-k ids.
@@ -561,17 +603,26 @@ impl Moe {
         let src: Vec<u32> = d.order.iter().map(|&p| p / k as u32).collect();
         let src = Tensor::new(src.as_slice(), dev)?;
         let xs = dispatch_rows(&x2, &src, &inverse, k)?;
-        let mut outs = Vec::with_capacity(self.experts.len());
-        let mut off = 0;
-        for (e, expert) in self.experts.iter().enumerate() {
-            let c = d.counts[e];
-            if c == 0 {
-                continue;
+        let fused = match &self.experts_forward {
+            Some(f) => f.forward(&self.experts, &xs, &d.counts, train)?,
+            None => None,
+        };
+        let ys = match fused {
+            Some(ys) => ys,
+            None => {
+                let mut outs = Vec::with_capacity(self.experts.len());
+                let mut off = 0;
+                for (e, expert) in self.experts.iter().enumerate() {
+                    let c = d.counts[e];
+                    if c == 0 {
+                        continue;
+                    }
+                    outs.push(expert.forward(&xs.narrow(0, off, c)?, train)?);
+                    off += c;
+                }
+                Tensor::cat(&outs, 0)?
             }
-            outs.push(expert.forward(&xs.narrow(0, off, c)?, train)?);
-            off += c;
-        }
-        let ys = Tensor::cat(&outs, 0)?;
+        };
         let w = r.topk_weight.flatten_all()?.index_select(&order, 0)?;
         let ys = ys.to_dtype(DType::F32)?.broadcast_mul(&w.unsqueeze(1)?)?;
         let y = permute_rows(&ys, &inverse, &order)?;

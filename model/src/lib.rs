@@ -19,8 +19,8 @@ pub use config::{DeepSeekMoeConfig, RopeScaling};
 pub use error::{Error, Result};
 pub use generate::GenerateOptions;
 pub use layers::{
-    Attention, DecoderLayer, Dispatch, ForwardContext, LayerCache, LayerOutput, Linear, Mlp, Moe,
-    MoeGate, MoeOrMlp, RmsNorm, Routing,
+    Activation, Attention, DecoderLayer, Dispatch, ExpertsForward, ForwardContext, LayerCache,
+    LayerOutput, Linear, Mlp, Moe, MoeGate, MoeOrMlp, RmsNorm, Routing,
 };
 pub use model::{
     causal_lm_loss, DeepSeekMoe, Embedding, KvCache, LoadOptions, LossOutput, ModelOutput,

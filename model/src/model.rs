@@ -322,6 +322,7 @@ impl DeepSeekMoe {
                     gate,
                     experts,
                     shared_experts,
+                    experts_forward: None,
                 })
             } else {
                 MoeOrMlp::Mlp(mlp(src, &format!("{p}.mlp"), cfg.intermediate_size)?)
