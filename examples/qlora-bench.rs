@@ -72,6 +72,9 @@ struct Args {
     /// Synchronize between phases and report their times.
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
     profile: bool,
+    /// AdamW moments in bf16.
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    bf16_moments: bool,
     /// Dense bf16 peak of the device in TFLOP/s, for MFU.
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -209,6 +212,7 @@ fn run(args: Args) -> Result<()> {
         max_steps: args.warmup + args.steps,
         gradient_checkpointing: args.gradient_checkpointing,
         profile: args.profile,
+        bf16_moments: args.bf16_moments,
         ..Default::default()
     };
     let mut trainer = Trainer::new(lora, tcfg)?;

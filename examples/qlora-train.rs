@@ -174,7 +174,7 @@ struct Args {
     /// Accepted for compatibility.
     #[arg(long = "cache_dir")]
     cache_dir: Option<String>,
-    /// Only `adamw_torch` (the reference's) is implemented.
+    /// `adamw_torch` (the reference's, f32 moments) or `adamw_torch_bf16` (bf16 moments).
     #[arg(long = "optim", default_value = "adamw_torch")]
     optim: String,
     /// Accepted for compatibility; attention is computed as the reference's eager path.
@@ -523,6 +523,7 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         gradient_checkpointing: args.gradient_checkpointing,
         max_steps: total,
         seed: args.seed,
+        bf16_moments,
     };
 
     // Resume.

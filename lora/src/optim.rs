@@ -26,6 +26,9 @@ pub struct AdamWConfig {
     pub eps: f64,
     /// Decoupled weight decay.
     pub weight_decay: f64,
+    /// Keep the two moments in bf16 instead of f32 (half their memory; the update itself is
+    /// computed in f32).
+    pub bf16_moments: bool,
 }
 
 impl Default for AdamWConfig {
@@ -35,6 +38,7 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.0,
+            bf16_moments: false,
         }
     }
 }
@@ -57,9 +61,10 @@ impl AdamW {
         let mut vs = Vec::with_capacity(vars.len());
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
+        let md = if cfg.bf16_moments { DType::BF16 } else { DType::F32 };
         for (n, var) in vars {
-            m.push(var.zeros_like()?.to_dtype(DType::F32)?);
-            v.push(var.zeros_like()?.to_dtype(DType::F32)?);
+            m.push(Tensor::zeros(var.shape(), md, var.device())?);
+            v.push(Tensor::zeros(var.shape(), md, var.device())?);
             names.push(n);
             vs.push(var);
         }
@@ -112,13 +117,14 @@ impl AdamW {
             if c.weight_decay != 0.0 {
                 p = (p * (1.0 - lr * c.weight_decay))?;
             }
-            let m = ((&self.m[i] * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&self.v[i] * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
+            let md = self.m[i].dtype();
+            let m = ((self.m[i].to_dtype(DType::F32)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
+            let v = ((self.v[i].to_dtype(DType::F32)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
             let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
             let p = (p - (m.div(&denom)? * step_size)?)?;
             var.set(&p.to_dtype(var.dtype())?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.to_dtype(md)?;
+            self.v[i] = v.to_dtype(md)?;
         }
         Ok(())
     }
@@ -164,7 +170,7 @@ impl AdamW {
                     got: t.dims().to_vec(),
                 });
             }
-            Ok(t.to_dtype(DType::F32)?)
+            Ok(t.to_dtype(if self.cfg.bf16_moments { DType::BF16 } else { DType::F32 })?)
         };
         for (i, n) in self.names.iter().enumerate() {
             let shape = self.vars[i].dims().to_vec();

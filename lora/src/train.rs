@@ -97,6 +97,8 @@ pub struct TrainConfig {
     pub max_steps: usize,
     /// Seed of adapter initialization, dropout and data order.
     pub seed: u64,
+    /// AdamW moments in bf16 (half the optimizer memory).
+    pub bf16_moments: bool,
     /// Time the phases of each step (synchronizing the device between them).
     #[serde(skip)]
     pub profile: bool,
@@ -118,6 +120,7 @@ impl Default for TrainConfig {
             gradient_checkpointing: true,
             max_steps: 1,
             seed: 42,
+            bf16_moments: false,
             profile: false,
         }
     }
@@ -264,6 +267,7 @@ impl Trainer {
                 beta2: cfg.adam_beta2,
                 eps: cfg.adam_epsilon,
                 weight_decay: cfg.weight_decay,
+                bf16_moments: cfg.bf16_moments,
             },
         )?;
         Ok(Self {
