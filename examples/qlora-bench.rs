@@ -81,6 +81,9 @@ struct Args {
     /// Run on the CPU.
     #[arg(long, default_value_t = false)]
     cpu: bool,
+    /// First time a square bf16 matmul of this size (the device's practical ceiling); 0 skips.
+    #[arg(long, default_value_t = 0)]
+    matmul_probe: usize,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -175,6 +178,25 @@ fn run(args: Args) -> Result<()> {
         },
         dtype
     );
+    let probe_tflops = if args.matmul_probe > 0 {
+        let n = args.matmul_probe;
+        let dt = if device.is_cuda() { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+        let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), &device)?.to_dtype(dt)?;
+        let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), &device)?.to_dtype(dt)?;
+        let _ = a.matmul(&b)?;
+        device.synchronize()?;
+        let reps = 10;
+        let t = Instant::now();
+        for _ in 0..reps {
+            let _ = a.matmul(&b)?;
+        }
+        device.synchronize()?;
+        let tf = 2.0 * (n as f64).powi(3) * reps as f64 / t.elapsed().as_secs_f64() / 1e12;
+        println!("matmul probe: {n}×{n}×{n} {dt:?}: {tf:.1} TFLOP/s");
+        Some(tf)
+    } else {
+        None
+    };
     let watch = MemoryWatch::start(device.is_cuda());
     let t = Instant::now();
     let opts = LoadOptions {
@@ -306,6 +328,7 @@ fn run(args: Args) -> Result<()> {
             "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,
             "peak_mib": peak_mib, "build_s": build_s, "steps": results,
             "flops_per_token": per_token, "trainable_parameters": n_lora,
+            "matmul_probe_tflops": probe_tflops,
         });
         std::fs::write(p, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("--json {}", p.display()))?;

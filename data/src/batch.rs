@@ -70,6 +70,11 @@ pub fn padded_len(len: usize, multiple: Option<usize>) -> usize {
 
 /// Pads examples into one batch, right-padded to the longest (rounded up to
 /// `pad_to_multiple_of`). `indices` are recorded in [`Batch::indices`].
+///
+/// # Panics
+///
+/// If an example's `labels` or `attention_mask` is shorter than its `input_ids` (examples built
+/// by this crate never are; [`Loader::new`](crate::Loader::new) checks hand-made ones).
 pub fn collate(
     examples: &[&Example],
     indices: &[usize],

@@ -189,7 +189,8 @@ impl Loader {
     /// A loader at the start of epoch 0.
     ///
     /// Fails on an empty dataset ([`Error::EmptyDataset`]), on an example that cannot fit the
-    /// token budget ([`Error::ExampleExceedsBudget`]), and when `drop_last` would leave no batch.
+    /// token budget ([`Error::ExampleExceedsBudget`]), on an example whose three vectors differ in
+    /// length, and when `drop_last` would leave no batch.
     pub fn new(
         examples: impl Into<Arc<[Example]>>,
         pad_id: u32,
@@ -199,6 +200,16 @@ impl Loader {
         let examples: Arc<[Example]> = examples.into();
         if examples.is_empty() {
             return Err(Error::EmptyDataset);
+        }
+        for (i, e) in examples.iter().enumerate() {
+            if e.labels.len() != e.len() || e.attention_mask.len() != e.len() {
+                return Err(Error::InvalidConfig(format!(
+                    "example {i}: input_ids, labels and attention_mask have different lengths ({}, {}, {})",
+                    e.len(),
+                    e.labels.len(),
+                    e.attention_mask.len()
+                )));
+            }
         }
         let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
         if let Some(budget) = config.token_budget {
@@ -532,6 +543,12 @@ mod tests {
         assert!(matches!(
             Loader::new(Vec::<Example>::new(), 0, LoaderConfig::default()),
             Err(Error::EmptyDataset)
+        ));
+        let mut bad = examples(&[3]);
+        bad[0].labels.pop();
+        assert!(matches!(
+            Loader::new(bad, 0, LoaderConfig::default()),
+            Err(Error::InvalidConfig(_))
         ));
         assert!(matches!(
             Loader::new(
