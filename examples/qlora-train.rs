@@ -287,12 +287,11 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     if args.cache_dir.is_some() || args.attn_implementation.is_some() {
         println!("note: --cache_dir / --attn_implementation accepted and ignored");
     }
-    if args.optim != "adamw_torch" {
-        bail!(
-            "--optim {}: only adamw_torch (the reference's) is implemented",
-            args.optim
-        );
-    }
+    let bf16_moments = match args.optim.as_str() {
+        "adamw_torch" => false,
+        "adamw_torch_bf16" => true,
+        o => bail!("--optim {o}: expected adamw_torch (the reference's) or adamw_torch_bf16 (bf16 moments)"),
+    };
     let schedule = Schedule::from_name(&args.lr_scheduler_type).with_context(|| {
         format!(
             "--lr_scheduler_type {}: expected linear, cosine, constant or constant_with_warmup",
@@ -524,6 +523,7 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         max_steps: total,
         seed: args.seed,
         bf16_moments,
+        profile: false,
     };
 
     // Resume.

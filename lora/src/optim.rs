@@ -61,7 +61,11 @@ impl AdamW {
         let mut vs = Vec::with_capacity(vars.len());
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
-        let md = if cfg.bf16_moments { DType::BF16 } else { DType::F32 };
+        let md = if cfg.bf16_moments {
+            DType::BF16
+        } else {
+            DType::F32
+        };
         for (n, var) in vars {
             m.push(Tensor::zeros(var.shape(), md, var.device())?);
             v.push(Tensor::zeros(var.shape(), md, var.device())?);
@@ -170,7 +174,11 @@ impl AdamW {
                     got: t.dims().to_vec(),
                 });
             }
-            Ok(t.to_dtype(if self.cfg.bf16_moments { DType::BF16 } else { DType::F32 })?)
+            Ok(t.to_dtype(if self.cfg.bf16_moments {
+                DType::BF16
+            } else {
+                DType::F32
+            })?)
         };
         for (i, n) in self.names.iter().enumerate() {
             let shape = self.vars[i].dims().to_vec();

@@ -19,6 +19,7 @@
 //! scheme (without its outlier split).
 #![warn(missing_docs)]
 
+pub mod autograd;
 pub mod bnb;
 pub mod config;
 pub mod dynamic;

@@ -9,8 +9,7 @@ use std::any::Any;
 use std::fmt::Debug;
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, ModuleT, Shape, Tensor};
+use candle_core::{DType, ModuleT, Tensor};
 
 /// A linear projection `y = x Wᵀ` with `W` of shape `(out_features, in_features)`.
 ///
@@ -37,67 +36,6 @@ impl FrozenWeight for Tensor {
     fn weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
         self.to_dtype(dtype)
     }
-}
-
-/// Attaches to `y = x Wᵀ` (computed without a graph) the input gradient `grad_y · W`.
-#[derive(Debug)]
-struct InputGradOnly {
-    weight: Arc<dyn FrozenWeight>,
-}
-
-impl CustomOp2 for InputGradOnly {
-    fn name(&self) -> &'static str {
-        "frozen-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _x: &CpuStorage,
-        _lx: &Layout,
-        y: &CpuStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((copy_contiguous_cpu(y, ly)?, ly.shape().clone()))
-    }
-
-    fn cuda_fwd(
-        &self,
-        _x: &CudaStorage,
-        _lx: &Layout,
-        y: &CudaStorage,
-        ly: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if !ly.is_contiguous() || ly.start_offset() != 0 {
-            candle_core::bail!("frozen-matmul: output must be contiguous from offset 0")
-        }
-        Ok((y.try_clone(ly)?, ly.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _y: &Tensor,
-        _res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let w = self.weight.weight(grad.dtype())?;
-        let gx = matmul_last(grad, &w)?;
-        Ok((Some(gx.to_dtype(x.dtype())?), None))
-    }
-}
-
-fn copy_contiguous_cpu(s: &CpuStorage, l: &Layout) -> candle_core::Result<CpuStorage> {
-    let (start, end) = match l.contiguous_offsets() {
-        Some(o) => o,
-        None => candle_core::bail!("frozen-matmul: output must be contiguous"),
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => CpuStorage::F32(v[start..end].to_vec()),
-        CpuStorage::BF16(v) => CpuStorage::BF16(v[start..end].to_vec()),
-        CpuStorage::F16(v) => CpuStorage::F16(v[start..end].to_vec()),
-        CpuStorage::F64(v) => CpuStorage::F64(v[start..end].to_vec()),
-        _ => candle_core::bail!("frozen-matmul: unsupported dtype {:?}", s.dtype()),
-    })
 }
 
 /// `x · Wᵀ` over the last dimension of `x` (any rank), as a 2-D GEMM.
@@ -130,11 +68,12 @@ pub fn frozen_matmul(
     w_now: &Tensor,
     source: Arc<dyn FrozenWeight>,
 ) -> candle_core::Result<Tensor> {
-    let y = matmul_t(&x.detach(), w_now)?.contiguous()?;
-    if !x.track_op() {
-        return Ok(y);
-    }
-    x.apply_op2(&y, InputGradOnly { weight: source })
+    let y = matmul_t(&x.detach(), w_now)?;
+    let dtype = x.dtype();
+    crate::autograd::with_grad(x, y, move |grad| {
+        let w = source.weight(grad.dtype())?;
+        matmul_last(grad, &w)?.to_dtype(dtype)
+    })
 }
 
 /// A frozen dense projection (f32, bf16 or f16 weight, no bias).

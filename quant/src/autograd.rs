@@ -1,0 +1,168 @@
+//! Hand-written gradients on top of candle's autograd.
+//!
+//! candle records a backward only for its own ops and for custom ops. [`with_grad`] links a
+//! value computed outside the graph (from detached inputs) to its inputs with a backward the
+//! caller writes: the frozen projections use it to pass input gradients only, and the MoE layer
+//! for gathers whose backward is another gather.
+
+use std::sync::Arc;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+
+/// A contiguous copy of the part of `s` that `l` covers (the value an attach op returns).
+fn copy_cpu(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<CpuStorage> {
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op}: value must be contiguous")
+    };
+    Ok(match s {
+        CpuStorage::F32(v) => CpuStorage::F32(v[a..b].to_vec()),
+        CpuStorage::BF16(v) => CpuStorage::BF16(v[a..b].to_vec()),
+        CpuStorage::F16(v) => CpuStorage::F16(v[a..b].to_vec()),
+        CpuStorage::F64(v) => CpuStorage::F64(v[a..b].to_vec()),
+        _ => candle_core::bail!("{op}: unsupported dtype {:?}", s.dtype()),
+    })
+}
+
+fn copy_cuda(s: &CudaStorage, l: &Layout, op: &str) -> candle_core::Result<CudaStorage> {
+    if !l.is_contiguous() || l.start_offset() != 0 {
+        candle_core::bail!("{op}: value must be contiguous from offset 0")
+    }
+    s.try_clone(l)
+}
+
+type GradFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
+
+/// Returns `y` (computed outside the graph) linked to `x` so that backward gives `x` the
+/// gradient `grad_fn(grad_y)`.
+struct AttachGrad {
+    grad_fn: Arc<GradFn>,
+}
+
+impl CustomOp2 for AttachGrad {
+    fn name(&self) -> &'static str {
+        "attach-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((copy_cpu(y, l, self.name())?, l.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Ok((copy_cuda(y, l, self.name())?, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some((self.grad_fn)(grad)?), None))
+    }
+}
+
+/// `y` with a hand-written gradient towards `x`: backward passes `grad_fn(grad_y)` to `x`.
+/// `y` must not depend on the graph (compute it from `x.detach()`).
+pub fn with_grad(
+    x: &Tensor,
+    y: Tensor,
+    grad_fn: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    let y = y.contiguous()?;
+    if !x.track_op() {
+        return Ok(y);
+    }
+    x.apply_op2(
+        &y,
+        AttachGrad {
+            grad_fn: Arc::new(grad_fn),
+        },
+    )
+}
+
+type GradFn2 =
+    dyn Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
+
+/// `AttachGrad` with two differentiable inputs; the value is the third argument.
+struct AttachGrad2 {
+    grad_fn: Arc<GradFn2>,
+}
+
+impl candle_core::CustomOp3 for AttachGrad2 {
+    fn name(&self) -> &'static str {
+        "attach-grad2"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        y: &CpuStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        Ok((copy_cpu(y, l, self.name())?, l.shape().clone()))
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        y: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        Ok((copy_cuda(y, l, self.name())?, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _y: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (ga, gb) = (self.grad_fn)(grad)?;
+        Ok((ga, gb, None))
+    }
+}
+
+/// [`with_grad`] for two inputs: backward gives `(a, b)` the pair `grad_fn(grad_y)`.
+pub fn with_grad2(
+    a: &Tensor,
+    b: &Tensor,
+    y: Tensor,
+    grad_fn: impl Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> candle_core::Result<Tensor> {
+    let y = y.contiguous()?;
+    if !a.track_op() && !b.track_op() {
+        return Ok(y);
+    }
+    a.apply_op3(
+        b,
+        &y,
+        AttachGrad2 {
+            grad_fn: Arc::new(grad_fn),
+        },
+    )
+}
