@@ -741,3 +741,55 @@ impl DecoderLayer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_level_aux_loss_follows_the_reference_formula() -> candle_core::Result<()> {
+        // Non-seq variant: alpha · Σ_e mean_t(scores[:, e]) · E · mean(one_hot(topk)[:, e]).
+        let mut cfg = DeepSeekMoeConfig::tiny(16);
+        cfg.seq_aux = false;
+        cfg.n_routed_experts = Some(4);
+        cfg.num_experts_per_tok = Some(2);
+        cfg.aux_loss_alpha = 0.5;
+        let gate = MoeGate::new(&cfg, Tensor::zeros((4, 64), DType::F32, &Device::Cpu)?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let scores = Tensor::new(
+            &[
+                [0.4f32, 0.3, 0.2, 0.1],
+                [0.1, 0.2, 0.3, 0.4],
+                [0.25, 0.25, 0.25, 0.25],
+            ],
+            &Device::Cpu,
+        )?;
+        let r = Routing {
+            scores: scores.clone(),
+            topk_idx: Tensor::new(&[[0u32, 1], [3, 2], [0, 1]], &Device::Cpu)?,
+            topk_weight: Tensor::zeros((3, 2), DType::F32, &Device::Cpu)?,
+        };
+        let flat = [0u32, 1, 3, 2, 0, 1];
+        let aux = gate
+            .aux_loss(&r, &flat, 1, 3)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .unwrap()
+            .to_scalar::<f32>()?;
+        // Pi = [0.25, 0.25, 0.25, 0.25]; counts [2, 2, 1, 1] / 6 · 4 = [4/3, 4/3, 2/3, 2/3].
+        let want = 0.5 * 0.25 * (4.0 / 3.0 * 2.0 + 2.0 / 3.0 * 2.0);
+        assert!((aux - want).abs() < 1e-6, "{aux} vs {want}");
+        // Seq variant on one sequence of 3 tokens: ce = counts / (3·2/4), P = mean scores.
+        cfg.seq_aux = true;
+        let gate = MoeGate::new(&cfg, Tensor::zeros((4, 64), DType::F32, &Device::Cpu)?)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let aux = gate
+            .aux_loss(&r, &flat, 1, 3)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .unwrap()
+            .to_scalar::<f32>()?;
+        let ce = [2.0 / 1.5, 2.0 / 1.5, 1.0 / 1.5, 1.0 / 1.5];
+        let want: f32 = 0.5 * ce.iter().map(|c| c * 0.25).sum::<f32>();
+        assert!((aux - want).abs() < 1e-6, "{aux} vs {want}");
+        Ok(())
+    }
+}

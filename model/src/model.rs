@@ -265,6 +265,21 @@ impl DeepSeekMoe {
         src: &mut dyn WeightSource,
         opts: &LoadOptions,
     ) -> Result<Self> {
+        if opts.device.is_cpu() && opts.dtype == DType::BF16 {
+            return Err(Error::InvalidInput(
+                "bf16 compute needs a CUDA device: candle's CPU matmul has no bf16 kernel; use f32 on the CPU"
+                    .into(),
+            ));
+        }
+        if !matches!(
+            opts.dtype,
+            DType::F32 | DType::BF16 | DType::F16 | DType::F64
+        ) {
+            return Err(Error::InvalidInput(format!(
+                "compute dtype {:?} (f32, bf16, f16)",
+                opts.dtype
+            )));
+        }
         let h = cfg.hidden_size;
         let v = cfg.vocab_size;
         let kv = cfg.kv_heads() * cfg.head_dim();
