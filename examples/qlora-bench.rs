@@ -180,7 +180,11 @@ fn run(args: Args) -> Result<()> {
     );
     let probe_tflops = if args.matmul_probe > 0 {
         let n = args.matmul_probe;
-        let dt = if device.is_cuda() { candle_core::DType::BF16 } else { candle_core::DType::F32 };
+        let dt = if device.is_cuda() {
+            candle_core::DType::BF16
+        } else {
+            candle_core::DType::F32
+        };
         let a = candle_core::Tensor::randn(0f32, 1.0, (n, n), &device)?.to_dtype(dt)?;
         let b = candle_core::Tensor::randn(0f32, 1.0, (n, n), &device)?.to_dtype(dt)?;
         let _ = a.matmul(&b)?;

@@ -150,6 +150,10 @@ struct Args {
     /// checkpoint is resumed unless --output_dir holds `completed` (as the reference).
     #[arg(long = "resume_from_checkpoint")]
     resume_from_checkpoint: Option<String>,
+    /// Start from an existing PEFT adapter directory (its adapter_config.json decides the
+    /// targets, rank and alpha) and continue training it.
+    #[arg(long = "init_adapter")]
+    init_adapter: Option<PathBuf>,
     /// `tensorboard`, `all` (= tensorboard) or `none`.
     #[arg(long = "report_to", default_value = "all")]
     report_to: String,
@@ -469,7 +473,14 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     };
 
     // Adapters.
-    let lora = if args.use_lora {
+    let lora = if let Some(dir) = &args.init_adapter {
+        if !args.use_lora {
+            bail!("--init_adapter needs --use_lora True");
+        }
+        println!("starting from the adapter in {}", dir.display());
+        LoraModel::from_pretrained(model, dir)
+            .with_context(|| format!("--init_adapter {}", dir.display()))?
+    } else if args.use_lora {
         let to_list = |s: &str| -> Vec<String> {
             s.split(',')
                 .map(str::trim)

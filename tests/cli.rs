@@ -150,8 +150,7 @@ fn train_resume_evaluate_merge_generate() {
     let loss = |m: &str, step: u64| -> f64 {
         m.lines()
             .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-            .filter(|v| v["step"] == step)
-            .last()
+            .rfind(|v| v["step"] == step)
             .unwrap()["loss"]
             .as_f64()
             .unwrap()
@@ -444,4 +443,85 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["steps"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut child = Command::new(example("qlora-train"))
+        .args([
+            "--output_dir",
+            s(&out),
+            "--max_steps",
+            "100000",
+            "--save_steps",
+            "0",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the first logged step, then interrupt.
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("step ") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{seen}");
+    assert!(seen.contains("interrupted at step"), "{seen}");
+    let ck = moe_peft::lora::latest_checkpoint(&out).expect("a checkpoint");
+    assert!(ck.join("adapter_model.safetensors").exists());
+
+    // Continue someone's adapter: the checkpoint is a PEFT adapter directory.
+    let base = out.join("base");
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.jsonl"
+    );
+    let next = tmp.path().join("next");
+    let o = ok(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            s(&base),
+            "--data_path",
+            data,
+            "--output_dir",
+            s(&next),
+            "--use_lora",
+            "True",
+            "--bits",
+            "4",
+            "--init_adapter",
+            s(&ck),
+            "--max_steps",
+            "2",
+            "--model_max_length",
+            "128",
+        ],
+    );
+    assert!(o.contains("starting from the adapter"), "{o}");
+    assert!(next.join("adapter_model.safetensors").exists());
 }

@@ -43,7 +43,11 @@ fn rel(a: &Tensor, b: &Tensor) -> Result<f32> {
 }
 
 fn trainer(dev: &Device, dtype: DType, quant: QuantPolicy) -> Result<Trainer> {
-    let opts = LoadOptions { dtype, device: dev.clone(), quant };
+    let opts = LoadOptions {
+        dtype,
+        device: dev.clone(),
+        quant,
+    };
     let base = DeepSeekMoe::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
     let lm = LoraModel::from_pretrained(base, &fixtures().join("lora/adapter"))?;
     Ok(Trainer::new(lm, TrainConfig::default())?)
@@ -56,13 +60,22 @@ fn f32_logits_loss_and_lora_gradients_match_the_cpu() -> Result<()> {
         let cpu_t = trainer(&Device::Cpu, DType::F32, quant.clone())?;
         let gpu_t = trainer(&gpu, DType::F32, quant.clone())?;
         let (bc, bg) = (batch(&Device::Cpu)?, batch(&gpu)?);
-        let lc = cpu_t.lora().model().forward_t(&bc.input_ids, Some(&bc.attention_mask), true)?;
-        let lg = gpu_t.lora().model().forward_t(&bg.input_ids, Some(&bg.attention_mask), true)?;
+        let lc = cpu_t
+            .lora()
+            .model()
+            .forward_t(&bc.input_ids, Some(&bc.attention_mask), true)?;
+        let lg = gpu_t
+            .lora()
+            .model()
+            .forward_t(&bg.input_ids, Some(&bg.attention_mask), true)?;
         let d = rel(&lg.logits, &lc.logits)?;
         println!("{quant:?}: logits rel-norm diff {d:e}");
         assert!(d < 1e-5, "logits {d}");
         for (a, b) in lg.aux_losses.iter().zip(&lc.aux_losses) {
-            let (a, b) = (a.to_device(&Device::Cpu)?.to_scalar::<f32>()?, b.to_scalar::<f32>()?);
+            let (a, b) = (
+                a.to_device(&Device::Cpu)?.to_scalar::<f32>()?,
+                b.to_scalar::<f32>()?,
+            );
             assert!(((a - b) / b).abs() < 1e-4, "aux {a} vs {b}");
         }
         let gc = cpu_t.micro_gradients(&bc, 1.0)?;
@@ -86,21 +99,43 @@ fn bf16_matches_f32_of_the_same_rounded_weights() -> Result<()> {
     // The reference for bf16 is an f32 run of the bf16-rounded weights (rounding the tiny
     // model's weights flips some routing; comparing with the unrounded model would not hold).
     let dir = tempfile::tempdir()?;
-    let mut w = candle_core::safetensors::load(fixtures().join("tiny_deepseek_moe/model.safetensors"), &Device::Cpu)?;
+    let mut w = candle_core::safetensors::load(
+        fixtures().join("tiny_deepseek_moe/model.safetensors"),
+        &Device::Cpu,
+    )?;
     for t in w.values_mut() {
         *t = t.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
     }
     candle_core::safetensors::save(&w, dir.path().join("model.safetensors"))?;
-    std::fs::copy(fixtures().join("tiny_deepseek_moe/config.json"), dir.path().join("config.json"))?;
-    let load = |dev: &Device, dtype| DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions { dtype, device: dev.clone(), quant: QuantPolicy::None });
+    std::fs::copy(
+        fixtures().join("tiny_deepseek_moe/config.json"),
+        dir.path().join("config.json"),
+    )?;
+    let load = |dev: &Device, dtype| {
+        DeepSeekMoe::from_pretrained(
+            dir.path(),
+            &LoadOptions {
+                dtype,
+                device: dev.clone(),
+                quant: QuantPolicy::None,
+            },
+        )
+    };
     let (cpu, g16) = (load(&Device::Cpu, DType::F32)?, load(&gpu, DType::BF16)?);
     let (bc, bg) = (batch(&Device::Cpu)?, batch(&gpu)?);
-    let a = cpu.forward_t(&bc.input_ids, Some(&bc.attention_mask), false)?.logits;
-    let b = g16.forward_t(&bg.input_ids, Some(&bg.attention_mask), false)?.logits;
+    let a = cpu
+        .forward_t(&bc.input_ids, Some(&bc.attention_mask), false)?
+        .logits;
+    let b = g16
+        .forward_t(&bg.input_ids, Some(&bg.attention_mask), false)?
+        .logits;
     let d = rel(&b, &a)?;
     let (la, _) = cpu.loss(&bc.input_ids, Some(&bc.attention_mask), &bc.labels, false)?;
     let (lb, _) = g16.loss(&bg.input_ids, Some(&bg.attention_mask), &bg.labels, false)?;
-    let (la, lb) = (la.loss.to_scalar::<f32>()?, lb.loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?);
+    let (la, lb) = (
+        la.loss.to_scalar::<f32>()?,
+        lb.loss.to_device(&Device::Cpu)?.to_scalar::<f32>()?,
+    );
     println!("bf16 vs f32 (same rounded weights): logits rel-norm diff {d:e}, loss {lb} vs {la}");
     assert!(d < 3e-2, "bf16 logits rel-norm diff {d}");
     assert!(((la - lb) / la).abs() < 1e-2, "bf16 loss {lb} vs {la}");

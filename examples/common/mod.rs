@@ -36,7 +36,12 @@ pub fn select_device(force_cpu: bool) -> Device {
         return Device::Cpu;
     }
     match Device::new_cuda(0) {
-        Ok(d) => d,
+        Ok(d) => {
+            if let Err(e) = moe_peft::quant::retain_freed_device_memory(&d) {
+                eprintln!("note: could not tune the CUDA memory pool: {e}");
+            }
+            d
+        }
         Err(e) => {
             eprintln!("note: no usable CUDA device ({e}); running on the CPU");
             Device::Cpu
@@ -255,7 +260,7 @@ pub fn loss_svg(points: &[(usize, f64)], title: &str) -> String {
 /// A base model with, optionally, a PEFT adapter directory applied.
 pub enum Loaded {
     /// The base alone.
-    Base(DeepSeekMoe),
+    Base(Box<DeepSeekMoe>),
     /// Base + adapter.
     Adapted(Box<moe_peft::lora::LoraModel>),
 }
@@ -287,7 +292,7 @@ pub fn load_with_adapter(
     }
     let base = load_model(model_dir, opts)?;
     Ok(match adapter {
-        None => Loaded::Base(base),
+        None => Loaded::Base(Box::new(base)),
         Some(a) => Loaded::Adapted(Box::new(
             moe_peft::lora::LoraModel::from_pretrained(base, a)
                 .with_context(|| format!("applying the adapter in {}", a.display()))?,

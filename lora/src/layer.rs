@@ -82,8 +82,13 @@ impl HashDropout {
         u >= self.p
     }
 
+    /// The inverted-dropout scale `1 / (1 - p)` (fp32).
+    fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+
     fn run<T: Copy + Send + Sync>(&self, v: &[T], mul: impl Fn(T, f32) -> T + Sync) -> Vec<T> {
-        let scale = 1.0 / (1.0 - self.p);
+        let scale = self.scale();
         v.iter()
             .enumerate()
             .map(|(i, &x)| mul(x, if self.keep(i) { scale } else { 0.0 }))
@@ -113,6 +118,68 @@ impl CustomOp1 for HashDropout {
         Ok((out, l.shape().clone()))
     }
 
+    /// The same mask computed in-kernel (`src/cuda/dropout.cu`: the same u64 splitmix64 and
+    /// comparison, the same fp32 multiply and rounding), so CPU and CUDA outputs are
+    /// bit-identical for every non-NaN input. 8 elements per thread and step with 16-byte
+    /// loads/stores, 256-thread CTAs, grid-stride.
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::CudaStorage;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+        const THREADS: u32 = 256;
+
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &HashDropout,
+            s: &CudaStorage,
+            l: &Layout,
+            name: &str,
+        ) -> candle_core::Result<CudaStorage> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("hash-dropout: input must be contiguous")
+            };
+            let dev = s.device();
+            let x = s.as_cuda_slice::<T>()?.slice(a..b);
+            let n = (b - a) as u64;
+            // SAFETY: the kernel writes all n elements (one is allocated for n = 0).
+            let out = unsafe { dev.alloc::<T>((b - a).max(1)) }?;
+            if n > 0 {
+                let func = dev.get_or_load_custom_func(name, "moe_peft_lora_dropout", PTX)?;
+                let scale = op.scale();
+                let cfg = LaunchConfig {
+                    grid_dim: (n.div_ceil(8 * THREADS as u64).clamp(1, 16_384) as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut builder = func.builder();
+                builder
+                    .arg(&x)
+                    .arg(&n)
+                    .arg(&op.p)
+                    .arg(&scale)
+                    .arg(&op.key)
+                    .arg(&out);
+                // SAFETY: the argument list matches `DROPOUT` in dropout.cu.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        let out = match s.dtype() {
+            DType::F32 => run::<f32>(self, s, l, "hash_dropout_f32")?,
+            DType::BF16 => run::<half::bf16>(self, s, l, "hash_dropout_bf16")?,
+            DType::F16 => run::<half::f16>(self, s, l, "hash_dropout_f16")?,
+            other => candle_core::bail!("hash-dropout: unsupported dtype {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
     fn bwd(
         &self,
         _arg: &Tensor,
@@ -123,20 +190,18 @@ impl CustomOp1 for HashDropout {
     }
 }
 
-/// Applies [`HashDropout`]; on a GPU the mask is built on the host and uploaded.
+/// Applies [`HashDropout`] as a custom op on the input's device (the CPU or the CUDA kernel;
+/// both draw the same mask).
 pub(crate) fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
-    let op = HashDropout { p, key };
-    let x = x.contiguous()?;
-    if x.device().is_cpu() {
-        return x.apply_op1(op);
-    }
-    let n = x.elem_count();
-    let scale = 1.0 / (1.0 - p);
-    let mask: Vec<f32> = (0..n)
-        .map(|i| if op.keep(i) { scale } else { 0.0 })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * mask
+    x.contiguous()?.apply_op1(HashDropout { p, key })
+}
+
+/// The deterministic inverted dropout LoRA layers apply in training: element `i` of `x`
+/// (row-major) is kept, and scaled by `1 / (1 - p)`, iff `u(key, i) >= p` with `u` in [0, 1)
+/// drawn from splitmix64; the mask is a pure function of `(key, i)` and identical on the CPU and
+/// on CUDA. f32, bf16 or f16; differentiable (the backward applies the same mask).
+pub fn hash_dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {
+    dropout(x, p, key)
 }
 
 /// A LoRA adapter around a frozen base projection.

@@ -113,8 +113,8 @@ impl AdamW {
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
         let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
-        for i in 0..self.vars.len() {
-            let Some(g) = &grads[i] else { continue };
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
             let var = &self.vars[i];
             let g = g.to_dtype(DType::F32)?;
             let mut p = var.as_tensor().to_dtype(DType::F32)?;

@@ -136,10 +136,10 @@ impl TrainConfig {
         if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
             return bad("adam betas must be in [0, 1)".into());
         }
-        if !(self.adam_epsilon > 0.0) {
+        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
             return bad("adam_epsilon must be > 0".into());
         }
-        if !(self.max_grad_norm >= 0.0) {
+        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
             return bad("max_grad_norm must be ≥ 0".into());
         }
         if self.gradient_accumulation_steps == 0 {

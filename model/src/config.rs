@@ -356,10 +356,10 @@ impl DeepSeekMoeConfig {
                 format!("is {:?}; supported: silu, gelu, relu", self.hidden_act),
             );
         }
-        if !(self.rms_norm_eps > 0.0) {
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
             return bad("rms_norm_eps", "must be positive".into());
         }
-        if !(self.rope_theta > 0.0) {
+        if self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return bad("rope_theta", "must be positive".into());
         }
         if !(0.0..=1.0).contains(&self.aux_loss_alpha) {
@@ -390,7 +390,7 @@ impl DeepSeekMoeConfig {
                     format!("type {:?} is not linear or dynamic", rs.kind),
                 );
             }
-            if !(rs.factor >= 1.0) {
+            if rs.factor.is_nan() || rs.factor < 1.0 {
                 return bad("rope_scaling", format!("factor {} must be ≥ 1", rs.factor));
             }
         }

@@ -39,7 +39,7 @@ impl Default for GenerateOptions {
 impl GenerateOptions {
     /// Checks the values.
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature >= 0.0) {
+        if self.temperature.is_nan() || self.temperature < 0.0 {
             return Err(Error::InvalidInput(format!(
                 "temperature {} must be ≥ 0",
                 self.temperature

@@ -14,13 +14,15 @@
 use std::any::Any;
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, ModuleT, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::linear::{frozen_matmul, FrozenWeight, LinearLike};
 use crate::nf4::{InElem, OutElem};
-use crate::tensor::{check_float_dtype, cpu_slice, dense_output, DenseSlice};
+use crate::tensor::{check_float_dtype, cpu_slice, dense_output, gpu, DenseSlice};
 
 /// A weight quantized to int8 per row (see the module docs). The codes are kept as the bytes of
 /// `i8` values in a U8 tensor (candle has no i8 dtype).
@@ -74,7 +76,8 @@ fn dequantize_rows<T: OutElem>(q: &[u8], scale: &[f32], out: &mut [T]) -> Result
 
 impl Int8Tensor {
     /// Quantizes `w` (2-D `(rows, cols)`, or any rank with the last dimension as the row) with one
-    /// fp32 absmax per row. The parts stay on `w`'s device (computed on the host).
+    /// fp32 absmax per row. The parts stay on `w`'s device: computed there by a CUDA kernel on a
+    /// CUDA device (bit-identical with the CPU), on the host otherwise.
     pub fn quantize(w: &Tensor) -> Result<Self> {
         let dtype = w.dtype();
         check_float_dtype(dtype, "weight")?;
@@ -87,6 +90,16 @@ impl Int8Tensor {
             });
         }
         let device = w.device().clone();
+        let rows = w.elem_count() / cols;
+        if device.is_cuda() {
+            let (q, scale) = gpu::int8_quantize(&w.contiguous()?, rows, cols)?;
+            return Ok(Self {
+                q,
+                scale,
+                shape: w.shape().clone(),
+                dtype,
+            });
+        }
         let flat = w.flatten_all()?;
         let (q, scale) = match dtype {
             DType::BF16 => quantize_rows(&flat.to_vec1::<half::bf16>()?, cols),
@@ -94,7 +107,6 @@ impl Int8Tensor {
             DType::F64 => quantize_rows(&flat.to_vec1::<f64>()?, cols),
             _ => quantize_rows(&flat.to_vec1::<f32>()?, cols),
         };
-        let rows = scale.len();
         let cpu = Device::Cpu;
         Ok(Self {
             q: Tensor::from_vec(q, (rows, cols), &cpu)?.to_device(&device)?,
@@ -104,14 +116,15 @@ impl Int8Tensor {
         })
     }
 
-    /// The dense weight in `dtype`, on this tensor's device.
+    /// The dense weight in `dtype`, on this tensor's device (a custom op on the CPU and on CUDA;
+    /// other devices go through the host).
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         check_float_dtype(dtype, "output dtype")?;
         let op = Int8DequantOp {
             shape: self.shape.clone(),
             dtype,
         };
-        if self.q.device().is_cpu() {
+        if !self.q.device().is_metal() {
             Ok(self.q.apply_op2_no_bwd(&self.scale, &op)?)
         } else {
             let cpu = Device::Cpu;
@@ -217,6 +230,21 @@ impl CustomOp2 for Int8DequantOp {
             DenseSlice::F16(o) => dequantize_rows(q, s, o),
             DenseSlice::F64(o) => dequantize_rows(q, s, o),
         })?;
+        Ok((out, self.shape.clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let q = gpu::view::<u8>(s1, l1, "int8 codes")?;
+        let s = gpu::view::<f32>(s2, l2, "row absmax")?;
+        let out = gpu::int8_dequantize(s1.device(), &q, &s, self.dtype)?;
         Ok((out, self.shape.clone()))
     }
 }

@@ -22,6 +22,7 @@
 pub mod autograd;
 pub mod bnb;
 pub mod config;
+pub mod device;
 pub mod dynamic;
 pub mod error;
 pub mod int8;
@@ -33,6 +34,7 @@ pub mod tensor;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};
 pub use config::Nf4Config;
+pub use device::retain_freed_device_memory;
 pub use dynamic::{create_dynamic_map, dynamic_map};
 pub use error::{Error, Result};
 pub use int8::{Int8Linear, Int8Tensor};

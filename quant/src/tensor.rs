@@ -1,6 +1,8 @@
 //! [`Nf4Tensor`]: a weight stored as bitsandbytes-compatible 4-bit codes (NF4 or FP4) with
 //! blockwise absmax, optionally double-quantized.
 
+#[cfg(feature = "cuda")]
+use candle_core::CudaStorage;
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp2, CustomOp3, DType, Device, Layout, Shape,
     Storage, Tensor, WithDType,
@@ -17,6 +19,10 @@ use crate::linear::FrozenWeight;
 use crate::nf4::{
     check_block_size, dequantize_4bit_into, num_blocks, quantize_4bit, unpack_codes, QuantType,
 };
+
+/// CUDA launchers (`src/cuda/`); stubs that return an error without the `cuda` feature.
+#[path = "cuda/mod.rs"]
+pub(crate) mod gpu;
 
 /// The second-level (double quantization) state of the absmax values.
 #[derive(Debug, Clone)]
@@ -108,7 +114,10 @@ impl Nf4Tensor {
     /// Quantizes `w` (any shape; f32, bf16, f16 or f64) blockwise over its row-major flattening.
     ///
     /// The parts stay on `w`'s device. On the CPU the work is done in place by the Rust kernels;
-    /// another device copies the weight to the host, quantizes and moves the parts back.
+    /// on a CUDA device by CUDA kernels, bit-exact with the CPU ones except that the
+    /// double-quantization offset `mean(absmax)` is summed in another order (it may differ by an
+    /// ulp; everything else is then exact for that offset); another device copies the weight to
+    /// the host, quantizes and moves the parts back.
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
@@ -137,6 +146,9 @@ impl Nf4Tensor {
             });
         }
         let device = w.device().clone();
+        if device.is_cuda() {
+            return Self::quantize_cuda(w, cfg);
+        }
         let host = if device.is_cpu() {
             w.contiguous()?
         } else {
@@ -168,6 +180,38 @@ impl Nf4Tensor {
             code: *cfg.quant_type.code(),
             shape: w.shape().clone(),
             dtype,
+            block_size: cfg.block_size,
+            quant_type: cfg.quant_type,
+        })
+    }
+
+    /// [`Nf4Tensor::quantize`] on a CUDA device: one fused absmax + 4-bit kernel, then (with
+    /// double quantization) the mean and nested-quantization kernels; no host round trip apart
+    /// from the 4-byte offset.
+    fn quantize_cuda(w: &Tensor, cfg: &Nf4Config) -> Result<Self> {
+        let device = w.device().clone();
+        let (packed, absmax) =
+            gpu::quantize_4bit(&w.contiguous()?, cfg.block_size, cfg.quant_type)?;
+        let absmax = if cfg.double_quant {
+            let map = Tensor::from_slice(dynamic_map(), DYNAMIC_MAP_LEN, &device)?;
+            let (codes, nested_absmax, offset) =
+                gpu::double_quantize(&absmax, &map, cfg.dq_block_size)?;
+            Nf4Absmax::Double(DoubleQuantState {
+                codes,
+                map,
+                nested_absmax,
+                offset,
+                block_size: cfg.dq_block_size,
+            })
+        } else {
+            Nf4Absmax::Fp32(absmax)
+        };
+        Ok(Self {
+            packed,
+            absmax,
+            code: *cfg.quant_type.code(),
+            shape: w.shape().clone(),
+            dtype: w.dtype(),
             block_size: cfg.block_size,
             quant_type: cfg.quant_type,
         })
@@ -250,11 +294,12 @@ impl Nf4Tensor {
     /// `W[j] = dtype(code[nibble(j)] * absmax[j / block_size])`, with the absmax first
     /// dequantized as `map[q] * nested_absmax + offset` when double-quantized.
     ///
-    /// The CPU kernels run as candle custom ops (`cpu_fwd`); another device copies the parts to
-    /// the host and the result back until a device kernel is added.
+    /// Runs as one candle custom op on the tensor's device (CPU: `cpu_fwd`, CUDA: one fused
+    /// kernel, `cuda_fwd`; bit-identical results); a device without kernels (Metal) copies the
+    /// parts to the host and the result back.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         check_float_dtype(dtype, "output dtype")?;
-        if self.device().is_cpu() {
+        if !self.device().is_metal() {
             self.dequantize_here(dtype)
         } else {
             let dev = self.device().clone();
@@ -266,14 +311,27 @@ impl Nf4Tensor {
     }
 
     fn dequantize_here(&self, dtype: DType) -> Result<Tensor> {
-        let absmax = self.absmax_here()?;
         let op = Dequant4bitOp {
             code: self.code,
             block_size: self.block_size,
             shape: self.shape.clone(),
             dtype,
         };
-        Ok(self.packed.apply_op2_no_bwd(&absmax, &op)?)
+        match &self.absmax {
+            Nf4Absmax::Fp32(a) => Ok(self.packed.apply_op2_no_bwd(a, &op)?),
+            Nf4Absmax::Double(s) => Ok(self.packed.apply_op3_no_bwd(
+                &s.codes,
+                &s.nested_absmax,
+                &Dequant4bitDqOp {
+                    inner: op,
+                    map: s.map.clone(),
+                    absmax: AbsmaxDequantOp {
+                        offset: s.offset,
+                        block_size: s.block_size,
+                    },
+                },
+            )?),
+        }
     }
 
     fn absmax_here(&self) -> Result<Tensor> {
@@ -290,9 +348,10 @@ impl Nf4Tensor {
         }
     }
 
-    /// The fp32 absmax per block (F32, `[n_blocks]`), dequantized if double-quantized.
+    /// The fp32 absmax per block (F32, `[n_blocks]`), dequantized if double-quantized (a custom
+    /// op on the CPU and on CUDA; other devices go through the host).
     pub fn absmax_f32(&self) -> Result<Tensor> {
-        if self.device().is_cpu() {
+        if !self.device().is_metal() {
             self.absmax_here()
         } else {
             let dev = self.device().clone();
@@ -521,6 +580,97 @@ impl CustomOp2 for Dequant4bitOp {
         })?;
         Ok((out, self.shape.clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let packed = gpu::view::<u8>(s1, l1, "packed codes")?;
+        let absmax = gpu::AbsmaxSource::Fp32(gpu::view::<f32>(s2, l2, "absmax")?);
+        let out = gpu::dequantize_4bit(
+            s1.device(),
+            &packed,
+            &absmax,
+            &self.code,
+            self.block_size,
+            self.shape.elem_count(),
+            self.dtype,
+        )?;
+        Ok((out, self.shape.clone()))
+    }
+}
+
+/// `packed (U8) × absmax codes (U8) × nested_absmax (F32) → dense`, with the 256-entry map held
+/// by the op: the 4-bit dequantization of a double-quantized tensor in one op (on CUDA one fused
+/// kernel that rebuilds each block's absmax; on the CPU [`AbsmaxDequantOp`] then
+/// [`Dequant4bitOp`], the reference).
+#[derive(Debug, Clone)]
+struct Dequant4bitDqOp {
+    inner: Dequant4bitOp,
+    map: Tensor,
+    absmax: AbsmaxDequantOp,
+}
+
+impl CustomOp3 for Dequant4bitDqOp {
+    fn name(&self) -> &'static str {
+        "dequantize-4bit-double-quant"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (map, map_l) = self.map.storage_and_layout();
+        let Storage::Cpu(map) = &*map else {
+            candle_core::bail!("nested_quant_map is not on the CPU")
+        };
+        let (absmax, absmax_shape) = self.absmax.cpu_fwd(s2, l2, map, map_l, s3, l3)?;
+        self.inner
+            .cpu_fwd(s1, l1, &absmax, &Layout::contiguous(absmax_shape))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (map, map_l) = self.map.storage_and_layout();
+        let Storage::Cuda(map) = &*map else {
+            candle_core::bail!("nested_quant_map is not on a CUDA device")
+        };
+        let absmax = gpu::AbsmaxSource::Double {
+            codes: gpu::view::<u8>(s2, l2, "absmax codes")?,
+            map: gpu::view::<f32>(map, map_l, "nested_quant_map")?,
+            nested: gpu::view::<f32>(s3, l3, "nested_absmax")?,
+            offset: self.absmax.offset,
+            dq_bs: self.absmax.block_size,
+        };
+        let packed = gpu::view::<u8>(s1, l1, "packed codes")?;
+        let out = gpu::dequantize_4bit(
+            s1.device(),
+            &packed,
+            &absmax,
+            &self.inner.code,
+            self.inner.block_size,
+            self.inner.shape.elem_count(),
+            self.inner.dtype,
+        )?;
+        Ok((out, self.inner.shape.clone()))
+    }
 }
 
 /// `codes (U8) × map (F32[256]) × nested_absmax (F32) → absmax (F32)`:
@@ -553,6 +703,29 @@ impl CustomOp3 for AbsmaxDequantOp {
             .map_err(Error::into_candle)?;
         let n = out.len();
         Ok((CpuStorage::F32(out), Shape::from(n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let codes = gpu::view::<u8>(s1, l1, "absmax codes")?;
+        let n = codes.len();
+        let out = gpu::dequantize_absmax(
+            s1.device(),
+            &codes,
+            &gpu::view::<f32>(s2, l2, "nested_quant_map")?,
+            &gpu::view::<f32>(s3, l3, "nested_absmax")?,
+            self.offset,
+            self.block_size,
+        )?;
+        Ok((out, Shape::from(n)))
     }
 }
 

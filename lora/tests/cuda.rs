@@ -1,0 +1,115 @@
+//! CUDA vs CPU parity of the LoRA hash dropout.
+//!
+//! Built only with `--features cuda`; each test prints a message and passes when
+//! `Device::new_cuda(0)` fails (no GPU). On a GPU: for f32, bf16 and f16 inputs of several
+//! shapes (odd sizes, a view at an odd offset, a transposed input), several probabilities and
+//! keys, the dropout output — hence the mask — is bit-identical on both devices, and so is the
+//! gradient through it.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor, Var};
+use moe_peft_lora::layer::hash_dropout;
+
+type Result<T> = anyhow::Result<T>;
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("no CUDA device ({e}); skipping the CUDA parity test");
+            None
+        }
+    }
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u32>> {
+    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|v| v.to_bits() as u32)
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .map(|v| v.to_bits() as u32)
+            .collect(),
+        other => anyhow::bail!("unexpected dtype {other:?}"),
+    })
+}
+
+fn assert_same(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
+    assert_eq!(a.dims(), b.dims(), "{what}: dims");
+    assert_eq!(a.dtype(), b.dtype(), "{what}: dtype");
+    let (x, y) = (bits(a)?, bits(b)?);
+    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
+        let n = x.iter().zip(&y).filter(|(p, q)| p != q).count();
+        panic!("{what}: {n} of {} differ, first at {i}", x.len());
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_masks_match_the_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let shapes: [&[usize]; 6] = [
+        &[64, 2048],  // a micro-batch of hidden states
+        &[6, 1408],   // expert intermediate width
+        &[3, 5, 7],   // odd, shorter than a 16-byte chunk per row
+        &[1, 1],      // one element
+        &[1_000_003], // odd, several grid-stride steps
+        &[17, 129],   // odd rows and columns
+    ];
+    let keys = [0u64, 7, 0xDEAD_BEEF_CAFE_F00D, u64::MAX];
+    for shape in shapes {
+        let x = Tensor::randn(0f32, 1., shape, &Device::Cpu)?;
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let x = x.to_dtype(dt)?;
+            let xg = x.to_device(&dev)?;
+            for p in [0.05f32, 0.1, 0.5, 0.9] {
+                for key in keys {
+                    let a = hash_dropout(&x, p, key)?;
+                    let b = hash_dropout(&xg, p, key)?;
+                    assert!(b.device().same_device(&dev));
+                    assert_same(&a, &b, &format!("{shape:?} {dt:?} p={p} key={key:#x}"))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dropout_of_views_and_gradients_match_the_cpu() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    let x = Tensor::randn(0f32, 1., (37, 96), &Device::Cpu)?;
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let x = x.to_dtype(dt)?;
+        let xg = x.to_device(&dev)?;
+        // a contiguous view at an odd offset (no 16-byte alignment) and a transposed input
+        let a = hash_dropout(&x.flatten_all()?.narrow(0, 5, 1001)?, 0.1, 42)?;
+        let b = hash_dropout(&xg.flatten_all()?.narrow(0, 5, 1001)?, 0.1, 42)?;
+        assert_same(&a, &b, &format!("offset view {dt:?}"))?;
+        let a = hash_dropout(&x.t()?, 0.3, 9)?;
+        let b = hash_dropout(&xg.t()?, 0.3, 9)?;
+        assert_same(&a, &b, &format!("transposed {dt:?}"))?;
+    }
+    // the backward applies the same mask to the gradient
+    let w = Tensor::randn(0f32, 1., (8, 300), &Device::Cpu)?;
+    let mut grads = Vec::new();
+    for d in [Device::Cpu, dev.clone()] {
+        let v = Var::from_tensor(&w.to_device(&d)?)?;
+        let y = hash_dropout(v.as_tensor(), 0.25, 1234)?;
+        let loss = (y * w.to_device(&d)?)?.sum_all()?;
+        let g = loss.backward()?;
+        let gv = g
+            .get(v.as_tensor())
+            .ok_or_else(|| anyhow::anyhow!("no gradient"))?
+            .clone();
+        grads.push(gv);
+    }
+    assert_same(&grads[0], &grads[1], "gradient")?;
+    Ok(())
+}
