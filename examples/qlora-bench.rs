@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use clap::Parser;
 use moe_peft::lora::{
     LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer, DEEPSEEK_TARGETS,
@@ -84,6 +85,12 @@ struct Args {
     /// First time a square bf16 matmul of this size (the device's practical ceiling); 0 skips.
     #[arg(long, default_value_t = 0)]
     matmul_probe: usize,
+    /// Routed experts through the fused hand-written backward (false: autograd per expert).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    fused_experts: bool,
+    /// Time the pieces of one MoE layer before the steps.
+    #[arg(long, default_value_t = false)]
+    profile_layer: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -223,7 +230,8 @@ fn run(args: Args) -> Result<()> {
             .then(|| vec!["embed_tokens".into(), "lm_head".into()]),
         ..Default::default()
     };
-    let lora = LoraModel::new(model, lcfg.clone(), 0)?;
+    let mut lora = LoraModel::new(model, lcfg.clone(), 0)?;
+    lora.set_fused_experts(args.fused_experts);
     let n_lora = lora.num_trainable_parameters();
     println!(
         "built in {build_s:.1}s: {} parameters, {} trainable, {} adapters",
@@ -231,6 +239,9 @@ fn run(args: Args) -> Result<()> {
         n_lora,
         lora.adapters().len()
     );
+    if args.profile_layer {
+        profile_layer(&lora, &args, &device)?;
+    }
     let tcfg = TrainConfig {
         learning_rate: 2e-5,
         max_grad_norm: 0.3,
@@ -337,5 +348,137 @@ fn run(args: Args) -> Result<()> {
         std::fs::write(p, serde_json::to_string_pretty(&v)?)
             .with_context(|| format!("--json {}", p.display()))?;
     }
+    Ok(())
+}
+
+/// Median seconds of `f` over `reps` runs, synchronizing the device around each.
+fn time_it(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut v = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        v.push(t.elapsed().as_secs_f64());
+    }
+    v.sort_by(f64::total_cmp);
+    Ok(v[v.len() / 2])
+}
+
+/// Times the pieces of one MoE decoder layer (layer 1) at the benchmark's batch shape.
+fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
+    use candle_core::{DType, Tensor, Var};
+    use moe_peft::model::MoeOrMlp;
+    let model = lora.model();
+    let (b, s) = (args.batch_size, args.seq_len);
+    let h = model.config().hidden_size;
+    let dt = model.dtype();
+    let x = Tensor::randn(0f32, 1.0, (b, s, h), device)?.to_dtype(dt)?;
+    let ms = |t: f64| format!("{:.3} ms", t * 1e3);
+    let tiny = Tensor::zeros(1024, DType::F32, device)?;
+    let per_op = time_it(device, 5, || {
+        let mut t = tiny.clone();
+        for _ in 0..100 {
+            t = (t + 1.0)?;
+        }
+        Ok(())
+    })? / 100.0;
+    println!("profile: one tiny elementwise op {}", ms(per_op));
+    let layer = &model.layers[1];
+    let MoeOrMlp::Moe(moe) = &layer.mlp else {
+        bail!("layer 1 is not a MoE layer")
+    };
+    let site = &moe.experts[0].gate_proj;
+    let xe = Tensor::randn(
+        0f32,
+        1.0,
+        (b * s * moe.gate.top_k() / moe.experts.len(), h),
+        device,
+    )?
+    .to_dtype(dt)?;
+    let base = site
+        .as_any()
+        .downcast_ref::<moe_peft::lora::LoraLinear>()
+        .map(|l| l.base().clone())
+        .context("expert 0 gate_proj has no adapter")?;
+    let t = time_it(device, 20, || {
+        let _ = base.dense_weight(dt)?;
+        Ok(())
+    })?;
+    println!("profile: dequantize one expert projection {}", ms(t));
+    let w = base.dense_weight(dt)?;
+    let t = time_it(device, 20, || {
+        let _ = xe.matmul(&w.t()?)?;
+        Ok(())
+    })?;
+    println!(
+        "profile: one expert GEMM {:?}x{:?} {}",
+        xe.dims(),
+        w.dims(),
+        ms(t)
+    );
+    let t = time_it(device, 20, || {
+        let _ = base.forward_t(&xe, true)?;
+        Ok(())
+    })?;
+    println!(
+        "profile: frozen NF4 projection forward (dequantize + GEMM) {}",
+        ms(t)
+    );
+    let t = time_it(device, 20, || {
+        let _ = site.forward_t(&xe, true)?;
+        Ok(())
+    })?;
+    println!("profile: LoRA projection forward (train) {}", ms(t));
+    let ctx = model.context(b, s, 0, None, true)?;
+    let xn = layer.post_attention_layernorm.forward(&x)?;
+    let t = time_it(device, 3, || {
+        let _ = layer.self_attn.forward(&xn, &ctx, None)?;
+        Ok(())
+    })?;
+    println!("profile: attention forward {}", ms(t));
+    let x2 = xn.reshape((b * s, h))?;
+    let t = time_it(device, 3, || {
+        let _ = moe.gate.route(&x2)?;
+        Ok(())
+    })?;
+    println!("profile: router {}", ms(t));
+    let t = time_it(device, 3, || {
+        let _ = moe.forward(&xn, true)?;
+        Ok(())
+    })?;
+    println!(
+        "profile: MoE block forward (router, dispatch, 64 experts, combine, shared) {}",
+        ms(t)
+    );
+    let t = time_it(device, 3, || {
+        let _ = layer.forward(&x, &ctx, None)?;
+        Ok(())
+    })?;
+    println!("profile: decoder layer forward {}", ms(t));
+    let g = Tensor::randn(0f32, 1.0, (b, s, h), device)?.to_dtype(dt)?;
+    let t = time_it(device, 3, || {
+        let xv = Var::from_tensor(&x)?;
+        let out = layer.forward(xv.as_tensor(), &ctx, None)?;
+        let gs = (out.hidden * &g)?.sum_all()?.backward()?;
+        let _ = lora.grad_sink().drain();
+        drop(gs);
+        Ok(())
+    })?;
+    println!("profile: decoder layer recompute + backward {}", ms(t));
+    let t = time_it(device, 3, || {
+        let xv = Var::from_tensor(&x)?;
+        let ctx_nograd = model.context(b, s, 0, None, true)?;
+        let a = layer.self_attn.forward(
+            &layer.input_layernorm.forward(xv.as_tensor())?,
+            &ctx_nograd,
+            None,
+        )?;
+        let gs = (a * &g)?.sum_all()?.backward()?;
+        drop(gs);
+        Ok(())
+    })?;
+    println!("profile: attention forward + backward {}", ms(t));
     Ok(())
 }

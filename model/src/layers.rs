@@ -12,7 +12,7 @@ use moe_peft_quant::{frozen_matmul, LinearLike};
 
 use crate::config::{DeepSeekMoeConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::ops::{dispatch_rows, permute_rows, softmax_f32};
+use crate::ops::{dispatch_rows, permute_rows, softmax_f32, softmax_last_dim};
 
 /// A projection slot: a frozen base or an adapter wrapping one.
 pub type Linear = Arc<dyn LinearLike>;
@@ -140,19 +140,22 @@ pub struct ForwardContext {
     pub cos: Tensor,
     /// RoPE sines `(seq, head_dim)` in the activation dtype.
     pub sin: Tensor,
-    /// Additive attention mask `(b, 1, seq, past+seq)` in f32, or `None` when every query may
-    /// see every key (one new token, no padding).
+    /// Additive attention mask `(b, 1, seq, past+seq)` in the activation dtype (0 or that
+    /// dtype's lowest finite value), or `None` when every query may see every key (one new
+    /// token, no padding).
     pub mask: Option<Tensor>,
     /// Training mode (aux loss, adapter dropout).
     pub train: bool,
 }
 
-/// Builds the additive causal + key-padding mask (`0` or `f32::MIN`, as HF's eager path).
+/// Builds the additive causal + key-padding mask in `dtype`: `0` or the dtype's lowest finite
+/// value, as HF's eager path (`finfo.min`).
 pub fn attention_mask(
     attention_mask: Option<&Tensor>,
     b: usize,
     seq: usize,
     past: usize,
+    dtype: DType,
     device: &Device,
 ) -> Result<Option<Tensor>> {
     let total = past + seq;
@@ -179,14 +182,18 @@ pub fn attention_mask(
             .broadcast_as((b, seq, total))?;
         allowed = (allowed.to_dtype(DType::U8)? * keys.to_dtype(DType::U8)?)?;
     }
+    let lowest = match dtype {
+        DType::F16 => -65504.0f32,
+        DType::BF16 => -3.389_531_4e38,
+        _ => f32::MIN,
+    };
     let zero = Tensor::zeros((b, seq, total), DType::F32, device)?;
-    let min = Tensor::full(f32::MIN, (b, seq, total), device)?;
-    Ok(Some(
-        allowed
-            .contiguous()?
-            .where_cond(&zero, &min)?
-            .unsqueeze(1)?,
-    ))
+    let min = Tensor::full(lowest, (b, seq, total), device)?;
+    let mask = allowed
+        .contiguous()?
+        .where_cond(&zero, &min)?
+        .unsqueeze(1)?;
+    Ok(Some(mask.to_dtype(dtype)?))
 }
 
 /// Cached keys and values of one layer, `(b, kv_heads, t, head_dim)`.
@@ -280,13 +287,14 @@ impl Attention {
         };
         let k = self.repeat_kv(k)?;
         let v = self.repeat_kv(v)?;
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
-        let scores = scores.to_dtype(DType::F32)?;
+        // Scores in the activation dtype, softmax with f32 accumulation in one fused kernel
+        // (the reference upcasts to f32 and casts back; same result up to the scale's rounding).
+        let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
         let scores = match &ctx.mask {
             Some(m) => scores.broadcast_add(m)?,
             None => scores,
         };
-        let probs = softmax_f32(&scores)?.to_dtype(q.dtype())?;
+        let probs = softmax_last_dim(&scores)?;
         let y = probs.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((b, s, h * d))?;
         Ok(self.o_proj.forward_t(&y, ctx.train)?)

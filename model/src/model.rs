@@ -405,7 +405,7 @@ impl DeepSeekMoe {
         train: bool,
     ) -> Result<ForwardContext> {
         let (cos, sin) = self.rotary.cos_sin(past, seq, self.dtype, &self.device)?;
-        let mask = self::attention_mask(attention_mask, b, seq, past, &self.device)?;
+        let mask = self::attention_mask(attention_mask, b, seq, past, self.dtype, &self.device)?;
         Ok(ForwardContext {
             cos,
             sin,
@@ -468,7 +468,7 @@ impl DeepSeekMoe {
         let n = rows.len();
         let x = x.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
         let w = self.lm_head.dense_weight(x.dtype())?;
-        let budget: usize = if dev.is_cpu() { 1 << 24 } else { 1 << 28 };
+        let budget: usize = if dev.is_cpu() { 1 << 24 } else { 1 << 26 };
         let chunk = (budget / v).max(16);
         let t = Tensor::from_vec(targets, n, dev)?;
         let loss = crate::ops::chunked_cross_entropy(&x, &w, &t, chunk)?;

@@ -102,6 +102,19 @@ pub fn permute_rows(x: &Tensor, perm: &Tensor, inv: &Tensor) -> candle_core::Res
     with_grad(x, y, move |g| g.index_select(&inv, 0))
 }
 
+/// Softmax over the last dimension with candle's fused kernel (f32 accumulation for every
+/// dtype) and a hand-written backward `dx = y ⊙ (dy − Σ dy ⊙ y)`: one pass forward and four
+/// in backward, instead of the dozen of a softmax composed of elementary ops.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    let yc = y.clone();
+    with_grad(x, y, move |g| {
+        let gy = (g * &yc)?;
+        let s = gy.sum_keepdim(D::Minus1)?;
+        gy - yc.broadcast_mul(&s)?
+    })
+}
+
 /// Differentiable softmax over the last dimension, computed in f32.
 pub fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;

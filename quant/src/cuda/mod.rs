@@ -77,23 +77,22 @@ mod imp {
     /// CTA cap when the SM count or the occupancy cannot be read.
     const FALLBACK_MAX_CTAS: u64 = 1024;
 
-    /// `ctas` 256-thread CTAs of `func`, capped at one full wave (SMs x resident CTAs per SM,
-    /// from the occupancy calculator): the kernels are grid-stride, so a bigger problem loops
-    /// instead of launching short-lived CTAs that each restage their shared-memory tables, and
-    /// no partial second wave is left.
-    fn grid(dev: &CudaDevice, func: &CudaFunction, ctas: u64) -> LaunchConfig {
-        let sms = dev
-            .cuda_stream()
-            .context()
-            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
-            .ok()
-            .and_then(|s| u64::try_from(s).ok());
-        let per_sm = func
-            .occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)
-            .ok()
-            .map(u64::from);
-        let cap = match (sms, per_sm) {
-            (Some(s), Some(b)) if s * b > 0 => s * b,
+    /// `ctas` 256-thread CTAs, capped at one full wave (SMs × 8 CTAs, the hardware limit of
+    /// 2048 resident threads per SM): the kernels are grid-stride, so a bigger problem loops
+    /// instead of launching short-lived CTAs that each restage their shared-memory tables. The
+    /// SM count is read from the driver once per process, not on every launch.
+    fn grid(dev: &CudaDevice, _func: &CudaFunction, ctas: u64) -> LaunchConfig {
+        use std::sync::OnceLock;
+        static SMS: OnceLock<Option<u64>> = OnceLock::new();
+        let sms = *SMS.get_or_init(|| {
+            dev.cuda_stream()
+                .context()
+                .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+                .ok()
+                .and_then(|s| u64::try_from(s).ok())
+        });
+        let cap = match sms {
+            Some(s) if s > 0 => s * (2048 / THREADS as u64),
             _ => FALLBACK_MAX_CTAS,
         };
         LaunchConfig {
