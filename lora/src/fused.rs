@@ -61,6 +61,9 @@ struct Proj {
 struct LoraParts {
     a: candle_core::Var,
     b: candle_core::Var,
+    /// A and B in the activation dtype, cast once per layer call.
+    a_c: Tensor,
+    b_c: Tensor,
     scaling: f64,
     dropout: f32,
     key: u64,
@@ -68,30 +71,29 @@ struct LoraParts {
 
 impl Proj {
     /// `None` when the slot holds something this path does not know (a merged adapter, …).
-    fn of(slot: &Linear, train: bool) -> Option<Self> {
+    fn of(slot: &Linear, train: bool, dtype: DType) -> candle_core::Result<Option<Self>> {
         if let Some(l) = slot.as_any().downcast_ref::<LoraLinear>() {
             if l.is_merged() {
-                return None;
+                return Ok(None);
             }
-            return Some(Self {
+            return Ok(Some(Self {
                 base: l.base().clone(),
                 lora: Some(LoraParts {
                     a: l.lora_a().clone(),
                     b: l.lora_b().clone(),
+                    a_c: l.lora_a().as_tensor().detach().to_dtype(dtype)?,
+                    b_c: l.lora_b().as_tensor().detach().to_dtype(dtype)?,
                     scaling: l.scaling(),
                     dropout: if train { l.dropout_p() } else { 0.0 },
                     key: l.dropout_key(),
                 }),
-            });
-        }
-        if slot.as_any().is::<LoraLinear>() {
-            return None;
+            }));
         }
         // A frozen base without adapter (dense, NF4 or int8): forward and dense_weight suffice.
-        Some(Self {
+        Ok(Some(Self {
             base: slot.clone(),
             lora: None,
-        })
+        }))
     }
 
     fn drop_x(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -107,11 +109,8 @@ impl Proj {
         let Some(l) = &self.lora else {
             return Ok((y, None));
         };
-        let dt = x.dtype();
-        let a = l.a.as_tensor().detach().to_dtype(dt)?;
-        let b = l.b.as_tensor().detach().to_dtype(dt)?;
-        let xa = matmul_t(&self.drop_x(x)?, &a)?;
-        let t = (matmul_t(&xa, &b)? * l.scaling)?;
+        let xa = matmul_t(&self.drop_x(x)?, &l.a_c)?;
+        let t = (matmul_t(&xa, &l.b_c)? * l.scaling)?;
         Ok(((y + t)?, Some(xa)))
     }
 
@@ -127,14 +126,12 @@ impl Proj {
         let w = self.base.dense_weight(dt)?;
         let mut dx = dy.matmul(&w)?;
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
-            let a = l.a.as_tensor().detach().to_dtype(dt)?;
-            let b = l.b.as_tensor().detach().to_dtype(dt)?;
-            let dyb = (dy.matmul(&b)? * l.scaling)?; // (rows, r) = s·dy B
+            let dyb = (dy.matmul(&l.b_c)? * l.scaling)?; // (rows, r) = s·dy B
             let db = (dy.t()?.matmul(xa)? * l.scaling)?; // (out, r)
             let da = dyb.t()?.matmul(&self.drop_x(x)?)?; // (r, in)
             sink.add(l.b.as_tensor().id(), db.to_dtype(l.b.dtype())?)?;
             sink.add(l.a.as_tensor().id(), da.to_dtype(l.a.dtype())?)?;
-            let dxl = dyb.matmul(&a)?;
+            let dxl = dyb.matmul(&l.a_c)?;
             let dxl = match l.dropout > 0.0 {
                 true => dropout(&dxl, l.dropout, l.key)?,
                 false => dxl,
@@ -154,6 +151,16 @@ struct ExpertParts {
     act: Activation,
 }
 
+/// What the backward of one expert needs from its forward: the two pre-activations and the
+/// adapters' `A drop(x)` (the GEMMs are not recomputed).
+struct Saved {
+    g: Tensor,
+    u: Tensor,
+    xa_g: Option<Tensor>,
+    xa_u: Option<Tensor>,
+    xa_d: Option<Tensor>,
+}
+
 /// The fused experts of one MoE layer (installed by [`crate::LoraModel`]).
 #[derive(Debug)]
 pub struct FusedLoraExperts {
@@ -167,29 +174,37 @@ impl FusedLoraExperts {
     }
 }
 
-fn expert_forward(e: &ExpertParts, x: &Tensor) -> candle_core::Result<Tensor> {
-    let (g, _) = e.gate.forward(x)?;
-    let (u, _) = e.up.forward(x)?;
-    let a = (e.act.apply(&g).map_err(to_candle)? * u)?;
-    Ok(e.down.forward(&a)?.0)
+fn expert_forward(e: &ExpertParts, x: &Tensor) -> candle_core::Result<(Tensor, Saved)> {
+    let (g, xa_g) = e.gate.forward(x)?;
+    let (u, xa_u) = e.up.forward(x)?;
+    let a = (e.act.apply(&g).map_err(to_candle)? * &u)?;
+    let (y, xa_d) = e.down.forward(&a)?;
+    Ok((
+        y,
+        Saved {
+            g,
+            u,
+            xa_g,
+            xa_u,
+            xa_d,
+        },
+    ))
 }
 
 fn expert_backward(
     e: &ExpertParts,
     x: &Tensor,
+    s: &Saved,
     dy: &Tensor,
     sink: &GradSink,
 ) -> candle_core::Result<Tensor> {
-    let (g, ga) = e.gate.forward(x)?;
-    let (u, ua) = e.up.forward(x)?;
-    let h = e.act.apply(&g).map_err(to_candle)?;
-    let a = (&h * &u)?;
-    let (_, da_xa) = e.down.forward(&a)?;
-    let da = e.down.backward(&a, da_xa.as_ref(), dy, sink)?;
+    let h = e.act.apply(&s.g).map_err(to_candle)?;
+    let a = (&h * &s.u)?;
+    let da = e.down.backward(&a, s.xa_d.as_ref(), dy, sink)?;
     let du = (&da * &h)?;
-    let dg = e.act.backward(&g, &(&da * &u)?).map_err(to_candle)?;
-    let dx = e.gate.backward(x, ga.as_ref(), &dg, sink)?;
-    dx + e.up.backward(x, ua.as_ref(), &du, sink)?
+    let dg = e.act.backward(&s.g, &(&da * &s.u)?).map_err(to_candle)?;
+    let dx = e.gate.backward(x, s.xa_g.as_ref(), &dg, sink)?;
+    dx + e.up.backward(x, s.xa_u.as_ref(), &du, sink)?
 }
 
 fn to_candle(e: moe_peft_model::Error) -> candle_core::Error {
@@ -207,6 +222,7 @@ impl ExpertsForward for FusedLoraExperts {
         counts: &[usize],
         train: bool,
     ) -> moe_peft_model::Result<Option<Tensor>> {
+        let dtype = xs.dtype();
         let mut parts = Vec::with_capacity(experts.len());
         for (e, m) in experts.iter().enumerate() {
             if counts[e] == 0 {
@@ -214,9 +230,9 @@ impl ExpertsForward for FusedLoraExperts {
                 continue;
             }
             let (Some(gate), Some(up), Some(down)) = (
-                Proj::of(&m.gate_proj, train),
-                Proj::of(&m.up_proj, train),
-                Proj::of(&m.down_proj, train),
+                Proj::of(&m.gate_proj, train, dtype)?,
+                Proj::of(&m.up_proj, train, dtype)?,
+                Proj::of(&m.down_proj, train, dtype)?,
             ) else {
                 return Ok(None);
             };
@@ -227,17 +243,23 @@ impl ExpertsForward for FusedLoraExperts {
                 act: m.activation(),
             }));
         }
+        let keep = train && xs.track_op();
         let x = xs.detach();
         let mut outs = Vec::with_capacity(experts.len());
+        let mut saved = Vec::with_capacity(experts.len());
         let mut off = 0;
         for (e, p) in parts.iter().enumerate() {
             if let Some(p) = p {
-                outs.push(expert_forward(p, &x.narrow(0, off, counts[e])?)?);
+                let (y, s) = expert_forward(p, &x.narrow(0, off, counts[e])?)?;
+                outs.push(y);
+                saved.push(keep.then_some(s));
                 off += counts[e];
+            } else {
+                saved.push(None);
             }
         }
         let ys = Tensor::cat(&outs, 0)?;
-        if !(train && xs.track_op()) {
+        if !keep {
             return Ok(Some(ys));
         }
         let counts = counts.to_vec();
@@ -247,11 +269,12 @@ impl ExpertsForward for FusedLoraExperts {
             let mut dxs = Vec::with_capacity(parts.len());
             let mut off = 0;
             for (e, p) in parts.iter().enumerate() {
-                if let Some(p) = p {
+                if let (Some(p), Some(s)) = (p, &saved[e]) {
                     let c = counts[e];
                     dxs.push(expert_backward(
                         p,
                         &x.narrow(0, off, c)?,
+                        s,
                         &dy.narrow(0, off, c)?,
                         &sink,
                     )?);
@@ -260,7 +283,6 @@ impl ExpertsForward for FusedLoraExperts {
             }
             Tensor::cat(&dxs, 0)
         })?;
-        let _ = DType::F32;
         Ok(Some(y))
     }
 }
