@@ -100,6 +100,15 @@ impl AdamW {
     /// One update with learning rate `lr`; `grads[i]` belongs to `vars()[i]` (`None`: no
     /// gradient this step, the variable and its moments are left alone, as torch does).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
+        self.step_scaled(grads, lr, 1.0)
+    }
+
+    /// [`Self::step`] with every gradient multiplied by `clip` on the fly (the coefficient of
+    /// [`clip_grad_norm`], without a separate pass over the gradients).
+    ///
+    /// Each variable takes three in-place kernels (first moment, second moment, parameter) on
+    /// its device; CPU and CUDA round identically.
+    pub fn step_scaled(&mut self, grads: &[Option<Tensor>], lr: f64, clip: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(Error::InvalidTrainConfig(format!(
                 "{} gradients for {} variables",
@@ -111,24 +120,39 @@ impl AdamW {
         let c = &self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        let step_size = lr / bc1;
-        let bc2_sqrt = bc2.sqrt();
+        let m_op = MomentOp {
+            beta: c.beta1 as f32,
+            one_minus: (1.0 - c.beta1) as f32,
+            clip: clip as f32,
+            square: false,
+        };
+        let v_op = MomentOp {
+            beta: c.beta2 as f32,
+            one_minus: (1.0 - c.beta2) as f32,
+            clip: clip as f32,
+            square: true,
+        };
+        let p_op = ParamOp {
+            decay: (1.0 - lr * c.weight_decay) as f32,
+            use_decay: c.weight_decay != 0.0,
+            bc2_sqrt: bc2.sqrt() as f32,
+            eps: c.eps as f32,
+            step_size: (lr / bc1) as f32,
+        };
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
             let var = &self.vars[i];
-            let g = g.to_dtype(DType::F32)?;
-            let mut p = var.as_tensor().to_dtype(DType::F32)?;
-            if c.weight_decay != 0.0 {
-                p = (p * (1.0 - lr * c.weight_decay))?;
+            if var.dtype() != DType::F32 {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "AdamW keeps f32 variables; `{}` is {:?}",
+                    self.names[i],
+                    var.dtype()
+                )));
             }
-            let md = self.m[i].dtype();
-            let m = ((self.m[i].to_dtype(DType::F32)? * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((self.v[i].to_dtype(DType::F32)? * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let denom = ((v.sqrt()? / bc2_sqrt)? + c.eps)?;
-            let p = (p - (m.div(&denom)? * step_size)?)?;
-            var.set(&p.to_dtype(var.dtype())?)?;
-            self.m[i] = m.to_dtype(md)?;
-            self.v[i] = v.to_dtype(md)?;
+            let g = g.to_dtype(DType::F32)?.contiguous()?;
+            self.m[i].inplace_op2(&g, &m_op)?;
+            self.v[i].inplace_op2(&g, &v_op)?;
+            var.as_tensor().inplace_op3(&self.m[i], &self.v[i], &p_op)?;
         }
         Ok(())
     }
@@ -191,6 +215,241 @@ impl AdamW {
         })?;
         self.step = step.to_device(&Device::Cpu)?.to_vec1::<u32>()?[0] as usize;
         Ok(())
+    }
+}
+
+/// `m ← β·m + (1−β)·(g·clip)` (or `(g·clip)²` for the second moment), in place.
+#[derive(Debug, Clone, Copy)]
+struct MomentOp {
+    beta: f32,
+    one_minus: f32,
+    clip: f32,
+    square: bool,
+}
+
+impl MomentOp {
+    fn apply(&self, m: f32, g: f32) -> f32 {
+        let mut gi = g * self.clip;
+        if self.square {
+            gi *= gi;
+        }
+        m * self.beta + gi * self.one_minus
+    }
+}
+
+/// `p ← p·decay − (m / (√v / √bc₂ + ε))·step_size`, in place.
+#[derive(Debug, Clone, Copy)]
+struct ParamOp {
+    decay: f32,
+    use_decay: bool,
+    bc2_sqrt: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+impl ParamOp {
+    fn apply(&self, p: f32, m: f32, v: f32) -> f32 {
+        let p = if self.use_decay { p * self.decay } else { p };
+        let denom = v.sqrt() / self.bc2_sqrt + self.eps;
+        p - (m / denom) * self.step_size
+    }
+}
+
+fn contiguous_range(l: &candle_core::Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+    match l.contiguous_offsets() {
+        Some(r) => Ok(r),
+        None => candle_core::bail!("adamw: {what} must be contiguous"),
+    }
+}
+
+impl candle_core::InplaceOp2 for MomentOp {
+    fn name(&self) -> &'static str {
+        "adamw-moment"
+    }
+
+    fn cpu_fwd(
+        &self,
+        m: &mut candle_core::CpuStorage,
+        lm: &candle_core::Layout,
+        g: &candle_core::CpuStorage,
+        lg: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        let (ma, mb) = contiguous_range(lm, "moment")?;
+        let (ga, gb) = contiguous_range(lg, "gradient")?;
+        let C::F32(g) = g else {
+            candle_core::bail!("adamw: gradient must be f32")
+        };
+        let g = &g[ga..gb];
+        match m {
+            C::F32(m) => m[ma..mb]
+                .iter_mut()
+                .zip(g)
+                .for_each(|(m, &g)| *m = self.apply(*m, g)),
+            C::BF16(m) => m[ma..mb]
+                .iter_mut()
+                .zip(g)
+                .for_each(|(m, &g)| *m = half::bf16::from_f32(self.apply(m.to_f32(), g))),
+            _ => candle_core::bail!("adamw: moments must be f32 or bf16"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        m: &mut candle_core::CudaStorage,
+        lm: &candle_core::Layout,
+        g: &candle_core::CudaStorage,
+        lg: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let (ma, mb) = contiguous_range(lm, "moment")?;
+        let (ga, gb) = contiguous_range(lg, "gradient")?;
+        let n = (mb - ma) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = m.device().clone();
+        let gv = g.as_cuda_slice::<f32>()?.slice(ga..gb);
+        let square = i32::from(self.square);
+        let cfg = cuda::launch_config(n);
+        match m.dtype() {
+            DType::F32 => {
+                let f = dev.get_or_load_custom_func("adam_moment_f32", cuda::MODULE, cuda::PTX)?;
+                let mut mv = m.as_cuda_slice_mut::<f32>()?.slice_mut(ma..mb);
+                let mut b = f.builder();
+                b.arg(&mut mv)
+                    .arg(&gv)
+                    .arg(&n)
+                    .arg(&self.beta)
+                    .arg(&self.one_minus)
+                    .arg(&self.clip)
+                    .arg(&square);
+                // SAFETY: the arguments match `adam_moment_f32` in adamw.cu.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            DType::BF16 => {
+                let f = dev.get_or_load_custom_func("adam_moment_bf16", cuda::MODULE, cuda::PTX)?;
+                let mut mv = m.as_cuda_slice_mut::<half::bf16>()?.slice_mut(ma..mb);
+                let mut b = f.builder();
+                b.arg(&mut mv)
+                    .arg(&gv)
+                    .arg(&n)
+                    .arg(&self.beta)
+                    .arg(&self.one_minus)
+                    .arg(&self.clip)
+                    .arg(&square);
+                // SAFETY: the arguments match `adam_moment_bf16` in adamw.cu.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            other => candle_core::bail!("adamw: moments must be f32 or bf16, not {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+impl candle_core::InplaceOp3 for ParamOp {
+    fn name(&self) -> &'static str {
+        "adamw-param"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut candle_core::CpuStorage,
+        lp: &candle_core::Layout,
+        m: &candle_core::CpuStorage,
+        lm: &candle_core::Layout,
+        v: &candle_core::CpuStorage,
+        lv: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        let (pa, pb) = contiguous_range(lp, "parameter")?;
+        let (ma, mb) = contiguous_range(lm, "moment")?;
+        let (va, vb) = contiguous_range(lv, "moment")?;
+        let C::F32(p) = p else {
+            candle_core::bail!("adamw: parameters must be f32")
+        };
+        let p = &mut p[pa..pb];
+        match (m, v) {
+            (C::F32(m), C::F32(v)) => {
+                for ((p, &m), &v) in p.iter_mut().zip(&m[ma..mb]).zip(&v[va..vb]) {
+                    *p = self.apply(*p, m, v);
+                }
+            }
+            (C::BF16(m), C::BF16(v)) => {
+                for ((p, m), v) in p.iter_mut().zip(&m[ma..mb]).zip(&v[va..vb]) {
+                    *p = self.apply(*p, m.to_f32(), v.to_f32());
+                }
+            }
+            _ => candle_core::bail!("adamw: moments must both be f32 or both bf16"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        p: &mut candle_core::CudaStorage,
+        lp: &candle_core::Layout,
+        m: &candle_core::CudaStorage,
+        lm: &candle_core::Layout,
+        v: &candle_core::CudaStorage,
+        lv: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+        use candle_core::cuda_backend::WrapErr;
+        let (pa, pb) = contiguous_range(lp, "parameter")?;
+        let (ma, mb) = contiguous_range(lm, "moment")?;
+        let (va, vb) = contiguous_range(lv, "moment")?;
+        let n = (pb - pa) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        let dev = p.device().clone();
+        let use_decay = i32::from(self.use_decay);
+        let cfg = cuda::launch_config(n);
+        let mut pv = p.as_cuda_slice_mut::<f32>()?.slice_mut(pa..pb);
+        macro_rules! go {
+            ($t:ty, $name:literal) => {{
+                let f = dev.get_or_load_custom_func($name, cuda::MODULE, cuda::PTX)?;
+                let mv = m.as_cuda_slice::<$t>()?.slice(ma..mb);
+                let vv = v.as_cuda_slice::<$t>()?.slice(va..vb);
+                let mut b = f.builder();
+                b.arg(&mut pv)
+                    .arg(&mv)
+                    .arg(&vv)
+                    .arg(&n)
+                    .arg(&self.decay)
+                    .arg(&use_decay)
+                    .arg(&self.bc2_sqrt)
+                    .arg(&self.eps)
+                    .arg(&self.step_size);
+                // SAFETY: the arguments match the kernel of the same name in adamw.cu.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match m.dtype() {
+            DType::F32 => go!(f32, "adam_param_f32"),
+            DType::BF16 => go!(half::bf16, "adam_param_bf16"),
+            other => candle_core::bail!("adamw: moments must be f32 or bf16, not {other:?}"),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+    pub(super) const MODULE: &str = "moe_peft_lora_adamw";
+
+    pub(super) fn launch_config(n: u64) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+            grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 }
 

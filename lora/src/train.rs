@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 use crate::export::write_atomic;
 use crate::inject::LoraModel;
-use crate::optim::{clip_grad_norm, AdamW, AdamWConfig, Schedule};
+use crate::optim::{global_norm, AdamW, AdamWConfig, Schedule};
 
 /// One micro-batch on the model's device.
 #[derive(Debug, Clone)]
@@ -469,7 +469,7 @@ impl Trainer {
             }
         }
         let mut t = Instant::now();
-        let grad_norm = clip_grad_norm(&mut acc, self.cfg.max_grad_norm)?;
+        let grad_norm = global_norm(&acc)?;
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite {
                 what: "gradient norm",
@@ -477,7 +477,13 @@ impl Trainer {
             });
         }
         let lr = self.cfg.lr_at(self.global_step);
-        self.opt.step(&acc, lr)?;
+        // torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
+        let clip = if self.cfg.max_grad_norm > 0.0 {
+            (self.cfg.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
+        } else {
+            1.0
+        };
+        self.opt.step_scaled(&acc, lr, clip)?;
         self.lap(&mut t, |p| &mut p.optimizer)?;
         self.global_step += 1;
         let seconds = start.elapsed().as_secs_f64();

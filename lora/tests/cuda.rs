@@ -113,3 +113,33 @@ fn dropout_of_views_and_gradients_match_the_cpu() -> Result<()> {
     assert_same(&grads[0], &grads[1], "gradient")?;
     Ok(())
 }
+
+#[test]
+fn adamw_updates_are_bit_identical_on_cpu_and_cuda() -> Result<()> {
+    use moe_peft_lora::{AdamW, AdamWConfig};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for bf16_moments in [false, true] {
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            bf16_moments,
+            ..Default::default()
+        };
+        let init = Tensor::randn(0f32, 1.0, (3, 1001), &Device::Cpu)?;
+        let pc = Var::from_tensor(&init)?;
+        let pg = Var::from_tensor(&init.to_device(&gpu)?)?;
+        let mut oc = AdamW::new(vec![("p".into(), pc.clone())], cfg.clone())?;
+        let mut og = AdamW::new(vec![("p".into(), pg.clone())], cfg)?;
+        for step in 0..4 {
+            let g = Tensor::randn(0f32, 1.0, (3, 1001), &Device::Cpu)?;
+            let clip = if step % 2 == 0 { 1.0 } else { 0.37 };
+            oc.step_scaled(&[Some(g.clone())], 1e-2, clip)?;
+            og.step_scaled(&[Some(g.to_device(&gpu)?)], 1e-2, clip)?;
+            assert_eq!(
+                bits(pc.as_tensor())?,
+                bits(pg.as_tensor())?,
+                "step {step}, bf16 moments {bf16_moments}"
+            );
+        }
+    }
+    Ok(())
+}
