@@ -303,6 +303,7 @@ impl candle_core::InplaceOp2 for MomentOp {
         g: &candle_core::CudaStorage,
         lg: &candle_core::Layout,
     ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         let (ma, mb) = contiguous_range(lm, "moment")?;
@@ -398,6 +399,7 @@ impl candle_core::InplaceOp3 for ParamOp {
         v: &candle_core::CudaStorage,
         lv: &candle_core::Layout,
     ) -> candle_core::Result<()> {
+        use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
         use candle_core::cuda_backend::WrapErr;
         let (pa, pb) = contiguous_range(lp, "parameter")?;
