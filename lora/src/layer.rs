@@ -328,9 +328,12 @@ impl ModuleT for LoraLinear {
         } else {
             x.clone()
         };
-        let xa = xa.to_dtype(self.a.dtype())?;
-        let t = matmul_t(&matmul_t(&xa, self.a.as_tensor())?, self.b.as_tensor())?;
-        let t = (t * self.scaling)?.to_dtype(y.dtype())?;
+        // The adapter runs in the activation dtype (the recipe casts LoRA layers to bf16 with
+        // --bf16); A and B stay f32 variables and the casts carry their gradients back.
+        let a = self.a.as_tensor().to_dtype(xa.dtype())?;
+        let b = self.b.as_tensor().to_dtype(xa.dtype())?;
+        let t = (matmul_t(&matmul_t(&xa, &a)?, &b)? * self.scaling)?;
+        let t = t.to_dtype(y.dtype())?;
         y + t
     }
 }

@@ -92,7 +92,8 @@ impl Rotary {
             .collect()
     }
 
-    /// `cos`, `sin` of shape `(len, head_dim)` for positions `offset..offset+len`.
+    /// `cos`, `sin` of shape `(len, head_dim / 2)` for positions `offset..offset+len` (HF's
+    /// tables repeat this half twice).
     pub fn cos_sin(
         &self,
         offset: usize,
@@ -106,39 +107,41 @@ impl Rotary {
             Some(s) if s.kind == "linear" => 1.0 / s.factor as f32,
             _ => 1.0,
         };
-        let mut cos = Vec::with_capacity(len * 2 * half);
-        let mut sin = Vec::with_capacity(len * 2 * half);
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
         for p in offset..offset + len {
             let t = p as f32 * scale;
-            for _ in 0..2 {
-                for f in &inv {
-                    let a = t * f;
-                    cos.push(a.cos());
-                    sin.push(a.sin());
-                }
+            for f in &inv {
+                let a = t * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
             }
         }
-        let cos = Tensor::from_vec(cos, (len, 2 * half), device)?.to_dtype(dtype)?;
-        let sin = Tensor::from_vec(sin, (len, 2 * half), device)?.to_dtype(dtype)?;
+        let cos = Tensor::from_vec(cos, (len, half), device)?.to_dtype(dtype)?;
+        let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
 }
 
-/// `x·cos + rotate_half(x)·sin` for `x` of shape `(b, heads, seq, head_dim)`.
+/// `x·cos + rotate_half(x)·sin` for `x` of shape `(b, heads, seq, head_dim)`, with `cos`,
+/// `sin` of shape `(seq, head_dim / 2)` (the two halves of HF's tables are equal).
+///
+/// Runs candle's fused rotary kernel; the backward is the rotation by the opposite angle,
+/// `rope(g, cos, −sin)`, since the halves of `sin` are equal.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    Ok((x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
+    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
+    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
+    Ok(crate::ops::with_grad(x, y, move |g| {
+        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
+    })?)
 }
 
 /// What one forward pass shares across layers.
 #[derive(Debug, Clone)]
 pub struct ForwardContext {
-    /// RoPE cosines `(seq, head_dim)` in the activation dtype.
+    /// RoPE cosines `(seq, head_dim / 2)` in the activation dtype.
     pub cos: Tensor,
-    /// RoPE sines `(seq, head_dim)` in the activation dtype.
+    /// RoPE sines `(seq, head_dim / 2)` in the activation dtype.
     pub sin: Tensor,
     /// Additive attention mask `(b, 1, seq, past+seq)` in the activation dtype (0 or that
     /// dtype's lowest finite value), or `None` when every query may see every key (one new
