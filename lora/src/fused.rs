@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Tensor, TensorId};
 use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
-use moe_peft_quant::matmul_t;
+use moe_peft_quant::{grouped_matmul, grouped_matmul_tn, matmul_t};
 
 use crate::layer::{dropout, LoraLinear};
 
@@ -214,6 +214,199 @@ fn to_candle(e: moe_peft_model::Error) -> candle_core::Error {
     }
 }
 
+/// One projection type (gate, up or down) across the experts that received tokens, when
+/// every one of them has an adapter of the same rank, scaling and dropout (or none has one):
+/// the whole layer then runs as grouped GEMMs.
+struct GroupProj {
+    bases: Vec<Linear>,
+    lora: Option<GroupLora>,
+}
+
+struct GroupLora {
+    a: Vec<candle_core::Var>,
+    b: Vec<candle_core::Var>,
+    a_c: Vec<Tensor>,
+    b_c: Vec<Tensor>,
+    scaling: f64,
+    dropout: f32,
+    keys: Vec<u64>,
+}
+
+impl GroupProj {
+    fn of(projs: Vec<&Proj>) -> Option<Self> {
+        let bases = projs.iter().map(|p| p.base.clone()).collect();
+        let first = projs.first()?;
+        let lora = match &first.lora {
+            None => {
+                if projs.iter().any(|p| p.lora.is_some()) {
+                    return None;
+                }
+                None
+            }
+            Some(l0) => {
+                let mut g = GroupLora {
+                    a: vec![],
+                    b: vec![],
+                    a_c: vec![],
+                    b_c: vec![],
+                    scaling: l0.scaling,
+                    dropout: l0.dropout,
+                    keys: vec![],
+                };
+                for p in &projs {
+                    let l = p.lora.as_ref()?;
+                    if l.scaling != l0.scaling
+                        || l.dropout != l0.dropout
+                        || l.a.dims() != l0.a.dims()
+                    {
+                        return None;
+                    }
+                    g.a.push(l.a.clone());
+                    g.b.push(l.b.clone());
+                    g.a_c.push(l.a_c.clone());
+                    g.b_c.push(l.b_c.clone());
+                    g.keys.push(l.key);
+                }
+                Some(g)
+            }
+        };
+        Some(Self { bases, lora })
+    }
+
+    fn weights(&self, dtype: DType) -> candle_core::Result<Vec<Tensor>> {
+        self.bases.iter().map(|b| b.dense_weight(dtype)).collect()
+    }
+
+    /// Per-expert dropout of consecutive row groups (the mask of each expert's own site).
+    fn drop_x(&self, x: &Tensor, counts: &[usize]) -> candle_core::Result<Tensor> {
+        match &self.lora {
+            Some(l) if l.dropout > 0.0 => {
+                let mut parts = Vec::with_capacity(counts.len());
+                let mut off = 0;
+                for (&c, &key) in counts.iter().zip(&l.keys) {
+                    parts.push(dropout(&x.narrow(0, off, c)?, l.dropout, key)?);
+                    off += c;
+                }
+                Tensor::cat(&parts, 0)
+            }
+            _ => Ok(x.clone()),
+        }
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        counts: &[usize],
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let w = self.weights(x.dtype())?;
+        let y = grouped_matmul(x, &w.iter().collect::<Vec<_>>(), counts, true)?;
+        drop(w);
+        let Some(l) = &self.lora else {
+            return Ok((y, None));
+        };
+        let xd = self.drop_x(x, counts)?;
+        let xa = grouped_matmul(&xd, &l.a_c.iter().collect::<Vec<_>>(), counts, true)?;
+        let t = grouped_matmul(&xa, &l.b_c.iter().collect::<Vec<_>>(), counts, true)?;
+        Ok(((y + (t * l.scaling)?)?, Some(xa)))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        xa: Option<&Tensor>,
+        dy: &Tensor,
+        counts: &[usize],
+        sink: &GradSink,
+    ) -> candle_core::Result<Tensor> {
+        let w = self.weights(dy.dtype())?;
+        let mut dx = grouped_matmul(dy, &w.iter().collect::<Vec<_>>(), counts, false)?;
+        drop(w);
+        if let (Some(l), Some(xa)) = (&self.lora, xa) {
+            let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
+                * l.scaling)?;
+            let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?;
+            let da = grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?;
+            for (i, (a, b)) in l.a.iter().zip(&l.b).enumerate() {
+                sink.add(b.as_tensor().id(), db.get(i)?.to_dtype(b.dtype())?)?;
+                sink.add(a.as_tensor().id(), da.get(i)?.to_dtype(a.dtype())?)?;
+            }
+            let dxl = grouped_matmul(&dyb, &l.a_c.iter().collect::<Vec<_>>(), counts, false)?;
+            let dxl = match l.dropout > 0.0 {
+                true => {
+                    let mut parts = Vec::with_capacity(counts.len());
+                    let mut off = 0;
+                    for (&c, &key) in counts.iter().zip(&l.keys) {
+                        parts.push(dropout(&dxl.narrow(0, off, c)?, l.dropout, key)?);
+                        off += c;
+                    }
+                    Tensor::cat(&parts, 0)?
+                }
+                false => dxl,
+            };
+            dx = (dx + dxl)?;
+        }
+        Ok(dx)
+    }
+}
+
+/// Every routed expert of a layer as grouped GEMMs (see [`GroupProj`]).
+struct Grouped {
+    gate: GroupProj,
+    up: GroupProj,
+    down: GroupProj,
+    act: Activation,
+    /// Rows per expert, experts without tokens left out.
+    counts: Vec<usize>,
+}
+
+impl Grouped {
+    fn of(parts: &[Option<ExpertParts>], counts: &[usize]) -> Option<Self> {
+        let active: Vec<&ExpertParts> = parts.iter().flatten().collect();
+        let act = active.first()?.act;
+        Some(Self {
+            gate: GroupProj::of(active.iter().map(|e| &e.gate).collect())?,
+            up: GroupProj::of(active.iter().map(|e| &e.up).collect())?,
+            down: GroupProj::of(active.iter().map(|e| &e.down).collect())?,
+            act,
+            counts: counts.iter().copied().filter(|&c| c > 0).collect(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Saved)> {
+        let (g, xa_g) = self.gate.forward(x, &self.counts)?;
+        let (u, xa_u) = self.up.forward(x, &self.counts)?;
+        let a = (self.act.apply(&g).map_err(to_candle)? * &u)?;
+        let (y, xa_d) = self.down.forward(&a, &self.counts)?;
+        Ok((
+            y,
+            Saved {
+                g,
+                u,
+                xa_g,
+                xa_u,
+                xa_d,
+            },
+        ))
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        s: &Saved,
+        dy: &Tensor,
+        sink: &GradSink,
+    ) -> candle_core::Result<Tensor> {
+        let c = &self.counts;
+        let h = self.act.apply(&s.g).map_err(to_candle)?;
+        let a = (&h * &s.u)?;
+        let da = self.down.backward(&a, s.xa_d.as_ref(), dy, c, sink)?;
+        let du = (&da * &h)?;
+        let dg = self.act.backward(&s.g, &(&da * &s.u)?).map_err(to_candle)?;
+        let dx = self.gate.backward(x, s.xa_g.as_ref(), &dg, c, sink)?;
+        dx + self.up.backward(x, s.xa_u.as_ref(), &du, c, sink)?
+    }
+}
+
 impl ExpertsForward for FusedLoraExperts {
     fn forward(
         &self,
@@ -245,6 +438,18 @@ impl ExpertsForward for FusedLoraExperts {
         }
         let keep = train && xs.track_op();
         let x = xs.detach();
+        if let Some(grouped) = Grouped::of(&parts, counts) {
+            let (ys, saved) = grouped.forward(&x)?;
+            if !keep {
+                return Ok(Some(ys));
+            }
+            let sink = self.sink.clone();
+            let y = moe_peft_model::ops::with_grad(xs, ys, move |dy| {
+                let dy = dy.to_dtype(x.dtype())?;
+                grouped.backward(&x, &saved, &dy, &sink)
+            })?;
+            return Ok(Some(y));
+        }
         let mut outs = Vec::with_capacity(experts.len());
         let mut saved = Vec::with_capacity(experts.len());
         let mut off = 0;

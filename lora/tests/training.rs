@@ -287,7 +287,9 @@ fn full_finetune_trains_every_weight_and_resumes() -> Result<()> {
 
 #[test]
 fn fused_experts_match_autograd_with_dropout_and_checkpointing() -> Result<()> {
-    for ckpt in [true, false] {
+    // Uniform adapters take the grouped-GEMM path; a rank override on one expert forces the
+    // per-expert loop.
+    for (ckpt, mixed_ranks) in [(true, false), (false, false), (true, true)] {
         let cfg = TrainConfig {
             gradient_checkpointing: ckpt,
             ..train_cfg(4)
@@ -295,7 +297,11 @@ fn fused_experts_match_autograd_with_dropout_and_checkpointing() -> Result<()> {
         let b = batch(3)?;
         let mut grads = Vec::new();
         for fused in [true, false] {
-            let mut lm = LoraModel::new(base()?, lora_cfg(0.3), 11)?;
+            let mut lcfg = lora_cfg(0.3);
+            if mixed_ranks {
+                lcfg.rank_pattern.insert("experts.1.up_proj".into(), 4);
+            }
+            let mut lm = LoraModel::new(base()?, lcfg, 11)?;
             // Non-zero B so every path of the adapter backward matters.
             for (k, (_, l)) in lm.adapters().iter().enumerate() {
                 let b = l.lora_b();

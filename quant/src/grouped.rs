@@ -1,0 +1,355 @@
+//! Grouped matrix products for mixture-of-experts layers: one product per group of consecutive
+//! rows, each group with its own weight, in one call.
+//!
+//! On CUDA both products run as a single `cublasGemmGroupedBatchedEx` (one launch for all the
+//! experts of a layer instead of one GEMM per expert); elsewhere they loop over the groups with
+//! candle's matmul, which is the reference the CUDA path is tested against.
+
+#[cfg(feature = "cuda")]
+use candle_core::DType;
+use candle_core::{Result, Tensor};
+
+fn check_x(x: &Tensor, counts: &[usize], what: &str) -> Result<(usize, usize)> {
+    let (r, k) = x.dims2()?;
+    let total: usize = counts.iter().sum();
+    if total != r {
+        candle_core::bail!("{what}: the groups hold {total} rows but the input has {r}")
+    }
+    Ok((r, k))
+}
+
+/// `out[rows_g] = x[rows_g] · op(w_g)` for consecutive row groups of `x` (`counts[g]` rows,
+/// zero allowed): `op(w) = wᵀ` with `w` of shape `(n, k)` when `transpose_w`, else `w` of shape
+/// `(k, n)`. Every weight has the same shape and `x`'s dtype. Returns `(Σ counts, n)`.
+pub fn grouped_matmul(
+    x: &Tensor,
+    ws: &[&Tensor],
+    counts: &[usize],
+    transpose_w: bool,
+) -> Result<Tensor> {
+    if ws.len() != counts.len() || ws.is_empty() {
+        candle_core::bail!(
+            "grouped_matmul: {} weights for {} groups",
+            ws.len(),
+            counts.len()
+        )
+    }
+    let (r, k) = check_x(x, counts, "grouped_matmul")?;
+    let (a, b) = ws[0].dims2()?;
+    let (wk, n) = if transpose_w { (b, a) } else { (a, b) };
+    if wk != k {
+        candle_core::bail!("grouped_matmul: input width {k}, weight {:?}", ws[0].dims())
+    }
+    for w in ws {
+        if w.dims() != ws[0].dims() || w.dtype() != x.dtype() {
+            candle_core::bail!("grouped_matmul: weights differ in shape or dtype")
+        }
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32) && r > 0 {
+        return cuda::grouped_matmul(x, ws, counts, transpose_w, k, n);
+    }
+    let mut outs = Vec::with_capacity(ws.len());
+    let mut off = 0;
+    for (w, &c) in ws.iter().zip(counts) {
+        if c > 0 {
+            let xg = x.narrow(0, off, c)?;
+            outs.push(if transpose_w {
+                xg.matmul(&w.t()?)?
+            } else {
+                xg.matmul(w)?
+            });
+        }
+        off += c;
+    }
+    if outs.is_empty() {
+        return Tensor::zeros((r, n), x.dtype(), x.device());
+    }
+    Tensor::cat(&outs, 0)
+}
+
+/// `out[g] = a[rows_g]ᵀ · b[rows_g]` for consecutive row groups (`counts[g]` rows; an empty
+/// group gives zeros): the per-expert weight gradients. `a` is `(R, m)`, `b` is `(R, n)`;
+/// returns `(groups, m, n)`.
+pub fn grouped_matmul_tn(a: &Tensor, b: &Tensor, counts: &[usize]) -> Result<Tensor> {
+    let (r, m) = check_x(a, counts, "grouped_matmul_tn")?;
+    let (rb, n) = b.dims2()?;
+    if rb != r || a.dtype() != b.dtype() {
+        candle_core::bail!(
+            "grouped_matmul_tn: {:?} and {:?} do not fit",
+            a.dims(),
+            b.dims()
+        )
+    }
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda() && matches!(a.dtype(), DType::BF16 | DType::F16 | DType::F32) {
+        return cuda::grouped_matmul_tn(a, b, counts, m, n);
+    }
+    let mut outs = Vec::with_capacity(counts.len());
+    let mut off = 0;
+    for &c in counts {
+        outs.push(if c > 0 {
+            a.narrow(0, off, c)?.t()?.matmul(&b.narrow(0, off, c)?)?
+        } else {
+            Tensor::zeros((m, n), a.dtype(), a.device())?
+        });
+        off += c;
+    }
+    Tensor::stack(&outs, 0)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use std::ffi::{c_int, c_void};
+
+    use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+
+    /// The device address of a contiguous tensor's first element, and its element size.
+    fn address(t: &Tensor) -> Result<(u64, usize)> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*s else {
+            candle_core::bail!("grouped GEMM: not a CUDA tensor")
+        };
+        if !l.is_contiguous() {
+            candle_core::bail!("grouped GEMM: operands must be contiguous")
+        }
+        let stream = cs.device().cuda_stream();
+        let (base, size) = match t.dtype() {
+            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
+            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
+            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
+            d => candle_core::bail!("grouped GEMM: unsupported dtype {d:?}"),
+        };
+        Ok((base + (l.start_offset() * size) as u64, size))
+    }
+
+    fn data_type(d: DType) -> cublas::cudaDataType_t {
+        match d {
+            DType::BF16 => cublas::cudaDataType_t::CUDA_R_16BF,
+            DType::F16 => cublas::cudaDataType_t::CUDA_R_16F,
+            _ => cublas::cudaDataType_t::CUDA_R_32F,
+        }
+    }
+
+    fn empty(rows: usize, cols: usize, like: &Tensor, zero: bool) -> Result<Tensor> {
+        if zero {
+            return Tensor::zeros((rows, cols), like.dtype(), like.device());
+        }
+        let candle_core::Device::Cuda(dev) = like.device() else {
+            candle_core::bail!("not CUDA")
+        };
+        let n = (rows * cols).max(1);
+        // SAFETY: every element is written by the GEMMs below (the groups tile the rows).
+        let storage = match like.dtype() {
+            DType::BF16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone())
+            }
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev.clone())
+            }
+            _ => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            (rows, cols),
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// One GEMM per group, column-major as cuBLAS sees row-major data.
+    struct Group {
+        ta: cublas::cublasOperation_t,
+        tb: cublas::cublasOperation_t,
+        m: c_int,
+        n: c_int,
+        k: c_int,
+        a: u64,
+        lda: c_int,
+        b: u64,
+        ldb: c_int,
+        c: u64,
+        ldc: c_int,
+    }
+
+    fn run(like: &Tensor, groups: &[Group]) -> Result<()> {
+        if groups.is_empty() {
+            return Ok(());
+        }
+        let candle_core::Device::Cuda(dev) = like.device() else {
+            candle_core::bail!("not CUDA")
+        };
+        let stream = dev.cuda_stream();
+        let g = groups.len();
+        let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
+        ptrs.extend(groups.iter().map(|x| x.a));
+        ptrs.extend(groups.iter().map(|x| x.b));
+        ptrs.extend(groups.iter().map(|x| x.c));
+        let dptrs = stream.clone_htod(&ptrs).w()?;
+        let (base, _sync) = dptrs.device_ptr(&stream);
+        let ta: Vec<_> = groups.iter().map(|x| x.ta).collect();
+        let tb: Vec<_> = groups.iter().map(|x| x.tb).collect();
+        let m: Vec<c_int> = groups.iter().map(|x| x.m).collect();
+        let n: Vec<c_int> = groups.iter().map(|x| x.n).collect();
+        let k: Vec<c_int> = groups.iter().map(|x| x.k).collect();
+        let lda: Vec<c_int> = groups.iter().map(|x| x.lda).collect();
+        let ldb: Vec<c_int> = groups.iter().map(|x| x.ldb).collect();
+        let ldc: Vec<c_int> = groups.iter().map(|x| x.ldc).collect();
+        let alpha = vec![1f32; g];
+        let beta = vec![0f32; g];
+        let sizes = vec![1 as c_int; g];
+        let dt = data_type(like.dtype());
+        let blas = dev.cublas_handle();
+        // SAFETY: host arrays have one entry per group; the device pointer array holds 3·g
+        // addresses of live, contiguous operands sized by the m/n/k/ld values above.
+        let status = unsafe {
+            cublas::cublasGemmGroupedBatchedEx(
+                *blas.handle(),
+                ta.as_ptr(),
+                tb.as_ptr(),
+                m.as_ptr(),
+                n.as_ptr(),
+                k.as_ptr(),
+                alpha.as_ptr() as *const c_void,
+                base as *const *const c_void,
+                dt,
+                lda.as_ptr(),
+                (base + 8 * g as u64) as *const *const c_void,
+                dt,
+                ldb.as_ptr(),
+                beta.as_ptr() as *const c_void,
+                (base + 16 * g as u64) as *const *mut c_void,
+                dt,
+                ldc.as_ptr(),
+                g as c_int,
+                sizes.as_ptr(),
+                cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            )
+        };
+        if status != cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+            candle_core::bail!("cublasGemmGroupedBatchedEx: {status:?}")
+        }
+        Ok(())
+    }
+
+    pub(super) fn grouped_matmul(
+        x: &Tensor,
+        ws: &[&Tensor],
+        counts: &[usize],
+        transpose_w: bool,
+        k: usize,
+        n: usize,
+    ) -> Result<Tensor> {
+        use cublas::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+        let x = x.contiguous()?;
+        let r: usize = counts.iter().sum();
+        let out = empty(r, n, &x, false)?;
+        let (xa, es) = address(&x)?;
+        let (oa, _) = address(&out)?;
+        let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<Result<_>>()?;
+        let mut groups = Vec::new();
+        let mut off = 0usize;
+        for (w, &c) in ws.iter().zip(counts) {
+            if c > 0 {
+                let (wa, _) = address(w)?;
+                groups.push(Group {
+                    ta: if transpose_w { T } else { N },
+                    tb: N,
+                    m: n as c_int,
+                    n: c as c_int,
+                    k: k as c_int,
+                    a: wa,
+                    lda: (if transpose_w { k } else { n }) as c_int,
+                    b: xa + (off * k * es) as u64,
+                    ldb: k as c_int,
+                    c: oa + (off * n * es) as u64,
+                    ldc: n as c_int,
+                });
+            }
+            off += c;
+        }
+        run(&x, &groups)?;
+        Ok(out)
+    }
+
+    pub(super) fn grouped_matmul_tn(
+        a: &Tensor,
+        b: &Tensor,
+        counts: &[usize],
+        m: usize,
+        n: usize,
+    ) -> Result<Tensor> {
+        use cublas::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let g = counts.len();
+        let out = empty(g * m, n, &a, counts.contains(&0))?;
+        let (aa, es) = address(&a)?;
+        let (ba, _) = address(&b)?;
+        let (oa, _) = address(&out)?;
+        let mut groups = Vec::new();
+        let mut off = 0usize;
+        for (i, &c) in counts.iter().enumerate() {
+            if c > 0 {
+                groups.push(Group {
+                    ta: N,
+                    tb: T,
+                    m: n as c_int,
+                    n: m as c_int,
+                    k: c as c_int,
+                    a: ba + (off * n * es) as u64,
+                    lda: n as c_int,
+                    b: aa + (off * m * es) as u64,
+                    ldb: m as c_int,
+                    c: oa + (i * m * n * es) as u64,
+                    ldc: n as c_int,
+                });
+            }
+            off += c;
+        }
+        run(&a, &groups)?;
+        out.reshape((g, m, n))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn grouped_products_equal_per_group_matmuls() -> Result<()> {
+        let dev = Device::Cpu;
+        let counts = [3usize, 0, 5, 1];
+        let x = Tensor::randn(0f32, 1.0, (9, 6), &dev)?;
+        let ws: Vec<Tensor> = (0..4)
+            .map(|_| Tensor::randn(0f32, 1.0, (4, 6), &dev))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&Tensor> = ws.iter().collect();
+        let y = grouped_matmul(&x, &refs, &counts, true)?;
+        assert_eq!(y.dims(), [9, 4]);
+        let row = |i: usize, g: usize| -> Result<Vec<f32>> {
+            x.narrow(0, i, 1)?
+                .matmul(&ws[g].t()?)?
+                .flatten_all()?
+                .to_vec1()
+        };
+        assert_eq!(
+            y.narrow(0, 4, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            row(4, 2)?
+        );
+        assert_eq!(
+            y.narrow(0, 8, 1)?.flatten_all()?.to_vec1::<f32>()?,
+            row(8, 3)?
+        );
+        let t = grouped_matmul_tn(&x, &y, &counts)?;
+        assert_eq!(t.dims(), [4, 6, 4]);
+        assert_eq!(t.get(1)?.abs()?.sum_all()?.to_scalar::<f32>()?, 0.0);
+        let want = x.narrow(0, 3, 5)?.t()?.matmul(&y.narrow(0, 3, 5)?)?;
+        let d = (t.get(2)? - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d < 1e-5);
+        Ok(())
+    }
+}
