@@ -102,6 +102,7 @@ pub fn grouped_matmul_tn(a: &Tensor, b: &Tensor, counts: &[usize]) -> Result<Ten
 mod cuda {
     use std::ffi::{c_int, c_void};
 
+    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::cuda_backend::WrapErr;
