@@ -448,6 +448,55 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
         let _ = moe.forward(&xn, true)?;
         Ok(())
     })?;
+    // The MoE block piece by piece (as Moe::forward runs it).
+    {
+        use moe_peft::model::ops::{dispatch_rows, permute_rows};
+        use moe_peft::model::Dispatch;
+        let k = moe.gate.top_k();
+        let r = moe.gate.route(&x2)?;
+        let tt = time_it(device, 3, || {
+            let flat: Vec<u32> = r.topk_idx.flatten_all()?.to_vec1()?;
+            let _ = Dispatch::new(flat, moe.experts.len())?;
+            Ok(())
+        })?;
+        println!("profile:   moe: top-k ids to host + grouping {}", ms(tt));
+        let flat: Vec<u32> = r.topk_idx.flatten_all()?.to_vec1()?;
+        let d = Dispatch::new(flat, moe.experts.len())?;
+        let order = Tensor::new(d.order.as_slice(), device)?;
+        let inverse = Tensor::new(d.inverse.as_slice(), device)?;
+        let src: Vec<u32> = d.order.iter().map(|&p| p / k as u32).collect();
+        let src = Tensor::new(src.as_slice(), device)?;
+        let tt = time_it(device, 3, || {
+            let _ = dispatch_rows(&x2, &src, &inverse, k)?;
+            Ok(())
+        })?;
+        println!("profile:   moe: dispatch rows {}", ms(tt));
+        let xs = dispatch_rows(&x2, &src, &inverse, k)?;
+        let f = moe.experts_forward.as_ref().context("no fused experts")?;
+        let tt = time_it(device, 3, || {
+            let _ = f.forward(&moe.experts, &xs, &d.counts, true)?;
+            Ok(())
+        })?;
+        println!("profile:   moe: routed experts (fused) {}", ms(tt));
+        let ys = f
+            .forward(&moe.experts, &xs, &d.counts, true)?
+            .context("fused path declined")?;
+        let tt = time_it(device, 3, || {
+            let w = r.topk_weight.flatten_all()?.index_select(&order, 0)?;
+            let ys = ys.to_dtype(DType::F32)?.broadcast_mul(&w.unsqueeze(1)?)?;
+            let y = permute_rows(&ys, &inverse, &order)?;
+            let _ = y.reshape((b * s, k, h))?.sum(1)?.to_dtype(dt)?;
+            Ok(())
+        })?;
+        println!("profile:   moe: weight + combine {}", ms(tt));
+        if let Some(sh) = &moe.shared_experts {
+            let tt = time_it(device, 3, || {
+                let _ = sh.forward(&x2, true)?;
+                Ok(())
+            })?;
+            println!("profile:   moe: shared experts {}", ms(tt));
+        }
+    }
     println!(
         "profile: MoE block forward (router, dispatch, 64 experts, combine, shared) {}",
         ms(t)

@@ -12,7 +12,7 @@ use moe_peft_quant::{frozen_matmul, LinearLike};
 
 use crate::config::{DeepSeekMoeConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::ops::{dispatch_rows, permute_rows, softmax_f32, softmax_last_dim};
+use crate::ops::{dispatch_rows, masked_softmax_last_dim, permute_rows, softmax_f32};
 
 /// A projection slot: a frozen base or an adapter wrapping one.
 pub type Linear = Arc<dyn LinearLike>;
@@ -293,11 +293,7 @@ impl Attention {
         // Scores in the activation dtype, softmax with f32 accumulation in one fused kernel
         // (the reference upcasts to f32 and casts back; same result up to the scale's rounding).
         let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-        let scores = match &ctx.mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
-        };
-        let probs = softmax_last_dim(&scores)?;
+        let probs = masked_softmax_last_dim(&scores, ctx.mask.as_ref())?;
         let y = probs.matmul(&v.contiguous()?)?;
         let y = y.transpose(1, 2)?.reshape((b, s, h * d))?;
         Ok(self.o_proj.forward_t(&y, ctx.train)?)

@@ -106,7 +106,18 @@ pub fn permute_rows(x: &Tensor, perm: &Tensor, inv: &Tensor) -> candle_core::Res
 /// dtype) and a hand-written backward `dx = y ⊙ (dy − Σ dy ⊙ y)`: one pass forward and four
 /// in backward, instead of the dozen of a softmax composed of elementary ops.
 pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let y = candle_nn::ops::softmax_last_dim(&x.detach().contiguous()?)?;
+    masked_softmax_last_dim(x, None)
+}
+
+/// [`softmax_last_dim`] of `x + mask` (`mask` broadcast to `x`, never differentiated): the
+/// mask is added outside the graph, so backward does not reduce a gradient for it.
+pub fn masked_softmax_last_dim(x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let xm = match mask {
+        Some(m) => x.detach().broadcast_add(m)?,
+        None => x.detach().contiguous()?,
+    };
+    let y = candle_nn::ops::softmax_last_dim(&xm)?;
+    drop(xm);
     let yc = y.clone();
     with_grad(x, y, move |g| {
         let gy = (g * &yc)?;
