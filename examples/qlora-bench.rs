@@ -482,10 +482,13 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
             .forward(&moe.experts, &xs, &d.counts, true)?
             .context("fused path declined")?;
         let tt = time_it(device, 3, || {
-            let w = r.topk_weight.flatten_all()?.index_select(&order, 0)?;
-            let ys = ys.to_dtype(DType::F32)?.broadcast_mul(&w.unsqueeze(1)?)?;
-            let y = permute_rows(&ys, &inverse, &order)?;
-            let _ = y.reshape((b * s, k, h))?.sum(1)?.to_dtype(dt)?;
+            let y_tok = permute_rows(&ys, &inverse, &order)?.reshape((b * s, k, h))?;
+            let _ = r
+                .topk_weight
+                .unsqueeze(1)?
+                .matmul(&y_tok.to_dtype(DType::F32)?)?
+                .squeeze(1)?
+                .to_dtype(dt)?;
             Ok(())
         })?;
         println!("profile:   moe: weight + combine {}", ms(tt));

@@ -630,10 +630,16 @@ impl Moe {
                 Tensor::cat(&outs, 0)?
             }
         };
-        let w = r.topk_weight.flatten_all()?.index_select(&order, 0)?;
-        let ys = ys.to_dtype(DType::F32)?.broadcast_mul(&w.unsqueeze(1)?)?;
-        let y = permute_rows(&ys, &inverse, &order)?;
-        let mut y = y.reshape((n, k, h))?.sum(1)?.to_dtype(x.dtype())?;
+        // Back to token order, then Σ_j w[n, j]·y[n, j, :] in f32 (the reference multiplies the
+        // expert outputs by the f32 gate weights) as one batched (1×k)·(k×H) product per token:
+        // contiguous operands, no broadcast or strided reduction.
+        let y_tok = permute_rows(&ys, &inverse, &order)?.reshape((n, k, h))?;
+        let mut y = r
+            .topk_weight
+            .unsqueeze(1)?
+            .matmul(&y_tok.to_dtype(DType::F32)?)?
+            .squeeze(1)?
+            .to_dtype(x.dtype())?;
         if let Some(sh) = &self.shared_experts {
             y = (y + sh.forward(&x2, train)?)?;
         }
