@@ -18,7 +18,7 @@ use candle_core::{DType, Tensor, TensorId};
 use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
 use moe_peft_quant::{grouped_matmul, grouped_matmul_tn, matmul_t};
 
-use crate::layer::{dropout, LoraLinear};
+use crate::layer::{dropout, segmented_dropout, LoraLinear};
 
 /// Gradients produced outside candle's graph, keyed by the variable's tensor id.
 #[derive(Debug, Default)]
@@ -280,15 +280,7 @@ impl GroupProj {
     /// Per-expert dropout of consecutive row groups (the mask of each expert's own site).
     fn drop_x(&self, x: &Tensor, counts: &[usize]) -> candle_core::Result<Tensor> {
         match &self.lora {
-            Some(l) if l.dropout > 0.0 => {
-                let mut parts = Vec::with_capacity(counts.len());
-                let mut off = 0;
-                for (&c, &key) in counts.iter().zip(&l.keys) {
-                    parts.push(dropout(&x.narrow(0, off, c)?, l.dropout, key)?);
-                    off += c;
-                }
-                Tensor::cat(&parts, 0)
-            }
+            Some(l) if l.dropout > 0.0 => segmented_dropout(x, l.dropout, counts, &l.keys),
             _ => Ok(x.clone()),
         }
     }
@@ -324,23 +316,17 @@ impl GroupProj {
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
                 * l.scaling)?;
-            let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?;
-            let da = grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?;
+            // One cast of the stacked gradients; each expert's is a contiguous view of it.
+            let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?.to_dtype(DType::F32)?;
+            let da =
+                grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?.to_dtype(DType::F32)?;
             for (i, (a, b)) in l.a.iter().zip(&l.b).enumerate() {
                 sink.add(b.as_tensor().id(), db.get(i)?.to_dtype(b.dtype())?)?;
                 sink.add(a.as_tensor().id(), da.get(i)?.to_dtype(a.dtype())?)?;
             }
             let dxl = grouped_matmul(&dyb, &l.a_c.iter().collect::<Vec<_>>(), counts, false)?;
             let dxl = match l.dropout > 0.0 {
-                true => {
-                    let mut parts = Vec::with_capacity(counts.len());
-                    let mut off = 0;
-                    for (&c, &key) in counts.iter().zip(&l.keys) {
-                        parts.push(dropout(&dxl.narrow(0, off, c)?, l.dropout, key)?);
-                        off += c;
-                    }
-                    Tensor::cat(&parts, 0)?
-                }
+                true => segmented_dropout(&dxl, l.dropout, counts, &l.keys)?,
                 false => dxl,
             };
             dx = (dx + dxl)?;

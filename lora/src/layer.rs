@@ -190,6 +190,164 @@ impl CustomOp1 for HashDropout {
     }
 }
 
+/// [`HashDropout`] over consecutive segments of one tensor, each with its own key: the same
+/// masks as one dropout per segment, in one launch (the experts of a MoE layer).
+#[derive(Debug, Clone)]
+struct SegmentedDropout {
+    p: f32,
+    /// Element offsets of the segments, with the total at the end.
+    starts: Vec<u64>,
+    keys: Vec<u64>,
+}
+
+impl SegmentedDropout {
+    fn run<T: Copy>(&self, v: &[T], mul: impl Fn(T, f32) -> T) -> Vec<T> {
+        let mut out = Vec::with_capacity(v.len());
+        for (s, &key) in self.keys.iter().enumerate() {
+            let (a, b) = (self.starts[s] as usize, self.starts[s + 1] as usize);
+            let d = HashDropout { p: self.p, key };
+            let scale = d.scale();
+            out.extend(
+                v[a..b]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| mul(x, if d.keep(i) { scale } else { 0.0 })),
+            );
+        }
+        out
+    }
+}
+
+impl CustomOp1 for SegmentedDropout {
+    fn name(&self) -> &'static str {
+        "segmented-hash-dropout"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("segmented dropout: input must be contiguous")
+        };
+        if self.starts.last().copied() != Some((b - a) as u64) {
+            candle_core::bail!("segmented dropout: segments do not cover the input")
+        }
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(self.run(&v[a..b], |x, m| x * m)),
+            CpuStorage::BF16(v) => {
+                CpuStorage::BF16(self.run(&v[a..b], |x, m| half::bf16::from_f32(x.to_f32() * m)))
+            }
+            CpuStorage::F16(v) => {
+                CpuStorage::F16(self.run(&v[a..b], |x, m| half::f16::from_f32(x.to_f32() * m)))
+            }
+            _ => candle_core::bail!("segmented dropout: unsupported dtype {:?}", s.dtype()),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::CudaStorage;
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+
+        fn run<T: CudaDType + DeviceRepr>(
+            op: &SegmentedDropout,
+            s: &CudaStorage,
+            l: &Layout,
+            name: &str,
+        ) -> candle_core::Result<CudaStorage> {
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("segmented dropout: input must be contiguous")
+            };
+            if op.starts.last().copied() != Some((b - a) as u64) {
+                candle_core::bail!("segmented dropout: segments do not cover the input")
+            }
+            let dev = s.device();
+            let x = s.as_cuda_slice::<T>()?.slice(a..b);
+            let n = (b - a) as u64;
+            // SAFETY: the kernel writes all n elements (one is allocated for n = 0).
+            let out = unsafe { dev.alloc::<T>((b - a).max(1)) }?;
+            if n > 0 {
+                let stream = dev.cuda_stream();
+                let starts = stream.clone_htod(&op.starts).w()?;
+                let keys = stream.clone_htod(&op.keys).w()?;
+                let nseg = op.keys.len() as u32;
+                let func = dev.get_or_load_custom_func(name, "moe_peft_lora_dropout", PTX)?;
+                let scale = 1.0f32 / (1.0 - op.p);
+                let cfg = LaunchConfig {
+                    grid_dim: (n.div_ceil(256).clamp(1, 16_384) as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let mut builder = func.builder();
+                builder
+                    .arg(&x)
+                    .arg(&n)
+                    .arg(&op.p)
+                    .arg(&scale)
+                    .arg(&starts)
+                    .arg(&keys)
+                    .arg(&nseg)
+                    .arg(&out);
+                // SAFETY: the argument list matches `DROPOUT_SEG` in dropout.cu.
+                unsafe { builder.launch(cfg) }.w()?;
+            }
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        let out = match s.dtype() {
+            DType::F32 => run::<f32>(self, s, l, "hash_dropout_seg_f32")?,
+            DType::BF16 => run::<half::bf16>(self, s, l, "hash_dropout_seg_bf16")?,
+            DType::F16 => run::<half::f16>(self, s, l, "hash_dropout_seg_f16")?,
+            other => candle_core::bail!("segmented dropout: unsupported dtype {other:?}"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(self.clone())?))
+    }
+}
+
+/// Dropout of the consecutive row groups of `x` (`rows[g]` rows, all the same width), group
+/// `g` with `keys[g]`: the masks of one [`HashDropout`] per group, in one op.
+pub fn segmented_dropout(
+    x: &Tensor,
+    p: f32,
+    rows: &[usize],
+    keys: &[u64],
+) -> candle_core::Result<Tensor> {
+    let (r, w) = x.dims2()?;
+    if rows.iter().sum::<usize>() != r || rows.len() != keys.len() {
+        candle_core::bail!(
+            "segmented dropout: {} groups of rows for {r} rows",
+            rows.len()
+        )
+    }
+    let mut starts = Vec::with_capacity(rows.len() + 1);
+    let mut acc = 0u64;
+    starts.push(0);
+    for &c in rows {
+        acc += (c * w) as u64;
+        starts.push(acc);
+    }
+    x.contiguous()?.apply_op1(SegmentedDropout {
+        p,
+        starts,
+        keys: keys.to_vec(),
+    })
+}
+
 /// Applies [`HashDropout`] as a custom op on the input's device (the CPU or the CUDA kernel;
 /// both draw the same mask).
 pub(crate) fn dropout(x: &Tensor, p: f32, key: u64) -> candle_core::Result<Tensor> {

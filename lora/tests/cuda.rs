@@ -143,3 +143,37 @@ fn adamw_updates_are_bit_identical_on_cpu_and_cuda() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn segmented_dropout_and_gradient_norms_match_the_cpu() -> Result<()> {
+    use moe_peft_lora::layer::segmented_dropout;
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let rows = [5usize, 0, 17, 3];
+    let keys = [11u64, 12, 13, 14];
+    for dtype in [DType::F32, DType::BF16] {
+        let x = Tensor::randn(0f32, 1.0, (25, 33), &Device::Cpu)?.to_dtype(dtype)?;
+        let c = segmented_dropout(&x, 0.3, &rows, &keys)?;
+        let g = segmented_dropout(&x.to_device(&gpu)?, 0.3, &rows, &keys)?;
+        assert_eq!(bits(&c)?, bits(&g)?, "{dtype:?}");
+        // The same masks as one dropout per segment.
+        let mut off = 0;
+        for (&r, &k) in rows.iter().zip(&keys) {
+            let one = hash_dropout(&x.narrow(0, off, r)?, 0.3, k)?;
+            assert_eq!(bits(&c.narrow(0, off, r)?)?, bits(&one)?);
+            off += r;
+        }
+    }
+    let grads: Vec<Option<Tensor>> = (0..5)
+        .map(|i| Tensor::randn(0f32, 1.0, (7 + i * 300, 41), &Device::Cpu).map(Some))
+        .collect::<candle_core::Result<_>>()?;
+    let on_gpu: Vec<Option<Tensor>> = grads
+        .iter()
+        .map(|g| g.as_ref().map(|g| g.to_device(&gpu)).transpose())
+        .collect::<candle_core::Result<_>>()?;
+    let (a, b) = (
+        moe_peft_lora::global_norm(&grads)?,
+        moe_peft_lora::global_norm(&on_gpu)?,
+    );
+    assert!(((a - b) / a).abs() < 1e-6, "{a} vs {b}");
+    Ok(())
+}

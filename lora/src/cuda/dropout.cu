@@ -71,3 +71,33 @@ __device__ void hash_dropout(const T* __restrict__ x, uint64_t n, float p, float
 DROPOUT(f32, float)
 DROPOUT(bf16, __nv_bfloat16)
 DROPOUT(f16, __half)
+
+// The same dropout over consecutive segments of one buffer, each with its own key (one LoRA site
+// per segment: the experts of a MoE layer). Element e of segment s (starts[s] <= e < starts[s+1])
+// uses index e - starts[s] under keys[s], exactly as a separate launch on that segment would.
+template <typename T>
+__device__ void hash_dropout_seg(const T* __restrict__ x, uint64_t n, float p, float scale,
+                                 const uint64_t* __restrict__ starts, const uint64_t* __restrict__ keys,
+                                 uint32_t nseg, T* __restrict__ out) {
+    const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
+    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+        uint32_t lo = 0, hi = nseg;  // find the last s with starts[s] <= e
+        while (hi - lo > 1) {
+            const uint32_t mid = (lo + hi) / 2;
+            if (starts[mid] <= e) lo = mid; else hi = mid;
+        }
+        out[e] = from_f32<T>(__fmul_rn(to_f32<T>(x[e]), keep_factor(keys[lo], e - starts[lo], p, scale)));
+    }
+}
+
+#define DROPOUT_SEG(SUFFIX, T)                                                                          \
+    extern "C" __global__ void hash_dropout_seg_##SUFFIX(const T* __restrict__ x, uint64_t n, float p,  \
+                                                         float scale, const uint64_t* starts,            \
+                                                         const uint64_t* keys, uint32_t nseg,            \
+                                                         T* __restrict__ out) {                          \
+        hash_dropout_seg<T>(x, n, p, scale, starts, keys, nseg, out);                                    \
+    }
+
+DROPOUT_SEG(f32, float)
+DROPOUT_SEG(bf16, __nv_bfloat16)
+DROPOUT_SEG(f16, __half)
