@@ -45,21 +45,3 @@ extern "C" __global__ void adam_param_f32(float* p, const float* m, const float*
 extern "C" __global__ void adam_param_bf16(float* p, const __nv_bfloat16* m, const __nv_bfloat16* v, uint64_t n, float decay, int use_decay, float bc2_sqrt, float eps, float step_size) {
     param(p, m, v, n, decay, use_decay, bc2_sqrt, eps, step_size);
 }
-
-// acc[slot] = f32(Σ g²) accumulated in f64 by one CTA (a deterministic tree, so the global norm
-// and hence the clipping are the same run to run).
-extern "C" __global__ void sumsq_f32(float* acc, const float* g, uint64_t n, uint32_t slot) {
-    __shared__ double part[256];
-    double s = 0.0;
-    for (uint64_t i = threadIdx.x; i < n; i += blockDim.x) {
-        const double v = (double)g[i];
-        s += v * v;
-    }
-    part[threadIdx.x] = s;
-    __syncthreads();
-    for (unsigned w = blockDim.x / 2; w > 0; w /= 2) {
-        if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) acc[slot] = (float)part[0];
-}
