@@ -8,8 +8,14 @@
 //! the LoRA gradients go to a [`GradSink`] the trainer drains after each backward. Per
 //! projection `y = W x + s·B A drop(x)`:
 //! `dx = Wᵀ dy + s·drop(Aᵀ (Bᵀ dy))`, `dB = s·dy (A drop(x))ᵀ`, `dA = s·(Bᵀ dy) drop(x)ᵀ`
-//! (rows are tokens), and the gated MLP `down(act(gate x) ⊙ up x)` chains them. Expert
-//! activations are recomputed in backward rather than stored.
+//! (rows are tokens), and the gated MLP `down(act(gate x) ⊙ up x)` chains them. The forward
+//! keeps the two pre-activations and each adapter's `A drop(x)` for the backward (the dense
+//! weights are dequantized again there, not kept).
+//!
+//! When every expert of the layer has an adapter of the same shape, scaling and dropout (the
+//! usual case), each projection type runs across all experts as grouped GEMMs
+//! ([`moe_peft_quant::grouped_matmul`]: one cuBLAS call on CUDA) with one dropout launch
+//! ([`crate::layer::segmented_dropout`]); otherwise expert by expert.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
