@@ -320,7 +320,7 @@ impl CustomOp1 for SegmentedDropout {
 }
 
 /// Dropout of the consecutive row groups of `x` (`rows[g]` rows, all the same width), group
-/// `g` with `keys[g]`: the masks of one [`HashDropout`] per group, in one op.
+/// `g` with `keys[g]`: the masks of one [`hash_dropout`] per group, in one op.
 pub fn segmented_dropout(
     x: &Tensor,
     p: f32,
