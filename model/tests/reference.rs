@@ -197,3 +197,62 @@ fn loading_converts_dtypes() -> Result<()> {
     assert!(e.to_string().contains("bf16"), "{e}");
     Ok(())
 }
+
+#[test]
+fn quantize_on_load_reproduces_the_bitsandbytes_model() -> Result<()> {
+    // Loading the f32 checkpoint with NF4 + double quantization, one tensor at a time, gives the
+    // model bitsandbytes quantized (fixtures/nf4: its dequantized base's logits). Two of the
+    // ~200k weights lie within 1e-6 of an NF4 rounding tie, so a code or two may differ.
+    let r = reference()?;
+    let b = batch(&r)?;
+    let q = candle_core::safetensors::load(
+        fixtures().join("nf4/qlora_outputs.safetensors"),
+        &Device::Cpu,
+    )?;
+    let opts = LoadOptions {
+        quant: moe_peft_model::QuantPolicy::qlora(),
+        ..Default::default()
+    };
+    let model = DeepSeekMoe::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
+    let bnb = DeepSeekMoe::from_pretrained(
+        fixtures().join("nf4/tiny_deepseek_moe_nf4"),
+        &LoadOptions::default(),
+    )?;
+    let mut ours = Vec::new();
+    model.visit_sites(&mut |_, l| {
+        let t = l
+            .as_any()
+            .downcast_ref::<moe_peft_quant::Nf4Linear>()
+            .expect("an NF4 site");
+        ours.push(t.weight().codes()?);
+        Ok(())
+    })?;
+    let mut theirs = Vec::new();
+    bnb.visit_sites(&mut |_, l| {
+        let t = l
+            .as_any()
+            .downcast_ref::<moe_peft_quant::Nf4Linear>()
+            .expect("an NF4 site");
+        theirs.push(t.weight().codes()?);
+        Ok(())
+    })?;
+    assert_eq!(ours.len(), 69);
+    let flipped: usize = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| a.iter().zip(b).filter(|(x, y)| x != y).count())
+        .sum();
+    assert!(
+        flipped <= 2,
+        "{flipped} NF4 codes differ from bitsandbytes'"
+    );
+    // One NF4 step on at most two weights moves the logits by a few 1e-3 at most.
+    let out = model.forward_t(&b.ids, Some(&b.mask), false)?;
+    let d = max_abs(&out.logits, &q["nf4_base.logits"])?;
+    eprintln!("quantize-on-load vs bitsandbytes: {flipped} codes differ, logits max diff {d}");
+    assert!(
+        d <= 5e-3,
+        "logits differ from bitsandbytes' NF4 model by {d} ({flipped} flipped codes)"
+    );
+    Ok(())
+}
