@@ -5,9 +5,9 @@
 ///
 /// candle allocates with `cuMemAllocAsync` from the device's default pool, whose default
 /// threshold of 0 hands freed memory back whenever the stream synchronizes; every allocation
-/// after a synchronization then goes to the driver again (measured on an H200: 5–6× the cost of
-/// a copy of 45 MB). Training synchronizes several times per step (loss values, routing), so
-/// this matters. A no-op on the CPU, and without the `cuda` feature.
+/// after a synchronization then goes to the driver again, which costs more than the small kernels
+/// of a training step. Training synchronizes several times per step (loss values, routing).
+/// A no-op on the CPU, and without the `cuda` feature.
 pub fn retain_freed_device_memory(device: &candle_core::Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {

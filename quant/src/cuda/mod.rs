@@ -56,7 +56,7 @@ mod imp {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{
-        CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+        CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::op::BackpropOp;
@@ -81,7 +81,7 @@ mod imp {
     /// 2048 resident threads per SM): the kernels are grid-stride, so a bigger problem loops
     /// instead of launching short-lived CTAs that each restage their shared-memory tables. The
     /// SM count is read from the driver once per process, not on every launch.
-    fn grid(dev: &CudaDevice, _func: &CudaFunction, ctas: u64) -> LaunchConfig {
+    fn grid(dev: &CudaDevice, ctas: u64) -> LaunchConfig {
         use std::sync::OnceLock;
         static SMS: OnceLock<Option<u64>> = OnceLock::new();
         let sms = *SMS.get_or_init(|| {
@@ -183,7 +183,7 @@ mod imp {
         let absmax = alloc::<f32>(&dev, n_blocks)?;
         let per_warp = 32 / (bs / 8).min(32);
         let warps = n_blocks.div_ceil(per_warp) as u64;
-        let cfg = grid(&dev, &func, (warps * 32).div_ceil(THREADS as u64));
+        let cfg = grid(&dev, (warps * 32).div_ceil(THREADS as u64));
         let (n64, bs32) = (n as u64, bs as u32);
         macro_rules! launch {
             ($t:ty) => {{
@@ -264,7 +264,7 @@ mod imp {
             let mut b = f.builder();
             b.arg(&partial).arg(&p32).arg(&n32).arg(&offset);
             // SAFETY: matches `mean_f32_final`, launched as one CTA of 256 threads.
-            unsafe { b.launch(grid(&dev, &f, 1)) }.w()?;
+            unsafe { b.launch(grid(&dev, 1)) }.w()?;
             let f = dev.get_or_load_custom_func("nested_quantize", NF4_MODULE, NF4_PTX)?;
             let dq32 = u32_len(dq_bs, "nested block size")?;
             let mut b = f.builder();
@@ -276,7 +276,7 @@ mod imp {
                 .arg(&codes)
                 .arg(&nested);
             // SAFETY: matches `nested_quantize`; codes has n and nested n_nested elements.
-            unsafe { b.launch(grid(&dev, &f, n_nested as u64)) }.w()?;
+            unsafe { b.launch(grid(&dev, n_nested as u64)) }.w()?;
         }
         let off = if n > 0 {
             dev.clone_dtoh(&offset)?.first().copied().unwrap_or(0.0)
@@ -358,7 +358,7 @@ mod imp {
             }
         };
         let func = dev.get_or_load_custom_func(&name, NF4_MODULE, NF4_PTX)?;
-        let cfg = grid(dev, &func, (n as u64).div_ceil(8).div_ceil(THREADS as u64));
+        let cfg = grid(dev, (n as u64).div_ceil(8).div_ceil(THREADS as u64));
         macro_rules! launch {
             ($t:ty) => {{
                 let out = alloc::<$t>(dev, n)?;
@@ -431,7 +431,7 @@ mod imp {
                 .arg(&dq32)
                 .arg(&out);
             // SAFETY: matches `absmax_dequant`; lengths checked above.
-            unsafe { b.launch(grid(dev, &f, (n as u64).div_ceil(THREADS as u64))) }.w()?;
+            unsafe { b.launch(grid(dev, (n as u64).div_ceil(THREADS as u64))) }.w()?;
         }
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
@@ -462,7 +462,7 @@ mod imp {
                 let mut b = func.builder();
                 b.arg(&x).arg(&r32).arg(&c32).arg(&q).arg(&scale);
                 // SAFETY: matches `INT8_KERNELS` in int8.cu; sizes checked above.
-                unsafe { b.launch(grid(&dev, &func, rows as u64)) }.w()?;
+                unsafe { b.launch(grid(&dev, rows as u64)) }.w()?;
             }};
         }
         if rows * cols > 0 {
