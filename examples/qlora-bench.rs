@@ -76,6 +76,9 @@ struct Args {
     /// AdamW moments in bf16.
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     bf16_moments: bool,
+    /// Accumulate gradients in bf16 (half their memory).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    bf16_grads: bool,
     /// Dense bf16 peak of the device in TFLOP/s, for MFU.
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -250,9 +253,18 @@ fn run(args: Args) -> Result<()> {
         gradient_checkpointing: args.gradient_checkpointing,
         profile: args.profile,
         bf16_moments: args.bf16_moments,
+        bf16_grads: args.bf16_grads,
         ..Default::default()
     };
     let mut trainer = Trainer::new(lora, tcfg)?;
+    device.synchronize()?;
+    if let Some(m) = moe_peft::quant::pool_memory(&device)? {
+        println!(
+            "memory pool after setup: {:.0} MiB in use (base, adapters, optimizer state), {:.0} MiB reserved",
+            m.used as f64 / 1048576.0,
+            m.reserved as f64 / 1048576.0
+        );
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let n = args.batch_size * args.seq_len;
     let vocab = cfg.vocab_size as u32;
@@ -281,8 +293,9 @@ fn run(args: Args) -> Result<()> {
             m.phases
                 .as_ref()
                 .map(|p| format!(
-                    " [forward {:.3}s, head {:.3}s, backward {:.3}s, optimizer {:.3}s]",
-                    p.forward, p.head, p.backward, p.optimizer
+                    " [forward {:.3}s, head {:.3}s, backward {:.3}s, optimizer {:.3}s; pool peaks {:.0}/{:.0}/{:.0}/{:.0} MiB]",
+                    p.forward, p.head, p.backward, p.optimizer,
+                    p.peak_mib[0], p.peak_mib[1], p.peak_mib[2], p.peak_mib[3]
                 ))
                 .unwrap_or_default()
         );

@@ -178,7 +178,7 @@ struct Args {
     /// Accepted for compatibility.
     #[arg(long = "cache_dir")]
     cache_dir: Option<String>,
-    /// `adamw_torch` (the reference's, f32 moments) or `adamw_torch_bf16` (bf16 moments).
+    /// `adamw_torch` (the reference's, f32 moments and gradients) or `adamw_torch_bf16` (both in bf16).
     #[arg(long = "optim", default_value = "adamw_torch")]
     optim: String,
     /// Accepted for compatibility; attention is computed as the reference's eager path.
@@ -291,10 +291,10 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     if args.cache_dir.is_some() || args.attn_implementation.is_some() {
         println!("note: --cache_dir / --attn_implementation accepted and ignored");
     }
-    let bf16_moments = match args.optim.as_str() {
+    let bf16_state = match args.optim.as_str() {
         "adamw_torch" => false,
         "adamw_torch_bf16" => true,
-        o => bail!("--optim {o}: expected adamw_torch (the reference's) or adamw_torch_bf16 (bf16 moments)"),
+        o => bail!("--optim {o}: expected adamw_torch (the reference's) or adamw_torch_bf16 (bf16 moments and gradients)"),
     };
     let schedule = Schedule::from_name(&args.lr_scheduler_type).with_context(|| {
         format!(
@@ -533,7 +533,8 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         gradient_checkpointing: args.gradient_checkpointing,
         max_steps: total,
         seed: args.seed,
-        bf16_moments,
+        bf16_moments: bf16_state,
+        bf16_grads: bf16_state,
         profile: false,
     };
 

@@ -18,23 +18,33 @@
 //! ([`crate::layer::segmented_dropout`]); otherwise expert by expert.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Tensor, TensorId};
 use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
 use moe_peft_quant::{grouped_matmul, grouped_matmul_tn, matmul_t};
 
+use crate::flat::FlatGrads;
 use crate::layer::{dropout, segmented_dropout, LoraLinear};
 
-/// Gradients produced outside candle's graph, keyed by the variable's tensor id.
+/// Gradients produced outside candle's graph, keyed by the variable's tensor id. With a
+/// [`FlatGrads`] attached (the trainer does), the gradients of its variables are added there
+/// as they arrive; the others are kept here (as f32) until [`Self::drain`].
 #[derive(Debug, Default)]
 pub struct GradSink {
     grads: Mutex<HashMap<TensorId, Tensor>>,
+    flat: RwLock<Option<Arc<FlatGrads>>>,
 }
 
 impl GradSink {
     /// Adds `g` to the gradient of `id`.
     pub fn add(&self, id: TensorId, g: Tensor) -> candle_core::Result<()> {
+        if let Ok(f) = self.flat.read() {
+            if let Some(f) = f.as_ref().filter(|f| f.contains(id)) {
+                return f.add(id, &g);
+            }
+        }
+        let g = g.to_dtype(DType::F32)?;
         let mut m = self
             .grads
             .lock()
@@ -47,7 +57,14 @@ impl GradSink {
         Ok(())
     }
 
-    /// Takes every gradient out.
+    /// Sends the gradients of `flat`'s variables there from now on (`None`: keep them here).
+    pub fn set_flat(&self, flat: Option<Arc<FlatGrads>>) {
+        if let Ok(mut f) = self.flat.write() {
+            *f = flat;
+        }
+    }
+
+    /// Takes every gradient kept here out.
     pub fn drain(&self) -> HashMap<TensorId, Tensor> {
         self.grads
             .lock()
@@ -135,8 +152,8 @@ impl Proj {
             let dyb = (dy.matmul(&l.b_c)? * l.scaling)?; // (rows, r) = s·dy B
             let db = (dy.t()?.matmul(xa)? * l.scaling)?; // (out, r)
             let da = dyb.t()?.matmul(&self.drop_x(x)?)?; // (r, in)
-            sink.add(l.b.as_tensor().id(), db.to_dtype(l.b.dtype())?)?;
-            sink.add(l.a.as_tensor().id(), da.to_dtype(l.a.dtype())?)?;
+            sink.add(l.b.as_tensor().id(), db)?;
+            sink.add(l.a.as_tensor().id(), da)?;
             let dxl = dyb.matmul(&l.a_c)?;
             let dxl = match l.dropout > 0.0 {
                 true => dropout(&dxl, l.dropout, l.key)?,
@@ -322,13 +339,13 @@ impl GroupProj {
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
                 * l.scaling)?;
-            // One cast of the stacked gradients; each expert's is a contiguous view of it.
-            let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?.to_dtype(DType::F32)?;
-            let da =
-                grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?.to_dtype(DType::F32)?;
+            // Each expert's gradient is a contiguous view of the stacked ones (the sink widens
+            // them to f32 as it adds them).
+            let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?;
+            let da = grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?;
             for (i, (a, b)) in l.a.iter().zip(&l.b).enumerate() {
-                sink.add(b.as_tensor().id(), db.get(i)?.to_dtype(b.dtype())?)?;
-                sink.add(a.as_tensor().id(), da.get(i)?.to_dtype(a.dtype())?)?;
+                sink.add(b.as_tensor().id(), db.get(i)?)?;
+                sink.add(a.as_tensor().id(), da.get(i)?)?;
             }
             let dxl = grouped_matmul(&dyb, &l.a_c.iter().collect::<Vec<_>>(), counts, false)?;
             let dxl = match l.dropout > 0.0 {

@@ -10,6 +10,7 @@
 pub mod config;
 pub mod error;
 pub mod export;
+pub mod flat;
 pub mod fused;
 pub mod inject;
 pub mod layer;
@@ -21,6 +22,7 @@ pub use error::{Error, Result};
 pub use export::{
     export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
+pub use flat::FlatGrads;
 pub use fused::{FusedLoraExperts, GradSink};
 pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};

@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::flat::FlatGrads;
 
 /// Hyper-parameters of AdamW (torch defaults).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -49,9 +50,22 @@ pub struct AdamW {
     cfg: AdamWConfig,
     names: Vec<String>,
     vars: Vec<Var>,
+    /// Both moments of every variable, one flat buffer each (variable order).
+    m_flat: Tensor,
+    v_flat: Tensor,
+    /// Per-variable views of the flat moments.
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    offsets: Vec<usize>,
     step: usize,
+}
+
+/// Views of `flat` in the shapes of `vars`, at `offsets`.
+fn views(flat: &Tensor, vars: &[Var], offsets: &[usize]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .zip(offsets)
+        .map(|(v, &o)| Ok(flat.narrow(0, o, v.elem_count())?.reshape(v.shape())?))
+        .collect()
 }
 
 impl AdamW {
@@ -59,25 +73,34 @@ impl AdamW {
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let mut names = Vec::with_capacity(vars.len());
         let mut vs = Vec::with_capacity(vars.len());
-        let mut m = Vec::with_capacity(vars.len());
-        let mut v = Vec::with_capacity(vars.len());
+        let mut offsets = Vec::with_capacity(vars.len());
         let md = if cfg.bf16_moments {
             DType::BF16
         } else {
             DType::F32
         };
+        let dev = vars
+            .first()
+            .map(|(_, v)| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        let mut total = 0;
         for (n, var) in vars {
-            m.push(Tensor::zeros(var.shape(), md, var.device())?);
-            v.push(Tensor::zeros(var.shape(), md, var.device())?);
+            offsets.push(total);
+            total += var.elem_count();
             names.push(n);
             vs.push(var);
         }
+        let m_flat = Tensor::zeros(total.max(1), md, &dev)?;
+        let v_flat = Tensor::zeros(total.max(1), md, &dev)?;
         Ok(Self {
+            m: views(&m_flat, &vs, &offsets)?,
+            v: views(&v_flat, &vs, &offsets)?,
             cfg,
             names,
             vars: vs,
-            m,
-            v,
+            m_flat,
+            v_flat,
+            offsets,
             step: 0,
         })
     }
@@ -157,6 +180,62 @@ impl AdamW {
         Ok(())
     }
 
+    /// [`Self::step_scaled`] from a [`FlatGrads`] laid out for the same variables: every
+    /// variable is updated, a variable nothing was added to with a zero gradient (as PyTorch
+    /// does for the reference's experts that receive no tokens: their gradient is zeros).
+    ///
+    /// On CUDA this is one kernel launch for all variables; the result is bit-identical to
+    /// the per-variable kernels and to the CPU.
+    pub fn step_flat(&mut self, grads: &FlatGrads, lr: f64, clip: f64) -> Result<()> {
+        if grads.lens().len() != self.vars.len() || grads.offsets() != self.offsets.as_slice() {
+            return Err(Error::InvalidTrainConfig(format!(
+                "a gradient buffer of {} variables for an optimizer of {}",
+                grads.lens().len(),
+                self.vars.len()
+            )));
+        }
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(_) = grads.buffer().device() {
+            if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "AdamW keeps f32 variables; `{}` is {:?}",
+                    self.names[bad],
+                    self.vars[bad].dtype()
+                )));
+            }
+            self.step += 1;
+            let c = &self.cfg;
+            let bc1 = 1.0 - c.beta1.powi(self.step as i32);
+            let bc2 = 1.0 - c.beta2.powi(self.step as i32);
+            let h = cuda::MultiHyper {
+                b1: c.beta1 as f32,
+                omb1: (1.0 - c.beta1) as f32,
+                b2: c.beta2 as f32,
+                omb2: (1.0 - c.beta2) as f32,
+                clip: clip as f32,
+                decay: (1.0 - lr * c.weight_decay) as f32,
+                use_decay: i32::from(c.weight_decay != 0.0),
+                bc2_sqrt: bc2.sqrt() as f32,
+                eps: c.eps as f32,
+                step_size: (lr / bc1) as f32,
+            };
+            cuda::adam_multi(
+                &self.vars,
+                &self.offsets,
+                grads.lens(),
+                &self.m_flat,
+                &self.v_flat,
+                grads.buffer(),
+                &h,
+            )?;
+            return Ok(());
+        }
+        let views = (0..self.vars.len())
+            .map(|i| grads.view(i).map(Some))
+            .collect::<Result<Vec<_>>>()?;
+        self.step_scaled(&views, lr, clip)
+    }
+
     /// Writes moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) and the step to a safetensors file.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
@@ -204,10 +283,20 @@ impl AdamW {
                 DType::F32
             })?)
         };
+        let mut ms = Vec::with_capacity(self.names.len());
+        let mut vs = Vec::with_capacity(self.names.len());
         for (i, n) in self.names.iter().enumerate() {
             let shape = self.vars[i].dims().to_vec();
-            self.m[i] = get(&format!("{n}.exp_avg"), &shape)?;
-            self.v[i] = get(&format!("{n}.exp_avg_sq"), &shape)?;
+            ms.push(get(&format!("{n}.exp_avg"), &shape)?.flatten_all()?);
+            vs.push(get(&format!("{n}.exp_avg_sq"), &shape)?.flatten_all()?);
+        }
+        if !ms.is_empty() {
+            self.m_flat = Tensor::cat(&ms, 0)?;
+            drop(ms);
+            self.v_flat = Tensor::cat(&vs, 0)?;
+            drop(vs);
+            self.m = views(&self.m_flat, &self.vars, &self.offsets)?;
+            self.v = views(&self.v_flat, &self.vars, &self.offsets)?;
         }
         let step = map.get("__step__").ok_or_else(|| Error::Checkpoint {
             path: path.display().to_string(),
@@ -442,11 +531,120 @@ impl candle_core::InplaceOp3 for ParamOp {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
-    pub(super) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
-    pub(super) const MODULE: &str = "moe_peft_lora_adamw";
+pub(crate) mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{DType, Storage, Tensor, Var};
 
-    pub(super) fn launch_config(n: u64) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    pub(crate) const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/adamw.ptx"));
+    pub(crate) const MODULE: &str = "moe_peft_lora_adamw";
+
+    /// Scalars of one `adam_multi_*` launch.
+    pub(super) struct MultiHyper {
+        pub b1: f32,
+        pub omb1: f32,
+        pub b2: f32,
+        pub omb2: f32,
+        pub clip: f32,
+        pub decay: f32,
+        pub use_decay: i32,
+        pub bc2_sqrt: f32,
+        pub eps: f32,
+        pub step_size: f32,
+    }
+
+    /// The AdamW update of every variable in one launch (see `adam_multi` in adamw.cu).
+    pub(super) fn adam_multi(
+        vars: &[Var],
+        offsets: &[usize],
+        lens: &[usize],
+        m: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        h: &MultiHyper,
+    ) -> candle_core::Result<()> {
+        if vars.is_empty() {
+            return Ok(());
+        }
+        let candle_core::Device::Cuda(dev) = g.device() else {
+            candle_core::bail!("adam_multi: not a CUDA tensor")
+        };
+        let stream = dev.cuda_stream();
+        let mut ptrs = Vec::with_capacity(vars.len());
+        for var in vars {
+            let (s, l) = var.storage_and_layout();
+            let Storage::Cuda(cs) = &*s else {
+                candle_core::bail!("adam_multi: a variable is not on the GPU")
+            };
+            if !l.is_contiguous() {
+                candle_core::bail!("adam_multi: variables must be contiguous")
+            }
+            let base = cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0;
+            ptrs.push(base + (l.start_offset() * 4) as u64);
+        }
+        let offs: Vec<u64> = offsets.iter().map(|&o| o as u64).collect();
+        let ns: Vec<u64> = lens.iter().map(|&n| n as u64).collect();
+        let d_ptrs = stream.clone_htod(&ptrs).w()?;
+        let d_offs = stream.clone_htod(&offs).w()?;
+        let d_ns = stream.clone_htod(&ns).w()?;
+        let (ms, _) = m.storage_and_layout();
+        let (vs, _) = v.storage_and_layout();
+        let (gs, _) = g.storage_and_layout();
+        let (Storage::Cuda(ms), Storage::Cuda(vs), Storage::Cuda(gs)) = (&*ms, &*vs, &*gs) else {
+            candle_core::bail!("adam_multi: moments and gradients must be on the GPU")
+        };
+        let name = match (ms.dtype(), gs.dtype()) {
+            (DType::F32, DType::F32) => "adam_multi_f32_f32",
+            (DType::F32, DType::BF16) => "adam_multi_f32_bf16",
+            (DType::BF16, DType::F32) => "adam_multi_bf16_f32",
+            (DType::BF16, DType::BF16) => "adam_multi_bf16_bf16",
+            other => candle_core::bail!("adam_multi: unsupported dtypes {other:?}"),
+        };
+        let f = ms.device().get_or_load_custom_func(name, MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (vars.len() as u32, 4, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        macro_rules! go {
+            ($m:ty, $g:ty) => {{
+                let mv = ms.as_cuda_slice::<$m>()?;
+                let vv = vs.as_cuda_slice::<$m>()?;
+                let gv = gs.as_cuda_slice::<$g>()?;
+                let mut b = f.builder();
+                b.arg(&d_ptrs)
+                    .arg(&d_offs)
+                    .arg(&d_ns)
+                    .arg(mv)
+                    .arg(vv)
+                    .arg(gv)
+                    .arg(&h.b1)
+                    .arg(&h.omb1)
+                    .arg(&h.b2)
+                    .arg(&h.omb2)
+                    .arg(&h.clip)
+                    .arg(&h.decay)
+                    .arg(&h.use_decay)
+                    .arg(&h.bc2_sqrt)
+                    .arg(&h.eps)
+                    .arg(&h.step_size);
+                // SAFETY: the arguments match `adam_multi_*` in adamw.cu; every pointer in the
+                // table is a live f32 variable of lens[t] elements, the flat buffers hold
+                // offsets[t] + lens[t] elements.
+                unsafe { b.launch(cfg) }.w()?;
+            }};
+        }
+        match (ms.dtype(), gs.dtype()) {
+            (DType::F32, DType::F32) => go!(f32, f32),
+            (DType::F32, DType::BF16) => go!(f32, half::bf16),
+            (DType::BF16, DType::F32) => go!(half::bf16, f32),
+            _ => go!(half::bf16, half::bf16),
+        }
+        Ok(())
+    }
+
+    pub(crate) fn launch_config(n: u64) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
         candle_core::cuda_backend::cudarc::driver::LaunchConfig {
             grid_dim: (n.div_ceil(256).clamp(1, 4096) as u32, 1, 1),
             block_dim: (256, 1, 1),

@@ -12,6 +12,7 @@
 //! the layer below. Memory holds one layer's graph at a time.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use candle_core::backprop::GradStore;
@@ -20,8 +21,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::export::write_atomic;
+use crate::flat::FlatGrads;
 use crate::inject::LoraModel;
-use crate::optim::{global_norm, AdamW, AdamWConfig, Schedule};
+use crate::optim::{AdamW, AdamWConfig, Schedule};
 
 /// One micro-batch on the model's device.
 #[derive(Debug, Clone)]
@@ -99,6 +101,9 @@ pub struct TrainConfig {
     pub seed: u64,
     /// AdamW moments in bf16 (half the optimizer memory).
     pub bf16_moments: bool,
+    /// Accumulate the gradients in bf16 instead of f32 (half their memory; each micro-batch's
+    /// gradient is rounded to bf16 once).
+    pub bf16_grads: bool,
     /// Time the phases of each step (synchronizing the device between them).
     #[serde(skip)]
     pub profile: bool,
@@ -121,6 +126,7 @@ impl Default for TrainConfig {
             max_steps: 1,
             seed: 42,
             bf16_moments: false,
+            bf16_grads: false,
             profile: false,
         }
     }
@@ -209,6 +215,9 @@ pub struct PhaseTimes {
     pub backward: f64,
     /// Clipping and the AdamW update.
     pub optimizer: f64,
+    /// Highest bytes allocated from the device's memory pool during each phase (forward, head,
+    /// backward, optimizer), in MiB; zeros on the CPU.
+    pub peak_mib: [f64; 4],
 }
 
 /// Gradients of one micro-batch.
@@ -250,7 +259,7 @@ pub struct Trainer {
     cfg: TrainConfig,
     opt: AdamW,
     vars: Vec<(String, Var)>,
-    index: std::collections::HashMap<candle_core::TensorId, usize>,
+    grads: Arc<FlatGrads>,
     global_step: usize,
     micro_step: u64,
 }
@@ -270,16 +279,21 @@ impl Trainer {
                 bf16_moments: cfg.bf16_moments,
             },
         )?;
+        let grads = Arc::new(FlatGrads::new(
+            &vars,
+            if cfg.bf16_grads {
+                DType::BF16
+            } else {
+                DType::F32
+            },
+        )?);
+        lora.grad_sink().set_flat(Some(grads.clone()));
         Ok(Self {
             phases: Default::default(),
             lora,
             cfg,
             opt,
-            index: vars
-                .iter()
-                .enumerate()
-                .map(|(i, (_, v))| (v.as_tensor().id(), i))
-                .collect(),
+            grads,
             vars,
             global_step: 0,
             micro_step: 0,
@@ -293,6 +307,7 @@ impl Trainer {
 
     /// Ends training, returning the model.
     pub fn into_lora(self) -> LoraModel {
+        self.lora.grad_sink().set_flat(None);
         self.lora
     }
 
@@ -312,42 +327,59 @@ impl Trainer {
     }
 
     /// Adds the time since `*t` to a phase (synchronizing first) when profiling.
-    fn lap(&self, t: &mut Instant, phase: fn(&mut PhaseTimes) -> &mut f64) -> Result<()> {
+    fn lap(&self, t: &mut Instant, phase: usize) -> Result<()> {
         if self.cfg.profile {
-            self.lora.model().device().synchronize()?;
-            *phase(&mut self.phases.borrow_mut()) += t.elapsed().as_secs_f64();
+            let dev = self.lora.model().device();
+            dev.synchronize()?;
+            let mut p = self.phases.borrow_mut();
+            let secs = t.elapsed().as_secs_f64();
+            match phase {
+                0 => p.forward += secs,
+                1 => p.head += secs,
+                2 => p.backward += secs,
+                _ => p.optimizer += secs,
+            }
+            if let Some(m) = moe_peft_quant::pool_memory(dev)? {
+                let mib = m.used_high as f64 / (1024.0 * 1024.0);
+                p.peak_mib[phase] = p.peak_mib[phase].max(mib);
+                moe_peft_quant::reset_pool_peaks(dev)?;
+            }
             *t = Instant::now();
         }
         Ok(())
     }
 
-    fn collect(&self, gs: &GradStore, acc: &mut [Option<Tensor>]) -> Result<()> {
-        let add = |acc: &mut [Option<Tensor>], i: usize, g: &Tensor| -> Result<()> {
-            acc[i] = Some(match acc[i].take() {
-                Some(a) => (a + g)?,
-                None => g.clone(),
-            });
-            Ok(())
-        };
-        for (i, (_, v)) in self.vars.iter().enumerate() {
+    /// Adds the variables' gradients in `gs` (and any the sink kept) to the flat buffer.
+    fn collect(&self, gs: &GradStore) -> Result<()> {
+        for (_, v) in self.vars.iter() {
             if let Some(g) = gs.get(v.as_tensor()) {
-                add(acc, i, g)?;
+                self.grads.add(v.as_tensor().id(), g)?;
             }
         }
         for (id, g) in self.lora.grad_sink().drain() {
-            if let Some(&i) = self.index.get(&id) {
-                add(acc, i, &g)?;
+            if self.grads.contains(id) {
+                self.grads.add(id, &g)?;
             }
         }
         Ok(())
     }
 
-    /// Gradients of `ce · scale + Σ aux` for one micro-batch (no update).
+    /// Gradients of `ce · scale + Σ aux` for one micro-batch (no update), `None` for
+    /// variables that received none.
     pub fn micro_gradients(&self, batch: &TrainBatch, scale: f64) -> Result<MicroGrads> {
+        self.grads.zero()?;
+        let mut mg = self.accumulate(batch, scale)?;
+        mg.grads = self.grads.to_vec()?;
+        self.grads.zero()?;
+        Ok(mg)
+    }
+
+    /// Adds the gradients of `ce · scale + Σ aux` for one micro-batch to the flat buffer
+    /// (the returned `grads` is empty).
+    fn accumulate(&self, batch: &TrainBatch, scale: f64) -> Result<MicroGrads> {
         let model = self.lora.model();
         self.lora.dropout_state().set_step(self.micro_step);
         let (b, s) = batch.input_ids.dims2()?;
-        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let mut t = Instant::now();
         let ctx = model.context(b, s, 0, Some(&batch.attention_mask), true)?;
         let h0 = model.embed(&batch.input_ids)?;
@@ -371,15 +403,15 @@ impl Trainer {
                 aux = a.to_scalar::<f32>()? as f64;
                 obj = (obj + a)?;
             }
-            self.lap(&mut t, |p| &mut p.forward)?;
+            self.lap(&mut t, 0)?;
             let gs = obj.backward()?;
-            self.collect(&gs, &mut acc)?;
-            self.lap(&mut t, |p| &mut p.backward)?;
+            self.collect(&gs)?;
+            self.lap(&mut t, 2)?;
             return Ok(MicroGrads {
                 loss: loss.loss.to_scalar::<f32>()? as f64,
                 aux_loss: aux,
                 target_tokens: loss.n_tokens,
-                grads: acc,
+                grads: Vec::new(),
             });
         }
         // Forward, keeping each layer's input only.
@@ -394,12 +426,12 @@ impl Trainer {
             }
             h = out.hidden.detach();
         }
-        self.lap(&mut t, |p| &mut p.forward)?;
+        self.lap(&mut t, 0)?;
         let hv = Var::from_tensor(&h)?;
         let loss = model.lm_loss(hv.as_tensor(), &batch.labels)?;
         let gs = (&loss.loss * scale)?.backward()?;
-        self.collect(&gs, &mut acc)?;
-        self.lap(&mut t, |p| &mut p.head)?;
+        self.collect(&gs)?;
+        self.lap(&mut t, 1)?;
         let mut g = gs
             .get(hv.as_tensor())
             .cloned()
@@ -413,7 +445,7 @@ impl Trainer {
                 obj = (obj + a)?;
             }
             let gs = obj.backward()?;
-            self.collect(&gs, &mut acc)?;
+            self.collect(&gs)?;
             g = gs
                 .get(xv.as_tensor())
                 .cloned()
@@ -422,14 +454,14 @@ impl Trainer {
         let h0 = model.embed(&batch.input_ids)?;
         if h0.track_op() {
             let gs = (h0 * &g)?.sum_all()?.backward()?;
-            self.collect(&gs, &mut acc)?;
+            self.collect(&gs)?;
         }
-        self.lap(&mut t, |p| &mut p.backward)?;
+        self.lap(&mut t, 2)?;
         Ok(MicroGrads {
             loss: loss.loss.to_scalar::<f32>()? as f64,
             aux_loss: aux,
             target_tokens: loss.n_tokens,
-            grads: acc,
+            grads: Vec::new(),
         })
     }
 
@@ -443,11 +475,14 @@ impl Trainer {
         }
         let start = Instant::now();
         *self.phases.borrow_mut() = PhaseTimes::default();
+        if self.cfg.profile {
+            moe_peft_quant::reset_pool_peaks(self.lora.model().device())?;
+        }
         let scale = 1.0 / micro.len() as f64;
-        let mut acc: Vec<Option<Tensor>> = vec![None; self.vars.len()];
+        self.grads.zero()?;
         let (mut loss, mut aux, mut tokens, mut targets) = (0.0, 0.0, 0, 0);
         for batch in micro {
-            let mg = self.micro_gradients(batch, scale)?;
+            let mg = self.accumulate(batch, scale)?;
             self.micro_step += 1;
             if !mg.loss.is_finite() {
                 return Err(Error::NonFinite {
@@ -459,17 +494,9 @@ impl Trainer {
             aux += mg.aux_loss * scale;
             targets += mg.target_tokens;
             tokens += batch.tokens()?;
-            for (a, g) in acc.iter_mut().zip(mg.grads) {
-                if let Some(g) = g {
-                    *a = Some(match a.take() {
-                        Some(x) => (x + g)?,
-                        None => g,
-                    });
-                }
-            }
         }
         let mut t = Instant::now();
-        let grad_norm = global_norm(&acc)?;
+        let grad_norm = self.grads.norm()?;
         if !grad_norm.is_finite() {
             return Err(Error::NonFinite {
                 what: "gradient norm",
@@ -483,8 +510,8 @@ impl Trainer {
         } else {
             1.0
         };
-        self.opt.step_scaled(&acc, lr, clip)?;
-        self.lap(&mut t, |p| &mut p.optimizer)?;
+        self.opt.step_flat(&self.grads, lr, clip)?;
+        self.lap(&mut t, 3)?;
         self.global_step += 1;
         let seconds = start.elapsed().as_secs_f64();
         Ok(StepMetrics {

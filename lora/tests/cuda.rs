@@ -177,3 +177,66 @@ fn segmented_dropout_and_gradient_norms_match_the_cpu() -> Result<()> {
     assert!(((a - b) / a).abs() < 1e-6, "{a} vs {b}");
     Ok(())
 }
+
+#[test]
+fn flat_gradients_and_one_launch_adamw_match_the_cpu() -> Result<()> {
+    use moe_peft_lora::{AdamW, AdamWConfig, FlatGrads};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let shapes: [&[usize]; 4] = [&[3, 1001], &[64, 7], &[1], &[5, 2, 33]];
+    for (bf16_moments, grad_dtype) in [
+        (false, DType::F32),
+        (true, DType::F32),
+        (false, DType::BF16),
+        (true, DType::BF16),
+    ] {
+        let cfg = AdamWConfig {
+            weight_decay: 0.01,
+            bf16_moments,
+            ..Default::default()
+        };
+        let inits: Vec<Tensor> = shapes
+            .iter()
+            .map(|s| Tensor::randn(0f32, 1.0, *s, &Device::Cpu))
+            .collect::<candle_core::Result<_>>()?;
+        let mk = |dev: &Device| -> Result<Vec<(String, Var)>> {
+            inits
+                .iter()
+                .enumerate()
+                .map(|(i, t)| Ok((format!("p{i}"), Var::from_tensor(&t.to_device(dev)?)?)))
+                .collect()
+        };
+        let (vc, vg) = (mk(&Device::Cpu)?, mk(&gpu)?);
+        let (fc, fg) = (
+            FlatGrads::new(&vc, grad_dtype)?,
+            FlatGrads::new(&vg, grad_dtype)?,
+        );
+        let mut oc = AdamW::new(vc.clone(), cfg.clone())?;
+        let mut og = AdamW::new(vg.clone(), cfg)?;
+        for step in 0..4 {
+            fc.zero()?;
+            fg.zero()?;
+            // Two additions per variable (f32 then bf16), the last variable left without.
+            for (i, s) in shapes.iter().enumerate().take(3) {
+                for dt in [DType::F32, DType::BF16] {
+                    let g = Tensor::randn(0f32, 1.0, *s, &Device::Cpu)?.to_dtype(dt)?;
+                    fc.add(vc[i].1.as_tensor().id(), &g)?;
+                    fg.add(vg[i].1.as_tensor().id(), &g.to_device(&gpu)?)?;
+                }
+            }
+            assert_eq!(bits(fc.buffer())?, bits(fg.buffer())?, "sums, step {step}");
+            let (nc, ng) = (fc.norm()?, fg.norm()?);
+            assert!(((nc - ng) / nc).abs() < 1e-12, "norm {nc} vs {ng}");
+            let clip = if step % 2 == 0 { 1.0 } else { 0.37 };
+            oc.step_flat(&fc, 1e-2, clip)?;
+            og.step_flat(&fg, 1e-2, clip)?;
+            for (i, ((_, c), (_, g))) in vc.iter().zip(&vg).enumerate() {
+                assert_eq!(
+                    bits(c.as_tensor())?,
+                    bits(g.as_tensor())?,
+                    "variable {i}, step {step}, bf16 moments {bf16_moments}, grads {grad_dtype:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}

@@ -5,10 +5,10 @@
 //! caller writes: the frozen projections use it to pass input gradients only, and the MoE layer
 //! for gathers whose backward is another gather.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Shape, Storage, Tensor};
 
 /// A contiguous copy of the part of `s` that `l` covers (the value an attach op returns).
 fn copy_cpu(s: &CpuStorage, l: &Layout, op: &str) -> candle_core::Result<CpuStorage> {
@@ -33,45 +33,69 @@ fn copy_cuda(s: &CudaStorage, l: &Layout, op: &str) -> candle_core::Result<CudaS
 
 type GradFn = dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync;
 
+/// The value an attach op returns, held until the op's forward copies it into its result
+/// (then dropped, so the graph keeps one copy, not two).
+struct Value(Mutex<Option<Tensor>>);
+
+impl Value {
+    fn new(y: Tensor) -> Self {
+        Self(Mutex::new(Some(y)))
+    }
+
+    fn take(&self, op: &str) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg(format!("{op}: value lock poisoned")))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg(format!("{op}: forward ran twice")))
+    }
+
+    fn cpu(&self, op: &str) -> candle_core::Result<(CpuStorage, Shape)> {
+        let y = self.take(op)?;
+        let (s, l) = y.storage_and_layout();
+        let Storage::Cpu(s) = &*s else {
+            candle_core::bail!("{op}: value is not on the CPU")
+        };
+        Ok((copy_cpu(s, l, op)?, l.shape().clone()))
+    }
+
+    fn cuda(&self, op: &str) -> candle_core::Result<(CudaStorage, Shape)> {
+        let y = self.take(op)?;
+        let (s, l) = y.storage_and_layout();
+        let Storage::Cuda(s) = &*s else {
+            candle_core::bail!("{op}: value is not on a CUDA device")
+        };
+        Ok((copy_cuda(s, l, op)?, l.shape().clone()))
+    }
+}
+
 /// Returns `y` (computed outside the graph) linked to `x` so that backward gives `x` the
 /// gradient `grad_fn(grad_y)`.
 struct AttachGrad {
+    value: Value,
     grad_fn: Arc<GradFn>,
 }
 
-impl CustomOp2 for AttachGrad {
+impl CustomOp1 for AttachGrad {
     fn name(&self) -> &'static str {
         "attach-grad"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((copy_cpu(y, l, self.name())?, l.shape().clone()))
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.value.cpu(self.name())
     }
 
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((copy_cuda(y, l, self.name())?, l.shape().clone()))
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.value.cuda(self.name())
     }
 
     fn bwd(
         &self,
         _x: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some((self.grad_fn)(grad)?), None))
+    ) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some((self.grad_fn)(grad)?))
     }
 }
 
@@ -86,23 +110,22 @@ pub fn with_grad(
     if !x.track_op() {
         return Ok(y);
     }
-    x.apply_op2(
-        &y,
-        AttachGrad {
-            grad_fn: Arc::new(grad_fn),
-        },
-    )
+    x.apply_op1(AttachGrad {
+        value: Value::new(y),
+        grad_fn: Arc::new(grad_fn),
+    })
 }
 
 type GradFn2 =
     dyn Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> + Send + Sync;
 
-/// `AttachGrad` with two differentiable inputs; the value is the third argument.
+/// `AttachGrad` with two differentiable inputs.
 struct AttachGrad2 {
+    value: Value,
     grad_fn: Arc<GradFn2>,
 }
 
-impl candle_core::CustomOp3 for AttachGrad2 {
+impl CustomOp2 for AttachGrad2 {
     fn name(&self) -> &'static str {
         "attach-grad2"
     }
@@ -113,10 +136,8 @@ impl candle_core::CustomOp3 for AttachGrad2 {
         _: &Layout,
         _: &CpuStorage,
         _: &Layout,
-        y: &CpuStorage,
-        l: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        Ok((copy_cpu(y, l, self.name())?, l.shape().clone()))
+        self.value.cpu(self.name())
     }
 
     fn cuda_fwd(
@@ -125,22 +146,18 @@ impl candle_core::CustomOp3 for AttachGrad2 {
         _: &Layout,
         _: &CudaStorage,
         _: &Layout,
-        y: &CudaStorage,
-        l: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
-        Ok((copy_cuda(y, l, self.name())?, l.shape().clone()))
+        self.value.cuda(self.name())
     }
 
     fn bwd(
         &self,
         _a: &Tensor,
         _b: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (ga, gb) = (self.grad_fn)(grad)?;
-        Ok((ga, gb, None))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        (self.grad_fn)(grad)
     }
 }
 
@@ -158,10 +175,86 @@ pub fn with_grad2(
     if !a.track_op() && !b.track_op() {
         return Ok(y);
     }
+    a.apply_op2(
+        b,
+        AttachGrad2 {
+            value: Value::new(y),
+            grad_fn: Arc::new(grad_fn),
+        },
+    )
+}
+
+type GradFn3 = dyn Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+    + Send
+    + Sync;
+
+/// `AttachGrad` with three differentiable inputs.
+struct AttachGrad3 {
+    value: Value,
+    grad_fn: Arc<GradFn3>,
+}
+
+impl candle_core::CustomOp3 for AttachGrad3 {
+    fn name(&self) -> &'static str {
+        "attach-grad3"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.value.cpu(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        self.value.cuda(self.name())
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        _c: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        (self.grad_fn)(grad)
+    }
+}
+
+/// [`with_grad`] for three inputs: backward gives `(a, b, c)` the triple `grad_fn(grad_y)`.
+pub fn with_grad3(
+    a: &Tensor,
+    b: &Tensor,
+    c: &Tensor,
+    y: Tensor,
+    grad_fn: impl Fn(&Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)>
+        + Send
+        + Sync
+        + 'static,
+) -> candle_core::Result<Tensor> {
+    let y = y.contiguous()?;
+    if !a.track_op() && !b.track_op() && !c.track_op() {
+        return Ok(y);
+    }
     a.apply_op3(
         b,
-        &y,
-        AttachGrad2 {
+        c,
+        AttachGrad3 {
+            value: Value::new(y),
             grad_fn: Arc::new(grad_fn),
         },
     )

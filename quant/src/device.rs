@@ -1,4 +1,70 @@
-//! Device-wide settings.
+//! Device-wide settings and memory statistics.
+
+/// Memory of the device's default pool (the one candle allocates from), in bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolMemory {
+    /// Bytes held by live allocations now.
+    pub used: u64,
+    /// Highest `used` since the last [`reset_pool_peaks`].
+    pub used_high: u64,
+    /// Bytes the pool holds from the driver now (live allocations plus cached free blocks).
+    pub reserved: u64,
+    /// Highest `reserved` since the last [`reset_pool_peaks`].
+    pub reserved_high: u64,
+}
+
+#[cfg(feature = "cuda")]
+mod pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+
+    /// The default memory pool of `d`'s device, with the context bound to this thread.
+    pub(super) fn default_pool(
+        d: &candle_core::CudaDevice,
+    ) -> candle_core::Result<sys::CUmemoryPool> {
+        let stream = d.cuda_stream();
+        let ctx = stream.context();
+        ctx.bind_to_thread()
+            .map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        // SAFETY: a plain driver call with a valid out-pointer on the bound context's device.
+        let r = unsafe { sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("cuDeviceGetDefaultMemPool: {r:?}");
+        }
+        // SAFETY: initialised by the successful call above.
+        Ok(unsafe { pool.assume_init() })
+    }
+
+    pub(super) fn set(
+        pool: sys::CUmemoryPool,
+        attr: sys::CUmemPool_attribute,
+        mut value: u64,
+    ) -> candle_core::Result<()> {
+        // SAFETY: every attribute used here takes a u64 (cuuint64_t).
+        let r = unsafe {
+            sys::cuMemPoolSetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("cuMemPoolSetAttribute({attr:?}): {r:?}");
+        }
+        Ok(())
+    }
+
+    pub(super) fn get(
+        pool: sys::CUmemoryPool,
+        attr: sys::CUmemPool_attribute,
+    ) -> candle_core::Result<u64> {
+        let mut value: u64 = 0;
+        // SAFETY: every attribute used here is a u64 (cuuint64_t).
+        let r = unsafe {
+            sys::cuMemPoolGetAttribute(pool, attr, &mut value as *mut u64 as *mut std::ffi::c_void)
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("cuMemPoolGetAttribute({attr:?}): {r:?}");
+        }
+        Ok(value)
+    }
+}
 
 /// Keeps memory that CUDA kernels free in the device's memory pool instead of returning it to
 /// the driver at each synchronization (the pool's release threshold is raised to the maximum).
@@ -11,28 +77,42 @@
 pub fn retain_freed_device_memory(device: &candle_core::Device) -> candle_core::Result<()> {
     #[cfg(feature = "cuda")]
     if let candle_core::Device::Cuda(d) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let stream = d.cuda_stream();
-        let ctx = stream.context();
-        ctx.bind_to_thread()
-            .map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
-        // SAFETY: plain driver calls on the current context's device with valid pointers.
-        unsafe {
-            let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
-            let r = sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device());
-            if r != sys::CUresult::CUDA_SUCCESS {
-                candle_core::bail!("cuDeviceGetDefaultMemPool: {r:?}");
-            }
-            let mut threshold: u64 = u64::MAX;
-            let r = sys::cuMemPoolSetAttribute(
-                pool.assume_init(),
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                &mut threshold as *mut u64 as *mut std::ffi::c_void,
-            );
-            if r != sys::CUresult::CUDA_SUCCESS {
-                candle_core::bail!("cuMemPoolSetAttribute(RELEASE_THRESHOLD): {r:?}");
-            }
-        }
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        pool::set(
+            pool::default_pool(d)?,
+            A::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            u64::MAX,
+        )?;
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// The default pool's memory (`None` on the CPU and without the `cuda` feature).
+pub fn pool_memory(device: &candle_core::Device) -> candle_core::Result<Option<PoolMemory>> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let p = pool::default_pool(d)?;
+        return Ok(Some(PoolMemory {
+            used: pool::get(p, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            used_high: pool::get(p, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved: pool::get(p, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            reserved_high: pool::get(p, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        }));
+    }
+    let _ = device;
+    Ok(None)
+}
+
+/// Restarts the high-water marks of [`pool_memory`] from the current values.
+pub fn reset_pool_peaks(device: &candle_core::Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+        let p = pool::default_pool(d)?;
+        pool::set(p, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, 0)?;
+        pool::set(p, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, 0)?;
     }
     let _ = device;
     Ok(())
