@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, ModuleT, Shape, Tensor, Var};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, ModuleT, Shape, Tensor, Var, D};
 use moe_peft_quant::{matmul_t, DenseLinear, LinearLike};
 
 /// Shared state of deterministic dropout: a seed and the current micro-step, set by the
@@ -480,6 +480,17 @@ impl ModuleT for LoraLinear {
                 return m.forward_t(x, train);
             }
         }
+        let tracked =
+            x.track_op() || self.a.as_tensor().track_op() || self.b.as_tensor().track_op();
+        // A trainable base (not a frozen one) keeps the autograd path, which trains it too.
+        let frozen_base = self
+            .base
+            .as_any()
+            .downcast_ref::<TrainableLinear>()
+            .is_none();
+        if tracked && frozen_base {
+            return self.forward_fused(x, train);
+        }
         let y = self.base.forward_t(x, train)?;
         let xa = if train && self.dropout > 0.0 {
             dropout(x, self.dropout, self.dropout_key())?
@@ -493,6 +504,60 @@ impl ModuleT for LoraLinear {
         let t = (matmul_t(&matmul_t(&xa, &a)?, &b)? * self.scaling)?;
         let t = t.to_dtype(y.dtype())?;
         y + t
+    }
+}
+
+impl LoraLinear {
+    /// `W x + s·B A drop(x)` as one op with a hand-written backward (the frozen base's input
+    /// gradient and the adapter's three gradients): the graph keeps the output and the small
+    /// `A drop(x)`, where autograd would keep the dropped input, `B A drop(x)`, its scaled copy
+    /// and the base output too. Per row: `dx = Wᵀ dy + s·drop(Aᵀ (Bᵀ dy))`,
+    /// `dB = s·dy (A drop(x))ᵀ`, `dA = s·(Bᵀ dy) drop(x)ᵀ`; the dropout mask is recomputed
+    /// from its key.
+    fn forward_fused(&self, x: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        let xd = x.detach();
+        let dt = xd.dtype();
+        let p = if train { self.dropout } else { 0.0 };
+        let key = self.dropout_key();
+        let drop_x = move |x: &Tensor| -> candle_core::Result<Tensor> {
+            if p > 0.0 {
+                dropout(x, p, key)
+            } else {
+                Ok(x.clone())
+            }
+        };
+        let a = self.a.as_tensor().detach().to_dtype(dt)?;
+        let b = self.b.as_tensor().detach().to_dtype(dt)?;
+        let s = self.scaling;
+        let y0 = self.base.forward_t(&xd, train)?;
+        let xa = matmul_t(&drop_x(&xd)?, &a)?;
+        let t = (matmul_t(&xa, &b)? * s)?.to_dtype(y0.dtype())?;
+        let y = (y0 + t)?;
+        let base = self.base.clone();
+        let (a_dt, b_dt) = (self.a.dtype(), self.b.dtype());
+        moe_peft_quant::autograd::with_grad3(
+            x,
+            self.a.as_tensor(),
+            self.b.as_tensor(),
+            y,
+            move |dy| {
+                let (k, n) = (xd.dim(D::Minus1)?, dy.dim(D::Minus1)?);
+                let rows = xd.elem_count() / k;
+                let dy2 = dy.to_dtype(dt)?.contiguous()?.reshape((rows, n))?;
+                let w = base.dense_weight(dt)?;
+                let dx = dy2.matmul(&w)?;
+                drop(w);
+                let xa2 = xa.reshape((rows, a.dim(0)?))?;
+                let dyb = (dy2.matmul(&b)? * s)?; // (rows, r)
+                let db = (dy2.t()?.matmul(&xa2)? * s)?; // (out, r)
+                let xdrop = drop_x(&xd)?.reshape((rows, k))?;
+                let da = dyb.t()?.matmul(&xdrop)?; // (r, in)
+                drop(xdrop);
+                let dxl = dyb.matmul(&a)?.reshape(xd.shape())?;
+                let dx = (dx.reshape(xd.shape())? + drop_x(&dxl)?)?;
+                Ok((Some(dx), Some(da.to_dtype(a_dt)?), Some(db.to_dtype(b_dt)?)))
+            },
+        )
     }
 }
 
@@ -570,6 +635,39 @@ mod tests {
             "s",
             Arc::new(DropoutState::new(1)),
         ))
+    }
+
+    /// The fused forward/backward against autograd through the same operations (dropout on).
+    #[test]
+    fn fused_adapter_gradients_equal_autograd() -> candle_core::Result<()> {
+        let l = adapter(0.5, 0.3)?;
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 5), &dev)?)?;
+        let w = Tensor::randn(0f32, 1., (2, 3, 6), &dev)?;
+        let y = l.forward_t(x.as_tensor(), true)?;
+        let g = (&y * &w)?.sum_all()?.backward()?;
+        // Autograd reference: base, dropout and the two adapter matmuls as plain ops.
+        let xd = dropout(x.as_tensor(), 0.3, l.dropout_key())?;
+        let base = l.base().dense_weight(DType::F32)?;
+        let want_y = (matmul_t(x.as_tensor(), &base)?
+            + (matmul_t(
+                &matmul_t(&xd, l.lora_a().as_tensor())?,
+                l.lora_b().as_tensor(),
+            )? * 0.5)?)?;
+        let max = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max(&y, &want_y)? < 1e-5);
+        let r = (&want_y * &w)?.sum_all()?.backward()?;
+        for (what, t) in [
+            ("x", x.as_tensor()),
+            ("A", l.lora_a().as_tensor()),
+            ("B", l.lora_b().as_tensor()),
+        ] {
+            let (a, b) = (g.get(t).expect("fused grad"), r.get(t).expect("autograd"));
+            assert!(max(a, b)? < 1e-5, "{what}: {}", max(a, b)?);
+        }
+        Ok(())
     }
 
     #[test]

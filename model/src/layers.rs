@@ -12,7 +12,7 @@ use moe_peft_quant::{frozen_matmul, LinearLike};
 
 use crate::config::{DeepSeekMoeConfig, RopeScaling};
 use crate::error::{Error, Result};
-use crate::ops::{dispatch_rows, masked_softmax_last_dim, permute_rows, softmax_f32};
+use crate::ops::{attention_core, combine_rows, dispatch_rows, softmax_f32};
 
 /// A projection slot: a frozen base or an adapter wrapping one.
 pub type Linear = Arc<dyn LinearLike>;
@@ -44,14 +44,55 @@ impl RmsNorm {
     }
 
     /// Normalizes over the last dimension.
+    ///
+    /// Computed outside the graph with a hand-written backward, so the graph keeps only the
+    /// output (autograd through the f32 upcasts would keep six f32/bf16 copies of `x`):
+    /// with `r = 1/√(mean(x²)+ε)`, `n = dt(x·r)`, `y = dt(n·w)`:
+    /// `dn = dt(dy·w)` (the casts round the gradient as autograd does),
+    /// `dx = r·dn − x·r³·Σ(dn·x)/H`, `dw = Σ_rows dy·n`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = Self::apply(&x.detach(), &self.weight.detach(), self.eps)?;
+        if !x.track_op() && !self.weight.track_op() {
+            return Ok(y);
+        }
+        let (x0, w, eps) = (x.detach(), self.weight.detach(), self.eps);
+        let want_w = self.weight.track_op();
+        Ok(crate::ops::with_grad2(x, &self.weight, y, move |dy| {
+            let dt = x0.dtype();
+            let h = x0.dim(D::Minus1)? as f64;
+            let xf = x0.to_dtype(DType::F32)?;
+            let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                .sqrt()?
+                .recip()?;
+            let g = dy.to_dtype(DType::F32)?;
+            let dw = if want_w {
+                let n = xf.broadcast_mul(&r)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+                let prod = (&g * n)?;
+                let rows = prod.elem_count() / w.elem_count();
+                Some(
+                    prod.reshape((rows, w.elem_count()))?
+                        .sum(0)?
+                        .reshape(w.shape())?,
+                )
+            } else {
+                None
+            };
+            let dn = g.broadcast_mul(&w)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+            drop(g);
+            let s = (&dn * &xf)?.sum_keepdim(D::Minus1)?;
+            let coef = ((r.sqr()? * &r)? * s)?.affine(-1.0 / h, 0.0)?;
+            let dx = (dn.broadcast_mul(&r)? + xf.broadcast_mul(&coef)?)?.to_dtype(dt)?;
+            Ok((Some(dx), dw))
+        })?)
+    }
+
+    fn apply(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
         let dt = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (var + self.eps)?.sqrt()?.recip()?;
+        let inv = (var + eps)?.sqrt()?.recip()?;
         let y = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
-        let y = y.to_dtype(DType::F32)?.broadcast_mul(&self.weight)?;
-        Ok(y.to_dtype(dt)?)
+        y.to_dtype(DType::F32)?.broadcast_mul(w)?.to_dtype(dt)
     }
 }
 
@@ -292,9 +333,8 @@ impl Attention {
         let v = self.repeat_kv(v)?;
         // Scores in the activation dtype, softmax with f32 accumulation in one fused kernel
         // (the reference upcasts to f32 and casts back; same result up to the scale's rounding).
-        let scores = (q * (1.0 / (d as f64).sqrt()))?.matmul(&k.t()?)?;
-        let probs = masked_softmax_last_dim(&scores, ctx.mask.as_ref())?;
-        let y = probs.matmul(&v.contiguous()?)?;
+        // The probabilities are recomputed in backward (see `attention_core`).
+        let y = attention_core(&q, &k, &v, ctx.mask.as_ref(), 1.0 / (d as f64).sqrt())?;
         let y = y.transpose(1, 2)?.reshape((b, s, h * d))?;
         Ok(self.o_proj.forward_t(&y, ctx.train)?)
     }
@@ -633,13 +673,8 @@ impl Moe {
         // Back to token order, then Σ_j w[n, j]·y[n, j, :] in f32 (the reference multiplies the
         // expert outputs by the f32 gate weights) as one batched (1×k)·(k×H) product per token:
         // contiguous operands, no broadcast or strided reduction.
-        let y_tok = permute_rows(&ys, &inverse, &order)?.reshape((n, k, h))?;
-        let mut y = r
-            .topk_weight
-            .unsqueeze(1)?
-            .matmul(&y_tok.to_dtype(DType::F32)?)?
-            .squeeze(1)?
-            .to_dtype(x.dtype())?;
+        // (`combine_rows` keeps only its output in the graph.)
+        let mut y = combine_rows(&ys, &r.topk_weight, &inverse, &order)?;
         if let Some(sh) = &self.shared_experts {
             y = (y + sh.forward(&x2, train)?)?;
         }
@@ -758,6 +793,72 @@ impl DecoderLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The hand-written RMSNorm backward against autograd through the composed ops.
+    #[test]
+    fn rms_norm_gradients_equal_autograd() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 8), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::randn(1f32, 0.1, 8, &dev)?)?;
+        let norm = RmsNorm::new(w.as_tensor().clone(), 1e-6)?;
+        let probe = Tensor::randn(0f32, 1., (2, 3, 8), &dev)?;
+        let y = norm.forward(x.as_tensor())?;
+        let g = (&y * &probe)?.sum_all()?.backward()?;
+        let xf = x.as_tensor();
+        let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?
+            .sqrt()?
+            .recip()?;
+        let want = xf.broadcast_mul(&inv)?.broadcast_mul(w.as_tensor())?;
+        assert!(max_diff(&y, &want)? < 1e-6);
+        let r = (&want * &probe)?.sum_all()?.backward()?;
+        for (what, t) in [("x", x.as_tensor()), ("weight", w.as_tensor())] {
+            let d = max_diff(g.get(t).expect("hand"), r.get(t).expect("autograd"))?;
+            assert!(d < 1e-5, "{what}: {d}");
+        }
+        Ok(())
+    }
+
+    /// Attention with recomputed probabilities against autograd through the composed ops.
+    #[test]
+    fn attention_core_gradients_equal_autograd() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let var =
+            |s: (usize, usize, usize, usize)| Var::from_tensor(&Tensor::randn(0f32, 1., s, &dev)?);
+        let (q, k, v) = (var((2, 3, 5, 4))?, var((2, 3, 5, 4))?, var((2, 3, 5, 4))?);
+        let pad = Tensor::new(&[[1u32, 1, 1, 1, 0], [0, 1, 1, 1, 1]], &dev)?;
+        let mask = attention_mask(Some(&pad), 2, 5, 0, DType::F32, &dev)?;
+        let probe = Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?;
+        let y = attention_core(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            mask.as_ref(),
+            0.5,
+        )?;
+        let g = (&y * &probe)?.sum_all()?.backward()?;
+        let mut scores = (q.as_tensor() * 0.5)?.matmul(&k.as_tensor().t()?)?;
+        if let Some(m) = &mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let want = softmax_f32(&scores)?.matmul(v.as_tensor())?;
+        assert!(max_diff(&y, &want)? < 1e-5);
+        let r = (&want * &probe)?.sum_all()?.backward()?;
+        for (what, t) in [
+            ("q", q.as_tensor()),
+            ("k", k.as_tensor()),
+            ("v", v.as_tensor()),
+        ] {
+            let d = max_diff(g.get(t).expect("hand"), r.get(t).expect("autograd"))?;
+            assert!(d < 1e-5, "{what}: {d}");
+        }
+        Ok(())
+    }
 
     #[test]
     fn batch_level_aux_loss_follows_the_reference_formula() -> candle_core::Result<()> {

@@ -2,7 +2,7 @@
 
 use candle_core::{DType, Tensor, D};
 
-pub use moe_peft_quant::autograd::{with_grad, with_grad2};
+pub use moe_peft_quant::autograd::{with_grad, with_grad2, with_grad3};
 
 /// Mean cross-entropy of `x · Wᵀ` against `targets`, computed `chunk` rows at a time so the
 /// `(rows, vocab)` logits are never held whole, in forward or backward.
@@ -126,6 +126,86 @@ pub fn masked_softmax_last_dim(x: &Tensor, mask: Option<&Tensor>) -> candle_core
     })
 }
 
+/// `softmax(q·scale·kᵀ + mask)·v` over the last two dimensions (`q`, `k`, `v` of shape
+/// `(…, seq, head_dim)`, `mask` broadcast to the scores and never differentiated), with the
+/// probabilities recomputed in backward: the graph keeps the output only, not the two
+/// `seq × seq` score tensors per head. The same operations as the composed version
+/// (`q·scale` rounded to the activation dtype, candle's fused softmax), so the same values.
+pub fn attention_core(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    fn probs(qs: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let scores = qs.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        candle_nn::ops::softmax_last_dim(&scores)
+    }
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach().contiguous()?);
+    let y = probs(&(&qd * scale)?, &kd, mask)?.matmul(&vd)?;
+    let mask = mask.cloned();
+    with_grad3(q, k, v, y, move |gy| {
+        let gy = gy.contiguous()?;
+        let qs = (&qd * scale)?;
+        let p = probs(&qs, &kd, mask.as_ref())?;
+        let dv = p.t()?.matmul(&gy)?;
+        // Softmax backward: dS = P ⊙ (dP − Σ dP ⊙ P).
+        let pd = (gy.matmul(&vd.t()?)? * &p)?;
+        let s = pd.sum_keepdim(D::Minus1)?;
+        let ds = (pd - p.broadcast_mul(&s)?)?;
+        drop(p);
+        let dq = (ds.matmul(&kd)? * scale)?;
+        let dk = ds.t()?.matmul(&qs)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    })
+}
+
+/// The MoE combine: `y[t] = Σ_j w[t, j]·ys[inverse[t·k + j]]` in f32, cast to `ys`' dtype
+/// (`ys`: expert outputs grouped by expert, `(n·k, H)`; `w`: f32 gate weights `(n, k)`;
+/// `order` is the inverse permutation of `inverse`). One batched `(1×k)·(k×H)` product per
+/// token, as the reference multiplies the outputs by the f32 weights and sums; computed
+/// outside the graph with the backward written out, so the graph keeps only the output and
+/// not the token-ordered and f32 copies of `ys`.
+pub fn combine_rows(
+    ys: &Tensor,
+    w: &Tensor,
+    inverse: &Tensor,
+    order: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let (nk, h) = ys.dims2()?;
+    let (n, k) = w.dims2()?;
+    if n * k != nk {
+        candle_core::bail!("combine_rows: {nk} rows for {n} tokens × {k}")
+    }
+    let dt = ys.dtype();
+    let (ysd, wd) = (ys.detach(), w.detach());
+    let inv = inverse.clone();
+    let by_token = move |ys: &Tensor| -> candle_core::Result<Tensor> {
+        ys.index_select(&inv, 0)?
+            .reshape((n, k, h))?
+            .to_dtype(DType::F32)
+    };
+    let y = wd
+        .unsqueeze(1)?
+        .matmul(&by_token(&ysd)?)?
+        .squeeze(1)?
+        .to_dtype(dt)?;
+    let order = order.clone();
+    with_grad2(ys, w, y, move |gy| {
+        let g = gy.to_dtype(DType::F32)?.unsqueeze(1)?; // (n, 1, H)
+        let dtok = wd.unsqueeze(2)?.matmul(&g)?.to_dtype(dt)?; // (n, k, H)
+        let dys = dtok.reshape((nk, h))?.index_select(&order, 0)?;
+        drop(dtok);
+        let dw = g.matmul(&by_token(&ysd)?.t()?)?.squeeze(1)?; // (n, k)
+        Ok((Some(dys), Some(dw)))
+    })
+}
+
 /// Differentiable softmax over the last dimension, computed in f32.
 pub fn softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
@@ -148,6 +228,36 @@ pub fn log_softmax_f32(x: &Tensor) -> candle_core::Result<Tensor> {
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
+
+    #[test]
+    fn combine_rows_equals_autograd_through_permute_and_matmul() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let (n, k, h) = (3usize, 2usize, 4usize);
+        let ys = Var::from_tensor(&Tensor::randn(0f32, 1., (n * k, h), &dev)?)?;
+        let w = Var::from_tensor(&Tensor::rand(0f32, 1., (n, k), &dev)?)?;
+        // Token-major slot p = t·k + j sits at row inverse[p] of the expert-grouped outputs.
+        let inverse: Vec<u32> = vec![4, 0, 2, 5, 1, 3];
+        let mut order = vec![0u32; n * k];
+        for (p, &r) in inverse.iter().enumerate() {
+            order[r as usize] = p as u32;
+        }
+        let inverse = Tensor::new(inverse.as_slice(), &dev)?;
+        let order = Tensor::new(order.as_slice(), &dev)?;
+        let probe = Tensor::randn(0f32, 1., (n, h), &dev)?;
+        let y = combine_rows(ys.as_tensor(), w.as_tensor(), &inverse, &order)?;
+        let g = (&y * &probe)?.sum_all()?.backward()?;
+        let tok = permute_rows(ys.as_tensor(), &inverse, &order)?.reshape((n, k, h))?;
+        let want = w.as_tensor().unsqueeze(1)?.matmul(&tok)?.squeeze(1)?;
+        let max = |a: &Tensor, b: &Tensor| -> candle_core::Result<f32> {
+            (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+        };
+        assert!(max(&y, &want)? < 1e-6);
+        let r = (&want * &probe)?.sum_all()?.backward()?;
+        for t in [ys.as_tensor(), w.as_tensor()] {
+            assert!(max(g.get(t).unwrap(), r.get(t).unwrap())? < 1e-6);
+        }
+        Ok(())
+    }
 
     #[test]
     fn dispatch_rows_backward_is_segment_sum() -> candle_core::Result<()> {
