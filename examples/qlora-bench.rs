@@ -94,6 +94,9 @@ struct Args {
     /// Time the pieces of one MoE layer before the steps.
     #[arg(long, default_value_t = false)]
     profile_layer: bool,
+    /// Bracket this step (1-based) with cuProfilerStart/Stop, for `ncu --profile-from-start off`.
+    #[arg(long)]
+    cuda_profiler_step: Option<usize>,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -280,7 +283,16 @@ fn run(args: Args) -> Result<()> {
             args.seq_len,
             &device,
         )?;
+        let profiled = args.cuda_profiler_step == Some(step + 1);
+        if profiled {
+            device.synchronize()?;
+            moe_peft::quant::cuda_profiler(&device, true)?;
+        }
         let m = trainer.step(&[batch])?;
+        if profiled {
+            device.synchronize()?;
+            moe_peft::quant::cuda_profiler(&device, false)?;
+        }
         let timed = step >= args.warmup;
         println!(
             "{} step {}: {:.3}s, {:.0} tokens/s, loss {:.4}, grad-norm {:.3}{}",
@@ -526,7 +538,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
     let t = time_it(device, 3, || {
         let xv = Var::from_tensor(&x)?;
         let out = layer.forward(xv.as_tensor(), &ctx, None)?;
-        let gs = (out.hidden * &g)?.sum_all()?.backward()?;
+        let gs = moe_peft::model::ops::seed_gradient(&out.hidden, &g)?.backward()?;
         let _ = lora.grad_sink().drain();
         drop(gs);
         Ok(())
@@ -540,7 +552,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
             &ctx_nograd,
             None,
         )?;
-        let gs = (a * &g)?.sum_all()?.backward()?;
+        let gs = moe_peft::model::ops::seed_gradient(&a, &g)?.backward()?;
         drop(gs);
         Ok(())
     })?;

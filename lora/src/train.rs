@@ -440,7 +440,7 @@ impl Trainer {
         for (layer, x) in model.layers.iter().zip(inputs.iter()).rev() {
             let xv = Var::from_tensor(x)?;
             let out = layer.forward(xv.as_tensor(), &ctx, None)?;
-            let mut obj = (out.hidden * &g)?.sum_all()?.to_dtype(DType::F32)?;
+            let mut obj = moe_peft_model::ops::seed_gradient(&out.hidden, &g)?;
             if let Some(a) = out.aux_loss {
                 obj = (obj + a)?;
             }
@@ -453,7 +453,7 @@ impl Trainer {
         }
         let h0 = model.embed(&batch.input_ids)?;
         if h0.track_op() {
-            let gs = (h0 * &g)?.sum_all()?.backward()?;
+            let gs = moe_peft_model::ops::seed_gradient(&h0, &g)?.backward()?;
             self.collect(&gs)?;
         }
         self.lap(&mut t, 2)?;

@@ -79,8 +79,10 @@ pub fn chunked_cross_entropy(
 /// Row gather `x[idx]` for a permutation-with-repeats whose backward is also a gather:
 /// `idx[p] = p_src`, and `inv_rows[n]` lists, `k` per source row, the positions `p` that read
 /// row `n` (so every source row is read exactly `k` times, as in top-k expert dispatch).
-/// Backward: `grad_x[n] = Σ_j grad[inv_rows[n·k + j]]`: one gather and a reshape-sum, no
-/// scatter-add (candle's index_add is ~40× slower than a gather on CUDA).
+/// Backward: `grad_x[n] = Σ_j grad[inv_rows[n·k + j]]`: one gather and the sum over `j` as a
+/// batched `(1×k)·(k×H)` product with ones (f32 accumulation), no scatter-add (candle's
+/// index_add is ~40× slower than a gather on CUDA, and its reduction over a middle dimension
+/// runs one tiny block per output element).
 pub fn dispatch_rows(
     x: &Tensor,
     idx: &Tensor,
@@ -91,8 +93,24 @@ pub fn dispatch_rows(
     let inv = inv_rows.clone();
     let (n, h) = x.dims2()?;
     with_grad(x, y, move |g| {
-        g.index_select(&inv, 0)?.reshape((n, k, h))?.sum(1)
+        let gt = g.index_select(&inv, 0)?.reshape((n, k, h))?;
+        Tensor::ones((n, 1, k), g.dtype(), g.device())?
+            .matmul(&gt)?
+            .reshape((n, h))
     })
+}
+
+/// A scalar (f32 zero) whose backward gives `x` the gradient `g` (times the scalar's own
+/// gradient): the seed of a backward through `x` when `g` comes from elsewhere, as in
+/// gradient checkpointing. It stands for `Σ x ⊙ g` without computing it (a reduction of all
+/// of `x` to one value runs as a single CUDA block in candle).
+pub fn seed_gradient(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
+    if x.dims() != g.dims() {
+        candle_core::bail!("seed_gradient: gradient {:?} for {:?}", g.dims(), x.dims())
+    }
+    let g = g.to_dtype(x.dtype())?;
+    let zero = Tensor::zeros((), DType::F32, x.device())?;
+    with_grad(x, zero, move |ds| g.broadcast_mul(&ds.to_dtype(g.dtype())?))
 }
 
 /// Row permutation `x[perm]` whose backward is the inverse permutation `grad[inv]`.

@@ -117,3 +117,26 @@ pub fn reset_pool_peaks(device: &candle_core::Device) -> candle_core::Result<()>
     let _ = device;
     Ok(())
 }
+
+/// Starts (`true`) or stops CUDA's profiler for the current context: with
+/// `ncu --profile-from-start off`, only the kernels in between are profiled. A no-op on the CPU.
+pub fn cuda_profiler(device: &candle_core::Device, start: bool) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        pool::default_pool(d)?; // binds the context to this thread
+                                // SAFETY: argument-less driver calls on the bound context.
+        let r = unsafe {
+            if start {
+                sys::cuProfilerStart()
+            } else {
+                sys::cuProfilerStop()
+            }
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("cuProfilerStart/Stop: {r:?}");
+        }
+    }
+    let _ = (device, start);
+    Ok(())
+}

@@ -35,7 +35,9 @@ pub mod tensor;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};
 pub use config::Nf4Config;
-pub use device::{pool_memory, reset_pool_peaks, retain_freed_device_memory, PoolMemory};
+pub use device::{
+    cuda_profiler, pool_memory, reset_pool_peaks, retain_freed_device_memory, PoolMemory,
+};
 pub use dynamic::{create_dynamic_map, dynamic_map};
 pub use error::{Error, Result};
 pub use grouped::{grouped_matmul, grouped_matmul_tn};
