@@ -22,10 +22,10 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Tensor, TensorId};
 use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
-use moe_peft_quant::{grouped_matmul, grouped_matmul_tn, matmul_t};
+use moe_peft_quant::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn, matmul_t};
 
 use crate::flat::FlatGrads;
-use crate::layer::{dropout, segmented_dropout, LoraLinear};
+use crate::layer::{dropout, segmented_dropout, segmented_dropout_add, LoraLinear};
 
 /// Gradients produced outside candle's graph, keyed by the variable's tensor id. With a
 /// [`FlatGrads`] attached (the trainer does), the gradients of its variables are added there
@@ -321,8 +321,11 @@ impl GroupProj {
         };
         let xd = self.drop_x(x, counts)?;
         let xa = grouped_matmul(&xd, &l.a_c.iter().collect::<Vec<_>>(), counts, true)?;
-        let t = grouped_matmul(&xa, &l.b_c.iter().collect::<Vec<_>>(), counts, true)?;
-        Ok(((y + (t * l.scaling)?)?, Some(xa)))
+        drop(xd);
+        // y += s·(A drop(x))·Bᵀ inside the GEMM (no separate scale and add passes).
+        let b: Vec<&Tensor> = l.b_c.iter().collect();
+        let y = grouped_matmul_add(y, &xa, &b, counts, true, l.scaling)?;
+        Ok((y, Some(xa)))
     }
 
     fn backward(
@@ -332,9 +335,16 @@ impl GroupProj {
         dy: &Tensor,
         counts: &[usize],
         sink: &GradSink,
+        acc: Option<Tensor>,
     ) -> candle_core::Result<Tensor> {
         let w = self.weights(dy.dtype())?;
-        let mut dx = grouped_matmul(dy, &w.iter().collect::<Vec<_>>(), counts, false)?;
+        let wr: Vec<&Tensor> = w.iter().collect();
+        // The input gradient, added to `acc` (another projection's, of the same input) if given.
+        let mut dx = match acc {
+            Some(a) => grouped_matmul_add(a, dy, &wr, counts, false, 1.0)?,
+            None => grouped_matmul(dy, &wr, counts, false)?,
+        };
+        drop(wr);
         drop(w);
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
@@ -347,12 +357,13 @@ impl GroupProj {
                 sink.add(b.as_tensor().id(), db.get(i)?)?;
                 sink.add(a.as_tensor().id(), da.get(i)?)?;
             }
-            let dxl = grouped_matmul(&dyb, &l.a_c.iter().collect::<Vec<_>>(), counts, false)?;
-            let dxl = match l.dropout > 0.0 {
-                true => segmented_dropout(&dxl, l.dropout, counts, &l.keys)?,
-                false => dxl,
-            };
-            dx = (dx + dxl)?;
+            let a: Vec<&Tensor> = l.a_c.iter().collect();
+            if l.dropout > 0.0 {
+                let dxl = grouped_matmul(&dyb, &a, counts, false)?;
+                segmented_dropout_add(&dx, &dxl, l.dropout, counts, &l.keys)?;
+            } else {
+                dx = grouped_matmul_add(dx, &dyb, &a, counts, false, 1.0)?;
+            }
         }
         Ok(dx)
     }
@@ -408,11 +419,11 @@ impl Grouped {
         let c = &self.counts;
         let h = self.act.apply(&s.g).map_err(to_candle)?;
         let a = (&h * &s.u)?;
-        let da = self.down.backward(&a, s.xa_d.as_ref(), dy, c, sink)?;
+        let da = self.down.backward(&a, s.xa_d.as_ref(), dy, c, sink, None)?;
         let du = (&da * &h)?;
         let dg = self.act.backward(&s.g, &(&da * &s.u)?).map_err(to_candle)?;
-        let dx = self.gate.backward(x, s.xa_g.as_ref(), &dg, c, sink)?;
-        dx + self.up.backward(x, s.xa_u.as_ref(), &du, c, sink)?
+        let dx = self.gate.backward(x, s.xa_g.as_ref(), &dg, c, sink, None)?;
+        self.up.backward(x, s.xa_u.as_ref(), &du, c, sink, Some(dx))
     }
 }
 

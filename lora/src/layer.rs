@@ -249,7 +249,7 @@ impl CustomOp1 for SegmentedDropout {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
         use candle_core::CudaStorage;
 
@@ -279,11 +279,8 @@ impl CustomOp1 for SegmentedDropout {
                 let nseg = op.keys.len() as u32;
                 let func = dev.get_or_load_custom_func(name, "moe_peft_lora_dropout", PTX)?;
                 let scale = 1.0f32 / (1.0 - op.p);
-                let cfg = LaunchConfig {
-                    grid_dim: (n.div_ceil(256).clamp(1, 16_384) as u32, 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
+                let cfg = seg_launch_config(n);
+                let no_acc = 0u64;
                 let mut builder = func.builder();
                 builder
                     .arg(&x)
@@ -293,7 +290,8 @@ impl CustomOp1 for SegmentedDropout {
                     .arg(&starts)
                     .arg(&keys)
                     .arg(&nseg)
-                    .arg(&out);
+                    .arg(&out)
+                    .arg(&no_acc);
                 // SAFETY: the argument list matches `DROPOUT_SEG` in dropout.cu.
                 unsafe { builder.launch(cfg) }.w()?;
             }
@@ -317,6 +315,176 @@ impl CustomOp1 for SegmentedDropout {
     ) -> candle_core::Result<Option<Tensor>> {
         Ok(Some(grad.contiguous()?.apply_op1(self.clone())?))
     }
+}
+
+/// Launch shape of `hash_dropout_seg_*` (8 elements per thread).
+#[cfg(feature = "cuda")]
+fn seg_launch_config(n: u64) -> candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+    candle_core::cuda_backend::cudarc::driver::LaunchConfig {
+        grid_dim: (n.div_ceil(8 * 256).clamp(1, 16_384) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// `acc += segmented_dropout(x)` in place, rounding as the two ops would (see
+/// [`segmented_dropout_add`]).
+struct SegmentedDropoutAdd(SegmentedDropout);
+
+impl candle_core::InplaceOp2 for SegmentedDropoutAdd {
+    fn name(&self) -> &'static str {
+        "segmented-hash-dropout-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        acc: &mut CpuStorage,
+        la: &Layout,
+        x: &CpuStorage,
+        lx: &Layout,
+    ) -> candle_core::Result<()> {
+        let (Some((a0, a1)), Some((x0, x1))) = (la.contiguous_offsets(), lx.contiguous_offsets())
+        else {
+            candle_core::bail!("segmented dropout: operands must be contiguous")
+        };
+        if a1 - a0 != x1 - x0 || self.0.starts.last().copied() != Some((x1 - x0) as u64) {
+            candle_core::bail!("segmented dropout: segments do not cover the input")
+        }
+        match (acc, x) {
+            (CpuStorage::F32(a), CpuStorage::F32(v)) => {
+                let d = self.0.run(&v[x0..x1], |x, m| x * m);
+                a[a0..a1].iter_mut().zip(d).for_each(|(a, d)| *a += d);
+            }
+            (CpuStorage::BF16(a), CpuStorage::BF16(v)) => {
+                let d = self
+                    .0
+                    .run(&v[x0..x1], |x, m| half::bf16::from_f32(x.to_f32() * m));
+                a[a0..a1]
+                    .iter_mut()
+                    .zip(d)
+                    .for_each(|(a, d)| *a = half::bf16::from_f32(a.to_f32() + d.to_f32()));
+            }
+            (CpuStorage::F16(a), CpuStorage::F16(v)) => {
+                let d = self
+                    .0
+                    .run(&v[x0..x1], |x, m| half::f16::from_f32(x.to_f32() * m));
+                a[a0..a1]
+                    .iter_mut()
+                    .zip(d)
+                    .for_each(|(a, d)| *a = half::f16::from_f32(a.to_f32() + d.to_f32()));
+            }
+            _ => candle_core::bail!("segmented dropout: operands of one float dtype"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        acc: &mut candle_core::CudaStorage,
+        la: &Layout,
+        x: &candle_core::CudaStorage,
+        lx: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtrMut, DeviceRepr, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/dropout.ptx"));
+        let (Some((a0, a1)), Some((x0, x1))) = (la.contiguous_offsets(), lx.contiguous_offsets())
+        else {
+            candle_core::bail!("segmented dropout: operands must be contiguous")
+        };
+        let op = &self.0;
+        if a1 - a0 != x1 - x0 || op.starts.last().copied() != Some((x1 - x0) as u64) {
+            candle_core::bail!("segmented dropout: segments do not cover the input")
+        }
+        let n = (x1 - x0) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        fn go<T: CudaDType + DeviceRepr>(
+            op: &SegmentedDropout,
+            acc: &mut candle_core::CudaStorage,
+            (a0, a1): (usize, usize),
+            x: &candle_core::CudaStorage,
+            (x0, x1): (usize, usize),
+            name: &str,
+        ) -> candle_core::Result<()> {
+            let dev = x.device().clone();
+            let stream = dev.cuda_stream();
+            let starts = stream.clone_htod(&op.starts).w()?;
+            let keys = stream.clone_htod(&op.keys).w()?;
+            let nseg = op.keys.len() as u32;
+            let n = (x1 - x0) as u64;
+            let scale = 1.0f32 / (1.0 - op.p);
+            let func = dev.get_or_load_custom_func(name, "moe_peft_lora_dropout", PTX)?;
+            let xv = x.as_cuda_slice::<T>()?.slice(x0..x1);
+            let mut av = acc.as_cuda_slice_mut::<T>()?.slice_mut(a0..a1);
+            let (ap, _sync) = av.device_ptr_mut(&stream);
+            let mut builder = func.builder();
+            builder
+                .arg(&xv)
+                .arg(&n)
+                .arg(&op.p)
+                .arg(&scale)
+                .arg(&starts)
+                .arg(&keys)
+                .arg(&nseg)
+                .arg(&ap)
+                .arg(&ap);
+            // SAFETY: the argument list matches `DROPOUT_SEG` in dropout.cu; `out` and `acc`
+            // are the same buffer, each element read and written by one thread.
+            unsafe { builder.launch(seg_launch_config(n)) }.w()?;
+            Ok(())
+        }
+        match x.dtype() {
+            DType::F32 => go::<f32>(op, acc, (a0, a1), x, (x0, x1), "hash_dropout_seg_f32"),
+            DType::BF16 => {
+                go::<half::bf16>(op, acc, (a0, a1), x, (x0, x1), "hash_dropout_seg_bf16")
+            }
+            DType::F16 => go::<half::f16>(op, acc, (a0, a1), x, (x0, x1), "hash_dropout_seg_f16"),
+            other => candle_core::bail!("segmented dropout: unsupported dtype {other:?}"),
+        }
+    }
+}
+
+/// `acc += segmented_dropout(x, p, rows, keys)` in place, in one pass (each sum rounded as the
+/// dropout followed by an addition would be). `acc` must be a contiguous tensor of `x`'s shape
+/// and dtype that nothing else reads: it is written, not replaced. Not differentiable.
+pub fn segmented_dropout_add(
+    acc: &Tensor,
+    x: &Tensor,
+    p: f32,
+    rows: &[usize],
+    keys: &[u64],
+) -> candle_core::Result<()> {
+    let (r, w) = x.dims2()?;
+    if rows.iter().sum::<usize>() != r || rows.len() != keys.len() || acc.dims() != x.dims() {
+        candle_core::bail!(
+            "segmented dropout: {} groups of rows for {r} rows, accumulator {:?}",
+            rows.len(),
+            acc.dims()
+        )
+    }
+    if acc.dtype() != x.dtype() || !acc.is_contiguous() {
+        candle_core::bail!(
+            "segmented dropout: the accumulator must be contiguous, of the input's dtype"
+        )
+    }
+    let mut starts = Vec::with_capacity(rows.len() + 1);
+    let mut total = 0u64;
+    starts.push(0);
+    for &c in rows {
+        total += (c * w) as u64;
+        starts.push(total);
+    }
+    acc.inplace_op2(
+        &x.contiguous()?,
+        &SegmentedDropoutAdd(SegmentedDropout {
+            p,
+            starts,
+            keys: keys.to_vec(),
+        }),
+    )
 }
 
 /// Dropout of the consecutive row groups of `x` (`rows[g]` rows, all the same width), group
@@ -635,6 +803,28 @@ mod tests {
             "s",
             Arc::new(DropoutState::new(1)),
         ))
+    }
+
+    #[test]
+    fn segmented_dropout_add_equals_dropout_then_add() -> candle_core::Result<()> {
+        let dev = Device::Cpu;
+        let rows = [3usize, 0, 4];
+        let keys = [7u64, 8, 9];
+        for dtype in [DType::F32, DType::BF16] {
+            let x = Tensor::randn(0f32, 1., (7, 10), &dev)?.to_dtype(dtype)?;
+            let acc = Tensor::randn(0f32, 1., (7, 10), &dev)?.to_dtype(dtype)?;
+            let want = (&acc + segmented_dropout(&x, 0.4, &rows, &keys)?)?;
+            let got = acc.copy()?;
+            segmented_dropout_add(&got, &x, 0.4, &rows, &keys)?;
+            let d = (got.to_dtype(DType::F32)? - want.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{dtype:?}");
+            assert!(segmented_dropout_add(&got, &x, 0.4, &[7], &[1, 2]).is_err());
+        }
+        Ok(())
     }
 
     /// The fused forward/backward against autograd through the same operations (dropout on).

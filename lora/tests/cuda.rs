@@ -240,3 +240,59 @@ fn flat_gradients_and_one_launch_adamw_match_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn fused_accumulating_kernels_match_the_cpu() -> Result<()> {
+    use moe_peft_lora::layer::{segmented_dropout, segmented_dropout_add};
+    use moe_peft_quant::{grouped_matmul, grouped_matmul_add};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    // Rows per group with an empty group and widths that are and are not multiples of 8.
+    let rows = [37usize, 0, 64, 5];
+    let keys = [3u64, 4, 5, 6];
+    for (w, dtype) in [(48usize, DType::BF16), (33, DType::BF16), (40, DType::F32)] {
+        let x = Tensor::randn(0f32, 1.0, (106, w), &Device::Cpu)?.to_dtype(dtype)?;
+        let a = Tensor::randn(0f32, 1.0, (106, w), &Device::Cpu)?.to_dtype(dtype)?;
+        // dropout-add equals dropout then add (same rounding), on both devices.
+        let want = (&a + segmented_dropout(&x, 0.25, &rows, &keys)?)?;
+        let ac = a.copy()?;
+        segmented_dropout_add(&ac, &x, 0.25, &rows, &keys)?;
+        let ag = a.to_device(&gpu)?.copy()?;
+        segmented_dropout_add(&ag, &x.to_device(&gpu)?, 0.25, &rows, &keys)?;
+        assert_eq!(bits(&ac)?, bits(&want)?, "CPU dropout-add, width {w}");
+        assert_eq!(bits(&ag)?, bits(&want)?, "CUDA dropout-add, width {w}");
+    }
+    // y + 0.5·x·Wᵀ per group, accumulated by cuBLAS, against the CPU in f32.
+    let x = Tensor::randn(0f32, 1.0, (106, 24), &Device::Cpu)?;
+    let ws: Vec<Tensor> = (0..4)
+        .map(|_| Tensor::randn(0f32, 1.0, (16, 24), &Device::Cpu))
+        .collect::<candle_core::Result<_>>()?;
+    let y = Tensor::randn(0f32, 1.0, (106, 16), &Device::Cpu)?;
+    let wr: Vec<&Tensor> = ws.iter().collect();
+    let want = (&y + (grouped_matmul(&x, &wr, &rows, true)? * 0.5)?)?;
+    let cpu = grouped_matmul_add(y.copy()?, &x, &wr, &rows, true, 0.5)?;
+    let wg: Vec<Tensor> = ws
+        .iter()
+        .map(|w| w.to_device(&gpu))
+        .collect::<candle_core::Result<_>>()?;
+    let wgr: Vec<&Tensor> = wg.iter().collect();
+    let gpu_out = grouped_matmul_add(
+        y.to_device(&gpu)?.copy()?,
+        &x.to_device(&gpu)?,
+        &wgr,
+        &rows,
+        true,
+        0.5,
+    )?;
+    let d = (gpu_out.to_device(&Device::Cpu)? - &want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    let c = (cpu - &want)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+    assert!(d < 1e-3 && c < 1e-5, "CUDA {d}, CPU {c}");
+    Ok(())
+}

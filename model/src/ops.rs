@@ -172,9 +172,18 @@ pub fn attention_core(
         let qs = (&qd * scale)?;
         let p = probs(&qs, &kd, mask.as_ref())?;
         let dv = p.t()?.matmul(&gy)?;
-        // Softmax backward: dS = P ⊙ (dP − Σ dP ⊙ P).
+        // Softmax backward: dS = P ⊙ (dP − Σ dP ⊙ P), the row sums as a product with ones
+        // (f32 accumulation; candle's last-dimension reduction runs one block per row).
         let pd = (gy.matmul(&vd.t()?)? * &p)?;
-        let s = pd.sum_keepdim(D::Minus1)?;
+        let dims = pd.dims().to_vec();
+        let cols = dims[dims.len() - 1];
+        let rows = pd.elem_count() / cols;
+        let mut sdims = dims.clone();
+        sdims[dims.len() - 1] = 1;
+        let s = pd
+            .reshape((rows, cols))?
+            .matmul(&Tensor::ones((cols, 1), pd.dtype(), pd.device())?)?
+            .reshape(sdims)?;
         let ds = (pd - p.broadcast_mul(&s)?)?;
         drop(p);
         let dq = (ds.matmul(&kd)? * scale)?;

@@ -68,6 +68,50 @@ pub fn grouped_matmul(
     Tensor::cat(&outs, 0)
 }
 
+/// `y + alpha · grouped_matmul(x, ws, counts, transpose_w)`. On CUDA the product is
+/// accumulated into `y`'s memory by the same cuBLAS call (`beta = 1`, each element rounded
+/// once), so `y` must be a contiguous tensor that nothing else reads; elsewhere a new tensor.
+pub fn grouped_matmul_add(
+    y: Tensor,
+    x: &Tensor,
+    ws: &[&Tensor],
+    counts: &[usize],
+    transpose_w: bool,
+    alpha: f64,
+) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda()
+        && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32)
+        && y.is_contiguous()
+        && y.dtype() == x.dtype()
+        && ws.len() == counts.len()
+        && !ws.is_empty()
+    {
+        let (r, k) = check_x(x, counts, "grouped_matmul_add")?;
+        let (a, b) = ws[0].dims2()?;
+        let (wk, n) = if transpose_w { (b, a) } else { (a, b) };
+        if wk != k || y.dims() != [r, n] {
+            candle_core::bail!(
+                "grouped_matmul_add: input {:?}, weight {:?}, accumulator {:?}",
+                x.dims(),
+                ws[0].dims(),
+                y.dims()
+            )
+        }
+        for w in ws {
+            if w.dims() != ws[0].dims() || w.dtype() != x.dtype() {
+                candle_core::bail!("grouped_matmul_add: weights differ in shape or dtype")
+            }
+        }
+        if r > 0 {
+            cuda::grouped_matmul_into(&y, x, ws, counts, transpose_w, k, n, alpha as f32)?;
+        }
+        return Ok(y);
+    }
+    let t = grouped_matmul(x, ws, counts, transpose_w)?;
+    y + (t * alpha)?
+}
+
 /// `out[g] = a[rows_g]ᵀ · b[rows_g]` for consecutive row groups (`counts[g]` rows; an empty
 /// group gives zeros): the per-expert weight gradients. `a` is `(R, m)`, `b` is `(R, n)`;
 /// returns `(groups, m, n)`.
@@ -176,7 +220,7 @@ mod cuda {
         ldc: c_int,
     }
 
-    fn run(like: &Tensor, groups: &[Group]) -> Result<()> {
+    fn run(like: &Tensor, groups: &[Group], alpha: f32, beta: f32) -> Result<()> {
         if groups.is_empty() {
             return Ok(());
         }
@@ -199,8 +243,8 @@ mod cuda {
         let lda: Vec<c_int> = groups.iter().map(|x| x.lda).collect();
         let ldb: Vec<c_int> = groups.iter().map(|x| x.ldb).collect();
         let ldc: Vec<c_int> = groups.iter().map(|x| x.ldc).collect();
-        let alpha = vec![1f32; g];
-        let beta = vec![0f32; g];
+        let alpha = vec![alpha; g];
+        let beta = vec![beta; g];
         let sizes = vec![1 as c_int; g];
         let dt = data_type(like.dtype());
         let blas = dev.cublas_handle();
@@ -234,6 +278,47 @@ mod cuda {
             candle_core::bail!("cublasGemmGroupedBatchedEx: {status:?}")
         }
         Ok(())
+    }
+
+    /// `y += alpha · x·op(w_g)` per group, in `y`'s memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn grouped_matmul_into(
+        y: &Tensor,
+        x: &Tensor,
+        ws: &[&Tensor],
+        counts: &[usize],
+        transpose_w: bool,
+        k: usize,
+        n: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        use cublas::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
+        let x = x.contiguous()?;
+        let (xa, es) = address(&x)?;
+        let (oa, _) = address(y)?;
+        let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<Result<_>>()?;
+        let mut groups = Vec::new();
+        let mut off = 0usize;
+        for (w, &c) in ws.iter().zip(counts) {
+            if c > 0 {
+                let (wa, _) = address(w)?;
+                groups.push(Group {
+                    ta: if transpose_w { T } else { N },
+                    tb: N,
+                    m: n as c_int,
+                    n: c as c_int,
+                    k: k as c_int,
+                    a: wa,
+                    lda: (if transpose_w { k } else { n }) as c_int,
+                    b: xa + (off * k * es) as u64,
+                    ldb: k as c_int,
+                    c: oa + (off * n * es) as u64,
+                    ldc: n as c_int,
+                });
+            }
+            off += c;
+        }
+        run(&x, &groups, alpha, 1.0)
     }
 
     pub(super) fn grouped_matmul(
@@ -272,7 +357,7 @@ mod cuda {
             }
             off += c;
         }
-        run(&x, &groups)?;
+        run(&x, &groups, 1.0, 0.0)?;
         Ok(out)
     }
 
@@ -310,7 +395,7 @@ mod cuda {
             }
             off += c;
         }
-        run(&a, &groups)?;
+        run(&a, &groups, 1.0, 0.0)?;
         out.reshape((g, m, n))
     }
 }

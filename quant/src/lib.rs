@@ -40,7 +40,7 @@ pub use device::{
 };
 pub use dynamic::{create_dynamic_map, dynamic_map};
 pub use error::{Error, Result};
-pub use grouped::{grouped_matmul, grouped_matmul_tn};
+pub use grouped::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn};
 pub use int8::{Int8Linear, Int8Tensor};
 pub use linear::{frozen_matmul, matmul_t, DenseLinear, FrozenWeight, LinearLike};
 pub use nf4::{QuantType, FP4_CODE, NF4_CODE};

@@ -75,18 +75,58 @@ DROPOUT(f16, __half)
 // The same dropout over consecutive segments of one buffer, each with its own key (one LoRA site
 // per segment: the experts of a MoE layer). Element e of segment s (starts[s] <= e < starts[s+1])
 // uses index e - starts[s] under keys[s], exactly as a separate launch on that segment would.
+// With `acc` non-null the result is added to it in place: acc[e] = T(acc[e] + T(x[e]·keep)),
+// the rounding of a dropout followed by an addition. 8 elements per thread and step: one
+// segment search per chunk, 16-byte loads and stores when the chunk is aligned and lies in one
+// segment, element-wise otherwise.
+template <typename T>
+__device__ __forceinline__ T seg_value(const T* x, T* acc, uint64_t e, float k) {
+    const T v = from_f32<T>(__fmul_rn(to_f32<T>(x[e]), k));
+    return acc ? from_f32<T>(__fadd_rn(to_f32<T>(acc[e]), to_f32<T>(v))) : v;
+}
+
 template <typename T>
 __device__ void hash_dropout_seg(const T* __restrict__ x, uint64_t n, float p, float scale,
                                  const uint64_t* __restrict__ starts, const uint64_t* __restrict__ keys,
-                                 uint32_t nseg, T* __restrict__ out) {
+                                 uint32_t nseg, T* out, T* acc) {
+    constexpr int WORDS = (int)(8 * sizeof(T) / 16);
+    const bool vec_ok = (reinterpret_cast<uintptr_t>(x) & 15u) == 0 && (reinterpret_cast<uintptr_t>(out) & 15u) == 0 &&
+                        (reinterpret_cast<uintptr_t>(acc) & 15u) == 0;
+    const uint64_t n_chunks = (n + 7) / 8;
     const uint64_t stride = (uint64_t)gridDim.x * blockDim.x;
-    for (uint64_t e = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
-        uint32_t lo = 0, hi = nseg;  // find the last s with starts[s] <= e
+    for (uint64_t c = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x; c < n_chunks; c += stride) {
+        const uint64_t e0 = c * 8;
+        uint32_t lo = 0, hi = nseg;  // the last s with starts[s] <= e0
         while (hi - lo > 1) {
             const uint32_t mid = (lo + hi) / 2;
-            if (starts[mid] <= e) lo = mid; else hi = mid;
+            if (starts[mid] <= e0) lo = mid; else hi = mid;
         }
-        out[e] = from_f32<T>(__fmul_rn(to_f32<T>(x[e]), keep_factor(keys[lo], e - starts[lo], p, scale)));
+        const uint64_t s0 = starts[lo], key = keys[lo];
+        if (vec_ok && e0 + 8 <= n && e0 + 8 <= starts[lo + 1]) {
+            union {
+                uint4 u[WORDS];
+                T e[8];
+            } buf, ab;
+#pragma unroll
+            for (int w = 0; w < WORDS; ++w) buf.u[w] = reinterpret_cast<const uint4*>(x + e0)[w];
+            if (acc) {
+#pragma unroll
+                for (int w = 0; w < WORDS; ++w) ab.u[w] = reinterpret_cast<const uint4*>(acc + e0)[w];
+            }
+#pragma unroll
+            for (int i = 0; i < 8; ++i) {
+                T v = from_f32<T>(__fmul_rn(to_f32<T>(buf.e[i]), keep_factor(key, e0 + i - s0, p, scale)));
+                buf.e[i] = acc ? from_f32<T>(__fadd_rn(to_f32<T>(ab.e[i]), to_f32<T>(v))) : v;
+            }
+#pragma unroll
+            for (int w = 0; w < WORDS; ++w) reinterpret_cast<uint4*>(out + e0)[w] = buf.u[w];
+        } else {
+            for (uint64_t e = e0; e < n && e < e0 + 8; ++e) {
+                uint32_t s = lo;
+                while (s + 1 < nseg && starts[s + 1] <= e) ++s;
+                out[e] = seg_value(x, acc, e, keep_factor(keys[s], e - starts[s], p, scale));
+            }
+        }
     }
 }
 
@@ -94,8 +134,8 @@ __device__ void hash_dropout_seg(const T* __restrict__ x, uint64_t n, float p, f
     extern "C" __global__ void hash_dropout_seg_##SUFFIX(const T* __restrict__ x, uint64_t n, float p,  \
                                                          float scale, const uint64_t* starts,            \
                                                          const uint64_t* keys, uint32_t nseg,            \
-                                                         T* __restrict__ out) {                          \
-        hash_dropout_seg<T>(x, n, p, scale, starts, keys, nseg, out);                                    \
+                                                         T* out, T* acc) {                               \
+        hash_dropout_seg<T>(x, n, p, scale, starts, keys, nseg, out, acc);                               \
     }
 
 DROPOUT_SEG(f32, float)
