@@ -699,8 +699,24 @@ impl LoraLinear {
         let s = self.scaling;
         let y0 = self.base.forward_t(&xd, train)?;
         let xa = matmul_t(&drop_x(&xd)?, &a)?;
-        let t = (matmul_t(&xa, &b)? * s)?.to_dtype(y0.dtype())?;
-        let y = (y0 + t)?;
+        let y = if y0.dtype() == dt && y0.is_contiguous() {
+            // y0 += s·(A drop(x))·Bᵀ inside one GEMM (one group), no scale and add passes.
+            let (k, n) = (xd.dim(D::Minus1)?, y0.dim(D::Minus1)?);
+            let rows = xd.elem_count() / k;
+            let xa2 = xa.reshape((rows, xa.dim(D::Minus1)?))?;
+            moe_peft_quant::grouped_matmul_add(
+                y0.reshape((rows, n))?,
+                &xa2,
+                &[&b],
+                &[rows],
+                true,
+                s,
+            )?
+            .reshape(y0.shape())?
+        } else {
+            let t = (matmul_t(&xa, &b)? * s)?.to_dtype(y0.dtype())?;
+            (y0 + t)?
+        };
         let base = self.base.clone();
         let (a_dt, b_dt) = (self.a.dtype(), self.b.dtype());
         moe_peft_quant::autograd::with_grad3(
@@ -721,8 +737,15 @@ impl LoraLinear {
                 let xdrop = drop_x(&xd)?.reshape((rows, k))?;
                 let da = dyb.t()?.matmul(&xdrop)?; // (r, in)
                 drop(xdrop);
-                let dxl = dyb.matmul(&a)?.reshape(xd.shape())?;
-                let dx = (dx.reshape(xd.shape())? + drop_x(&dxl)?)?;
+                // dx += drop(s·(dy B) A), in the GEMM (no dropout) or one dropout-add pass.
+                let dx = if p > 0.0 {
+                    let dxl = dyb.matmul(&a)?;
+                    segmented_dropout_add(&dx, &dxl, p, &[rows], &[key])?;
+                    dx
+                } else {
+                    moe_peft_quant::grouped_matmul_add(dx, &dyb, &[&a], &[rows], false, 1.0)?
+                };
+                let dx = dx.reshape(xd.shape())?;
                 Ok((Some(dx), Some(da.to_dtype(a_dt)?), Some(db.to_dtype(b_dt)?)))
             },
         )

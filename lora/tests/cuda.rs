@@ -296,3 +296,57 @@ fn fused_accumulating_kernels_match_the_cpu() -> Result<()> {
     assert!(d < 1e-3 && c < 1e-5, "CUDA {d}, CPU {c}");
     Ok(())
 }
+
+#[test]
+fn attention_softmax_kernels_and_row_gather_match_the_cpu() -> Result<()> {
+    use moe_peft_quant::rows::gather_rows;
+    use moe_peft_quant::softmax::{masked_softmax, softmax_backward};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+        Ok(
+            (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?,
+        )
+    };
+    let x = (Tensor::randn(0f32, 3.0, (2, 3, 5, 70), &Device::Cpu)?).contiguous()?;
+    let causal: Vec<f32> = (0..5 * 70)
+        .map(|i| if i % 70 > i / 70 + 60 { f32::MIN } else { 0.0 })
+        .collect();
+    for mask in [
+        None,
+        Some(Tensor::from_vec(
+            causal.clone(),
+            (1, 1, 5, 70),
+            &Device::Cpu,
+        )?),
+        Some(Tensor::randn(0f32, 1.0, (2, 1, 5, 70), &Device::Cpu)?),
+    ] {
+        for (dtype, tol) in [(DType::F32, 1e-6f32), (DType::BF16, 8e-3)] {
+            let xc = x.to_dtype(dtype)?;
+            let mc = mask.as_ref().map(|m| m.to_dtype(dtype)).transpose()?;
+            let c = masked_softmax(&xc, mc.as_ref())?;
+            let mg = mc.as_ref().map(|m| m.to_device(&gpu)).transpose()?;
+            let g = masked_softmax(&xc.to_device(&gpu)?, mg.as_ref())?;
+            let d = max_diff(&g, &c)?;
+            assert!(d <= tol, "softmax {dtype:?}: {d}");
+            let dp = Tensor::randn(0f32, 1.0, (2, 3, 5, 70), &Device::Cpu)?.to_dtype(dtype)?;
+            let bc = softmax_backward(&c, &dp)?;
+            let bg = softmax_backward(&c.to_device(&gpu)?, &dp.to_device(&gpu)?)?;
+            let d = max_diff(&bg, &bc)?;
+            assert!(d <= tol, "softmax backward {dtype:?}: {d}");
+        }
+    }
+    // Row gather: bit-identical to index_select (16-byte rows, and a fallback width).
+    for (w, dtype) in [(2048usize, DType::BF16), (12, DType::F32), (7, DType::BF16)] {
+        let x = Tensor::randn(0f32, 1.0, (50, w), &Device::Cpu)?.to_dtype(dtype)?;
+        let idx: Vec<u32> = (0..123u32).map(|i| (i * 37 + 5) % 50).collect();
+        let idx = Tensor::new(idx.as_slice(), &Device::Cpu)?;
+        let want = x.index_select(&idx, 0)?;
+        let got = gather_rows(&x.to_device(&gpu)?, &idx.to_device(&gpu)?)?;
+        assert_eq!(bits(&got)?, bits(&want)?, "gather {w} {dtype:?}");
+    }
+    Ok(())
+}

@@ -3,6 +3,7 @@
 use candle_core::{DType, Tensor, D};
 
 pub use moe_peft_quant::autograd::{with_grad, with_grad2, with_grad3};
+use moe_peft_quant::rows::gather_rows;
 
 /// Mean cross-entropy of `x · Wᵀ` against `targets`, computed `chunk` rows at a time so the
 /// `(rows, vocab)` logits are never held whole, in forward or backward.
@@ -89,11 +90,11 @@ pub fn dispatch_rows(
     inv_rows: &Tensor,
     k: usize,
 ) -> candle_core::Result<Tensor> {
-    let y = x.detach().index_select(idx, 0)?;
+    let y = gather_rows(&x.detach(), idx)?;
     let inv = inv_rows.clone();
     let (n, h) = x.dims2()?;
     with_grad(x, y, move |g| {
-        let gt = g.index_select(&inv, 0)?.reshape((n, k, h))?;
+        let gt = gather_rows(&g.contiguous()?, &inv)?.reshape((n, k, h))?;
         Tensor::ones((n, 1, k), g.dtype(), g.device())?
             .matmul(&gt)?
             .reshape((n, h))
@@ -115,9 +116,9 @@ pub fn seed_gradient(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
 
 /// Row permutation `x[perm]` whose backward is the inverse permutation `grad[inv]`.
 pub fn permute_rows(x: &Tensor, perm: &Tensor, inv: &Tensor) -> candle_core::Result<Tensor> {
-    let y = x.detach().index_select(perm, 0)?;
+    let y = gather_rows(&x.detach(), perm)?;
     let inv = inv.clone();
-    with_grad(x, y, move |g| g.index_select(&inv, 0))
+    with_grad(x, y, move |g| gather_rows(&g.contiguous()?, &inv))
 }
 
 /// Softmax over the last dimension with candle's fused kernel (f32 accumulation for every
@@ -158,11 +159,20 @@ pub fn attention_core(
 ) -> candle_core::Result<Tensor> {
     fn probs(qs: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
         let scores = qs.matmul(&k.t()?)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
-            None => scores,
+        // One pass reading the mask in place when it has the usual (1 or b, 1, sq, c) layout.
+        let fits = |m: &Tensor| {
+            let (sd, md) = (scores.dims(), m.dims());
+            md.len() == 4
+                && sd.len() == 4
+                && md[1] == 1
+                && md[2..] == sd[2..]
+                && (md[0] == 1 || md[0] == sd[0])
         };
-        candle_nn::ops::softmax_last_dim(&scores)
+        match mask {
+            Some(m) if fits(m) => moe_peft_quant::softmax::masked_softmax(&scores, Some(m)),
+            Some(m) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(m)?),
+            None => candle_nn::ops::softmax_last_dim(&scores),
+        }
     }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach().contiguous()?);
     let y = probs(&(&qd * scale)?, &kd, mask)?.matmul(&vd)?;
@@ -172,19 +182,8 @@ pub fn attention_core(
         let qs = (&qd * scale)?;
         let p = probs(&qs, &kd, mask.as_ref())?;
         let dv = p.t()?.matmul(&gy)?;
-        // Softmax backward: dS = P ⊙ (dP − Σ dP ⊙ P), the row sums as a product with ones
-        // (f32 accumulation; candle's last-dimension reduction runs one block per row).
-        let pd = (gy.matmul(&vd.t()?)? * &p)?;
-        let dims = pd.dims().to_vec();
-        let cols = dims[dims.len() - 1];
-        let rows = pd.elem_count() / cols;
-        let mut sdims = dims.clone();
-        sdims[dims.len() - 1] = 1;
-        let s = pd
-            .reshape((rows, cols))?
-            .matmul(&Tensor::ones((cols, 1), pd.dtype(), pd.device())?)?
-            .reshape(sdims)?;
-        let ds = (pd - p.broadcast_mul(&s)?)?;
+        // Softmax backward dS = P ⊙ (dP − Σ dP ⊙ P) in one pass.
+        let ds = moe_peft_quant::softmax::softmax_backward(&p, &gy.matmul(&vd.t()?)?)?;
         drop(p);
         let dq = (ds.matmul(&kd)? * scale)?;
         let dk = ds.t()?.matmul(&qs)?;
@@ -213,7 +212,7 @@ pub fn combine_rows(
     let (ysd, wd) = (ys.detach(), w.detach());
     let inv = inverse.clone();
     let by_token = move |ys: &Tensor| -> candle_core::Result<Tensor> {
-        ys.index_select(&inv, 0)?
+        gather_rows(ys, &inv)?
             .reshape((n, k, h))?
             .to_dtype(DType::F32)
     };
@@ -226,7 +225,7 @@ pub fn combine_rows(
     with_grad2(ys, w, y, move |gy| {
         let g = gy.to_dtype(DType::F32)?.unsqueeze(1)?; // (n, 1, H)
         let dtok = wd.unsqueeze(2)?.matmul(&g)?.to_dtype(dt)?; // (n, k, H)
-        let dys = dtok.reshape((nk, h))?.index_select(&order, 0)?;
+        let dys = gather_rows(&dtok.reshape((nk, h))?, &order)?;
         drop(dtok);
         let dw = g.matmul(&by_token(&ysd)?.t()?)?.squeeze(1)?; // (n, k)
         Ok((Some(dys), Some(dw)))

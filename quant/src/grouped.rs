@@ -227,6 +227,39 @@ mod cuda {
         let candle_core::Device::Cuda(dev) = like.device() else {
             candle_core::bail!("not CUDA")
         };
+        let dt = data_type(like.dtype());
+        if let [one] = groups {
+            // A single group: a plain GEMM, no pointer arrays to upload.
+            let blas = dev.cublas_handle();
+            // SAFETY: the operands are live, contiguous and sized by the m/n/k/ld values.
+            let status = unsafe {
+                cublas::cublasGemmEx(
+                    *blas.handle(),
+                    one.ta,
+                    one.tb,
+                    one.m,
+                    one.n,
+                    one.k,
+                    &alpha as *const f32 as *const c_void,
+                    one.a as *const c_void,
+                    dt,
+                    one.lda,
+                    one.b as *const c_void,
+                    dt,
+                    one.ldb,
+                    &beta as *const f32 as *const c_void,
+                    one.c as *mut c_void,
+                    dt,
+                    one.ldc,
+                    cublas::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    cublas::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )
+            };
+            if status != cublas::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                candle_core::bail!("cublasGemmEx: {status:?}")
+            }
+            return Ok(());
+        }
         let stream = dev.cuda_stream();
         let g = groups.len();
         let mut ptrs: Vec<u64> = Vec::with_capacity(3 * g);
@@ -246,7 +279,6 @@ mod cuda {
         let alpha = vec![alpha; g];
         let beta = vec![beta; g];
         let sizes = vec![1 as c_int; g];
-        let dt = data_type(like.dtype());
         let blas = dev.cublas_handle();
         // SAFETY: host arrays have one entry per group; the device pointer array holds 3·g
         // addresses of live, contiguous operands sized by the m/n/k/ld values above.

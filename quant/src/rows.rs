@@ -1,0 +1,99 @@
+//! Row gather `x[idx]` for the MoE dispatch and combine. candle's `index_select` moves one
+//! element per thread; on CUDA, rows that are whole 16-byte words are copied here a warp per
+//! row with 16-byte accesses. Elsewhere (and for other shapes) it is `index_select`.
+
+use candle_core::{DType, Tensor};
+
+/// `x[idx]` along dimension 0 of a 2-D `x`, `idx` of dtype u32 with every index below the
+/// number of rows (on CUDA an index out of range gives a zero row; elsewhere an error). Not
+/// differentiable (callers attach their own backward).
+pub fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && idx.dtype() == DType::U32 && x.rank() == 2 {
+        let (_, h) = x.dims2()?;
+        let row_bytes = h * x.dtype().size_in_bytes();
+        if row_bytes % 16 == 0 && row_bytes > 0 {
+            return cuda::gather_rows(&x.contiguous()?, &idx.contiguous()?);
+        }
+    }
+    let _ = DType::U32;
+    x.index_select(idx, 0)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{CudaStorage, DType, Storage, Tensor};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
+    const MODULE: &str = "moe_peft_quant_rows";
+
+    fn address(t: &Tensor) -> candle_core::Result<u64> {
+        let (s, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*s else {
+            candle_core::bail!("gather_rows: not a CUDA tensor")
+        };
+        let stream = cs.device.cuda_stream();
+        let es = t.dtype().size_in_bytes() as u64;
+        let base = match t.dtype() {
+            DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+            DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+            DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+            DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+            d => candle_core::bail!("gather_rows: unsupported dtype {d:?}"),
+        };
+        Ok(base + l.start_offset() as u64 * es)
+    }
+
+    pub(super) fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
+        let (n, h) = x.dims2()?;
+        let m = idx.dims1()?;
+        if m == 0 {
+            return Tensor::zeros((0, h), x.dtype(), x.device());
+        }
+        let candle_core::Device::Cuda(dev) = x.device() else {
+            candle_core::bail!("gather_rows: not CUDA")
+        };
+        let xa = address(x)?;
+        if xa % 16 != 0 {
+            return x.index_select(idx, 0);
+        }
+        // SAFETY: every element is written by the kernel (fresh allocations are 256-byte aligned).
+        let storage = match x.dtype() {
+            DType::BF16 => CudaStorage::wrap_cuda_slice(
+                unsafe { dev.alloc::<half::bf16>(m * h)? },
+                dev.clone(),
+            ),
+            DType::F16 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(m * h)? }, dev.clone())
+            }
+            DType::F32 => {
+                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * h)? }, dev.clone())
+            }
+            _ => return x.index_select(idx, 0),
+        };
+        let out = Tensor::from_storage(
+            Storage::Cuda(storage),
+            (m, h),
+            candle_core::op::BackpropOp::none(),
+            false,
+        );
+        let (ia, oa) = (address(idx)?, address(&out)?);
+        let n = n as u64;
+        let words = (h * x.dtype().size_in_bytes() / 16) as u32;
+        let rows = m as u64;
+        let f = dev.get_or_load_custom_func("gather_rows16", MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (m.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = f.builder();
+        b.arg(&xa).arg(&n).arg(&ia).arg(&oa).arg(&rows).arg(&words);
+        // SAFETY: `x` is (n, h) contiguous at xa (16-byte aligned), `idx` holds m u32 (indices
+        // >= n are not read), `out` (m, h) at oa; rows are whole 16-byte words.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
