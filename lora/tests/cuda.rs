@@ -302,14 +302,16 @@ fn attention_softmax_kernels_and_row_gather_match_the_cpu() -> Result<()> {
     use moe_peft_quant::rows::gather_rows;
     use moe_peft_quant::softmax::{masked_softmax, softmax_backward};
     let Some(gpu) = gpu() else { return Ok(()) };
+    // Largest difference relative to the largest value (at least 1).
     let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-        Ok(
-            (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?
-                .abs()?
-                .flatten_all()?
-                .max(0)?
-                .to_scalar::<f32>()?,
-        )
+        let b = b.to_dtype(DType::F32)?;
+        let d = (a.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - &b)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+        Ok(d / scale)
     };
     let x = (Tensor::randn(0f32, 3.0, (2, 3, 5, 70), &Device::Cpu)?).contiguous()?;
     let causal: Vec<f32> = (0..5 * 70)
@@ -347,6 +349,47 @@ fn attention_softmax_kernels_and_row_gather_match_the_cpu() -> Result<()> {
         let want = x.index_select(&idx, 0)?;
         let got = gather_rows(&x.to_device(&gpu)?, &idx.to_device(&gpu)?)?;
         assert_eq!(bits(&got)?, bits(&want)?, "gather {w} {dtype:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn rms_norm_kernels_match_the_cpu() -> Result<()> {
+    use moe_peft_quant::norm::{rms_norm, rms_norm_backward};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let x = Tensor::randn(0f32, 1.0, (3, 7, 2048), &Device::Cpu)?;
+    let w = Tensor::randn(1f32, 0.2, 2048, &Device::Cpu)?;
+    let dy = Tensor::randn(0f32, 1.0, (3, 7, 2048), &Device::Cpu)?;
+    // Relative to the largest value: f32 up to summation order, bf16 within 2 ulps.
+    for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1.6e-2)] {
+        let (xc, dc) = (x.to_dtype(dtype)?, dy.to_dtype(dtype)?);
+        let (xg, wg, dg) = (xc.to_device(&gpu)?, w.to_device(&gpu)?, dc.to_device(&gpu)?);
+        for (what, c, g) in [
+            (
+                "forward",
+                rms_norm(&xc, &w, 1e-6)?,
+                rms_norm(&xg, &wg, 1e-6)?,
+            ),
+            (
+                "backward",
+                rms_norm_backward(&xc, &w, &dc, 1e-6)?,
+                rms_norm_backward(&xg, &wg, &dg, 1e-6)?,
+            ),
+        ] {
+            let d = (g.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - c.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            let scale = c
+                .to_dtype(DType::F32)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?
+                .max(1.0);
+            assert!(d <= tol * scale, "{what} {dtype:?}: {d} (scale {scale})");
+        }
     }
     Ok(())
 }

@@ -51,23 +51,21 @@ impl RmsNorm {
     /// `dn = dt(dy·w)` (the casts round the gradient as autograd does),
     /// `dx = r·dn − x·r³·Σ(dn·x)/H`, `dw = Σ_rows dy·n`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = Self::apply(&x.detach(), &self.weight.detach(), self.eps)?;
+        let y = moe_peft_quant::norm::rms_norm(&x.detach(), &self.weight.detach(), self.eps)?;
         if !x.track_op() && !self.weight.track_op() {
             return Ok(y);
         }
         let (x0, w, eps) = (x.detach(), self.weight.detach(), self.eps);
         let want_w = self.weight.track_op();
         Ok(crate::ops::with_grad2(x, &self.weight, y, move |dy| {
-            let dt = x0.dtype();
-            let h = x0.dim(D::Minus1)? as f64;
-            let xf = x0.to_dtype(DType::F32)?;
-            let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-                .sqrt()?
-                .recip()?;
-            let g = dy.to_dtype(DType::F32)?;
             let dw = if want_w {
+                let dt = x0.dtype();
+                let xf = x0.to_dtype(DType::F32)?;
+                let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                    .sqrt()?
+                    .recip()?;
                 let n = xf.broadcast_mul(&r)?.to_dtype(dt)?.to_dtype(DType::F32)?;
-                let prod = (&g * n)?;
+                let prod = (dy.to_dtype(DType::F32)? * n)?;
                 let rows = prod.elem_count() / w.elem_count();
                 Some(
                     prod.reshape((rows, w.elem_count()))?
@@ -77,22 +75,9 @@ impl RmsNorm {
             } else {
                 None
             };
-            let dn = g.broadcast_mul(&w)?.to_dtype(dt)?.to_dtype(DType::F32)?;
-            drop(g);
-            let s = (&dn * &xf)?.sum_keepdim(D::Minus1)?;
-            let coef = ((r.sqr()? * &r)? * s)?.affine(-1.0 / h, 0.0)?;
-            let dx = (dn.broadcast_mul(&r)? + xf.broadcast_mul(&coef)?)?.to_dtype(dt)?;
+            let dx = moe_peft_quant::norm::rms_norm_backward(&x0, &w, dy, eps)?;
             Ok((Some(dx), dw))
         })?)
-    }
-
-    fn apply(x: &Tensor, w: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
-        let dt = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let inv = (var + eps)?.sqrt()?.recip()?;
-        let y = xf.broadcast_mul(&inv)?.to_dtype(dt)?;
-        y.to_dtype(DType::F32)?.broadcast_mul(w)?.to_dtype(dt)
     }
 }
 

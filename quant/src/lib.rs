@@ -29,6 +29,7 @@ pub mod grouped;
 pub mod int8;
 pub mod linear;
 pub mod nf4;
+pub mod norm;
 pub mod policy;
 pub mod qlinear;
 pub mod rows;
