@@ -230,6 +230,32 @@ fn expert_backward(
     dx + e.up.backward(x, s.xa_u.as_ref(), &du, sink)?
 }
 
+/// `act(g) ⊙ u` (one fused pass for SiLU).
+fn gated(act: Activation, g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::Silu => moe_peft_quant::swiglu::swiglu(g, u),
+        act => act.apply(g).map_err(to_candle)? * u,
+    }
+}
+
+/// `(dg, du)` of [`gated`] for the upstream gradient `da`.
+fn gated_backward(
+    act: Activation,
+    g: &Tensor,
+    u: &Tensor,
+    da: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    match act {
+        Activation::Silu => moe_peft_quant::swiglu::swiglu_backward(g, u, da),
+        act => {
+            let h = act.apply(g).map_err(to_candle)?;
+            let du = (da * &h)?;
+            let dg = act.backward(g, &(da * u)?).map_err(to_candle)?;
+            Ok((dg, du))
+        }
+    }
+}
+
 fn to_candle(e: moe_peft_model::Error) -> candle_core::Error {
     match e {
         moe_peft_model::Error::Candle(c) => c,
@@ -395,7 +421,7 @@ impl Grouped {
     fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Saved)> {
         let (g, xa_g) = self.gate.forward(x, &self.counts)?;
         let (u, xa_u) = self.up.forward(x, &self.counts)?;
-        let a = (self.act.apply(&g).map_err(to_candle)? * &u)?;
+        let a = gated(self.act, &g, &u)?;
         let (y, xa_d) = self.down.forward(&a, &self.counts)?;
         Ok((
             y,
@@ -417,11 +443,11 @@ impl Grouped {
         sink: &GradSink,
     ) -> candle_core::Result<Tensor> {
         let c = &self.counts;
-        let h = self.act.apply(&s.g).map_err(to_candle)?;
-        let a = (&h * &s.u)?;
+        let a = gated(self.act, &s.g, &s.u)?;
         let da = self.down.backward(&a, s.xa_d.as_ref(), dy, c, sink, None)?;
-        let du = (&da * &h)?;
-        let dg = self.act.backward(&s.g, &(&da * &s.u)?).map_err(to_candle)?;
+        drop(a);
+        let (dg, du) = gated_backward(self.act, &s.g, &s.u, &da)?;
+        drop(da);
         let dx = self.gate.backward(x, s.xa_g.as_ref(), &dg, c, sink, None)?;
         self.up.backward(x, s.xa_u.as_ref(), &du, c, sink, Some(dx))
     }

@@ -393,3 +393,40 @@ fn rms_norm_kernels_match_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn swiglu_kernels_match_the_cpu() -> Result<()> {
+    use moe_peft_quant::swiglu::{swiglu, swiglu_backward};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let g = Tensor::randn(0f32, 2.0, (37, 1408), &Device::Cpu)?;
+    let u = Tensor::randn(0f32, 1.0, (37, 1408), &Device::Cpu)?;
+    let da = Tensor::randn(0f32, 1.0, (37, 1408), &Device::Cpu)?;
+    for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 1.6e-2)] {
+        let (gc, uc, dc) = (g.to_dtype(dtype)?, u.to_dtype(dtype)?, da.to_dtype(dtype)?);
+        let (gg, ug, dg) = (
+            gc.to_device(&gpu)?,
+            uc.to_device(&gpu)?,
+            dc.to_device(&gpu)?,
+        );
+        let (bc, bg) = (
+            swiglu_backward(&gc, &uc, &dc)?,
+            swiglu_backward(&gg, &ug, &dg)?,
+        );
+        for (what, c, g) in [
+            ("forward", swiglu(&gc, &uc)?, swiglu(&gg, &ug)?),
+            ("dg", bc.0, bg.0),
+            ("du", bc.1, bg.1),
+        ] {
+            let c = c.to_dtype(DType::F32)?;
+            let d = (g.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - &c)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            let scale = c.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+            // f32: expf on the GPU vs exp on the CPU; bf16: within 2 ulps of the largest value.
+            assert!(d <= tol * scale, "{what} {dtype:?}: {d} (scale {scale})");
+        }
+    }
+    Ok(())
+}

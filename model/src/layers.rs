@@ -404,9 +404,21 @@ impl Mlp {
 
     /// Applies the MLP to `x` of any rank.
     pub fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let g = self.act.apply(&self.gate_proj.forward_t(x, train)?)?;
+        let g = self.gate_proj.forward_t(x, train)?;
         let u = self.up_proj.forward_t(x, train)?;
-        Ok(self.down_proj.forward_t(&(g * u)?, train)?)
+        let a = match self.act {
+            // One fused pass each way; the graph keeps the output, not silu(g).
+            Activation::Silu => {
+                let (gd, ud) = (g.detach(), u.detach());
+                let a = moe_peft_quant::swiglu::swiglu(&gd, &ud)?;
+                crate::ops::with_grad2(&g, &u, a, move |da| {
+                    let (dg, du) = moe_peft_quant::swiglu::swiglu_backward(&gd, &ud, da)?;
+                    Ok((Some(dg), Some(du)))
+                })?
+            }
+            act => (act.apply(&g)? * u)?,
+        };
+        Ok(self.down_proj.forward_t(&a, train)?)
     }
 
     fn sites_mut(

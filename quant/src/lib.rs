@@ -34,6 +34,7 @@ pub mod policy;
 pub mod qlinear;
 pub mod rows;
 pub mod softmax;
+pub mod swiglu;
 pub mod tensor;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};
