@@ -430,3 +430,41 @@ fn swiglu_kernels_match_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn cross_entropy_kernels_match_the_cpu() -> Result<()> {
+    use moe_peft_quant::xent::{cross_entropy_rows, softmax_rows};
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let l = Tensor::randn(0f32, 4.0, (9, 102400), &Device::Cpu)?;
+    let t = Tensor::new(&[0u32, 102399, 5, 5, 777, 1, 2, 3, 50000], &Device::Cpu)?;
+    for (dtype, tol) in [(DType::F32, 2e-5f32), (DType::BF16, 2e-5)] {
+        let lc = l.to_dtype(dtype)?;
+        let lg = lc.to_device(&gpu)?;
+        let (c, g) = (
+            cross_entropy_rows(&lc, &t)?,
+            cross_entropy_rows(&lg, &t.to_device(&gpu)?)?,
+        );
+        let d = (g.to_device(&Device::Cpu)? - &c)?
+            .abs()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let scale = c.abs()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d <= tol * scale, "loss {dtype:?}: {d} of {scale}");
+        let (pc, pg) = (softmax_rows(&lc)?, softmax_rows(&lg)?);
+        let d = (pg.to_device(&Device::Cpu)?.to_dtype(DType::F32)? - pc.to_dtype(DType::F32)?)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        // Relative to the largest probability: f32 up to the GPU's f32 partial sums over
+        // 400 terms per thread, bf16 within 2 ulps.
+        let pmax = pc
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let ptol = if dtype == DType::F32 { 1e-5 } else { 8e-3 };
+        assert!(d <= ptol * pmax, "softmax {dtype:?}: {d} (largest {pmax})");
+    }
+    Ok(())
+}

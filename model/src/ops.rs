@@ -29,16 +29,9 @@ pub fn chunked_cross_entropy(
         let c = chunk.min(n - start);
         let xc = xd.narrow(0, start, c)?;
         let tc = targets.narrow(0, start, c)?;
-        let logits = xc.matmul(&wt)?.to_dtype(DType::F32)?;
-        let max = logits.max_keepdim(D::Minus1)?;
-        let lse = (logits
-            .broadcast_sub(&max)?
-            .exp()?
-            .sum_keepdim(D::Minus1)?
-            .log()?
-            + &max)?;
-        let picked = logits.gather(&tc.unsqueeze(1)?, 1)?;
-        total = (total + (lse - picked)?.sum_all()?)?;
+        // Per-row log Σ exp − picked logit in one kernel, in f32 from the logits' dtype.
+        let logits = xc.matmul(&wt)?;
+        total = (total + moe_peft_quant::xent::cross_entropy_rows(&logits, &tc)?.sum_all()?)?;
         start += c;
     }
     let loss = (total / n as f64)?;
@@ -53,18 +46,15 @@ pub fn chunked_cross_entropy(
             let c = chunk.min(n - start);
             let xc = xd.narrow(0, start, c)?;
             let tc = targets.narrow(0, start, c)?;
-            let logits = xc.matmul(&wt)?.to_dtype(DType::F32)?;
-            let p = softmax_f32(&logits)?
-                .broadcast_mul(&scale)?
-                .to_dtype(xd.dtype())?;
-            let rows = wd
-                .index_select(&tc, 0)?
-                .broadcast_mul(&scale.to_dtype(xd.dtype())?)?;
-            gx.push((p.matmul(&wd)? - rows)?);
+            // Softmax (f32 inside, stored in the activation dtype); the scale is applied to
+            // the (rows, hidden) products instead of the (rows, vocab) probabilities.
+            let p = moe_peft_quant::xent::softmax_rows(&xc.matmul(&wt)?)?.to_dtype(xd.dtype())?;
+            let s = scale.to_dtype(xd.dtype())?;
+            let rows = wd.index_select(&tc, 0)?;
+            gx.push((p.matmul(&wd)? - rows)?.broadcast_mul(&s)?);
             if train_w {
-                let s = scale.to_dtype(xd.dtype())?;
                 let part = p.t()?.matmul(&xc)?;
-                let part = part.index_add(&tc, &xc.broadcast_mul(&s)?.neg()?, 0)?;
+                let part = part.index_add(&tc, &xc.neg()?, 0)?.broadcast_mul(&s)?;
                 gw = Some(match gw {
                     Some(a) => (a + part)?,
                     None => part,
