@@ -300,16 +300,16 @@ impl Attention {
         ctx: &ForwardContext,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let q = self.q_proj.forward_t(x, ctx.train)?;
         let k = self.k_proj.forward_t(x, ctx.train)?;
         let v = self.v_proj.forward_t(x, ctx.train)?;
-        let q = q.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()?;
-        let k = k.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let v = v.reshape((b, s, kvh, d))?.transpose(1, 2)?.contiguous()?;
-        let q = apply_rope(&q, &ctx.cos, &ctx.sin)?;
-        let k = apply_rope(&k, &ctx.cos, &ctx.sin)?;
+        // (b, s, heads·d) → (b, heads, s, d), RoPE on q and k: one graph op each.
+        let rope = Some((&ctx.cos, &ctx.sin));
+        let q = split_heads(&q, h, d, rope)?;
+        let k = split_heads(&k, kvh, d, rope)?;
+        let v = split_heads(&v, kvh, d, None)?;
         let (k, v) = match cache {
             Some(c) => c.append(k, v)?,
             None => (k, v),
@@ -320,9 +320,50 @@ impl Attention {
         // (the reference upcasts to f32 and casts back; same result up to the scale's rounding).
         // The probabilities are recomputed in backward (see `attention_core`).
         let y = attention_core(&q, &k, &v, ctx.mask.as_ref(), 1.0 / (d as f64).sqrt())?;
-        let y = y.transpose(1, 2)?.reshape((b, s, h * d))?;
-        Ok(self.o_proj.forward_t(&y, ctx.train)?)
+        Ok(self.o_proj.forward_t(&merge_heads(&y)?, ctx.train)?)
     }
+}
+
+/// `(b, s, heads·d)` → contiguous `(b, heads, s, d)`, rotated by `rope = (cos, sin)` if given,
+/// as one op with a written-out backward (inverse rotation, then the transpose back): candle's
+/// backward would add a zero-initialised gradient buffer per reshape, transpose and copy.
+fn split_heads(
+    x: &Tensor,
+    heads: usize,
+    d: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    let split = |t: &Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
+    let y = split(&x.detach())?;
+    let y = match rope {
+        Some((cos, sin)) => candle_nn::rotary_emb::rope(&y, cos, sin)?,
+        None => y,
+    };
+    let inverse = match rope {
+        Some((cos, sin)) => Some((cos.clone(), sin.neg()?)),
+        None => None,
+    };
+    Ok(crate::ops::with_grad(x, y, move |g| {
+        let g = match &inverse {
+            Some((cos, neg_sin)) => candle_nn::rotary_emb::rope(&g.contiguous()?, cos, neg_sin)?,
+            None => g.clone(),
+        };
+        g.transpose(1, 2)?.contiguous()?.reshape((b, s, heads * d))
+    })?)
+}
+
+/// `(b, heads, s, d)` → `(b, s, heads·d)` as one op (the inverse of [`split_heads`] without RoPE).
+fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, heads, s, d) = y.dims4()?;
+    let out = y
+        .detach()
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, heads * d))?;
+    Ok(crate::ops::with_grad(y, out, move |g| {
+        g.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()
+    })?)
 }
 
 /// The MLP activation.
