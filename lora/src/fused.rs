@@ -24,6 +24,7 @@ use candle_core::{DType, Tensor, TensorId};
 use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
 use moe_peft_quant::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn, matmul_t};
 
+use crate::cast::cast_many;
 use crate::flat::FlatGrads;
 use crate::layer::{dropout, segmented_dropout, segmented_dropout_add, LoraLinear};
 
@@ -93,19 +94,35 @@ struct LoraParts {
 }
 
 impl Proj {
+    /// The adapter of `slot` that this path would use (not merged), if any.
+    fn adapter(slot: &Linear) -> Option<&LoraLinear> {
+        slot.as_any()
+            .downcast_ref::<LoraLinear>()
+            .filter(|l| !l.is_merged())
+    }
+
     /// `None` when the slot holds something this path does not know (a merged adapter, …).
-    fn of(slot: &Linear, train: bool, dtype: DType) -> candle_core::Result<Option<Self>> {
+    /// `casts` yields the adapter's A and B in the activation dtype, in the order of
+    /// [`Self::adapter`] over the slots.
+    fn of(
+        slot: &Linear,
+        train: bool,
+        casts: &mut impl Iterator<Item = Tensor>,
+    ) -> candle_core::Result<Option<Self>> {
         if let Some(l) = slot.as_any().downcast_ref::<LoraLinear>() {
             if l.is_merged() {
                 return Ok(None);
             }
+            let (Some(a_c), Some(b_c)) = (casts.next(), casts.next()) else {
+                candle_core::bail!("fused experts: adapter casts out of step")
+            };
             return Ok(Some(Self {
                 base: l.base().clone(),
                 lora: Some(LoraParts {
                     a: l.lora_a().clone(),
                     b: l.lora_b().clone(),
-                    a_c: l.lora_a().as_tensor().detach().to_dtype(dtype)?,
-                    b_c: l.lora_b().as_tensor().detach().to_dtype(dtype)?,
+                    a_c,
+                    b_c,
                     scaling: l.scaling(),
                     dropout: if train { l.dropout_p() } else { 0.0 },
                     key: l.dropout_key(),
@@ -462,6 +479,21 @@ impl ExpertsForward for FusedLoraExperts {
         train: bool,
     ) -> moe_peft_model::Result<Option<Tensor>> {
         let dtype = xs.dtype();
+        // Every adapter's A and B in the activation dtype, cast in one go.
+        let mut mats = Vec::new();
+        for (e, m) in experts.iter().enumerate() {
+            if counts[e] == 0 {
+                continue;
+            }
+            for slot in [&m.gate_proj, &m.up_proj, &m.down_proj] {
+                if let Some(l) = Proj::adapter(slot) {
+                    mats.push(l.lora_a().as_tensor().clone());
+                    mats.push(l.lora_b().as_tensor().clone());
+                }
+            }
+        }
+        let mut casts = cast_many(&mats.iter().collect::<Vec<_>>(), dtype)?.into_iter();
+        drop(mats);
         let mut parts = Vec::with_capacity(experts.len());
         for (e, m) in experts.iter().enumerate() {
             if counts[e] == 0 {
@@ -469,9 +501,9 @@ impl ExpertsForward for FusedLoraExperts {
                 continue;
             }
             let (Some(gate), Some(up), Some(down)) = (
-                Proj::of(&m.gate_proj, train, dtype)?,
-                Proj::of(&m.up_proj, train, dtype)?,
-                Proj::of(&m.down_proj, train, dtype)?,
+                Proj::of(&m.gate_proj, train, &mut casts)?,
+                Proj::of(&m.up_proj, train, &mut casts)?,
+                Proj::of(&m.down_proj, train, &mut casts)?,
             ) else {
                 return Ok(None);
             };

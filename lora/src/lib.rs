@@ -7,6 +7,7 @@
 //! forward, initialization, matching rules and file format.
 #![warn(missing_docs)]
 
+pub mod cast;
 pub mod config;
 pub mod error;
 pub mod export;

@@ -468,3 +468,18 @@ fn cross_entropy_kernels_match_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn batched_adapter_casts_equal_to_dtype() -> Result<()> {
+    use moe_peft_lora::cast::cast_many;
+    let Some(gpu) = gpu() else { return Ok(()) };
+    let ts: Vec<Tensor> = [(64usize, 2048usize), (1408, 64), (3, 5), (64, 7)]
+        .iter()
+        .map(|&s| Tensor::randn(0f32, 1.0, s, &gpu))
+        .collect::<candle_core::Result<_>>()?;
+    let got = cast_many(&ts.iter().collect::<Vec<_>>(), DType::BF16)?;
+    for (t, g) in ts.iter().zip(&got) {
+        assert_eq!(bits(g)?, bits(&t.to_dtype(DType::BF16)?)?);
+    }
+    Ok(())
+}

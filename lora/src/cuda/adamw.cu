@@ -123,3 +123,16 @@ ADAM_MULTI(adam_multi_f32_f32, float, float)
 ADAM_MULTI(adam_multi_f32_bf16, float, __nv_bfloat16)
 ADAM_MULTI(adam_multi_bf16_f32, __nv_bfloat16, float)
 ADAM_MULTI(adam_multi_bf16_bf16, __nv_bfloat16, __nv_bfloat16)
+
+// ---- Adapter casts (cast.rs): many f32 tensors to one bf16 buffer in one launch ----
+// blockIdx.x picks the tensor (f32 at src[t], lens[t] elements, written at offsets[t] of dst);
+// round to nearest even, as candle's f32 -> bf16 cast.
+extern "C" __global__ void cast_multi_f32_bf16(const uint64_t* src, const uint64_t* offsets, const uint64_t* lens,
+                                               __nv_bfloat16* dst) {
+    const uint64_t t = blockIdx.x;
+    const float* s = (const float*)src[t];
+    __nv_bfloat16* d = dst + offsets[t];
+    const uint64_t n = lens[t];
+    for (uint64_t i = blockIdx.y * (uint64_t)blockDim.x + threadIdx.x; i < n; i += (uint64_t)gridDim.y * blockDim.x)
+        d[i] = __float2bfloat16_rn(s[i]);
+}
