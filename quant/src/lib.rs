@@ -36,6 +36,7 @@ pub mod rows;
 pub mod softmax;
 pub mod swiglu;
 pub mod tensor;
+mod twin;
 pub mod xent;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};

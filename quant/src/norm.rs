@@ -8,32 +8,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
-fn f32s(s: &CpuStorage, l: &Layout, what: &str) -> candle_core::Result<Vec<f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("rms_norm: {what} must be contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("rms_norm: f32 or bf16 only, not {:?}", s.dtype()),
-    })
-}
-
-/// Rounds to `dtype` and back (identity for f32).
-fn rnd(dtype: DType, v: f32) -> f32 {
-    match dtype {
-        DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        _ => v,
-    }
-}
-
-fn store(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
-        d => candle_core::bail!("rms_norm: f32 or bf16 only, not {d:?}"),
-    })
-}
+use crate::twin::{from_f32s, round_to as rnd, to_f32s};
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
     let s: f32 = row.iter().map(|v| v * v).sum();
@@ -57,7 +32,10 @@ impl CustomOp2 for RmsForward {
         lw: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dt = x.dtype();
-        let (xv, wv) = (f32s(x, lx, "input")?, f32s(w, lw, "weight")?);
+        let (xv, wv) = (
+            to_f32s(x, lx, "rms_norm", "input")?,
+            to_f32s(w, lw, "rms_norm", "weight")?,
+        );
         let h = wv.len();
         let mut out = vec![0f32; xv.len()];
         for (row, o) in xv.chunks(h).zip(out.chunks_mut(h)) {
@@ -66,7 +44,7 @@ impl CustomOp2 for RmsForward {
                 *o = rnd(dt, x * inv) * w;
             }
         }
-        Ok((store(dt, out)?, lx.shape().clone()))
+        Ok((from_f32s(dt, out, "rms_norm")?, lx.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -101,9 +79,9 @@ impl CustomOp3 for RmsBackward {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dt = x.dtype();
         let (xv, wv, gv) = (
-            f32s(x, lx, "input")?,
-            f32s(w, lw, "weight")?,
-            f32s(dy, ld, "gradient")?,
+            to_f32s(x, lx, "rms_norm", "input")?,
+            to_f32s(w, lw, "rms_norm", "weight")?,
+            to_f32s(dy, ld, "rms_norm", "gradient")?,
         );
         if gv.len() != xv.len() {
             candle_core::bail!("rms_norm backward: gradient and input differ in size")
@@ -119,7 +97,7 @@ impl CustomOp3 for RmsBackward {
                 *o = dn * inv + x * coef;
             }
         }
-        Ok((store(dt, out)?, lx.shape().clone()))
+        Ok((from_f32s(dt, out, "rms_norm")?, lx.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]

@@ -8,22 +8,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Storage, Tensor};
 
-fn f32s(s: &CpuStorage, a: usize, b: usize) -> candle_core::Result<Vec<f32>> {
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("softmax: f32 or bf16 only, not {:?}", s.dtype()),
-    })
-}
+use crate::twin::{from_f32s, to_f32s};
 
-fn store(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
-        d => candle_core::bail!("softmax: f32 or bf16 only, not {d:?}"),
-    })
-}
-
+#[cfg(feature = "cuda")]
 fn range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets()
         .ok_or_else(|| candle_core::Error::Msg(format!("softmax: {what} must be contiguous")))
@@ -43,8 +30,7 @@ impl CustomOp1 for MaskedSoftmax {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = range(l, "scores")?;
-        let x = f32s(s, a, b)?;
+        let x = to_f32s(s, l, "softmax", "scores")?;
         let c = l.dims()[l.dims().len() - 1];
         let mask = match &self.mask {
             Some(m) => {
@@ -52,8 +38,7 @@ impl CustomOp1 for MaskedSoftmax {
                 let Storage::Cpu(ms) = &*ms else {
                     candle_core::bail!("softmax: mask on another device")
                 };
-                let (ma, mb) = range(ml, "mask")?;
-                Some(f32s(ms, ma, mb)?)
+                Some(to_f32s(ms, ml, "softmax", "mask")?)
             }
             None => None,
         };
@@ -72,7 +57,7 @@ impl CustomOp1 for MaskedSoftmax {
                 *o = (v(j) - max).exp() * inv;
             }
         }
-        Ok((store(s.dtype(), out)?, l.shape().clone()))
+        Ok((from_f32s(s.dtype(), out, "softmax")?, l.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -100,10 +85,9 @@ impl CustomOp2 for SoftmaxBackward {
         dp: &CpuStorage,
         ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (a, b) = range(lp, "probabilities")?;
-        let (c0, c1) = range(ld, "gradient")?;
         let dtype = p.dtype();
-        let (p, dp) = (f32s(p, a, b)?, f32s(dp, c0, c1)?);
+        let p = to_f32s(p, lp, "softmax backward", "probabilities")?;
+        let dp = to_f32s(dp, ld, "softmax backward", "gradient")?;
         if p.len() != dp.len() {
             candle_core::bail!(
                 "softmax backward: {} probabilities, {} gradients",
@@ -119,7 +103,10 @@ impl CustomOp2 for SoftmaxBackward {
                 *o = p * (g - d);
             }
         }
-        Ok((store(dtype, out)?, lp.shape().clone()))
+        Ok((
+            from_f32s(dtype, out, "softmax backward")?,
+            lp.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]

@@ -7,31 +7,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
 
-fn f32s(s: &CpuStorage, l: &Layout) -> candle_core::Result<Vec<f32>> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("swiglu: operands must be contiguous")
-    };
-    Ok(match s {
-        CpuStorage::F32(v) => v[a..b].to_vec(),
-        CpuStorage::BF16(v) => v[a..b].iter().map(|x| x.to_f32()).collect(),
-        _ => candle_core::bail!("swiglu: f32 or bf16 only, not {:?}", s.dtype()),
-    })
-}
-
-fn rnd(dtype: DType, v: f32) -> f32 {
-    match dtype {
-        DType::BF16 => half::bf16::from_f32(v).to_f32(),
-        _ => v,
-    }
-}
-
-fn store(dtype: DType, v: Vec<f32>) -> candle_core::Result<CpuStorage> {
-    Ok(match dtype {
-        DType::F32 => CpuStorage::F32(v),
-        DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
-        d => candle_core::bail!("swiglu: f32 or bf16 only, not {d:?}"),
-    })
-}
+use crate::twin::{from_f32s, round_to as rnd, to_f32s};
 
 struct Forward;
 
@@ -48,13 +24,16 @@ impl CustomOp2 for Forward {
         lu: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dt = g.dtype();
-        let (gv, uv) = (f32s(g, lg)?, f32s(u, lu)?);
+        let (gv, uv) = (
+            to_f32s(g, lg, "swiglu", "operand")?,
+            to_f32s(u, lu, "swiglu", "operand")?,
+        );
         let out = gv
             .iter()
             .zip(&uv)
             .map(|(&x, &u)| rnd(dt, x / (1.0 + (-x).exp())) * u)
             .collect();
-        Ok((store(dt, out)?, lg.shape().clone()))
+        Ok((from_f32s(dt, out, "swiglu")?, lg.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -86,7 +65,11 @@ impl CustomOp3 for Backward {
         ld: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let dt = g.dtype();
-        let (gv, uv, dv) = (f32s(g, lg)?, f32s(u, lu)?, f32s(da, ld)?);
+        let (gv, uv, dv) = (
+            to_f32s(g, lg, "swiglu", "operand")?,
+            to_f32s(u, lu, "swiglu", "operand")?,
+            to_f32s(da, ld, "swiglu", "operand")?,
+        );
         let n = gv.len();
         let mut out = vec![0f32; 2 * n];
         for i in 0..n {
@@ -97,7 +80,7 @@ impl CustomOp3 for Backward {
         }
         let mut dims = vec![2];
         dims.extend_from_slice(lg.dims());
-        Ok((store(dt, out)?, Shape::from(dims)))
+        Ok((from_f32s(dt, out, "swiglu")?, Shape::from(dims)))
     }
 
     #[cfg(feature = "cuda")]

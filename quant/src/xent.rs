@@ -8,19 +8,11 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Shape, Tensor, D};
 
+use crate::twin::{from_f32s, to_f32s};
+
 fn rows_of(s: &CpuStorage, l: &Layout) -> candle_core::Result<(Vec<f32>, usize)> {
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("cross-entropy: logits must be contiguous")
-    };
     let v = l.dims()[l.dims().len() - 1];
-    Ok((
-        match s {
-            CpuStorage::F32(x) => x[a..b].to_vec(),
-            CpuStorage::BF16(x) => x[a..b].iter().map(|x| x.to_f32()).collect(),
-            _ => candle_core::bail!("cross-entropy: f32 or bf16 logits only"),
-        },
-        v,
-    ))
+    Ok((to_f32s(s, l, "cross-entropy", "logits")?, v))
 }
 
 /// Row max and `Σ exp(x − max)` (each term in f32, summed in f64: a sequential f32 sum over a
@@ -93,11 +85,10 @@ impl CustomOp1 for Softmax {
             let (m, s) = max_sum(row);
             out.extend(row.iter().map(|x| (x - m).exp() / s));
         }
-        let out = match x.dtype() {
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-            _ => CpuStorage::F32(out),
-        };
-        Ok((out, lx.shape().clone()))
+        Ok((
+            from_f32s(x.dtype(), out, "cross-entropy")?,
+            lx.shape().clone(),
+        ))
     }
 
     #[cfg(feature = "cuda")]
