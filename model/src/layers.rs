@@ -861,6 +861,35 @@ mod tests {
         Ok(())
     }
 
+    /// The head split (with RoPE) and merge ops against autograd through reshape, transpose,
+    /// copy and `apply_rope`.
+    #[test]
+    fn head_split_and_merge_gradients_equal_autograd() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 5, 3, 4);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, s, h * d), &dev)?)?;
+        let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let probe = Tensor::randn(0f32, 1., (b, s, h * d), &dev)?;
+        let composed = |x: &Tensor| -> Result<Tensor> {
+            let y = x.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()?;
+            let y = apply_rope(&y, &cos, &sin)?;
+            Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
+        };
+        let y = merge_heads(&split_heads(x.as_tensor(), h, d, Some((&cos, &sin)))?)?;
+        let want = composed(x.as_tensor())?;
+        assert!(max_diff(&y, &want)? < 1e-6);
+        let g = (&y * &probe)?.sum_all()?.backward()?;
+        let r = (&want * &probe)?.sum_all()?.backward()?;
+        let d = max_diff(
+            g.get(x.as_tensor()).expect("ops"),
+            r.get(x.as_tensor()).expect("autograd"),
+        )?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
+
     /// Attention with recomputed probabilities against autograd through the composed ops.
     #[test]
     fn attention_core_gradients_equal_autograd() -> Result<()> {
