@@ -457,6 +457,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
     })?;
     println!("profile: LoRA projection forward (train) {}", ms(t));
     let ctx = model.context(b, s, 0, None, true)?;
+    // One normalized input for the attention and MoE timings below (values do not matter).
     let xn = layer.post_attention_layernorm.forward(&x)?;
     let t = time_it(device, 3, || {
         let _ = layer.self_attn.forward(&xn, &ctx, None)?;
@@ -475,7 +476,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
     })?;
     // The MoE block piece by piece (as Moe::forward runs it).
     {
-        use moe_peft::model::ops::{dispatch_rows, permute_rows};
+        use moe_peft::model::ops::{combine_rows, dispatch_rows};
         use moe_peft::model::Dispatch;
         let k = moe.gate.top_k();
         let r = moe.gate.route(&x2)?;
@@ -507,13 +508,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
             .forward(&moe.experts, &xs, &d.counts, true)?
             .context("fused path declined")?;
         let tt = time_it(device, 3, || {
-            let y_tok = permute_rows(&ys, &inverse, &order)?.reshape((b * s, k, h))?;
-            let _ = r
-                .topk_weight
-                .unsqueeze(1)?
-                .matmul(&y_tok.to_dtype(DType::F32)?)?
-                .squeeze(1)?
-                .to_dtype(dt)?;
+            let _ = combine_rows(&ys, &r.topk_weight, &inverse, &order)?;
             Ok(())
         })?;
         println!("profile:   moe: weight + combine {}", ms(tt));

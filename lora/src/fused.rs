@@ -5,7 +5,8 @@
 //! tensor, and candle's backward of `narrow` allocates a zero tensor the size of the whole
 //! input per expert (64 experts: 64 full-size buffers per layer). Here the experts run on
 //! detached slices and one op attaches the hand-written input gradient to the grouped input;
-//! the LoRA gradients go to a [`GradSink`] the trainer drains after each backward. Per
+//! the LoRA gradients go to a [`GradSink`] (straight into the trainer's flat gradient buffer).
+//! Per
 //! projection `y = W x + s·B A drop(x)`:
 //! `dx = Wᵀ dy + s·drop(Aᵀ (Bᵀ dy))`, `dB = s·dy (A drop(x))ᵀ`, `dA = s·(Bᵀ dy) drop(x)ᵀ`
 //! (rows are tokens), and the gated MLP `down(act(gate x) ⊙ up x)` chains them. The forward
@@ -26,7 +27,9 @@ use moe_peft_quant::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn, matm
 
 use crate::cast::cast_many;
 use crate::flat::FlatGrads;
-use crate::layer::{dropout, segmented_dropout, segmented_dropout_add, LoraLinear};
+use crate::layer::{
+    dropout, segmented_dropout, segmented_dropout_add, LoraLinear, TrainableLinear,
+};
 
 /// Gradients produced outside candle's graph, keyed by the variable's tensor id. With a
 /// [`FlatGrads`] attached (the trainer does), the gradients of its variables are added there
@@ -128,6 +131,10 @@ impl Proj {
                     key: l.dropout_key(),
                 }),
             }));
+        }
+        // A trainable base (full fine-tuning) needs autograd: decline.
+        if slot.as_any().downcast_ref::<TrainableLinear>().is_some() {
+            return Ok(None);
         }
         // A frozen base without adapter (dense, NF4 or int8): forward and dense_weight suffice.
         Ok(Some(Self {
@@ -392,8 +399,8 @@ impl GroupProj {
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
                 * l.scaling)?;
-            // Each expert's gradient is a contiguous view of the stacked ones (the sink widens
-            // them to f32 as it adds them).
+            // Each expert's gradient is a contiguous view of the stacked ones (the sink converts
+            // them to the gradient buffer's dtype as it adds them).
             let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?;
             let da = grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?;
             for (i, (a, b)) in l.a.iter().zip(&l.b).enumerate() {

@@ -2,9 +2,9 @@
 //! [`LinearLike`] base (dense or quantized).
 //!
 //! Only the adapter path is scaled (candle-lora scales the base output too) and dropout runs
-//! only in training. A and B are f32 `Var`s whatever the base dtype, because the optimizer keeps
-//! its moments in the variable's dtype; the input is cast to f32 for the adapter path and the
-//! result cast back, as PEFT does.
+//! only in training. A and B are f32 `Var`s whatever the base dtype (the optimizer updates f32
+//! master weights); the adapter runs in the activation dtype with A and B cast to it, as the
+//! recipe's bf16 LoRA layers do, and the casts carry the gradients back to the f32 variables.
 
 use std::any::Any;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -648,15 +648,14 @@ impl ModuleT for LoraLinear {
                 return m.forward_t(x, train);
             }
         }
-        let tracked =
-            x.track_op() || self.a.as_tensor().track_op() || self.b.as_tensor().track_op();
-        // A trainable base (not a frozen one) keeps the autograd path, which trains it too.
-        let frozen_base = self
+        // A frozen base takes the fused op (A and B are variables, so there is always a graph
+        // to attach to); a trainable base keeps the autograd path, which trains it too.
+        if self
             .base
             .as_any()
             .downcast_ref::<TrainableLinear>()
-            .is_none();
-        if tracked && frozen_base {
+            .is_none()
+        {
             return self.forward_fused(x, train);
         }
         let y = self.base.forward_t(x, train)?;

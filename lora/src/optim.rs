@@ -69,7 +69,7 @@ fn views(flat: &Tensor, vars: &[Var], offsets: &[usize]) -> Result<Vec<Tensor>> 
 }
 
 impl AdamW {
-    /// Zero moments for `vars` (f32 moments).
+    /// Zero moments for `vars` (f32, or bf16 with `cfg.bf16_moments`).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let mut names = Vec::with_capacity(vars.len());
         let mut vs = Vec::with_capacity(vars.len());
@@ -700,8 +700,8 @@ impl Schedule {
 }
 
 /// Global L2 norm of the gradients (per-tensor sums of squares on the device, in f64, so the
-/// CPU and CUDA agree to f64 rounding whatever their summation order). The trainer uses the
-/// one-pass [`FlatGrads::norm`] instead.
+/// CPU's and CUDA's different summation orders differ only at f64 rounding). The trainer uses
+/// the one-pass [`FlatGrads::norm`] instead.
 pub fn global_norm(grads: &[Option<Tensor>]) -> Result<f64> {
     let mut parts = Vec::new();
     for g in grads.iter().flatten() {

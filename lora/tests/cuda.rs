@@ -1,10 +1,14 @@
-//! CUDA vs CPU parity of the LoRA hash dropout.
+//! CUDA vs CPU parity of the training kernels: the LoRA hash dropout (plain, segmented, and
+//! dropout-add), AdamW (per tensor and in one launch over the flat gradient buffer), the batched
+//! adapter casts, the grouped GEMM accumulation, the row gather, and the attention softmax,
+//! RMSNorm, SwiGLU and cross-entropy kernels.
 //!
 //! Built only with `--features cuda`; each test prints a message and passes when
-//! `Device::new_cuda(0)` fails (no GPU). On a GPU: for f32, bf16 and f16 inputs of several
-//! shapes (odd sizes, a view at an odd offset, a transposed input), several probabilities and
-//! keys, the dropout output — hence the mask — is bit-identical on both devices, and so is the
-//! gradient through it.
+//! `Device::new_cuda(0)` fails (no GPU). On a GPU: the dropout output — hence the mask — is
+//! bit-identical on both devices for f32, bf16 and f16 inputs of several shapes (odd sizes, a
+//! view at an odd offset, a transposed input), and so is the gradient through it; so are the
+//! AdamW updates, the casts and the gathers; the row kernels agree within the bounds stated in
+//! each test.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor, Var};

@@ -1,9 +1,10 @@
 //! The DeepSeekMoE decoder: RMSNorm, RoPE, causal multi-head attention, dense MLP, MoE layer
 //! with softmax router, routed and shared experts and the load-balancing loss.
 //!
-//! The math follows `modeling_deepseek.py` (v1) of `deepseek-ai/deepseek-moe-16b-base`. Only
-//! differentiable candle ops are used (no `softmax_last_dim`, fused `rms_norm` or `QMatMul`),
-//! so gradients reach adapters on every projection.
+//! The math follows `modeling_deepseek.py` (v1) of `deepseek-ai/deepseek-moe-16b-base`. Fused
+//! kernels (RMSNorm, RoPE, attention softmax, SwiGLU, from `moe_peft_quant`) run outside
+//! candle's graph with hand-written backwards (see `ops.rs`), each tested against autograd
+//! through the composed ops, so gradients reach adapters on every projection.
 
 use std::sync::Arc;
 
@@ -147,19 +148,6 @@ impl Rotary {
         let sin = Tensor::from_vec(sin, (len, half), device)?.to_dtype(dtype)?;
         Ok((cos, sin))
     }
-}
-
-/// `x·cos + rotate_half(x)·sin` for `x` of shape `(b, heads, seq, head_dim)`, with `cos`,
-/// `sin` of shape `(seq, head_dim / 2)` (the two halves of HF's tables are equal).
-///
-/// Runs candle's fused rotary kernel; the backward is the rotation by the opposite angle,
-/// `rope(g, cos, −sin)`, since the halves of `sin` are equal.
-pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let y = candle_nn::rotary_emb::rope(&x.detach().contiguous()?, cos, sin)?;
-    let (cos, neg_sin) = (cos.clone(), sin.neg()?);
-    Ok(crate::ops::with_grad(x, y, move |g| {
-        candle_nn::rotary_emb::rope(&g.contiguous()?, &cos, &neg_sin)
-    })?)
 }
 
 /// What one forward pass shares across layers.
@@ -862,7 +850,7 @@ mod tests {
     }
 
     /// The head split (with RoPE) and merge ops against autograd through reshape, transpose,
-    /// copy and `apply_rope`.
+    /// copy and `rotate_half` written as plain ops.
     #[test]
     fn head_split_and_merge_gradients_equal_autograd() -> Result<()> {
         use candle_core::Var;
@@ -872,9 +860,16 @@ mod tests {
         let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
         let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
         let probe = Tensor::randn(0f32, 1., (b, s, h * d), &dev)?;
+        // HF's `x·cos + rotate_half(x)·sin` with full-width tables, as plain ops.
+        let (cf, sf) = (
+            Tensor::cat(&[&cos, &cos], 1)?,
+            Tensor::cat(&[&sin, &sin], 1)?,
+        );
         let composed = |x: &Tensor| -> Result<Tensor> {
             let y = x.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()?;
-            let y = apply_rope(&y, &cos, &sin)?;
+            let (x1, x2) = (y.narrow(3, 0, d / 2)?, y.narrow(3, d / 2, d / 2)?);
+            let rot = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+            let y = (y.broadcast_mul(&cf)? + rot.broadcast_mul(&sf)?)?;
             Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
         };
         let y = merge_heads(&split_heads(x.as_tensor(), h, d, Some((&cos, &sin)))?)?;

@@ -111,35 +111,12 @@ pub fn permute_rows(x: &Tensor, perm: &Tensor, inv: &Tensor) -> candle_core::Res
     with_grad(x, y, move |g| gather_rows(&g.contiguous()?, &inv))
 }
 
-/// Softmax over the last dimension with candle's fused kernel (f32 accumulation for every
-/// dtype) and a hand-written backward `dx = y ⊙ (dy − Σ dy ⊙ y)`: one pass forward and four
-/// in backward, instead of the dozen of a softmax composed of elementary ops.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    masked_softmax_last_dim(x, None)
-}
-
-/// [`softmax_last_dim`] of `x + mask` (`mask` broadcast to `x`, never differentiated): the
-/// mask is added outside the graph, so backward does not reduce a gradient for it.
-pub fn masked_softmax_last_dim(x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-    let xm = match mask {
-        Some(m) => x.detach().broadcast_add(m)?,
-        None => x.detach().contiguous()?,
-    };
-    let y = candle_nn::ops::softmax_last_dim(&xm)?;
-    drop(xm);
-    let yc = y.clone();
-    with_grad(x, y, move |g| {
-        let gy = (g * &yc)?;
-        let s = gy.sum_keepdim(D::Minus1)?;
-        gy - yc.broadcast_mul(&s)?
-    })
-}
-
 /// `softmax(q·scale·kᵀ + mask)·v` over the last two dimensions (`q`, `k`, `v` of shape
 /// `(…, seq, head_dim)`, `mask` broadcast to the scores and never differentiated), with the
 /// probabilities recomputed in backward: the graph keeps the output only, not the two
-/// `seq × seq` score tensors per head. The same operations as the composed version
-/// (`q·scale` rounded to the activation dtype, candle's fused softmax), so the same values.
+/// `seq × seq` score tensors per head. `q·scale` is rounded to the activation dtype and the
+/// softmax accumulates in f32 ([`moe_peft_quant::softmax::masked_softmax`], reading the mask in
+/// place; candle's fused softmax for other mask layouts).
 pub fn attention_core(
     q: &Tensor,
     k: &Tensor,

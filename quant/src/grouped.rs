@@ -18,6 +18,31 @@ fn check_x(x: &Tensor, counts: &[usize], what: &str) -> Result<(usize, usize)> {
     Ok((r, k))
 }
 
+/// Checks the operands of [`grouped_matmul`]: returns `(rows, k, n)`.
+fn check_weights(
+    x: &Tensor,
+    ws: &[&Tensor],
+    counts: &[usize],
+    transpose_w: bool,
+    what: &str,
+) -> Result<(usize, usize, usize)> {
+    if ws.len() != counts.len() || ws.is_empty() {
+        candle_core::bail!("{what}: {} weights for {} groups", ws.len(), counts.len())
+    }
+    let (r, k) = check_x(x, counts, what)?;
+    let (a, b) = ws[0].dims2()?;
+    let (wk, n) = if transpose_w { (b, a) } else { (a, b) };
+    if wk != k {
+        candle_core::bail!("{what}: input width {k}, weight {:?}", ws[0].dims())
+    }
+    for w in ws {
+        if w.dims() != ws[0].dims() || w.dtype() != x.dtype() {
+            candle_core::bail!("{what}: weights differ in shape or dtype")
+        }
+    }
+    Ok((r, k, n))
+}
+
 /// `out[rows_g] = x[rows_g] · op(w_g)` for consecutive row groups of `x` (`counts[g]` rows,
 /// zero allowed): `op(w) = wᵀ` with `w` of shape `(n, k)` when `transpose_w`, else `w` of shape
 /// `(k, n)`. Every weight has the same shape and `x`'s dtype. Returns `(Σ counts, n)`.
@@ -27,28 +52,12 @@ pub fn grouped_matmul(
     counts: &[usize],
     transpose_w: bool,
 ) -> Result<Tensor> {
-    if ws.len() != counts.len() || ws.is_empty() {
-        candle_core::bail!(
-            "grouped_matmul: {} weights for {} groups",
-            ws.len(),
-            counts.len()
-        )
-    }
-    let (r, k) = check_x(x, counts, "grouped_matmul")?;
-    let (a, b) = ws[0].dims2()?;
-    let (wk, n) = if transpose_w { (b, a) } else { (a, b) };
-    if wk != k {
-        candle_core::bail!("grouped_matmul: input width {k}, weight {:?}", ws[0].dims())
-    }
-    for w in ws {
-        if w.dims() != ws[0].dims() || w.dtype() != x.dtype() {
-            candle_core::bail!("grouped_matmul: weights differ in shape or dtype")
-        }
-    }
+    let (r, k, n) = check_weights(x, ws, counts, transpose_w, "grouped_matmul")?;
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32) && r > 0 {
         return cuda::grouped_matmul(x, ws, counts, transpose_w, k, n);
     }
+    let _ = k;
     let mut outs = Vec::with_capacity(ws.len());
     let mut off = 0;
     for (w, &c) in ws.iter().zip(counts) {
@@ -84,27 +93,16 @@ pub fn grouped_matmul_add(
         && matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32)
         && y.is_contiguous()
         && y.dtype() == x.dtype()
-        && ws.len() == counts.len()
-        && !ws.is_empty()
     {
-        let (r, k) = check_x(x, counts, "grouped_matmul_add")?;
-        let (a, b) = ws[0].dims2()?;
-        let (wk, n) = if transpose_w { (b, a) } else { (a, b) };
-        if wk != k || y.dims() != [r, n] {
+        let (r, k, n) = check_weights(x, ws, counts, transpose_w, "grouped_matmul_add")?;
+        if y.dims() != [r, n] {
             candle_core::bail!(
-                "grouped_matmul_add: input {:?}, weight {:?}, accumulator {:?}",
-                x.dims(),
-                ws[0].dims(),
+                "grouped_matmul_add: accumulator {:?} for ({r}, {n})",
                 y.dims()
             )
         }
-        for w in ws {
-            if w.dims() != ws[0].dims() || w.dtype() != x.dtype() {
-                candle_core::bail!("grouped_matmul_add: weights differ in shape or dtype")
-            }
-        }
         if r > 0 {
-            cuda::grouped_matmul_into(&y, x, ws, counts, transpose_w, k, n, alpha as f32)?;
+            cuda::grouped_matmul_into(&y, x, ws, counts, transpose_w, (k, n), (alpha as f32, 1.0))?;
         }
         return Ok(y);
     }
@@ -312,17 +310,15 @@ mod cuda {
         Ok(())
     }
 
-    /// `y += alpha · x·op(w_g)` per group, in `y`'s memory.
-    #[allow(clippy::too_many_arguments)]
+    /// `y = alpha · x·op(w_g) + beta · y` per group, in `y`'s memory.
     pub(super) fn grouped_matmul_into(
         y: &Tensor,
         x: &Tensor,
         ws: &[&Tensor],
         counts: &[usize],
         transpose_w: bool,
-        k: usize,
-        n: usize,
-        alpha: f32,
+        (k, n): (usize, usize),
+        (alpha, beta): (f32, f32),
     ) -> Result<()> {
         use cublas::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         let x = x.contiguous()?;
@@ -350,7 +346,7 @@ mod cuda {
             }
             off += c;
         }
-        run(&x, &groups, alpha, 1.0)
+        run(&x, &groups, alpha, beta)
     }
 
     pub(super) fn grouped_matmul(
@@ -361,35 +357,9 @@ mod cuda {
         k: usize,
         n: usize,
     ) -> Result<Tensor> {
-        use cublas::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
-        let x = x.contiguous()?;
         let r: usize = counts.iter().sum();
-        let out = empty(r, n, &x, false)?;
-        let (xa, es) = address(&x)?;
-        let (oa, _) = address(&out)?;
-        let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<Result<_>>()?;
-        let mut groups = Vec::new();
-        let mut off = 0usize;
-        for (w, &c) in ws.iter().zip(counts) {
-            if c > 0 {
-                let (wa, _) = address(w)?;
-                groups.push(Group {
-                    ta: if transpose_w { T } else { N },
-                    tb: N,
-                    m: n as c_int,
-                    n: c as c_int,
-                    k: k as c_int,
-                    a: wa,
-                    lda: (if transpose_w { k } else { n }) as c_int,
-                    b: xa + (off * k * es) as u64,
-                    ldb: k as c_int,
-                    c: oa + (off * n * es) as u64,
-                    ldc: n as c_int,
-                });
-            }
-            off += c;
-        }
-        run(&x, &groups, 1.0, 0.0)?;
+        let out = empty(r, n, x, false)?;
+        grouped_matmul_into(&out, x, ws, counts, transpose_w, (k, n), (1.0, 0.0))?;
         Ok(out)
     }
 

@@ -1,7 +1,10 @@
-// AdamW (torch.optim.AdamW, single-tensor algorithm) as three in-place elementwise kernels per
-// variable: first moment, second moment, parameter. Every product and sum is rounded on its
-// own (__fmul_rn/__fadd_rn: no FMA contraction), in the order of the CPU loops in optim.rs, so
-// CPU and CUDA updates are bit-identical. Moments may be f32 or bf16 (rounded to nearest even).
+// The optimizer kernels of moe-peft-lora. AdamW (torch.optim.AdamW, single-tensor algorithm)
+// as three in-place elementwise kernels per variable (first moment, second moment, parameter)
+// and as one launch over every variable (adam_multi, from the flat gradient buffer); every
+// product and sum is rounded on its own (__fmul_rn/__fadd_rn: no FMA contraction), in the
+// order of the CPU loops in optim.rs, so CPU and CUDA updates are bit-identical. Moments may be
+// f32 or bf16 (rounded to nearest even). Also: the flat gradient buffer's add and sum of
+// squares (flat.rs) and the batched adapter casts (cast.rs).
 #include <cuda_bf16.h>
 #include <stdint.h>
 
