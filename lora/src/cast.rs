@@ -24,7 +24,7 @@ pub fn cast_many(ts: &[&Tensor], dtype: DType) -> Result<Vec<Tensor>> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Result, Storage, Tensor};
 
@@ -40,12 +40,7 @@ mod cuda {
         let mut lens = Vec::with_capacity(ts.len());
         let mut total = 0u64;
         for t in ts {
-            let (s, l) = t.storage_and_layout();
-            let Storage::Cuda(cs) = &*s else {
-                candle_core::bail!("cast_many: not a CUDA tensor")
-            };
-            let base = cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0;
-            src.push(base + (l.start_offset() * 4) as u64);
+            src.push(moe_peft_quant::device_address(t)?.0);
             offs.push(total);
             let n = t.elem_count() as u64;
             lens.push(n);

@@ -533,7 +533,7 @@ impl candle_core::InplaceOp3 for ParamOp {
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{DType, Storage, Tensor, Var};
 
@@ -573,15 +573,10 @@ pub(crate) mod cuda {
         let stream = dev.cuda_stream();
         let mut ptrs = Vec::with_capacity(vars.len());
         for var in vars {
-            let (s, l) = var.storage_and_layout();
-            let Storage::Cuda(cs) = &*s else {
-                candle_core::bail!("adam_multi: a variable is not on the GPU")
-            };
-            if !l.is_contiguous() {
+            if !var.is_contiguous() {
                 candle_core::bail!("adam_multi: variables must be contiguous")
             }
-            let base = cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0;
-            ptrs.push(base + (l.start_offset() * 4) as u64);
+            ptrs.push(moe_peft_quant::device_address(var.as_tensor())?.0);
         }
         let offs: Vec<u64> = offsets.iter().map(|&o| o as u64).collect();
         let ns: Vec<u64> = lens.iter().map(|&n| n as u64).collect();

@@ -140,3 +140,26 @@ pub fn cuda_profiler(device: &candle_core::Device, start: bool) -> candle_core::
     let _ = (device, start);
     Ok(())
 }
+
+/// The device address of `t`'s first element (its storage's base plus the layout's start
+/// offset) and the element size, for kernels and cuBLAS calls that take raw pointers. `t` must
+/// be a CUDA tensor of f32, bf16, f16 or u32; the caller checks its layout.
+#[cfg(feature = "cuda")]
+pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<(u64, usize)> {
+    use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+    use candle_core::{DType, Storage};
+    let (s, l) = t.storage_and_layout();
+    let Storage::Cuda(cs) = &*s else {
+        candle_core::bail!("device_address: not a CUDA tensor")
+    };
+    let stream = cs.device.cuda_stream();
+    let base = match t.dtype() {
+        DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
+        DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
+        DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
+        DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        d => candle_core::bail!("device_address: unsupported dtype {d:?}"),
+    };
+    let size = t.dtype().size_in_bytes();
+    Ok((base + (l.start_offset() * size) as u64, size))
+}

@@ -144,7 +144,6 @@ pub fn grouped_matmul_tn(a: &Tensor, b: &Tensor, counts: &[usize]) -> Result<Ten
 mod cuda {
     use std::ffi::{c_int, c_void};
 
-    use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::cuda_backend::WrapErr;
@@ -152,21 +151,10 @@ mod cuda {
 
     /// The device address of a contiguous tensor's first element, and its element size.
     fn address(t: &Tensor) -> Result<(u64, usize)> {
-        let (s, l) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*s else {
-            candle_core::bail!("grouped GEMM: not a CUDA tensor")
-        };
-        if !l.is_contiguous() {
+        if !t.is_contiguous() {
             candle_core::bail!("grouped GEMM: operands must be contiguous")
         }
-        let stream = cs.device().cuda_stream();
-        let (base, size) = match t.dtype() {
-            DType::BF16 => (cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0, 2),
-            DType::F16 => (cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0, 2),
-            DType::F32 => (cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0, 4),
-            d => candle_core::bail!("grouped GEMM: unsupported dtype {d:?}"),
-        };
-        Ok((base + (l.start_offset() * size) as u64, size))
+        crate::device::device_address(t)
     }
 
     fn data_type(d: DType) -> cublas::cudaDataType_t {

@@ -41,6 +41,8 @@ pub mod xent;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};
 pub use config::Nf4Config;
+#[cfg(feature = "cuda")]
+pub use device::device_address;
 pub use device::{
     cuda_profiler, pool_memory, reset_pool_peaks, retain_freed_device_memory, PoolMemory,
 };

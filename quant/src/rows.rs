@@ -22,7 +22,7 @@ pub fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::{DevicePtr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Storage, Tensor};
 
@@ -30,20 +30,7 @@ mod cuda {
     const MODULE: &str = "moe_peft_quant_rows";
 
     fn address(t: &Tensor) -> candle_core::Result<u64> {
-        let (s, l) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*s else {
-            candle_core::bail!("gather_rows: not a CUDA tensor")
-        };
-        let stream = cs.device.cuda_stream();
-        let es = t.dtype().size_in_bytes() as u64;
-        let base = match t.dtype() {
-            DType::BF16 => cs.as_cuda_slice::<half::bf16>()?.device_ptr(&stream).0,
-            DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
-            DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
-            DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
-            d => candle_core::bail!("gather_rows: unsupported dtype {d:?}"),
-        };
-        Ok(base + l.start_offset() as u64 * es)
+        Ok(crate::device::device_address(t)?.0)
     }
 
     pub(super) fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
