@@ -447,6 +447,16 @@ impl candle_core::InplaceOp2 for SegmentedDropoutAdd {
     }
 }
 
+/// Element offsets of consecutive groups of `rows[g]` rows of width `w`, with the total last.
+fn segment_starts(rows: &[usize], w: usize) -> Vec<u64> {
+    std::iter::once(0)
+        .chain(rows.iter().scan(0u64, |acc, &c| {
+            *acc += (c * w) as u64;
+            Some(*acc)
+        }))
+        .collect()
+}
+
 /// `acc += segmented_dropout(x, p, rows, keys)` in place, in one pass (each sum rounded as the
 /// dropout followed by an addition would be). `acc` must be a contiguous tensor of `x`'s shape
 /// and dtype that nothing else reads: it is written, not replaced. Not differentiable.
@@ -470,13 +480,7 @@ pub fn segmented_dropout_add(
             "segmented dropout: the accumulator must be contiguous, of the input's dtype"
         )
     }
-    let mut starts = Vec::with_capacity(rows.len() + 1);
-    let mut total = 0u64;
-    starts.push(0);
-    for &c in rows {
-        total += (c * w) as u64;
-        starts.push(total);
-    }
+    let starts = segment_starts(rows, w);
     acc.inplace_op2(
         &x.contiguous()?,
         &SegmentedDropoutAdd(SegmentedDropout {
@@ -502,13 +506,7 @@ pub fn segmented_dropout(
             rows.len()
         )
     }
-    let mut starts = Vec::with_capacity(rows.len() + 1);
-    let mut acc = 0u64;
-    starts.push(0);
-    for &c in rows {
-        acc += (c * w) as u64;
-        starts.push(acc);
-    }
+    let starts = segment_starts(rows, w);
     x.contiguous()?.apply_op1(SegmentedDropout {
         p,
         starts,

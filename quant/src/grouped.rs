@@ -1,9 +1,11 @@
 //! Grouped matrix products for mixture-of-experts layers: one product per group of consecutive
 //! rows, each group with its own weight, in one call.
 //!
-//! On CUDA both products run as a single `cublasGemmGroupedBatchedEx` (one launch for all the
-//! experts of a layer instead of one GEMM per expert); elsewhere they loop over the groups with
-//! candle's matmul, which is the reference the CUDA path is tested against.
+//! On CUDA each product runs as a single `cublasGemmGroupedBatchedEx` (one launch for all the
+//! experts of a layer instead of one GEMM per expert; a single group as a plain
+//! `cublasGemmEx`), and [`grouped_matmul_add`] accumulates into its output in the same call;
+//! elsewhere they loop over the groups with candle's matmul, which is the reference the CUDA
+//! path is tested against.
 
 #[cfg(feature = "cuda")]
 use candle_core::DType;

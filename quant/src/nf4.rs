@@ -368,14 +368,17 @@ pub fn quantize_4bit<T: InElem>(
         .zip(absmax.par_chunks_mut(bpt))
         .zip(input.par_chunks(bpt * block_size))
         .for_each(|((p, a), x)| {
+            // One scratch buffer per task (a zeroed stack array per block cost more than the
+            // block's own work at block size 64).
+            let mut codes = vec![0u8; block_size + 2];
             for ((pb, ab), xb) in p
                 .chunks_mut(block_size / 2)
                 .zip(a.iter_mut())
                 .zip(x.chunks(block_size))
             {
                 *ab = match quant_type {
-                    QuantType::Nf4 => quantize_block(xb, pb, nf4_index),
-                    QuantType::Fp4 => quantize_block(xb, pb, fp4_index),
+                    QuantType::Nf4 => quantize_block(xb, pb, &mut codes, nf4_index),
+                    QuantType::Fp4 => quantize_block(xb, pb, &mut codes, fp4_index),
                 };
             }
         });
@@ -395,15 +398,20 @@ fn block_absmax<T: InElem>(x: &[T]) -> f32 {
     f32::from_bits(m)
 }
 
-/// Quantizes one block (at most [`MAX_BLOCK_SIZE`] elements) into `out` (`ceil(x.len() / 2)` bytes); returns
-/// its absmax. Codes go through a stack buffer so the code loop and the packing loop are simple
-/// enough to vectorize.
+/// Quantizes one block into `out` (`ceil(x.len() / 2)` bytes); returns its absmax. Codes go
+/// through the scratch buffer `codes` (at least `x.len() + 1` bytes) so the code loop and the
+/// packing loop are simple enough to vectorize.
 #[inline(always)]
-fn quantize_block<T: InElem>(x: &[T], out: &mut [u8], index: impl Fn(f32) -> u8) -> f32 {
+fn quantize_block<T: InElem>(
+    x: &[T],
+    out: &mut [u8],
+    codes: &mut [u8],
+    index: impl Fn(f32) -> u8,
+) -> f32 {
     let absmax = block_absmax(x);
     let inv = 1.0f32 / absmax.max(1e-38);
-    let mut codes = [0u8; MAX_BLOCK_SIZE + 2];
-    let len = x.len().min(MAX_BLOCK_SIZE);
+    let len = x.len();
+    debug_assert!(codes.len() > len, "scratch buffer too short");
     for (c, &v) in codes[..len].iter_mut().zip(x) {
         *c = index(v.to_f32() * inv);
     }

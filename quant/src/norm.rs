@@ -1,4 +1,4 @@
-//! RMSNorm as DeepSeek computes it, forward and input gradient as one-pass row kernels:
+//! RMSNorm as DeepSeek computes it, forward and input gradient as one kernel each (a warp per row):
 //! `r = 1/√(mean(x²) + ε)` in f32, `n = T(x·r)`, `y = T(f32(n)·w)`; backward
 //! `dx = T(r·dn − x·r³·Σ(dn·x)/H)` with `dn = f32(T(dy·w))` (the rounding autograd through the
 //! casts gives). The composed version takes a dozen f32 passes over the activations. CPU and
@@ -283,7 +283,7 @@ mod tests {
             (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
         };
         assert!(max(&rms_norm(&x, &w, 1e-6)?, &composed(&x, &w, 1e-6)?)? < 1e-6);
-        // The composed backward (f16 path) against the kernel's CPU twin, in f32.
+        // The backward formula written as plain f32 ops against the kernel's CPU twin.
         let want = {
             let xf = &x;
             let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + 1e-6)?

@@ -2,7 +2,9 @@
 //! element per thread; on CUDA, rows that are whole 16-byte words are copied here a warp per
 //! row with 16-byte accesses. Elsewhere (and for other shapes) it is `index_select`.
 
-use candle_core::{DType, Tensor};
+#[cfg(feature = "cuda")]
+use candle_core::DType;
+use candle_core::Tensor;
 
 /// `x[idx]` along dimension 0 of a 2-D `x`, `idx` of dtype u32 with every index below the
 /// number of rows (on CUDA an index out of range gives a zero row; elsewhere an error). Not
@@ -16,7 +18,6 @@ pub fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
             return cuda::gather_rows(&x.contiguous()?, &idx.contiguous()?);
         }
     }
-    let _ = DType::U32;
     x.index_select(idx, 0)
 }
 

@@ -1,6 +1,6 @@
 //! Row softmax kernels for attention: the masked forward (`softmax(x + mask)` without
 //! materialising the broadcast sum) and the softmax backward `p ⊙ (dp − Σ dp ⊙ p)`, each one
-//! pass over the rows. candle's broadcast add of a `(b, 1, s, s)` mask to `(b, h, s, s)` scores
+//! kernel (a warp per row, re-reading the row from cache). candle's broadcast add of a `(b, 1, s, s)` mask to `(b, h, s, s)` scores
 //! and its broadcast multiply in the backward go through a strided path several times slower
 //! than a contiguous pass. CPU and CUDA compute in f32 (summation orders differ). Not
 //! differentiable: callers attach their own backward.
