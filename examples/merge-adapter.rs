@@ -1,6 +1,6 @@
 //! `merge-adapter`: fold a PEFT LoRA adapter into its base and write a Hugging Face checkpoint
 //! (sharded safetensors + index + config.json + tokenizer files) that transformers loads.
-//! Weights are merged and written one shard at a time.
+//! The whole model is loaded and merged in memory on the CPU, then written shard by shard.
 
 mod common;
 
