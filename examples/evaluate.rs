@@ -55,6 +55,10 @@ struct Args {
     /// Run on the CPU even when a GPU is available.
     #[arg(long = "cpu", default_value_t = false)]
     cpu: bool,
+    /// Evaluate without recording an autograd graph (false keeps candle's default, to measure
+    /// what the graph costs).
+    #[arg(long = "no_grad", value_parser = common::parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    no_grad: bool,
 }
 
 fn main() {
@@ -124,7 +128,12 @@ fn run(args: Args) -> Result<()> {
             .shuffle(false)
             .epochs(Some(1)),
     )?;
-    let (mut sum, mut tokens) = (0f64, 0usize);
+    device.synchronize()?;
+    let after_load = common::pool_used_mib(&device);
+    moe_peft::quant::reset_pool_peaks(&device)?;
+    let _no_graph = args.no_grad.then(moe_peft::model::grad::no_grad);
+    let t = std::time::Instant::now();
+    let (mut sum, mut tokens, mut real) = (0f64, 0usize, 0usize);
     while let Some(b) = loader.next_batch() {
         let tb = common::to_train_batch(&b, &device)?;
         let (l, _) = model
@@ -132,14 +141,39 @@ fn run(args: Args) -> Result<()> {
             .context("forward pass")?;
         sum += l.loss.to_scalar::<f32>()? as f64 * l.n_tokens as f64;
         tokens += l.n_tokens;
+        real += b.n_tokens();
     }
+    device.synchronize()?;
+    let secs = t.elapsed().as_secs_f64();
+    let peak = moe_peft::quant::pool_memory(&device)?.map(|m| m.used_high as f64 / 1048576.0);
+    eprintln!(
+        "evaluated {real} tokens in {secs:.2}s ({:.0} tokens/s){}",
+        real as f64 / secs.max(1e-9),
+        match (after_load, peak) {
+            (Some(a), Some(p)) => format!(
+                "; GPU pool {:.2} GiB after loading, peak {:.2} GiB while evaluating ({})",
+                a / 1024.0,
+                p / 1024.0,
+                if args.no_grad {
+                    "no graph recorded"
+                } else {
+                    "graph recorded"
+                }
+            ),
+            _ => String::new(),
+        }
+    );
     if tokens == 0 {
         bail!("no target tokens to evaluate");
     }
     let loss = sum / tokens as f64;
     println!(
         "{}",
-        serde_json::json!({"loss": loss, "perplexity": loss.exp(), "tokens": tokens, "examples": n_examples})
+        serde_json::json!({
+            "loss": loss, "perplexity": loss.exp(), "tokens": tokens, "examples": n_examples,
+            "seconds": secs, "tokens_per_second": real as f64 / secs.max(1e-9),
+            "gpu_pool_after_load_mib": after_load, "gpu_pool_peak_mib": peak,
+        })
     );
     Ok(())
 }

@@ -5,6 +5,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use anyhow::{bail, Result};
 use clap::Parser;
@@ -78,7 +79,7 @@ fn run(args: Args) -> Result<()> {
     };
     let opts = LoadOptions {
         dtype: common::compute_dtype(args.bf16, &device),
-        device,
+        device: device.clone(),
         quant: common::quant_policy(args.bits, &args.quant_type, true)?,
     };
     let loaded =
@@ -100,20 +101,51 @@ fn run(args: Args) -> Result<()> {
         stops.push(tok.encode_raw(&format!("\n{REFERENCE_EOT}"))?);
         stops.push(tok.encode_raw(REFERENCE_EOT)?);
     }
-    let out = model.generate(
+    let gen = GenerateOptions {
+        max_new_tokens: args.max_new_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        seed: args.seed,
+        eos_token_id: tok.eos_id(),
+        stop_sequences: stops,
+    };
+    device.synchronize()?;
+    let after_load = common::pool_used_mib(&device);
+    // The prompt and one token first: its time is the prefill; the rest is decoding.
+    let t = Instant::now();
+    model.generate(
         &ids,
         &GenerateOptions {
-            max_new_tokens: args.max_new_tokens,
-            temperature: args.temperature,
-            top_p: args.top_p,
-            seed: args.seed,
-            eos_token_id: tok.eos_id(),
-            stop_sequences: stops,
+            max_new_tokens: 1,
+            ..gen.clone()
         },
     )?;
+    device.synchronize()?;
+    let prefill = t.elapsed().as_secs_f64();
+    moe_peft::quant::reset_pool_peaks(&device)?;
+    let t = Instant::now();
+    let out = model.generate(&ids, &gen)?;
+    device.synchronize()?;
+    let total = t.elapsed().as_secs_f64();
+    let peak = moe_peft::quant::pool_memory(&device)?.map(|m| m.used_high as f64 / 1048576.0);
     let text = tok.decode(&out, true)?;
     let text = text.trim_end_matches(REFERENCE_EOT).trim_end();
     println!("{text}");
-    eprintln!("({} prompt tokens, {} new tokens)", ids.len(), out.len());
+    let decode = (out.len().saturating_sub(1)) as f64 / (total - prefill).max(1e-9);
+    eprintln!(
+        "({} prompt tokens, {} new tokens; prefill {:.3}s, decode {:.1} tokens/s at batch 1 with the KV cache{})",
+        ids.len(),
+        out.len(),
+        prefill,
+        decode,
+        match (after_load, peak) {
+            (Some(a), Some(p)) => format!(
+                "; GPU pool {:.2} GiB after loading, peak {:.2} GiB while generating",
+                a / 1024.0,
+                p / 1024.0
+            ),
+            _ => String::new(),
+        }
+    );
     Ok(())
 }

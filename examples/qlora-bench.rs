@@ -109,47 +109,6 @@ fn main() {
     }
 }
 
-/// Peak device memory seen by polling the driver (`nvidia-smi`), in MiB.
-struct MemoryWatch {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<std::thread::JoinHandle<Option<u64>>>,
-}
-
-impl MemoryWatch {
-    fn start(enabled: bool) -> Self {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = stop.clone();
-        let handle = enabled.then(|| {
-            std::thread::spawn(move || {
-                let mut peak: Option<u64> = None;
-                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-                    let out = std::process::Command::new("nvidia-smi")
-                        .args([
-                            "--query-gpu=memory.used",
-                            "--format=csv,noheader,nounits",
-                            "-i",
-                            "0",
-                        ])
-                        .output();
-                    if let Ok(o) = out {
-                        if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<u64>() {
-                            peak = Some(peak.map_or(v, |p| p.max(v)));
-                        }
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                }
-                peak
-            })
-        });
-        Self { stop, handle }
-    }
-
-    fn finish(mut self) -> Option<u64> {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.take().and_then(|h| h.join().ok().flatten())
-    }
-}
-
 fn run(args: Args) -> Result<()> {
     let device = common::select_device(args.cpu);
     let preset = args.preset.clone().unwrap_or_else(|| {
@@ -214,7 +173,7 @@ fn run(args: Args) -> Result<()> {
     } else {
         None
     };
-    let watch = MemoryWatch::start(device.is_cuda());
+    let watch = common::MemoryWatch::start(device.is_cuda());
     let t = Instant::now();
     let opts = LoadOptions {
         dtype,

@@ -163,6 +163,24 @@ struct Args {
     /// Batch examples of similar length together.
     #[arg(long = "group_by_length", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     group_by_length: bool,
+    /// Pack several examples into each row of --model_max_length tokens (TRL's `packing`):
+    /// attention stays inside each example, so the loss is that of the examples alone, with
+    /// almost no padding.
+    #[arg(long = "packing", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    packing: bool,
+    /// Also write the quantized base (bitsandbytes Linear4bit layout) to this directory after
+    /// loading; passing that directory as --model_name_or_path later skips quantization.
+    #[arg(long = "save_quantized")]
+    save_quantized: Option<PathBuf>,
+    /// AdamW moment dtype, `float32` or `bfloat16` (default: as --optim says).
+    #[arg(long = "moments_dtype")]
+    moments_dtype: Option<String>,
+    /// Gradient accumulation buffer dtype, `float32` or `bfloat16` (default: as --optim says).
+    #[arg(long = "grads_dtype")]
+    grads_dtype: Option<String>,
+    /// Also write the run's measurements (times, memory, tokens/s, save times) as JSON here.
+    #[arg(long = "summary_json")]
+    summary_json: Option<PathBuf>,
     /// Run on the CPU even when a GPU is available.
     #[arg(long = "cpu", default_value_t = false)]
     cpu: bool,
@@ -296,6 +314,16 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         "adamw_torch_bf16" => true,
         o => bail!("--optim {o}: expected adamw_torch (the reference's) or adamw_torch_bf16 (bf16 moments and gradients)"),
     };
+    let state_dtype = |flag: &str, v: &Option<String>| -> Result<bool> {
+        Ok(match v.as_deref() {
+            None => bf16_state,
+            Some("float32" | "fp32" | "f32") => false,
+            Some("bfloat16" | "bf16") => true,
+            Some(o) => bail!("--{flag} {o}: expected float32 or bfloat16"),
+        })
+    };
+    let bf16_moments = state_dtype("moments_dtype", &args.moments_dtype)?;
+    let bf16_grads = state_dtype("grads_dtype", &args.grads_dtype)?;
     let schedule = Schedule::from_name(&args.lr_scheduler_type).with_context(|| {
         format!(
             "--lr_scheduler_type {}: expected linear, cosine, constant or constant_with_warmup",
@@ -371,6 +399,9 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         device: device.clone(),
         quant: policy.clone(),
     };
+    let mut load_seconds = 0.0;
+    let mut summary = serde_json::json!({});
+    let gpu_watch = common::MemoryWatch::start(device.is_cuda());
     let (model, model_dir): (DeepSeekMoe, Option<PathBuf>) = if demo {
         let cfg = common::demo_config();
         // The dense base is written out so that evaluate/generate/merge-adapter can use it.
@@ -413,8 +444,42 @@ fn run(args: Args, demo: bool) -> Result<i32> {
             .model_name_or_path
             .clone()
             .unwrap_or_else(|| "deepseek-ai/deepseek-moe-16b".into());
-        (common::load_model(&dir, &opts)?, Some(dir))
+        let t = Instant::now();
+        let m = common::load_model(&dir, &opts)?;
+        device.synchronize()?;
+        load_seconds = t.elapsed().as_secs_f64();
+        println!(
+            "loaded {} in {load_seconds:.1}s (host RSS now {:.2} GB, peak {:.2} GB)",
+            dir.display(),
+            common::rss_bytes().unwrap_or(0) as f64 / 1e9,
+            common::peak_rss_bytes().unwrap_or(0) as f64 / 1e9
+        );
+        (m, Some(dir))
     };
+    if let Some(q) = &args.save_quantized {
+        let t = Instant::now();
+        let files = model
+            .save_quantized(q, 5_000_000_000)
+            .with_context(|| format!("--save_quantized {}", q.display()))?;
+        if let Some(d) = &model_dir {
+            for f in common::tokenizer_files(d) {
+                if let Some(name) = f.file_name() {
+                    std::fs::copy(&f, q.join(name))
+                        .with_context(|| format!("copying {} to {}", f.display(), q.display()))?;
+                }
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = common::dir_bytes(q);
+        println!(
+            "saved the quantized base ({} files, {:.2} GB) to {} in {secs:.1}s ({:.2} GB/s)",
+            files.len(),
+            bytes as f64 / 1e9,
+            q.display(),
+            bytes as f64 / 1e9 / secs.max(1e-9)
+        );
+        summary["save_quantized"] = serde_json::json!({"seconds": secs, "bytes": bytes});
+    }
     println!(
         "model: {} parameters, dtype {:?}, base {}",
         model.config().num_parameters(),
@@ -461,7 +526,8 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         .batch_size(args.per_device_train_batch_size)
         .seed(args.seed)
         .epochs(None)
-        .group_by_length(args.group_by_length);
+        .group_by_length(args.group_by_length)
+        .packing(args.packing.then_some(args.model_max_length));
     let mut loader = dataset.loader(loader_cfg)?;
     let updates_per_epoch = (loader.steps_per_epoch() / args.gradient_accumulation_steps).max(1);
     let total = if args.max_steps > 0 {
@@ -533,8 +599,8 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         gradient_checkpointing: args.gradient_checkpointing,
         max_steps: total,
         seed: args.seed,
-        bf16_moments: bf16_state,
-        bf16_grads: bf16_state,
+        bf16_moments,
+        bf16_grads,
         profile: false,
     };
 
@@ -602,6 +668,19 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     bar.set_position(trainer.global_step() as u64);
     let mut curve: Vec<(usize, f64)> = Vec::new();
     let mut last_saved = trainer.global_step();
+    let first_step_from = trainer.global_step();
+    let mut steps_log: Vec<serde_json::Value> = Vec::new();
+    let mut saves: Vec<serde_json::Value> = Vec::new();
+    let (mut real_total, mut padded_total) = (0usize, 0usize);
+    println!(
+        "ready to train after {:.1}s (host RSS {:.2} GB, peak {:.2} GB{})",
+        t0.elapsed().as_secs_f64(),
+        common::rss_bytes().unwrap_or(0) as f64 / 1e9,
+        common::peak_rss_bytes().unwrap_or(0) as f64 / 1e9,
+        common::pool_used_mib(&device)
+            .map(|m| format!(", GPU pool {:.2} GiB", m / 1024.0))
+            .unwrap_or_default()
+    );
     let extra = |loader: &moe_peft::data::Loader| {
         serde_json::json!({
             "loader": loader.state(),
@@ -625,6 +704,21 @@ fn run(args: Args, demo: bool) -> Result<i32> {
                 bail!("{}; {last}", common::error_text(&anyhow::Error::from(e)));
             }
         };
+        if m.step == first_step_from + 1 {
+            let since = t0.elapsed().as_secs_f64();
+            println!(
+                "first step done {since:.1}s after start ({:.1}s of it the step itself)",
+                m.seconds
+            );
+            summary["first_step_done_s"] = serde_json::json!(since);
+            summary["first_step_s"] = serde_json::json!(m.seconds);
+        }
+        real_total += m.tokens;
+        padded_total += m.padded_tokens;
+        steps_log.push(serde_json::json!({
+            "step": m.step, "seconds": m.seconds, "tokens": m.tokens,
+            "padded_tokens": m.padded_tokens, "loss": m.loss,
+        }));
         let epoch = loader.state().steps as f64 / loader.steps_per_epoch().max(1) as f64;
         let mut rec = serde_json::to_value(&m)?;
         rec["epoch"] = serde_json::json!(epoch);
@@ -644,8 +738,9 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         ));
         if m.step % log_every == 0 {
             say(&bar, format!(
-                "step {:>6}  epoch {epoch:.2}  loss {:.4}  aux {:.5}  lr {:.3e}  grad_norm {:.4}  {:.0} tok/s",
-                m.step, m.loss, m.aux_loss, m.learning_rate, m.grad_norm, m.tokens_per_second
+                "step {:>6}  epoch {epoch:.2}  loss {:.4}  aux {:.5}  lr {:.3e}  grad_norm {:.4}  {:.0} tok/s  ({:.1}% padding, {:.2}s)",
+                m.step, m.loss, m.aux_loss, m.learning_rate, m.grad_norm, m.tokens_per_second,
+                100.0 * (1.0 - m.tokens as f64 / m.padded_tokens.max(1) as f64), m.seconds
             ));
         }
         let epoch_end = loader.epoch() != epoch_before;
@@ -655,9 +750,21 @@ fn run(args: Args, demo: bool) -> Result<i32> {
             _ => false,
         };
         if save_now || interrupted.load(Ordering::SeqCst) {
+            let t = Instant::now();
             let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+            let secs = t.elapsed().as_secs_f64();
+            let bytes = common::dir_bytes(&p);
             last_saved = m.step;
-            say(&bar, format!("saved {}", p.display()));
+            say(
+                &bar,
+                format!(
+                    "saved {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
+                    p.display(),
+                    bytes as f64 / 1e9,
+                    bytes as f64 / 1e9 / secs.max(1e-9)
+                ),
+            );
+            saves.push(serde_json::json!({"step": m.step, "seconds": secs, "bytes": bytes}));
         }
         if interrupted.load(Ordering::SeqCst) {
             bar.abandon();
@@ -670,10 +777,86 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     }
     bar.finish();
     if last_saved != trainer.global_step() && save_strategy != "no" {
-        trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+        let t = Instant::now();
+        let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = common::dir_bytes(&p);
+        println!(
+            "saved {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
+            p.display(),
+            bytes as f64 / 1e9,
+            bytes as f64 / 1e9 / secs.max(1e-9)
+        );
+        saves.push(
+            serde_json::json!({"step": trainer.global_step(), "seconds": secs, "bytes": bytes}),
+        );
     }
     let lora = trainer.into_lora();
+    let t = Instant::now();
     lora.save_trainable(&out)?;
+    {
+        let secs = t.elapsed().as_secs_f64();
+        let bytes = [
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "model.safetensors",
+        ]
+        .iter()
+        .filter_map(|f| std::fs::metadata(out.join(f)).ok())
+        .map(|m| m.len())
+        .sum::<u64>();
+        println!(
+            "wrote the final {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
+            if lora.mode() == moe_peft::lora::TrainMode::Lora {
+                "adapter"
+            } else {
+                "model"
+            },
+            bytes as f64 / 1e9,
+            bytes as f64 / 1e9 / secs.max(1e-9)
+        );
+        summary["final_save"] = serde_json::json!({"seconds": secs, "bytes": bytes});
+    }
+    let gpu_peak = gpu_watch.finish();
+    let padding = 1.0 - real_total as f64 / padded_total.max(1) as f64;
+    // Steady rate: the steps after the first of this run.
+    let steady: Vec<&serde_json::Value> = steps_log.iter().skip(1).collect();
+    let (st_tok, st_sec) = steady.iter().fold((0.0, 0.0), |(t, s), v| {
+        (
+            t + v["tokens"].as_f64().unwrap_or(0.0),
+            s + v["seconds"].as_f64().unwrap_or(0.0),
+        )
+    });
+    let steady_tps = if st_sec > 0.0 {
+        st_tok / st_sec
+    } else {
+        f64::NAN
+    };
+    println!(
+        "run: {} steps, padding {:.1}%, steady {:.0} real tokens/s, peak host RSS {:.2} GB{}",
+        steps_log.len(),
+        100.0 * padding,
+        steady_tps,
+        common::peak_rss_bytes().unwrap_or(0) as f64 / 1e9,
+        gpu_peak
+            .map(|m| format!(
+                ", peak GPU memory {m} MiB ({:.1} GiB, nvidia-smi)",
+                m as f64 / 1024.0
+            ))
+            .unwrap_or_default()
+    );
+    summary["load_s"] = serde_json::json!(load_seconds);
+    summary["steps"] = serde_json::json!(steps_log);
+    summary["saves"] = serde_json::json!(saves);
+    summary["padding_fraction"] = serde_json::json!(padding);
+    summary["steady_tokens_per_s"] = serde_json::json!(steady_tps);
+    summary["peak_host_rss_bytes"] = serde_json::json!(common::peak_rss_bytes());
+    summary["peak_gpu_mib"] = serde_json::json!(gpu_peak);
+    summary["resumed_from"] = serde_json::json!(resume.as_ref().map(|p| p.display().to_string()));
+    if let Some(p) = &args.summary_json {
+        std::fs::write(p, serde_json::to_string_pretty(&summary)?)
+            .with_context(|| format!("--summary_json {}", p.display()))?;
+    }
     for f in common::tokenizer_files(&tok_dir) {
         if let Some(name) = f.file_name() {
             if f.parent() != Some(out.as_path()) {

@@ -29,8 +29,12 @@ pub struct Batch {
     /// Labels that are not `-100`. The causal-LM loss shifts labels by one; position 0 is the
     /// masked BOS, so this is also the number of loss terms.
     pub n_target_tokens: usize,
-    /// The dataset indices of the rows, in order.
+    /// The dataset indices of the rows, in order (with packing, of the examples in row order).
     pub indices: Vec<usize>,
+    /// Several examples share a row: `attention_mask` numbers them 1, 2, … within each row
+    /// (0 on padding), and a token attends only to earlier tokens of its own example.
+    #[serde(default)]
+    pub packed: bool,
 }
 
 impl Batch {
@@ -109,6 +113,58 @@ pub fn collate(
         seq_len,
         n_target_tokens,
         indices: indices.to_vec(),
+        packed: false,
+    }
+}
+
+/// Packs rows of examples into one batch: each row holds its examples back to back, then
+/// padding up to the longest row (rounded up to `pad_to_multiple_of`). The attention mask
+/// numbers the examples of a row 1, 2, … (0 on padding); the first label of every example is
+/// `-100`, so no loss term predicts one example from the one before it.
+pub fn collate_packed(
+    rows: &[Vec<&Example>],
+    indices: &[usize],
+    pad_id: u32,
+    pad_to_multiple_of: Option<usize>,
+) -> Batch {
+    let longest = rows
+        .iter()
+        .map(|r| r.iter().map(|e| e.len()).sum::<usize>())
+        .max()
+        .unwrap_or(0);
+    let seq_len = padded_len(longest, pad_to_multiple_of);
+    let n = rows.len();
+    let mut input_ids = vec![pad_id; n * seq_len];
+    let mut labels = vec![IGNORE_INDEX; n * seq_len];
+    let mut attention_mask = vec![0u32; n * seq_len];
+    for (r, row) in rows.iter().enumerate() {
+        let mut at = r * seq_len;
+        for (k, e) in row.iter().enumerate() {
+            let len = e.len();
+            input_ids[at..at + len].copy_from_slice(&e.input_ids);
+            labels[at..at + len].copy_from_slice(&e.labels);
+            if len > 0 {
+                labels[at] = IGNORE_INDEX;
+            }
+            for (dst, &m) in attention_mask[at..at + len]
+                .iter_mut()
+                .zip(&e.attention_mask)
+            {
+                *dst = if m != 0 { k as u32 + 1 } else { 0 };
+            }
+            at += len;
+        }
+    }
+    let n_target_tokens = labels.iter().filter(|&&l| l != IGNORE_INDEX).count();
+    Batch {
+        input_ids,
+        labels,
+        attention_mask,
+        batch_size: n,
+        seq_len,
+        n_target_tokens,
+        indices: indices.to_vec(),
+        packed: true,
     }
 }
 
@@ -133,6 +189,30 @@ mod tests {
         assert_eq!(batch.seq_len, 8);
         assert_eq!(batch.row_mask(0), &[1, 1, 1, 1, 0, 0, 0, 0]);
         assert_eq!(batch.n_padded_tokens(), 16);
+    }
+
+    #[test]
+    fn collate_packed_numbers_examples() {
+        let a = Example::new(vec![10, 11, 12, 13], 2);
+        let b = Example::new(vec![20, 21], 1);
+        let c = Example::new(vec![30, 31, 32], 1);
+        let batch = collate_packed(&[vec![&a, &b], vec![&c]], &[0, 1, 2], 7, None);
+        assert!(batch.packed);
+        assert_eq!(batch.seq_len, 6);
+        assert_eq!(
+            batch.input_ids,
+            vec![10, 11, 12, 13, 20, 21, 30, 31, 32, 7, 7, 7]
+        );
+        assert_eq!(
+            batch.labels,
+            vec![-100, -100, 12, 13, -100, 21, -100, 31, 32, -100, -100, -100]
+        );
+        assert_eq!(
+            batch.attention_mask,
+            vec![1, 1, 1, 1, 2, 2, 1, 1, 1, 0, 0, 0]
+        );
+        assert_eq!(batch.n_target_tokens, 5);
+        assert_eq!(batch.n_tokens(), 9);
     }
 
     #[test]

@@ -64,14 +64,14 @@ mod template;
 mod tokenizer;
 mod writer;
 
-pub use batch::{collate, padded_len, Batch};
+pub use batch::{collate, collate_packed, padded_len, Batch};
 pub use dataset::{DataConfig, InstructionDataset};
 pub use error::{Error, Location, Result};
 pub use example::{
     build_example, build_examples, DropReason, Example, PreprocessConfig, Processed, Summary,
     IGNORE_INDEX,
 };
-pub use loader::{Loader, LoaderConfig, LoaderState};
+pub use loader::{Loader, LoaderConfig, LoaderState, PACK_WINDOW};
 pub use reader::{expand_inputs, read_records, DataFormat, ReaderConfig, Records};
 pub use record::{ColumnNames, Record};
 pub use rng::SplitMix64;

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{collate, padded_len, Batch};
+use crate::batch::{collate, collate_packed, padded_len, Batch};
 use crate::error::{Error, Result};
 use crate::example::Example;
 use crate::rng::{Fnv64, SplitMix64};
@@ -50,7 +50,18 @@ pub struct LoaderConfig {
     pub token_budget: Option<usize>,
     /// Round every batch's `seq_len` up to a multiple of this. Default `None`.
     pub pad_to_multiple_of: Option<usize>,
+    /// Pack several examples into each row of this many tokens (TRL's `packing`, with
+    /// per-example attention): each batch holds `batch_size` rows, each row examples placed by
+    /// best-fit decreasing within windows of [`PACK_WINDOW`] shuffled examples, and the batch's
+    /// `attention_mask` numbers the examples of a row 1, 2, … (0 on padding) so that attention
+    /// stays inside each example. Default `None` (one example per row).
+    #[serde(default)]
+    pub packing: Option<usize>,
 }
+
+/// Examples packed together at a time (best-fit decreasing inside each window, so the shuffle
+/// still decides which examples meet).
+pub const PACK_WINDOW: usize = 2048;
 
 impl Default for LoaderConfig {
     fn default() -> Self {
@@ -64,6 +75,7 @@ impl Default for LoaderConfig {
             megabatch_mult: None,
             token_budget: None,
             pad_to_multiple_of: None,
+            packing: None,
         }
     }
 }
@@ -91,6 +103,12 @@ impl LoaderConfig {
         }
         if self.epochs == Some(0) {
             return bad("epochs must be > 0 (or None for endless)");
+        }
+        if self.packing == Some(0) {
+            return bad("packing length must be > 0");
+        }
+        if self.packing.is_some() && (self.group_by_length || self.token_budget.is_some()) {
+            return bad("packing fills rows itself: it cannot be combined with group_by_length or token_budget");
         }
         Ok(())
     }
@@ -144,6 +162,13 @@ impl LoaderConfig {
         self
     }
 
+    /// Packs examples into rows of `len` tokens (`None`: one example per row).
+    #[must_use]
+    pub fn packing(mut self, len: Option<usize>) -> Self {
+        self.packing = len;
+        self
+    }
+
     /// Sets `pad_to_multiple_of`.
     #[must_use]
     pub fn pad_to_multiple_of(mut self, m: Option<usize>) -> Self {
@@ -183,6 +208,8 @@ pub struct Loader {
     position: usize,
     steps: u64,
     plan: Vec<Vec<usize>>,
+    /// With packing: the rows of each planned batch, as example indices.
+    rows: Vec<Vec<Vec<usize>>>,
 }
 
 impl Loader {
@@ -212,6 +239,13 @@ impl Loader {
             }
         }
         let lengths: Vec<usize> = examples.iter().map(Example::len).collect();
+        if let Some(budget) = config.packing {
+            for (index, &len) in lengths.iter().enumerate() {
+                if len > budget {
+                    return Err(Error::ExampleExceedsBudget { index, len, budget });
+                }
+            }
+        }
         if let Some(budget) = config.token_budget {
             for (index, &len) in lengths.iter().enumerate() {
                 let len = padded_len(len, config.pad_to_multiple_of);
@@ -238,8 +272,9 @@ impl Loader {
             position: 0,
             steps: 0,
             plan: Vec::new(),
+            rows: Vec::new(),
         };
-        loader.plan = loader.epoch_plan(0);
+        loader.set_plan(0);
         Ok(loader)
     }
 
@@ -278,7 +313,7 @@ impl Loader {
                 state.epoch
             )));
         }
-        self.plan = plan;
+        self.set_plan(state.epoch);
         self.epoch = state.epoch;
         self.position = state.position;
         self.steps = state.steps;
@@ -336,7 +371,7 @@ impl Loader {
         }
         let mut left = (self.plan.len() - self.position) as u64;
         for e in self.epoch + 1..epochs {
-            left += if self.config.token_budget.is_some() {
+            left += if self.config.token_budget.is_some() || self.config.packing.is_some() {
                 self.epoch_plan(e).len() as u64
             } else {
                 self.plan.len() as u64
@@ -345,8 +380,79 @@ impl Loader {
         Some(left)
     }
 
-    /// The batches (dataset indices) of an epoch.
+    /// Makes `epoch`'s plan the current one.
+    fn set_plan(&mut self, epoch: u64) {
+        if self.config.packing.is_some() {
+            self.rows = self.packed_plan(epoch);
+            self.plan = self.rows.iter().map(|b| b.concat()).collect();
+        } else {
+            self.plan = self.epoch_plan(epoch);
+            self.rows.clear();
+        }
+    }
+
+    /// With packing: the batches of an epoch, each a list of rows of dataset indices.
+    pub fn packed_plan(&self, epoch: u64) -> Vec<Vec<Vec<usize>>> {
+        let Some(cap) = self.config.packing else {
+            return self
+                .epoch_plan(epoch)
+                .into_iter()
+                .map(|b| b.into_iter().map(|i| vec![i]).collect())
+                .collect();
+        };
+        let n = self.lengths.len();
+        let mut order: Vec<usize> = (0..n).collect();
+        if self.config.shuffle {
+            SplitMix64::for_stream(self.config.seed, epoch).shuffle(&mut order);
+        }
+        let len = &self.lengths;
+        let mut rows: Vec<Vec<usize>> = Vec::new();
+        for (w, window) in order.chunks(PACK_WINDOW).enumerate() {
+            let mut items = window.to_vec();
+            // Longest first; ties keep the shuffled order (stable sort).
+            items.sort_by(|&a, &b| len[b].cmp(&len[a]));
+            let mut bins: Vec<(usize, Vec<usize>)> = Vec::new();
+            for i in items {
+                let best = bins
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (free, _))| *free >= len[i])
+                    .min_by_key(|(k, (free, _))| (*free, *k))
+                    .map(|(k, _)| k);
+                match best {
+                    Some(k) => {
+                        bins[k].0 -= len[i];
+                        bins[k].1.push(i);
+                    }
+                    None => bins.push((cap - len[i], vec![i])),
+                }
+            }
+            let mut wrows: Vec<Vec<usize>> = bins.into_iter().map(|(_, r)| r).collect();
+            if self.config.shuffle {
+                SplitMix64::for_stream(
+                    self.config.seed ^ 0x7061_636B_696E_6721,
+                    (epoch << 24) ^ w as u64,
+                )
+                .shuffle(&mut wrows);
+            }
+            rows.extend(wrows);
+        }
+        let bs = self.config.batch_size;
+        rows.chunks(bs)
+            .filter(|c| !(self.config.drop_last && c.len() < bs))
+            .map(<[Vec<usize>]>::to_vec)
+            .collect()
+    }
+
+    /// The batches (dataset indices) of an epoch (with packing, each batch's rows concatenated).
     pub fn epoch_plan(&self, epoch: u64) -> Vec<Vec<usize>> {
+        if self.config.packing.is_some() {
+            return self
+                .packed_plan(epoch)
+                .into_iter()
+                .map(|b| b.concat())
+                .collect();
+        }
         let n = self.lengths.len();
         let mut order: Vec<usize> = (0..n).collect();
         if self.config.shuffle {
@@ -429,14 +535,22 @@ impl Loader {
             }
             self.epoch = next;
             self.position = 0;
-            self.plan = self.epoch_plan(next);
+            self.set_plan(next);
             if self.plan.is_empty() {
                 return None;
             }
         }
         let indices = &self.plan[self.position];
-        let rows: Vec<&Example> = indices.iter().map(|&i| &self.examples[i]).collect();
-        let batch = collate(&rows, indices, self.pad_id, self.config.pad_to_multiple_of);
+        let batch = if self.config.packing.is_some() {
+            let rows: Vec<Vec<&Example>> = self.rows[self.position]
+                .iter()
+                .map(|r| r.iter().map(|&i| &self.examples[i]).collect())
+                .collect();
+            collate_packed(&rows, indices, self.pad_id, self.config.pad_to_multiple_of)
+        } else {
+            let rows: Vec<&Example> = indices.iter().map(|&i| &self.examples[i]).collect();
+            collate(&rows, indices, self.pad_id, self.config.pad_to_multiple_of)
+        };
         self.position += 1;
         self.steps += 1;
         Some(batch)
@@ -473,7 +587,12 @@ fn fingerprint(lengths: &[usize], c: &LoaderConfig) -> u64 {
         u8::from(c.drop_last),
         u8::from(c.group_by_length),
     ]);
-    for o in [c.megabatch_mult, c.token_budget, c.pad_to_multiple_of] {
+    for o in [
+        c.megabatch_mult,
+        c.token_budget,
+        c.pad_to_multiple_of,
+        c.packing,
+    ] {
         h.write_u64(o.map_or(u64::MAX, |x| x as u64));
     }
     h.finish()
@@ -529,6 +648,61 @@ mod tests {
         let l = Loader::new(examples(&lens), 0, cfg).unwrap();
         // mb0 sorted: [1(5),2(3),3(2),0(1)], mb1 sorted: [5(9),6(9),4(4),7(1)]; swap firsts.
         assert_eq!(l.epoch_plan(0).concat(), vec![5, 2, 3, 0, 1, 6, 4, 7]);
+    }
+
+    #[test]
+    fn packing_fills_rows_and_covers_every_example_once() {
+        let lens: Vec<usize> = (0..500).map(|i| 5 + (i * 37) % 60).collect();
+        let cfg = LoaderConfig::default().batch_size(4).packing(Some(64));
+        let l = Loader::new(examples(&lens), 0, cfg.clone()).unwrap();
+        let plan = l.packed_plan(0);
+        let mut all: Vec<usize> = plan.iter().flatten().flatten().copied().collect();
+        all.sort();
+        assert_eq!(all, (0..500).collect::<Vec<_>>());
+        let mut used = 0;
+        let mut rows = 0;
+        for b in &plan {
+            assert!(b.len() <= 4);
+            for r in b {
+                let t: usize = r.iter().map(|&i| lens[i]).sum();
+                assert!(t <= 64, "row of {t} tokens");
+                used += t;
+                rows += 1;
+            }
+        }
+        let fill = used as f64 / (rows * 64) as f64;
+        assert!(fill > 0.95, "rows only {fill:.3} full");
+        assert_ne!(l.packed_plan(0), l.packed_plan(1));
+        // Resuming mid-epoch gives the same batches.
+        let mut a = Loader::new(examples(&lens), 0, cfg.clone().epochs(None)).unwrap();
+        for _ in 0..7 {
+            a.next_batch();
+        }
+        let st = a.state();
+        let mut b = Loader::restore(examples(&lens), 0, cfg.clone().epochs(None), &st).unwrap();
+        for _ in 0..40 {
+            assert_eq!(a.next_batch(), b.next_batch());
+        }
+        // A state from an unpacked loader is refused.
+        let c = Loader::new(examples(&lens), 0, LoaderConfig::default().batch_size(4)).unwrap();
+        assert!(Loader::restore(examples(&lens), 0, cfg, &c.state()).is_err());
+        assert!(matches!(
+            Loader::new(
+                examples(&[5, 70]),
+                0,
+                LoaderConfig::default().packing(Some(64))
+            ),
+            Err(Error::ExampleExceedsBudget {
+                index: 1,
+                len: 70,
+                budget: 64
+            })
+        ));
+        assert!(LoaderConfig::default()
+            .packing(Some(64))
+            .group_by_length(true)
+            .validate()
+            .is_err());
     }
 
     #[test]

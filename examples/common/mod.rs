@@ -127,7 +127,8 @@ pub fn to_train_batch(b: &Batch, device: &Device) -> Result<TrainBatch> {
         b.batch_size,
         b.seq_len,
         device,
-    )?)
+    )?
+    .with_packing(b.packed))
 }
 
 /// The activation dtype for `--bf16` on `device`. candle's CPU matmul has no bf16 kernel, so
@@ -323,4 +324,92 @@ pub fn parse_size(s: &str) -> std::result::Result<usize, String> {
         }
     };
     Ok((n * mult) as usize)
+}
+
+/// Peak device memory seen by polling the driver (`nvidia-smi`), in MiB.
+pub struct MemoryWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: Option<std::thread::JoinHandle<Option<u64>>>,
+}
+
+impl MemoryWatch {
+    /// Starts polling (does nothing when `enabled` is false).
+    pub fn start(enabled: bool) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = enabled.then(|| {
+            std::thread::spawn(move || {
+                let mut peak: Option<u64> = None;
+                while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    let out = std::process::Command::new("nvidia-smi")
+                        .args([
+                            "--query-gpu=memory.used",
+                            "--format=csv,noheader,nounits",
+                            "-i",
+                            "0",
+                        ])
+                        .output();
+                    if let Ok(o) = out {
+                        if let Ok(v) = String::from_utf8_lossy(&o.stdout).trim().parse::<u64>() {
+                            peak = Some(peak.map_or(v, |p| p.max(v)));
+                        }
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                peak
+            })
+        });
+        Self { stop, handle }
+    }
+
+    /// Stops polling; the peak in MiB, if any was read.
+    pub fn finish(mut self) -> Option<u64> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.handle.take().and_then(|h| h.join().ok().flatten())
+    }
+}
+
+/// Peak resident host memory of this process so far (`VmHWM`), in bytes.
+pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|k| k * 1024)
+}
+
+/// Resident host memory of this process now (`VmRSS`), in bytes.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|k| k * 1024)
+}
+
+fn proc_status_kib(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    s.lines()
+        .find(|l| l.starts_with(key))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Device memory in use by this process's CUDA pool, in MiB (None on the CPU).
+pub fn pool_used_mib(device: &Device) -> Option<f64> {
+    moe_peft::quant::pool_memory(device)
+        .ok()
+        .flatten()
+        .map(|m| m.used as f64 / 1048576.0)
+}
+
+/// Total bytes of the regular files in `dir` (recursively).
+pub fn dir_bytes(dir: &Path) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.filter_map(|e| e.ok())
+        .map(|e| {
+            let p = e.path();
+            if p.is_dir() {
+                dir_bytes(&p)
+            } else {
+                e.metadata().map(|m| m.len()).unwrap_or(0)
+            }
+        })
+        .sum()
 }

@@ -4,7 +4,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
+use moe_peft_model::io::{SafetensorsWriter, TensorSpec};
 use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig};
 
 use crate::config::LoraConfig;
@@ -25,13 +26,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
-}
+use moe_peft_model::io::tmp_path;
 
 fn sync_file(path: &Path) -> Result<()> {
     std::fs::File::open(path)
@@ -39,21 +34,15 @@ fn sync_file(path: &Path) -> Result<()> {
         .map_err(|e| Error::io(path, e))
 }
 
-/// Saves tensors as safetensors (with `{"format": "pt"}` metadata, keys sorted) atomically.
+/// Saves tensors as safetensors (with `{"format": "pt"}` metadata, keys sorted) atomically,
+/// streaming: device tensors reach the host a few hundred MB at a time, each element once.
 pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
-    let tmp = tmp_path(path);
-    let cpu: Vec<(String, Tensor)> = tensors
+    let list: Vec<(String, Tensor)> = tensors
         .iter()
-        .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let meta: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    safetensors::serialize_to_file(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(meta), &tmp)
-        .map_err(|e| Error::SafeTensors {
-            path: tmp.display().to_string(),
-            reason: e.to_string(),
-        })?;
-    sync_file(&tmp)?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        .map(|(k, t)| (k.clone(), t.clone()))
+        .collect();
+    moe_peft_model::io::save_tensors(path, &list, crate::optim::HOST_CHUNK_BYTES)?;
+    Ok(())
 }
 
 impl LoraModel {
@@ -222,17 +211,25 @@ pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Resul
     let mut written = Vec::new();
     for (i, shard) in plan.iter().enumerate() {
         let wanted: std::collections::HashSet<&String> = shard.iter().collect();
-        let mut tensors = BTreeMap::new();
+        let mut specs = Vec::with_capacity(shard.len());
         model.visit_weights(&mut |name, w| {
             if wanted.contains(&name.to_string()) {
-                let t = w.materialize(opts.dtype)?.to_device(&Device::Cpu)?;
-                tensors.insert(name.to_string(), t);
+                specs.push(TensorSpec::new(name, opts.dtype, &w.shape()));
             }
             Ok(())
         })?;
         let path = dir.join(&names[i]);
-        save_safetensors(&path, &tensors)?;
-        for k in tensors.keys() {
+        let mut writer = SafetensorsWriter::create(&path, specs, None)?;
+        // One weight at a time: materialized (dequantized, merged) on its device, written, dropped.
+        model.visit_weights(&mut |name, w| {
+            if wanted.contains(&name.to_string()) {
+                let t = w.materialize(opts.dtype)?;
+                writer.write_tensor(&t)?;
+            }
+            Ok(())
+        })?;
+        writer.finish()?;
+        for k in shard {
             weight_map.insert(k.clone(), names[i].clone());
         }
         written.push(path);

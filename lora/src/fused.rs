@@ -494,8 +494,8 @@ impl ExpertsForward for FusedLoraExperts {
             }
             for slot in [&m.gate_proj, &m.up_proj, &m.down_proj] {
                 if let Some(l) = Proj::adapter(slot) {
-                    mats.push(l.lora_a().as_tensor().clone());
-                    mats.push(l.lora_b().as_tensor().clone());
+                    mats.push(moe_peft_model::grad::tracked(l.lora_a().as_tensor()));
+                    mats.push(moe_peft_model::grad::tracked(l.lora_b().as_tensor()));
                 }
             }
         }

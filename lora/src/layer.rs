@@ -12,6 +12,7 @@ use std::sync::{Arc, RwLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, ModuleT, Shape, Tensor, Var, D};
+use moe_peft_model::grad::tracked;
 use moe_peft_quant::{matmul_t, DenseLinear, LinearLike};
 
 /// Shared state of deterministic dropout: a seed and the current micro-step, set by the
@@ -664,8 +665,8 @@ impl ModuleT for LoraLinear {
         };
         // The adapter runs in the activation dtype (the recipe casts LoRA layers to bf16 with
         // --bf16); A and B stay f32 variables and the casts carry their gradients back.
-        let a = self.a.as_tensor().to_dtype(xa.dtype())?;
-        let b = self.b.as_tensor().to_dtype(xa.dtype())?;
+        let a = tracked(self.a.as_tensor()).to_dtype(xa.dtype())?;
+        let b = tracked(self.b.as_tensor()).to_dtype(xa.dtype())?;
         let t = (matmul_t(&matmul_t(&xa, &a)?, &b)? * self.scaling)?;
         let t = t.to_dtype(y.dtype())?;
         y + t
@@ -714,6 +715,9 @@ impl LoraLinear {
             let t = (matmul_t(&xa, &b)? * s)?.to_dtype(y0.dtype())?;
             (y0 + t)?
         };
+        if !moe_peft_model::grad::is_grad_enabled() {
+            return Ok(y);
+        }
         let base = self.base.clone();
         let (a_dt, b_dt) = (self.a.dtype(), self.b.dtype());
         moe_peft_quant::autograd::with_grad3(
@@ -784,7 +788,7 @@ impl TrainableLinear {
 
 impl ModuleT for TrainableLinear {
     fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
-        let w = self.weight.as_tensor().to_dtype(x.dtype())?;
+        let w = tracked(self.weight.as_tensor()).to_dtype(x.dtype())?;
         matmul_t(x, &w)
     }
 }

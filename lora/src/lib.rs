@@ -15,6 +15,7 @@ pub mod flat;
 pub mod fused;
 pub mod inject;
 pub mod layer;
+pub mod merge;
 pub mod optim;
 pub mod train;
 
@@ -27,6 +28,7 @@ pub use flat::FlatGrads;
 pub use fused::{FusedLoraExperts, GradSink};
 pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};
+pub use merge::{merge_checkpoint, MergeOptions, MergeReport};
 pub use optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig, Schedule};
 pub use train::{
     latest_checkpoint, list_checkpoints, MicroGrads, PhaseTimes, StepMetrics, TrainBatch,

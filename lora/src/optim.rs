@@ -6,11 +6,13 @@
 //! folds the bias corrections differently from torch; this optimizer exposes its state so a
 //! resumed run continues bit for bit, and keeps the moments in a chosen dtype.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+
+use moe_peft_model::io::{HostChunks, SafetensorsWriter, TensorSpec};
+use moe_peft_model::Checkpoint;
 
 use crate::error::{Error, Result};
 use crate::flat::FlatGrads;
@@ -236,76 +238,120 @@ impl AdamW {
         self.step_scaled(&views, lr, clip)
     }
 
-    /// Writes moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) and the step to a safetensors file.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut map: HashMap<String, Tensor> = HashMap::new();
-        for (i, n) in self.names.iter().enumerate() {
-            map.insert(format!("{n}.exp_avg"), self.m[i].clone());
-            map.insert(format!("{n}.exp_avg_sq"), self.v[i].clone());
+    /// The dtype of the moments.
+    fn moment_dtype(&self) -> DType {
+        if self.cfg.bf16_moments {
+            DType::BF16
+        } else {
+            DType::F32
         }
-        map.insert(
-            "__step__".into(),
-            Tensor::new(&[self.step as u32], &Device::Cpu)?,
-        );
-        candle_core::safetensors::save(&map, path).map_err(|e| Error::SafeTensors {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })
     }
 
-    /// Restores what [`Self::save`] wrote; every variable must be present with its shape.
+    /// Writes moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) and the step to a safetensors file.
+    ///
+    /// The file is streamed: the first moments of every variable in optimizer order, then the
+    /// second moments, each flat buffer copied to the host once, a chunk at a time.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let md = self.moment_dtype();
+        let mut specs = Vec::with_capacity(2 * self.names.len() + 1);
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            for (n, v) in self.names.iter().zip(&self.vars) {
+                specs.push(TensorSpec::new(format!("{n}.{suffix}"), md, v.dims()));
+            }
+        }
+        specs.push(TensorSpec::new("__step__", DType::U32, &[1]));
+        let total: usize = self.vars.iter().map(|v| v.elem_count()).sum();
+        let mut w = SafetensorsWriter::create(path, specs, None)?;
+        for flat in [&self.m_flat, &self.v_flat] {
+            for chunk in HostChunks::new(flat, 0, total, HOST_CHUNK_BYTES / md.size_in_bytes()) {
+                w.write_bytes(&chunk?)?;
+            }
+        }
+        w.write_bytes(&(self.step as u32).to_le_bytes())?;
+        w.finish()?;
+        Ok(())
+    }
+
+    /// Restores what [`Self::save`] wrote (or any safetensors file with those keys); every
+    /// variable must be present with its shape.
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let dev = self
             .vars
             .first()
             .map(|v| v.device().clone())
             .unwrap_or(Device::Cpu);
-        let map = candle_core::safetensors::load(path, &dev).map_err(|e| Error::SafeTensors {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        let get = |k: &str, shape: &[usize]| -> Result<Tensor> {
-            let t = map.get(k).ok_or_else(|| Error::Checkpoint {
-                path: path.display().to_string(),
-                reason: format!("optimizer state lacks `{k}`"),
-            })?;
-            if t.dims() != shape {
-                return Err(Error::ShapeMismatch {
-                    name: k.into(),
-                    file: path.display().to_string(),
-                    expected: shape.to_vec(),
-                    got: t.dims().to_vec(),
-                });
+        let md = self.moment_dtype();
+        let ck = Checkpoint::open_files(&[path.to_path_buf()])?;
+        let file = path.display().to_string();
+        let total: usize = self.vars.iter().map(|v| v.elem_count()).sum();
+        let mut flats = Vec::with_capacity(2);
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            let keys: Vec<String> = self.names.iter().map(|n| format!("{n}.{suffix}")).collect();
+            for (k, v) in keys.iter().zip(&self.vars) {
+                let e = ck.entry(k).ok_or_else(|| Error::Checkpoint {
+                    path: file.clone(),
+                    reason: format!("optimizer state lacks `{k}`"),
+                })?;
+                if e.shape.as_slice() != v.dims() {
+                    return Err(Error::ShapeMismatch {
+                        name: k.clone(),
+                        file: file.clone(),
+                        expected: v.dims().to_vec(),
+                        got: e.shape.clone(),
+                    });
+                }
             }
-            Ok(t.to_dtype(if self.cfg.bf16_moments {
-                DType::BF16
+            let flat = Tensor::zeros(total.max(1), md, &dev)?;
+            // What `save` writes: one contiguous run in variable order, read in large chunks.
+            let first = keys.first().and_then(|k| ck.entry(k));
+            let contiguous = first.is_some_and(|f| {
+                let mut at = f.start;
+                keys.iter().all(|k| {
+                    let e = ck.entry(k).expect("checked above");
+                    let ok = e.start == at && e.file == f.file;
+                    at = e.start + e.len as u64;
+                    ok && moe_peft_model::io::dtype_from_st(e.dtype) == Some(md)
+                })
+            });
+            if contiguous {
+                let (fi, start) = first.map(|f| (f.file, f.start)).unwrap_or((0, 0));
+                let chunk = HOST_CHUNK_BYTES / md.size_in_bytes();
+                let mut done = 0;
+                while done < total {
+                    let n = chunk.min(total - done);
+                    let mut buf = vec![0u8; n * md.size_in_bytes()];
+                    ck.read_range(fi, start + (done * md.size_in_bytes()) as u64, &mut buf)?;
+                    let t = moe_peft_model::io::tensor_from_bytes(&buf, md, &[n])?;
+                    flat.slice_set(&t.to_device(&dev)?, 0, done)?;
+                    done += n;
+                }
             } else {
-                DType::F32
-            })?)
-        };
-        let mut ms = Vec::with_capacity(self.names.len());
-        let mut vs = Vec::with_capacity(self.names.len());
-        for (i, n) in self.names.iter().enumerate() {
-            let shape = self.vars[i].dims().to_vec();
-            ms.push(get(&format!("{n}.exp_avg"), &shape)?.flatten_all()?);
-            vs.push(get(&format!("{n}.exp_avg_sq"), &shape)?.flatten_all()?);
+                for (k, &o) in keys.iter().zip(&self.offsets) {
+                    let t = ck.get_raw(k, &dev)?.to_dtype(md)?.flatten_all()?;
+                    flat.slice_set(&t, 0, o)?;
+                }
+            }
+            flats.push(flat);
         }
-        if !ms.is_empty() {
-            self.m_flat = Tensor::cat(&ms, 0)?;
-            drop(ms);
-            self.v_flat = Tensor::cat(&vs, 0)?;
-            drop(vs);
-            self.m = views(&self.m_flat, &self.vars, &self.offsets)?;
-            self.v = views(&self.v_flat, &self.vars, &self.offsets)?;
-        }
-        let step = map.get("__step__").ok_or_else(|| Error::Checkpoint {
-            path: path.display().to_string(),
-            reason: "optimizer state lacks its step count".into(),
-        })?;
-        self.step = step.to_device(&Device::Cpu)?.to_vec1::<u32>()?[0] as usize;
+        let v_flat = flats.pop().expect("two moments");
+        let m_flat = flats.pop().expect("two moments");
+        self.m = views(&m_flat, &self.vars, &self.offsets)?;
+        self.v = views(&v_flat, &self.vars, &self.offsets)?;
+        self.m_flat = m_flat;
+        self.v_flat = v_flat;
+        let step = ck
+            .get_raw("__step__", &Device::Cpu)
+            .map_err(|_| Error::Checkpoint {
+                path: file.clone(),
+                reason: "optimizer state lacks its step count".into(),
+            })?;
+        self.step = step.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?[0] as usize;
         Ok(())
     }
 }
+
+/// Bytes per device-to-host (or host-to-device) transfer when saving or loading state.
+pub const HOST_CHUNK_BYTES: usize = 256 << 20;
 
 /// `m ← β·m + (1−β)·(g·clip)` (or `(g·clip)²` for the second moment), in place.
 #[derive(Debug, Clone, Copy)]

@@ -34,6 +34,9 @@ pub struct TrainBatch {
     pub attention_mask: Tensor,
     /// `(b, seq)` i64, -100 where ignored.
     pub labels: Tensor,
+    /// Rows hold several examples: `attention_mask` numbers them 1, 2, … (0 on padding) and
+    /// attention stays inside each (see `moe_peft_data::collate_packed`).
+    pub packed: bool,
 }
 
 impl TrainBatch {
@@ -56,16 +59,30 @@ impl TrainBatch {
             input_ids: Tensor::from_slice(input_ids, (batch, seq), device)?,
             attention_mask: Tensor::from_slice(attention_mask, (batch, seq), device)?,
             labels: Tensor::from_slice(labels, (batch, seq), device)?,
+            packed: false,
         })
+    }
+
+    /// Marks the rows as packed (several examples each, numbered in `attention_mask`).
+    #[must_use]
+    pub fn with_packing(mut self, packed: bool) -> Self {
+        self.packed = packed;
+        self
     }
 
     /// Real (unpadded) tokens.
     pub fn tokens(&self) -> Result<usize> {
         Ok(self
             .attention_mask
+            .ne(0u32)?
             .to_dtype(DType::F32)?
             .sum_all()?
             .to_scalar::<f32>()? as usize)
+    }
+
+    /// Positions in the batch, padding included.
+    pub fn padded_tokens(&self) -> usize {
+        self.input_ids.elem_count()
     }
 }
 
@@ -193,6 +210,10 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Real (unpadded) input tokens processed.
     pub tokens: usize,
+    /// Positions processed, padding included (`1 - tokens / padded_tokens` is the padding
+    /// fraction).
+    #[serde(default)]
+    pub padded_tokens: usize,
     /// Target tokens (labels ≠ -100) counted in the loss.
     pub target_tokens: usize,
     /// Wall time of the step.
@@ -381,7 +402,11 @@ impl Trainer {
         self.lora.dropout_state().set_step(self.micro_step);
         let (b, s) = batch.input_ids.dims2()?;
         let mut t = Instant::now();
-        let ctx = model.context(b, s, 0, Some(&batch.attention_mask), true)?;
+        let ctx = if batch.packed {
+            model.context_packed(&batch.attention_mask, true)?
+        } else {
+            model.context(b, s, 0, Some(&batch.attention_mask), true)?
+        };
         let h0 = model.embed(&batch.input_ids)?;
         if !self.cfg.gradient_checkpointing {
             let mut h = h0;
@@ -480,7 +505,7 @@ impl Trainer {
         }
         let scale = 1.0 / micro.len() as f64;
         self.grads.zero()?;
-        let (mut loss, mut aux, mut tokens, mut targets) = (0.0, 0.0, 0, 0);
+        let (mut loss, mut aux, mut tokens, mut targets, mut padded) = (0.0, 0.0, 0, 0, 0);
         for batch in micro {
             let mg = self.accumulate(batch, scale)?;
             self.micro_step += 1;
@@ -494,6 +519,7 @@ impl Trainer {
             aux += mg.aux_loss * scale;
             targets += mg.target_tokens;
             tokens += batch.tokens()?;
+            padded += batch.padded_tokens();
         }
         let mut t = Instant::now();
         let grad_norm = self.grads.norm()?;
@@ -521,6 +547,7 @@ impl Trainer {
             learning_rate: lr,
             grad_norm,
             tokens,
+            padded_tokens: padded,
             target_tokens: targets,
             seconds,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
@@ -530,6 +557,7 @@ impl Trainer {
 
     /// Mean loss of a batch without gradients or dropout: `(sum of token NLLs, tokens)`.
     pub fn evaluate(&self, batch: &TrainBatch) -> Result<(f64, usize)> {
+        let _no_graph = moe_peft_model::grad::no_grad();
         let (l, _) = self.lora.model().loss(
             &batch.input_ids,
             Some(&batch.attention_mask),

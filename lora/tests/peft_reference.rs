@@ -25,6 +25,7 @@ fn batch() -> Result<TrainBatch> {
         input_ids: r["input_ids"].to_dtype(DType::U32)?,
         attention_mask: r["attention_mask"].to_dtype(DType::U32)?,
         labels: r["labels"].clone(),
+        packed: false,
     })
 }
 

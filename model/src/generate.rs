@@ -101,7 +101,9 @@ fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut rand::rngs::StdRng) 
 
 impl DeepSeekMoe {
     /// Continues `prompt` (token ids, BOS included if wanted) and returns only the new tokens.
+    /// Runs without recording a graph ([`crate::grad::no_grad`]).
     pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {
+        let _no_graph = crate::grad::no_grad();
         opts.validate()?;
         if prompt.is_empty() {
             return Err(Error::InvalidInput("empty prompt".into()));

@@ -53,7 +53,7 @@ impl RmsNorm {
     /// `dx = r·dn − x·r³·Σ(dn·x)/H`, `dw = Σ_rows dy·n`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = moe_peft_quant::norm::rms_norm(&x.detach(), &self.weight.detach(), self.eps)?;
-        if !x.track_op() && !self.weight.track_op() {
+        if !crate::grad::is_grad_enabled() || (!x.track_op() && !self.weight.track_op()) {
             return Ok(y);
         }
         let (x0, w, eps) = (x.detach(), self.weight.detach(), self.eps);
@@ -163,6 +163,41 @@ pub struct ForwardContext {
     pub mask: Option<Tensor>,
     /// Training mode (aux loss, adapter dropout).
     pub train: bool,
+}
+
+/// The additive mask of packed rows: `segments` `(b, seq)` numbers the examples of each row
+/// (0 on padding), and a query sees a key when the key is not later and belongs to the same
+/// example (padding sees earlier padding only). RoPE depends on positions only through their
+/// differences, so an example keeps exactly the scores it would have at the start of its own
+/// row.
+pub fn segment_attention_mask(segments: &Tensor, dtype: DType, device: &Device) -> Result<Tensor> {
+    let (b, seq) = segments.dims2()?;
+    let q = Tensor::arange(0u32, seq as u32, device)?.reshape((seq, 1))?;
+    let k = Tensor::arange(0u32, seq as u32, device)?.reshape((1, seq))?;
+    let causal = k
+        .broadcast_le(&q)?
+        .unsqueeze(0)?
+        .broadcast_as((b, seq, seq))?
+        .to_dtype(DType::U8)?;
+    let seg = segments.to_dtype(DType::U32)?;
+    let same = seg
+        .unsqueeze(2)?
+        .broadcast_as((b, seq, seq))?
+        .eq(&seg.unsqueeze(1)?.broadcast_as((b, seq, seq))?)?
+        .to_dtype(DType::U8)?;
+    let allowed = (causal * same)?;
+    let lowest = match dtype {
+        DType::F16 => -65504.0f32,
+        DType::BF16 => -3.389_531_4e38,
+        _ => f32::MIN,
+    };
+    let zero = Tensor::zeros((b, seq, seq), DType::F32, device)?;
+    let min = Tensor::full(lowest, (b, seq, seq), device)?;
+    let mask = allowed
+        .contiguous()?
+        .where_cond(&zero, &min)?
+        .unsqueeze(1)?;
+    Ok(mask.to_dtype(dtype)?)
 }
 
 /// Builds the additive causal + key-padding mask in `dtype`: `0` or the dtype's lowest finite
@@ -519,7 +554,7 @@ impl MoeGate {
     /// Routes `x` of shape `(tokens, hidden)`.
     pub fn route(&self, x: &Tensor) -> Result<Routing> {
         let xf = x.to_dtype(DType::F32)?;
-        let logits = if self.weight.track_op() {
+        let logits = if self.weight.track_op() && crate::grad::is_grad_enabled() {
             xf.matmul(&self.weight.t()?)?
         } else {
             frozen_matmul(&xf, &self.weight, Arc::new(self.weight.clone()))?

@@ -10,9 +10,13 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod grad;
+pub mod io;
 pub mod layers;
 pub mod model;
 pub mod ops;
+pub mod quantized;
+pub mod random;
 pub mod weights;
 
 pub use config::{DeepSeekMoeConfig, RopeScaling};

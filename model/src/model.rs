@@ -59,8 +59,7 @@ impl Embedding {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         let h = self.weight.dim(1)?;
-        Ok(self
-            .weight
+        Ok(crate::grad::tracked(&self.weight)
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b, s, h))?)
     }
@@ -410,6 +409,21 @@ impl DeepSeekMoe {
             cos,
             sin,
             mask,
+            train,
+        })
+    }
+
+    /// [`Self::context`] for packed rows: `segments` `(b, seq)` numbers the examples of each
+    /// row (0 on padding); attention stays inside each example (see
+    /// [`crate::layers::segment_attention_mask`]).
+    pub fn context_packed(&self, segments: &Tensor, train: bool) -> Result<ForwardContext> {
+        let (_, seq) = segments.dims2()?;
+        let (cos, sin) = self.rotary.cos_sin(0, seq, self.dtype, &self.device)?;
+        let mask = crate::layers::segment_attention_mask(segments, self.dtype, &self.device)?;
+        Ok(ForwardContext {
+            cos,
+            sin,
+            mask: Some(mask),
             train,
         })
     }

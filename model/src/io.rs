@@ -1,0 +1,480 @@
+//! Streaming safetensors I/O with bounded host memory.
+//!
+//! [`SafetensorsWriter`] writes the header first (every tensor's name, dtype and shape are known
+//! up front) and then the tensor bytes in order, so a file of any size is written with one
+//! tensor, or one chunk of a flat buffer, in host memory at a time. The file appears under its
+//! name only when [`SafetensorsWriter::finish`] has flushed and synced it (temporary file +
+//! rename).
+//!
+//! Device tensors are copied to the host exactly: [`host_bytes`] and [`host_bytes_many`] first
+//! copy the wanted elements into a fresh device buffer of exactly that size, because candle's
+//! `to_device`/`to_vec1` of a CUDA *view* transfer the view's whole underlying storage (a
+//! 10,000-way split of one 2.4 GB buffer would move 24 TB). [`HostChunks`] walks a range of a
+//! flat device buffer a chunk at a time the same way.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::{Error, Result};
+
+/// The safetensors dtype name of a candle dtype.
+pub fn st_dtype_name(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::U8 => "U8",
+        DType::U32 => "U32",
+        DType::I64 => "I64",
+        DType::BF16 => "BF16",
+        DType::F16 => "F16",
+        DType::F32 => "F32",
+        DType::F64 => "F64",
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "dtype {other:?} cannot be written to safetensors here (u8, u32, i64, bf16, f16, f32, f64)"
+            )))
+        }
+    })
+}
+
+/// The candle dtype of a safetensors dtype, if candle has it.
+pub fn dtype_from_st(dtype: safetensors::Dtype) -> Option<DType> {
+    use safetensors::Dtype as S;
+    Some(match dtype {
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I64 => DType::I64,
+        S::BF16 => DType::BF16,
+        S::F16 => DType::F16,
+        S::F32 => DType::F32,
+        S::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+/// Name, dtype and shape of one tensor of a file being written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorSpec {
+    /// The key in the file.
+    pub name: String,
+    /// Element type.
+    pub dtype: DType,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorSpec {
+    /// A spec.
+    pub fn new(name: impl Into<String>, dtype: DType, shape: &[usize]) -> Self {
+        Self {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    /// Bytes of the tensor.
+    pub fn byte_len(&self) -> usize {
+        self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()
+    }
+}
+
+/// Writes one safetensors file, header first, then the data of each [`TensorSpec`] in the order
+/// given, from tensors or raw little-endian bytes.
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    specs: Vec<TensorSpec>,
+    /// Byte offset in the data section where each spec ends.
+    ends: Vec<usize>,
+    written: usize,
+    next: usize,
+}
+
+/// The temporary name a file is written under before its rename.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp"))
+}
+
+impl SafetensorsWriter {
+    /// Creates `path` (written as a temporary file until [`Self::finish`]) with a header for
+    /// `specs`, whose data must then be written in that order. `metadata` goes into
+    /// `__metadata__` (`{"format": "pt"}` when `None`, as `save_pretrained` writes).
+    pub fn create(
+        path: &Path,
+        specs: Vec<TensorSpec>,
+        metadata: Option<BTreeMap<String, String>>,
+    ) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        let meta = metadata.unwrap_or_else(|| [("format".to_string(), "pt".to_string())].into());
+        header.insert("__metadata__".into(), serde_json::json!(meta));
+        let mut ends = Vec::with_capacity(specs.len());
+        let mut off = 0usize;
+        for s in &specs {
+            let end = off + s.byte_len();
+            let entry = serde_json::json!({
+                "dtype": st_dtype_name(s.dtype)?,
+                "shape": s.shape,
+                "data_offsets": [off, end],
+            });
+            if header.insert(s.name.clone(), entry).is_some() {
+                return Err(Error::InvalidInput(format!(
+                    "{}: tensor `{}` listed twice",
+                    path.display(),
+                    s.name
+                )));
+            }
+            ends.push(end);
+            off = end;
+        }
+        let mut text = serde_json::to_string(&header).map_err(|source| Error::Json {
+            path: path.display().to_string(),
+            source,
+        })?;
+        while (8 + text.len()) % 8 != 0 {
+            text.push(' ');
+        }
+        let tmp = tmp_path(path);
+        let f = std::fs::File::create(&tmp).map_err(|source| Error::Io {
+            path: tmp.display().to_string(),
+            source,
+        })?;
+        let mut file = std::io::BufWriter::with_capacity(8 << 20, f);
+        let io = |source| Error::Io {
+            path: tmp.display().to_string(),
+            source,
+        };
+        file.write_all(&(text.len() as u64).to_le_bytes())
+            .map_err(io)?;
+        file.write_all(text.as_bytes()).map_err(io)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            tmp,
+            file,
+            specs,
+            ends,
+            written: 0,
+            next: 0,
+        })
+    }
+
+    /// The specs, in data order.
+    pub fn specs(&self) -> &[TensorSpec] {
+        &self.specs
+    }
+
+    /// Appends raw little-endian bytes (any split across tensors is allowed).
+    pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        let total = self.ends.last().copied().unwrap_or(0);
+        if self.written + bytes.len() > total {
+            return Err(Error::InvalidInput(format!(
+                "{}: {} bytes more than the header announces",
+                self.path.display(),
+                self.written + bytes.len() - total
+            )));
+        }
+        self.file.write_all(bytes).map_err(|source| Error::Io {
+            path: self.tmp.display().to_string(),
+            source,
+        })?;
+        self.written += bytes.len();
+        while self.next < self.ends.len() && self.ends[self.next] <= self.written {
+            self.next += 1;
+        }
+        Ok(())
+    }
+
+    /// Writes the next tensor, which must match the next spec's dtype and shape and start at
+    /// its first byte.
+    pub fn write_tensor(&mut self, t: &Tensor) -> Result<()> {
+        let Some(spec) = self.specs.get(self.next) else {
+            return Err(Error::InvalidInput(format!(
+                "{}: every announced tensor is already written",
+                self.path.display()
+            )));
+        };
+        let start = if self.next == 0 {
+            0
+        } else {
+            self.ends[self.next - 1]
+        };
+        if self.written != start || t.dtype() != spec.dtype || t.dims() != spec.shape.as_slice() {
+            return Err(Error::InvalidInput(format!(
+                "{}: tensor `{}` expected as {:?} {:?}, got {:?} {:?}",
+                self.path.display(),
+                spec.name,
+                spec.dtype,
+                spec.shape,
+                t.dtype(),
+                t.dims()
+            )));
+        }
+        let bytes = host_bytes(t)?;
+        self.write_bytes(&bytes)
+    }
+
+    /// Flushes, syncs and renames the file into place; every announced byte must be written.
+    pub fn finish(self) -> Result<PathBuf> {
+        let total = self.ends.last().copied().unwrap_or(0);
+        if self.written != total {
+            return Err(Error::InvalidInput(format!(
+                "{}: {} of {} data bytes written",
+                self.path.display(),
+                self.written,
+                total
+            )));
+        }
+        let io = |p: &Path| {
+            let p = p.display().to_string();
+            move |source| Error::Io { path: p, source }
+        };
+        let f = self
+            .file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .map_err(io(&self.tmp))?;
+        f.sync_all().map_err(io(&self.tmp))?;
+        drop(f);
+        std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
+        Ok(self.path)
+    }
+}
+
+/// Writes `tensors` (in this order) to one safetensors file with `{"format": "pt"}` metadata,
+/// moving device tensors to the host in chunks of about `chunk_bytes`.
+pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], chunk_bytes: usize) -> Result<()> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|(n, t)| TensorSpec::new(n.clone(), t.dtype(), t.dims()))
+        .collect();
+    let mut w = SafetensorsWriter::create(path, specs, None)?;
+    let mut i = 0;
+    while i < tensors.len() {
+        // A run of tensors of one dtype on one device, up to the chunk size.
+        let dt = tensors[i].1.dtype();
+        let mut j = i;
+        let mut bytes = 0;
+        while j < tensors.len()
+            && tensors[j].1.dtype() == dt
+            && tensors[j].1.device().same_device(tensors[i].1.device())
+            && (j == i || bytes + tensors[j].1.elem_count() * dt.size_in_bytes() <= chunk_bytes)
+        {
+            bytes += tensors[j].1.elem_count() * dt.size_in_bytes();
+            j += 1;
+        }
+        let group: Vec<&Tensor> = tensors[i..j].iter().map(|(_, t)| t).collect();
+        w.write_bytes(&host_bytes_many(&group)?)?;
+        i = j;
+    }
+    w.finish()?;
+    Ok(())
+}
+
+/// Little-endian bytes of a CPU tensor's elements (in logical order). Hosts are
+/// little-endian (x86-64, aarch64), so an element's in-memory bytes are its file bytes.
+fn cpu_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    let flat = t.flatten_all()?;
+    fn cast<T: bytemuck::Pod>(v: Vec<T>) -> Vec<u8> {
+        bytemuck::cast_slice::<T, u8>(&v).to_vec()
+    }
+    Ok(match t.dtype() {
+        DType::U8 => flat.to_vec1::<u8>()?,
+        DType::U32 => cast(flat.to_vec1::<u32>()?),
+        DType::I64 => cast(flat.to_vec1::<i64>()?),
+        DType::BF16 => cast(flat.to_vec1::<half::bf16>()?),
+        DType::F16 => cast(flat.to_vec1::<half::f16>()?),
+        DType::F32 => cast(flat.to_vec1::<f32>()?),
+        DType::F64 => cast(flat.to_vec1::<f64>()?),
+        other => {
+            return Err(Error::InvalidInput(format!(
+                "dtype {other:?} has no byte conversion here"
+            )))
+        }
+    })
+}
+
+/// A device copy holding exactly `t`'s elements (in logical order), so that moving it to the
+/// host transfers nothing else.
+fn exact_device_copy(t: &Tensor) -> Result<Tensor> {
+    let flat = if t.is_contiguous() {
+        t.flatten_all()?
+    } else {
+        t.contiguous()?.flatten_all()?
+    };
+    let out = Tensor::zeros(flat.elem_count(), flat.dtype(), flat.device())?;
+    out.slice_set(&flat, 0, 0)?;
+    Ok(out)
+}
+
+/// Little-endian bytes of a tensor's elements on the host, copying exactly those elements from
+/// a device.
+pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    if t.device().is_cpu() {
+        return cpu_bytes(t);
+    }
+    cpu_bytes(&exact_device_copy(t)?.to_device(&Device::Cpu)?)
+}
+
+/// The bytes of several tensors of one dtype and device, concatenated, with one transfer
+/// from the device.
+pub fn host_bytes_many(ts: &[&Tensor]) -> Result<Vec<u8>> {
+    let Some(first) = ts.first() else {
+        return Ok(Vec::new());
+    };
+    if first.device().is_cpu() || ts.len() == 1 {
+        let mut out = Vec::new();
+        for t in ts {
+            out.extend_from_slice(&host_bytes(t)?);
+        }
+        return Ok(out);
+    }
+    let n: usize = ts.iter().map(|t| t.elem_count()).sum();
+    let buf = Tensor::zeros(n, first.dtype(), first.device())?;
+    let mut off = 0;
+    for t in ts {
+        if t.dtype() != first.dtype() {
+            return Err(Error::InvalidInput(format!(
+                "host_bytes_many: mixed dtypes {:?} and {:?}",
+                first.dtype(),
+                t.dtype()
+            )));
+        }
+        let flat = if t.is_contiguous() {
+            t.flatten_all()?
+        } else {
+            t.contiguous()?.flatten_all()?
+        };
+        buf.slice_set(&flat, 0, off)?;
+        off += t.elem_count();
+    }
+    cpu_bytes(&buf.to_device(&Device::Cpu)?)
+}
+
+/// The bytes of elements `[start, start + len)` of a 1-D tensor, produced `chunk` elements at a
+/// time (one exact device-to-host copy per chunk).
+#[derive(Debug)]
+pub struct HostChunks<'a> {
+    flat: &'a Tensor,
+    pos: usize,
+    end: usize,
+    chunk: usize,
+}
+
+impl<'a> HostChunks<'a> {
+    /// Chunks of `flat[start..start + len]` (a 1-D tensor) of `chunk` elements.
+    pub fn new(flat: &'a Tensor, start: usize, len: usize, chunk: usize) -> Self {
+        Self {
+            flat,
+            pos: start,
+            end: start + len,
+            chunk: chunk.max(1),
+        }
+    }
+}
+
+impl Iterator for HostChunks<'_> {
+    type Item = Result<Vec<u8>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.pos >= self.end {
+            return None;
+        }
+        let n = self.chunk.min(self.end - self.pos);
+        let r = self
+            .flat
+            .narrow(0, self.pos, n)
+            .map_err(Error::from)
+            .and_then(|v| host_bytes(&v));
+        self.pos += n;
+        Some(r)
+    }
+}
+
+/// A tensor from little-endian bytes on the CPU.
+pub fn tensor_from_bytes(bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writer_matches_the_safetensors_reader() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|source| Error::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let p = dir.path().join("a.safetensors");
+        let a = Tensor::arange(0f32, 12., &Device::Cpu)?.reshape((3, 4))?;
+        let b = Tensor::arange(0u32, 5, &Device::Cpu)?;
+        let c = a.to_dtype(DType::BF16)?.t()?; // not contiguous
+        let d = Tensor::arange(0f32, 20., &Device::Cpu)?.narrow(0, 7, 6)?; // a view
+        let ts = vec![
+            ("z.a".to_string(), a.clone()),
+            ("b".to_string(), b.clone()),
+            ("c".to_string(), c.clone()),
+            ("d".to_string(), d.clone()),
+        ];
+        save_tensors(&p, &ts, 16)?;
+        assert!(!tmp_path(&p).exists());
+        let bytes = std::fs::read(&p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert_eq!(st.len(), 4);
+        let (n, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        assert_eq!((8 + n) % 8, 0);
+        assert_eq!(meta.metadata().as_ref().unwrap()["format"], "pt");
+        let back = candle_core::safetensors::load(&p, &Device::Cpu)?;
+        for (k, t) in &ts {
+            let got = &back[k];
+            assert_eq!(got.dims(), t.dims(), "{k}");
+            let diff = (got.to_dtype(DType::F32)? - t.to_dtype(DType::F32)?)?
+                .abs()?
+                .flatten_all()?
+                .max(0)?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{k}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn writer_refuses_wrong_tensors_and_short_files() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|source| Error::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let p = dir.path().join("b.safetensors");
+        let specs = vec![TensorSpec::new("x", DType::F32, &[2, 2])];
+        let mut w = SafetensorsWriter::create(&p, specs.clone(), None)?;
+        let bad = Tensor::zeros((4,), DType::F32, &Device::Cpu)?;
+        let e = w.write_tensor(&bad).unwrap_err().to_string();
+        assert!(e.contains("`x`") && e.contains("[2, 2]"), "{e}");
+        w.write_bytes(&[0u8; 8])?;
+        let e = w.finish().unwrap_err().to_string();
+        assert!(e.contains("8 of 16"), "{e}");
+        assert!(!p.exists());
+        let mut w = SafetensorsWriter::create(&p, specs, None)?;
+        assert!(w.write_bytes(&[0u8; 17]).is_err());
+        Ok(())
+    }
+
+    #[test]
+    fn host_chunks_cover_a_range() -> Result<()> {
+        let t = Tensor::arange(0f32, 100., &Device::Cpu)?;
+        let mut all = Vec::new();
+        for c in HostChunks::new(&t, 10, 25, 7) {
+            all.extend_from_slice(&c?);
+        }
+        let want: Vec<u8> = (10..35).flat_map(|i| (i as f32).to_le_bytes()).collect();
+        assert_eq!(all, want);
+        Ok(())
+    }
+}

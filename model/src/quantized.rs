@@ -1,0 +1,206 @@
+//! Saving a quantized base in the bitsandbytes `Linear4bit` layout, so that loading it again
+//! skips quantization (see [`DeepSeekMoe::save_quantized`]).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Tensor};
+use moe_peft_quant::{Nf4Config, Nf4Linear, QuantType};
+
+use crate::error::{Error, Result};
+use crate::io::save_tensors;
+use crate::model::{DeepSeekMoe, WeightRef};
+
+/// Bytes per device-to-host transfer while writing.
+const CHUNK_BYTES: usize = 256 << 20;
+
+/// The `quantization_config` transformers writes for a bitsandbytes 4-bit model.
+pub fn bnb_quantization_config(cfg: &Nf4Config, compute_dtype: DType) -> serde_json::Value {
+    let compute = match compute_dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    };
+    serde_json::json!({
+        "_load_in_4bit": true,
+        "_load_in_8bit": false,
+        "bnb_4bit_compute_dtype": compute,
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": match cfg.quant_type { QuantType::Nf4 => "nf4", QuantType::Fp4 => "fp4" },
+        "bnb_4bit_use_double_quant": cfg.double_quant,
+        "llm_int8_enable_fp32_cpu_offload": false,
+        "llm_int8_has_fp16_weight": false,
+        "llm_int8_skip_modules": null,
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": true,
+        "load_in_8bit": false,
+        "quant_method": "bitsandbytes",
+    })
+}
+
+impl DeepSeekMoe {
+    /// Writes this model with its 4-bit projections in bitsandbytes' `Linear4bit` layout
+    /// (`weight` packed codes, `absmax`, `quant_map`, `nested_*`, `quant_state.bitsandbytes__nf4`)
+    /// and every other tensor as it is held (embeddings and `lm_head` in the model dtype, norms
+    /// and router in f32): shards of at most `max_shard_bytes`, an index when there are several,
+    /// and `config.json` with a bitsandbytes `quantization_config`. [`DeepSeekMoe::from_pretrained`]
+    /// on that directory loads the 4-bit weights as stored, skipping quantization.
+    ///
+    /// Fails if a projection is not 4-bit (a dense or int8 base has nothing to save here).
+    pub fn save_quantized(&self, dir: &Path, max_shard_bytes: usize) -> Result<Vec<PathBuf>> {
+        if max_shard_bytes == 0 {
+            return Err(Error::InvalidInput(
+                "max_shard_bytes must be positive".into(),
+            ));
+        }
+        std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+            path: dir.display().to_string(),
+            source,
+        })?;
+        let mut tensors: Vec<(String, Tensor)> = Vec::new();
+        let mut nf4: Option<Nf4Config> = None;
+        self.visit_weights(&mut |name, w| {
+            match w {
+                WeightRef::Tensor(t) => tensors.push((name.to_string(), t.clone())),
+                WeightRef::Linear(l) => {
+                    if name == "lm_head.weight" {
+                        tensors.push((name.to_string(), l.dense_weight(self.dtype())?));
+                        return Ok(());
+                    }
+                    let Some(q) = l.as_any().downcast_ref::<Nf4Linear>() else {
+                        return Err(Error::InvalidInput(format!(
+                            "`{name}` is not a 4-bit weight: only an NF4/FP4 base can be saved quantized (load with --bits 4)"
+                        )));
+                    };
+                    let t = q.weight();
+                    nf4.get_or_insert(Nf4Config {
+                        quant_type: t.quant_type(),
+                        double_quant: t.is_double_quant(),
+                        block_size: t.block_size(),
+                        ..Nf4Config::default()
+                    });
+                    let prefix = name.strip_suffix(".weight").unwrap_or(name);
+                    tensors.extend(t.to_bnb_tensors(prefix)?);
+                }
+            }
+            Ok(())
+        })?;
+        // Shards in model order; inside a shard, tensors grouped by dtype so each group reaches
+        // the host in a few large copies.
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut plan: Vec<Vec<(String, Tensor)>> = vec![vec![]];
+        let mut size = 0;
+        for (n, t) in tensors {
+            let b = bytes(&t);
+            if size > 0 && size + b > max_shard_bytes {
+                plan.push(vec![]);
+                size = 0;
+            }
+            size += b;
+            plan.last_mut().expect("non-empty").push((n, t));
+        }
+        let n = plan.len();
+        let names: Vec<String> = if n == 1 {
+            vec!["model.safetensors".into()]
+        } else {
+            (1..=n)
+                .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+                .collect()
+        };
+        let mut weight_map = BTreeMap::new();
+        let mut written = Vec::new();
+        let mut total = 0usize;
+        for (shard, fname) in plan.iter_mut().zip(&names) {
+            shard.sort_by_key(|(_, t)| t.dtype().size_in_bytes());
+            let path = dir.join(fname);
+            save_tensors(&path, shard, CHUNK_BYTES)?;
+            for (k, t) in shard.iter() {
+                weight_map.insert(k.clone(), fname.clone());
+                total += bytes(t);
+            }
+            written.push(path);
+        }
+        if n > 1 {
+            let index = serde_json::json!({
+                "metadata": {"total_size": total},
+                "weight_map": weight_map,
+            });
+            let p = dir.join("model.safetensors.index.json");
+            let text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
+                path: p.display().to_string(),
+                source,
+            })?;
+            std::fs::write(&p, text + "\n").map_err(|source| Error::Io {
+                path: p.display().to_string(),
+                source,
+            })?;
+            written.push(p);
+        }
+        let mut cfg = self.config().clone();
+        cfg.quantization_config = Some(bnb_quantization_config(
+            &nf4.unwrap_or_default(),
+            self.dtype(),
+        ));
+        cfg.torch_dtype = Some(
+            match self.dtype() {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                _ => "float32",
+            }
+            .into(),
+        );
+        let p = dir.join("config.json");
+        cfg.to_file(&p)?;
+        written.push(p);
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DeepSeekMoeConfig;
+    use crate::model::LoadOptions;
+    use candle_core::Device;
+    use moe_peft_quant::QuantPolicy;
+
+    #[test]
+    fn quantized_save_reloads_the_same_model() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|source| Error::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let cfg = DeepSeekMoeConfig::tiny(96);
+        for policy in [QuantPolicy::qlora(), QuantPolicy::Nf4(Nf4Config::fp4())] {
+            let opts = LoadOptions {
+                quant: policy.clone(),
+                ..Default::default()
+            };
+            let m = DeepSeekMoe::random(cfg.clone(), &opts, 5)?;
+            let out = dir
+                .path()
+                .join(format!("{policy:?}").replace(['(', ')', ' ', ':', ','], "_"));
+            let files = m.save_quantized(&out, 100_000)?;
+            assert!(files.len() > 3, "sharded: {files:?}");
+            let c = DeepSeekMoeConfig::from_file(out.join("config.json"))?;
+            assert_eq!(
+                c.quantization_config.as_ref().unwrap()["quant_method"],
+                "bitsandbytes"
+            );
+            // Loading with a dense policy still gives the stored 4-bit weights.
+            let back = DeepSeekMoe::from_pretrained(&out, &LoadOptions::default())?;
+            let ids = Tensor::new(&[[1u32, 5, 9, 2, 7]], &Device::Cpu)?;
+            let a = m.forward_t(&ids, None, false)?.logits;
+            let b = back.forward_t(&ids, None, false)?.logits;
+            let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert_eq!(d, 0.0, "{policy:?}");
+        }
+        let dense = DeepSeekMoe::random(cfg, &LoadOptions::default(), 5)?;
+        let e = dense
+            .save_quantized(&dir.path().join("x"), 1 << 30)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a 4-bit weight"), "{e}");
+        Ok(())
+    }
+}

@@ -1,0 +1,464 @@
+//! Randomly initialised Hugging Face checkpoints of any size, written shard by shard.
+//!
+//! [`write_random_checkpoint`] writes `config.json`, shards of at most `max_shard_bytes`
+//! (`model-0000i-of-0000n.safetensors`) and `model.safetensors.index.json`, in the layout and
+//! parameter order of a `save_pretrained` of `DeepseekForCausalLM`. Weights follow HF's
+//! `_init_weights`: projections and embeddings normal(0, `initializer_range`), RMSNorm weights 1,
+//! and the router kaiming-uniform (bound 1/√hidden) as `MoEGate.reset_parameters`, so the
+//! routing is spread over the experts as in a freshly initialised model.
+//!
+//! Every tensor is generated from `(seed, tensor name, block)` alone, in parallel blocks of
+//! [`BLOCK`] elements, so the bytes do not depend on the thread count, and host memory holds
+//! two tensors at a time (one being generated while the previous one is written).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::DType;
+use rayon::prelude::*;
+
+use crate::config::DeepSeekMoeConfig;
+use crate::error::{Error, Result};
+use crate::io::{st_dtype_name, SafetensorsWriter, TensorSpec};
+
+/// Elements generated per independent random stream.
+pub const BLOCK: usize = 1 << 16;
+
+/// How a parameter is initialised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ParamInit {
+    /// normal(0, std).
+    Normal(f64),
+    /// All ones (RMSNorm weights).
+    Ones,
+    /// uniform(−bound, bound).
+    Uniform(f64),
+}
+
+/// One parameter of the model: HF name, shape and initialisation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParamSpec {
+    /// HF parameter name, e.g. `model.layers.3.mlp.experts.17.down_proj.weight`.
+    pub name: String,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Initialisation of a random model.
+    pub init: ParamInit,
+}
+
+/// Every parameter of `cfg` in `state_dict` order (embedding, layers, final norm, lm_head).
+pub fn parameter_specs(cfg: &DeepSeekMoeConfig) -> Vec<ParamSpec> {
+    let h = cfg.hidden_size;
+    let kv = cfg.kv_heads() * cfg.head_dim();
+    let normal = ParamInit::Normal(cfg.initializer_range);
+    let spec = |name: String, shape: Vec<usize>, init: ParamInit| ParamSpec { name, shape, init };
+    let mlp = |out: &mut Vec<ParamSpec>, prefix: String, width: usize| {
+        out.push(spec(
+            format!("{prefix}.gate_proj.weight"),
+            vec![width, h],
+            normal,
+        ));
+        out.push(spec(
+            format!("{prefix}.up_proj.weight"),
+            vec![width, h],
+            normal,
+        ));
+        out.push(spec(
+            format!("{prefix}.down_proj.weight"),
+            vec![h, width],
+            normal,
+        ));
+    };
+    let mut out = vec![spec(
+        "model.embed_tokens.weight".into(),
+        vec![cfg.vocab_size, h],
+        normal,
+    )];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        for (n, o) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
+            out.push(spec(
+                format!("{p}.self_attn.{n}.weight"),
+                vec![o, h],
+                normal,
+            ));
+        }
+        if cfg.is_moe_layer(i) {
+            for j in 0..cfg.routed_experts() {
+                mlp(
+                    &mut out,
+                    format!("{p}.mlp.experts.{j}"),
+                    cfg.moe_intermediate_size,
+                );
+            }
+            out.push(spec(
+                format!("{p}.mlp.gate.weight"),
+                vec![cfg.routed_experts(), h],
+                ParamInit::Uniform(1.0 / (h as f64).sqrt()),
+            ));
+            if let Some(w) = cfg.shared_intermediate() {
+                mlp(&mut out, format!("{p}.mlp.shared_experts"), w);
+            }
+        } else {
+            mlp(&mut out, format!("{p}.mlp"), cfg.intermediate_size);
+        }
+        for n in ["input_layernorm", "post_attention_layernorm"] {
+            out.push(spec(format!("{p}.{n}.weight"), vec![h], ParamInit::Ones));
+        }
+    }
+    out.push(spec("model.norm.weight".into(), vec![h], ParamInit::Ones));
+    if !cfg.tie_word_embeddings {
+        out.push(spec(
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            normal,
+        ));
+    }
+    out
+}
+
+/// Options of [`write_random_checkpoint`].
+#[derive(Debug, Clone)]
+pub struct RandomCheckpointOptions {
+    /// Seed of every tensor.
+    pub seed: u64,
+    /// dtype of the weights (bf16 as the released checkpoint, f16 or f32).
+    pub dtype: DType,
+    /// Largest shard in bytes (5 GB as `save_pretrained`).
+    pub max_shard_bytes: usize,
+}
+
+impl Default for RandomCheckpointOptions {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            dtype: DType::BF16,
+            max_shard_bytes: 5_000_000_000,
+        }
+    }
+}
+
+/// What [`write_random_checkpoint`] wrote.
+#[derive(Debug, Clone)]
+pub struct RandomCheckpointReport {
+    /// Shard files, in order.
+    pub shards: Vec<PathBuf>,
+    /// Bytes of tensor data.
+    pub bytes: usize,
+    /// Parameters.
+    pub parameters: usize,
+}
+
+/// SplitMix64, one independent stream per `(seed, tensor, block)`.
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Two independent uniforms in (0, 1].
+    fn uniforms(&mut self) -> (f32, f32) {
+        let r = self.next();
+        let a = ((r >> 40) as f32 + 1.0) / (1u64 << 24) as f32;
+        let b = (((r >> 16) & 0xFF_FFFF) as f32 + 1.0) / (1u64 << 24) as f32;
+        (a, b)
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Fills `out` (one block) with the values of `init`.
+fn fill_block(out: &mut [f32], init: ParamInit, stream: u64) {
+    let mut rng = SplitMix(stream);
+    match init {
+        ParamInit::Ones => out.fill(1.0),
+        ParamInit::Uniform(bound) => {
+            let b = bound as f32;
+            for x in out.iter_mut() {
+                let (u, _) = rng.uniforms();
+                *x = (2.0 * u - 1.0) * b;
+            }
+        }
+        ParamInit::Normal(std) => {
+            // Box–Muller: two normals per pair of uniforms.
+            let s = std as f32;
+            for pair in out.chunks_mut(2) {
+                let (u1, u2) = rng.uniforms();
+                let r = (-2.0 * u1.ln()).sqrt() * s;
+                let (sn, cs) = (std::f32::consts::TAU * u2).sin_cos();
+                pair[0] = r * cs;
+                if pair.len() > 1 {
+                    pair[1] = r * sn;
+                }
+            }
+        }
+    }
+}
+
+/// The little-endian bytes of one random parameter in `dtype`.
+pub fn random_param_bytes(spec: &ParamSpec, seed: u64, dtype: DType) -> Result<Vec<u8>> {
+    let n: usize = spec.shape.iter().product();
+    let esz = dtype.size_in_bytes();
+    let mut bytes = vec![0u8; n * esz];
+    let base = seed ^ fnv(&spec.name);
+    bytes
+        .par_chunks_mut(BLOCK * esz)
+        .enumerate()
+        .try_for_each(|(i, out)| -> Result<()> {
+            let mut vals = vec![0f32; out.len() / esz];
+            let stream = base.wrapping_add((i as u64).wrapping_mul(0xD1B5_4A32_D192_ED03));
+            fill_block(&mut vals, spec.init, stream);
+            match dtype {
+                DType::F32 => out.copy_from_slice(bytemuck::cast_slice(&vals)),
+                DType::BF16 => {
+                    for (o, v) in out.chunks_exact_mut(2).zip(&vals) {
+                        o.copy_from_slice(&half::bf16::from_f32(*v).to_bits().to_le_bytes());
+                    }
+                }
+                DType::F16 => {
+                    for (o, v) in out.chunks_exact_mut(2).zip(&vals) {
+                        o.copy_from_slice(&half::f16::from_f32(*v).to_bits().to_le_bytes());
+                    }
+                }
+                other => {
+                    return Err(Error::InvalidInput(format!(
+                        "random checkpoint dtype {other:?} (bf16, f16 or f32)"
+                    )))
+                }
+            }
+            Ok(())
+        })?;
+    Ok(bytes)
+}
+
+/// Writes a random checkpoint of `cfg` into `dir` (see the module docs). A generator thread
+/// produces the next tensor while the current one is written.
+pub fn write_random_checkpoint(
+    cfg: &DeepSeekMoeConfig,
+    dir: &Path,
+    opts: &RandomCheckpointOptions,
+) -> Result<RandomCheckpointReport> {
+    cfg.validate()?;
+    st_dtype_name(opts.dtype)?;
+    if !matches!(opts.dtype, DType::BF16 | DType::F16 | DType::F32) {
+        return Err(Error::InvalidInput(format!(
+            "random checkpoint dtype {:?} (bf16, f16 or f32)",
+            opts.dtype
+        )));
+    }
+    if opts.max_shard_bytes == 0 {
+        return Err(Error::InvalidInput(
+            "max_shard_bytes must be positive".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let specs = parameter_specs(cfg);
+    let esz = opts.dtype.size_in_bytes();
+    // Shard plan as save_pretrained: a new shard when the next tensor would overflow.
+    let mut plan: Vec<Vec<usize>> = vec![vec![]];
+    let mut size = 0usize;
+    for (i, s) in specs.iter().enumerate() {
+        let b = s.shape.iter().product::<usize>() * esz;
+        if size > 0 && size + b > opts.max_shard_bytes {
+            plan.push(vec![]);
+            size = 0;
+        }
+        plan.last_mut().expect("non-empty").push(i);
+        size += b;
+    }
+    let n = plan.len();
+    let names: Vec<String> = if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
+    };
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+    let gen_specs = specs.clone();
+    let (seed, dtype) = (opts.seed, opts.dtype);
+    let generator = std::thread::spawn(move || {
+        for s in &gen_specs {
+            if tx.send(random_param_bytes(s, seed, dtype)).is_err() {
+                return;
+            }
+        }
+    });
+    let mut weight_map = BTreeMap::new();
+    let mut shards = Vec::with_capacity(n);
+    let mut total = 0usize;
+    let mut result = Ok(());
+    for (k, idx) in plan.iter().enumerate() {
+        let path = dir.join(&names[k]);
+        let tspecs: Vec<TensorSpec> = idx
+            .iter()
+            .map(|&i| TensorSpec::new(specs[i].name.clone(), opts.dtype, &specs[i].shape))
+            .collect();
+        let mut w = match SafetensorsWriter::create(&path, tspecs, None) {
+            Ok(w) => w,
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        };
+        for &i in idx {
+            let bytes = match rx.recv() {
+                Ok(b) => b,
+                Err(_) => Err(Error::InvalidInput("the generator thread stopped".into())),
+            };
+            if let Err(e) = bytes.and_then(|b| {
+                total += b.len();
+                w.write_bytes(&b)
+            }) {
+                result = Err(e);
+                break;
+            }
+            weight_map.insert(specs[i].name.clone(), names[k].clone());
+        }
+        if result.is_err() {
+            break;
+        }
+        match w.finish() {
+            Ok(p) => shards.push(p),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    drop(rx);
+    let _ = generator.join();
+    result?;
+    if n > 1 {
+        let index = serde_json::json!({
+            "metadata": {"total_size": total},
+            "weight_map": weight_map,
+        });
+        let p = dir.join("model.safetensors.index.json");
+        let text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
+            path: p.display().to_string(),
+            source,
+        })?;
+        std::fs::write(&p, text + "\n").map_err(|source| Error::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+    }
+    let mut c = cfg.clone();
+    c.torch_dtype = Some(
+        match opts.dtype {
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+            _ => "float32",
+        }
+        .into(),
+    );
+    c.quantization_config = None;
+    c.to_file(dir.join("config.json"))?;
+    Ok(RandomCheckpointReport {
+        shards,
+        bytes: total,
+        parameters: specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{DeepSeekMoe, LoadOptions};
+
+    #[test]
+    fn specs_are_the_models_weights() -> Result<()> {
+        let cfg = DeepSeekMoeConfig::tiny(96);
+        let specs = parameter_specs(&cfg);
+        let total: usize = specs
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        assert_eq!(total, cfg.num_parameters());
+        let model = DeepSeekMoe::random(cfg, &LoadOptions::default(), 0)?;
+        let mut seen = BTreeMap::new();
+        model.visit_weights(&mut |name, w| {
+            seen.insert(name.to_string(), w.shape());
+            Ok(())
+        })?;
+        let mine: BTreeMap<String, Vec<usize>> = specs
+            .iter()
+            .map(|s| (s.name.clone(), s.shape.clone()))
+            .collect();
+        assert_eq!(mine, seen);
+        Ok(())
+    }
+
+    #[test]
+    fn values_follow_the_init_and_the_seed() -> Result<()> {
+        let spec = ParamSpec {
+            name: "w".into(),
+            shape: vec![300, 1000],
+            init: ParamInit::Normal(0.02),
+        };
+        let a = random_param_bytes(&spec, 7, DType::F32)?;
+        let v: &[f32] = bytemuck::cast_slice(&a);
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / v.len() as f64;
+        assert!(mean.abs() < 2e-4, "{mean}");
+        assert!((var.sqrt() - 0.02).abs() < 2e-4, "{}", var.sqrt());
+        assert_eq!(a, random_param_bytes(&spec, 7, DType::F32)?);
+        assert_ne!(a, random_param_bytes(&spec, 8, DType::F32)?);
+        let u = ParamSpec {
+            init: ParamInit::Uniform(0.5),
+            ..spec.clone()
+        };
+        let b = random_param_bytes(&u, 1, DType::F32)?;
+        let v: &[f32] = bytemuck::cast_slice(&b);
+        assert!(v.iter().all(|x| x.abs() <= 0.5));
+        assert!(v.iter().any(|x| *x > 0.45) && v.iter().any(|x| *x < -0.45));
+        let h = random_param_bytes(&spec, 7, DType::BF16)?;
+        assert_eq!(h.len(), 600_000);
+        Ok(())
+    }
+
+    #[test]
+    fn sharded_checkpoint_loads() -> Result<()> {
+        let dir = tempfile::tempdir().map_err(|source| Error::Io {
+            path: "tempdir".into(),
+            source,
+        })?;
+        let cfg = DeepSeekMoeConfig::tiny(96);
+        let rep = write_random_checkpoint(
+            &cfg,
+            dir.path(),
+            &RandomCheckpointOptions {
+                seed: 3,
+                dtype: DType::F32,
+                max_shard_bytes: 200_000,
+            },
+        )?;
+        assert!(rep.shards.len() > 1);
+        assert_eq!(rep.bytes, 4 * cfg.num_parameters());
+        let m = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())?;
+        let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2]], &candle_core::Device::Cpu)?;
+        let out = m.forward_t(&ids, None, false)?;
+        let l = out.logits.flatten_all()?.to_vec1::<f32>()?;
+        assert!(l.iter().all(|x| x.is_finite()));
+        Ok(())
+    }
+}
