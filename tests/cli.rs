@@ -525,3 +525,146 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued()
     assert!(o.contains("starting from the adapter"), "{o}");
     assert!(next.join("adapter_model.safetensors").exists());
 }
+
+/// The losses of `metrics.jsonl` in `dir`, in step order.
+fn losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn random_checkpoint_then_train_save_quantized_reload_and_pack() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    // A random tiny checkpoint in HF layout, several bf16 shards, with DeepSeek's tokenizer.
+    let out = ok(
+        "random-checkpoint",
+        &[
+            "--preset",
+            "tiny",
+            "--output_dir",
+            s(&ck),
+            "--max_shard_size",
+            "10MB",
+            "--seed",
+            "5",
+        ],
+    );
+    assert!(out.contains("shard"), "{out}");
+    for f in [
+        "config.json",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(ck.join(f).exists(), "{f} missing");
+    }
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.parquet"
+    );
+    let q = tmp.path().join("q");
+    let train = |model: &Path, out: &Path, extra: &[&str]| -> String {
+        let mut a = vec![
+            "--model_name_or_path",
+            s(model),
+            "--data_path",
+            data,
+            "--output_dir",
+            s(out),
+            "--use_lora",
+            "True",
+            "--bits",
+            "4",
+            "--lora_r",
+            "8",
+            "--learning_rate",
+            "3e-3",
+            "--max_steps",
+            "3",
+            "--save_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "4",
+            "--model_max_length",
+            "128",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+        ];
+        a.extend(extra);
+        ok("qlora-train", &a)
+    };
+    let a = tmp.path().join("a");
+    let out = train(&ck, &a, &["--save_quantized", s(&q)]);
+    assert!(out.contains("saved the quantized base"), "{out}");
+    assert!(out.contains("first step done"), "{out}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(q.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["quantization_config"]["quant_method"], "bitsandbytes");
+    assert!(q.join("tokenizer.json").exists());
+    // Training from the quantized directory skips quantization and gives the same run.
+    let b = tmp.path().join("b");
+    train(&q, &b, &[]);
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 3);
+    assert_eq!(la, lb, "quantized reload changes the losses");
+    // The adapter evaluates the same on both bases.
+    let eval = |model: &Path| {
+        eval_loss(&[
+            "--model_name_or_path",
+            s(model),
+            "--adapter",
+            s(&a),
+            "--data_path",
+            data,
+            "--model_max_length",
+            "128",
+            "--bits",
+            "4",
+        ])
+    };
+    assert_eq!(eval(&ck), eval(&q));
+    // Packing: rows of 128 tokens hold several examples; far less padding, same data.
+    let p = tmp.path().join("p");
+    let out = train(&ck, &p, &["--packing", "True"]);
+    let pad = |o: &str| -> f64 {
+        let l = o.lines().find(|l| l.starts_with("run:")).expect("run line");
+        let v = l.split("padding ").nth(1).unwrap();
+        v[..v.find('%').unwrap()].parse().unwrap()
+    };
+    let unpacked = pad(&train(&ck, &tmp.path().join("u"), &[]));
+    let packed = pad(&out);
+    assert!(
+        packed < unpacked / 2.0 && packed < 20.0,
+        "padding packed {packed}% vs unpacked {unpacked}%"
+    );
+    // Merge at bounded memory from the quantized base: the program reports what it did.
+    let m = tmp.path().join("merged");
+    let out = ok(
+        "merge-adapter",
+        &[
+            "--model_name_or_path",
+            s(&q),
+            "--adapter",
+            s(&a),
+            "--output_dir",
+            s(&m),
+            "--dtype",
+            "bf16",
+        ],
+    );
+    assert!(out.contains("peak host RSS"), "{out}");
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("config.json")).unwrap()).unwrap();
+    assert!(cfg.get("quantization_config").is_none());
+    assert!(m.join("tokenizer.json").exists());
+}

@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use moe_peft_model::io::{SafetensorsWriter, TensorSpec};
+use moe_peft_model::io::{
+    plan_shards, shard_file_names, torch_dtype_name, write_shard_index, SafetensorsWriter,
+    TensorSpec,
+};
 use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig};
 
 use crate::config::LoraConfig;
@@ -183,30 +186,20 @@ pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Resul
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let elem = opts.dtype.size_in_bytes();
-    let mut plan: Vec<Vec<String>> = vec![vec![]];
-    let mut sizes = vec![0usize];
-    let mut total = 0usize;
+    let mut all: Vec<String> = Vec::new();
+    let mut sizes = Vec::new();
     model.visit_weights(&mut |name, w| {
-        let bytes = w.shape().iter().product::<usize>() * elem;
-        let last = plan.len() - 1;
-        if sizes[last] > 0 && sizes[last] + bytes > opts.max_shard_bytes {
-            plan.push(vec![]);
-            sizes.push(0);
-        }
-        let last = plan.len() - 1;
-        plan[last].push(name.to_string());
-        sizes[last] += bytes;
-        total += bytes;
+        all.push(name.to_string());
+        sizes.push(w.shape().iter().product::<usize>() * elem);
         Ok(())
     })?;
+    let total: usize = sizes.iter().sum();
+    let plan: Vec<Vec<String>> = plan_shards(&sizes, opts.max_shard_bytes)
+        .into_iter()
+        .map(|r| all[r].to_vec())
+        .collect();
     let n = plan.len();
-    let names: Vec<String> = if n == 1 {
-        vec!["model.safetensors".into()]
-    } else {
-        (1..=n)
-            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
-            .collect()
-    };
+    let names = shard_file_names(n);
     let mut weight_map = BTreeMap::new();
     let mut written = Vec::new();
     for (i, shard) in plan.iter().enumerate() {
@@ -235,25 +228,11 @@ pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Resul
         written.push(path);
     }
     if n > 1 {
-        let index = serde_json::json!({
-            "metadata": {"total_size": total},
-            "weight_map": weight_map,
-        });
-        let p = dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index).map_err(|e| Error::json(&p, e))?;
-        write_atomic(&p, text.as_bytes())?;
-        written.push(p);
+        written.push(write_shard_index(dir, total, &weight_map)?);
     }
     let mut cfg: DeepSeekMoeConfig = model.config().clone();
     cfg.quantization_config = None;
-    cfg.torch_dtype = Some(
-        match opts.dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        }
-        .into(),
-    );
+    cfg.torch_dtype = Some(torch_dtype_name(opts.dtype).into());
     let p = dir.join("config.json");
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::json(&p, e))?;
     write_atomic(&p, (text + "\n").as_bytes())?;

@@ -16,7 +16,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use moe_peft_model::io::{SafetensorsWriter, TensorSpec};
+use moe_peft_model::io::{
+    plan_shards, shard_file_names, torch_dtype_name, write_shard_index, SafetensorsWriter,
+    TensorSpec,
+};
 use moe_peft_model::{Checkpoint, DeepSeekMoeConfig};
 use moe_peft_quant::{Nf4Config, Nf4Tensor};
 
@@ -178,8 +181,9 @@ pub fn merge_checkpoint(
         }
         specs_all.push(TensorSpec::new(n.clone(), opts.dtype, &shape));
     }
+    let known: std::collections::HashSet<&String> = names.iter().collect();
     for n in sites.keys().chain(replace.keys()) {
-        if !names.contains(n) {
+        if !known.contains(n) {
             return Err(Error::AdapterMismatch {
                 file: afile.clone(),
                 reason: format!("the base checkpoint has no `{n}` for this adapter"),
@@ -188,25 +192,13 @@ pub fn merge_checkpoint(
     }
 
     // Shards as save_pretrained plans them.
-    let mut plan: Vec<Vec<TensorSpec>> = vec![vec![]];
-    let mut size = 0;
-    for s in specs_all {
-        let b = s.byte_len();
-        if size > 0 && size + b > opts.max_shard_bytes {
-            plan.push(vec![]);
-            size = 0;
-        }
-        size += b;
-        plan.last_mut().expect("non-empty").push(s);
-    }
+    let sizes: Vec<usize> = specs_all.iter().map(TensorSpec::byte_len).collect();
+    let plan: Vec<Vec<TensorSpec>> = plan_shards(&sizes, opts.max_shard_bytes)
+        .into_iter()
+        .map(|r| specs_all[r].to_vec())
+        .collect();
     let n = plan.len();
-    let fnames: Vec<String> = if n == 1 {
-        vec!["model.safetensors".into()]
-    } else {
-        (1..=n)
-            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
-            .collect()
-    };
+    let fnames = shard_file_names(n);
     std::fs::create_dir_all(out_dir).map_err(|e| Error::io(out_dir, e))?;
     let dev = &opts.device;
     let mut report = MergeReport {
@@ -281,24 +273,12 @@ pub fn merge_checkpoint(
         });
     }
     if n > 1 {
-        let index = serde_json::json!({
-            "metadata": {"total_size": report.bytes},
-            "weight_map": weight_map,
-        });
-        let p = out_dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index).map_err(|e| Error::json(&p, e))?;
-        write_atomic(&p, text.as_bytes())?;
-        report.files.push(p);
+        report
+            .files
+            .push(write_shard_index(out_dir, report.bytes, &weight_map)?);
     }
     cfg.quantization_config = None;
-    cfg.torch_dtype = Some(
-        match opts.dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        }
-        .into(),
-    );
+    cfg.torch_dtype = Some(torch_dtype_name(opts.dtype).into());
     let p = out_dir.join("config.json");
     let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::json(&p, e))?;
     write_atomic(&p, (text + "\n").as_bytes())?;

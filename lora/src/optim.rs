@@ -307,10 +307,11 @@ impl AdamW {
             let contiguous = first.is_some_and(|f| {
                 let mut at = f.start;
                 keys.iter().all(|k| {
-                    let e = ck.entry(k).expect("checked above");
-                    let ok = e.start == at && e.file == f.file;
-                    at = e.start + e.len as u64;
-                    ok && moe_peft_model::io::dtype_from_st(e.dtype) == Some(md)
+                    ck.entry(k).is_some_and(|e| {
+                        let ok = e.start == at && e.file == f.file;
+                        at = e.start + e.len as u64;
+                        ok && moe_peft_model::io::dtype_from_st(e.dtype) == Some(md)
+                    })
                 })
             });
             if contiguous {

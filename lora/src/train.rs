@@ -74,6 +74,7 @@ impl TrainBatch {
     pub fn tokens(&self) -> Result<usize> {
         Ok(self
             .attention_mask
+            .to_dtype(DType::U32)?
             .ne(0u32)?
             .to_dtype(DType::F32)?
             .sum_all()?

@@ -277,6 +277,69 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], chunk_bytes: usiz
     Ok(())
 }
 
+/// Splits tensors of `sizes` bytes (in order) into shards as `save_pretrained` does: a new shard
+/// starts when the next tensor would take the current one past `max_shard_bytes`. Returns the
+/// index range of each shard (at least one, possibly empty).
+pub fn plan_shards(sizes: &[usize], max_shard_bytes: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut size) = (0, 0);
+    for (i, &b) in sizes.iter().enumerate() {
+        if size > 0 && size + b > max_shard_bytes {
+            out.push(start..i);
+            start = i;
+            size = 0;
+        }
+        size += b;
+    }
+    out.push(start..sizes.len());
+    out
+}
+
+/// File names of `n` shards: `model.safetensors` alone, else `model-0000i-of-0000n.safetensors`.
+pub fn shard_file_names(n: usize) -> Vec<String> {
+    if n == 1 {
+        vec!["model.safetensors".into()]
+    } else {
+        (1..=n)
+            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
+            .collect()
+    }
+}
+
+/// Writes `model.safetensors.index.json` (total data bytes and tensor → shard map) into `dir`.
+pub fn write_shard_index(
+    dir: &Path,
+    total_bytes: usize,
+    weight_map: &BTreeMap<String, String>,
+) -> Result<PathBuf> {
+    let index = serde_json::json!({
+        "metadata": {"total_size": total_bytes},
+        "weight_map": weight_map,
+    });
+    let p = dir.join("model.safetensors.index.json");
+    let text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
+        path: p.display().to_string(),
+        source,
+    })?;
+    let tmp = tmp_path(&p);
+    std::fs::write(&tmp, text + "\n")
+        .and_then(|_| std::fs::rename(&tmp, &p))
+        .map_err(|source| Error::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+    Ok(p)
+}
+
+/// transformers' `torch_dtype` name of a float dtype (`float32` for anything else).
+pub fn torch_dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::BF16 => "bfloat16",
+        DType::F16 => "float16",
+        _ => "float32",
+    }
+}
+
 /// Little-endian bytes of a CPU tensor's elements (in logical order). Hosts are
 /// little-endian (x86-64, aarch64), so an element's in-memory bytes are its file bytes.
 fn cpu_bytes(t: &Tensor) -> Result<Vec<u8>> {
@@ -464,6 +527,15 @@ mod tests {
         let mut w = SafetensorsWriter::create(&p, specs, None)?;
         assert!(w.write_bytes(&[0u8; 17]).is_err());
         Ok(())
+    }
+
+    #[test]
+    fn shards_are_planned_as_save_pretrained() {
+        assert_eq!(plan_shards(&[3, 3, 3], 6), vec![0..2, 2..3]);
+        assert_eq!(plan_shards(&[10, 1, 1], 6), vec![0..1, 1..3]);
+        assert_eq!(plan_shards(&[], 6), vec![0..0]);
+        assert_eq!(shard_file_names(1), vec!["model.safetensors"]);
+        assert_eq!(shard_file_names(2)[1], "model-00002-of-00002.safetensors");
     }
 
     #[test]

@@ -8,7 +8,7 @@ use candle_core::{DType, Tensor};
 use moe_peft_quant::{Nf4Config, Nf4Linear, QuantType};
 
 use crate::error::{Error, Result};
-use crate::io::save_tensors;
+use crate::io::{plan_shards, save_tensors, shard_file_names, torch_dtype_name, write_shard_index};
 use crate::model::{DeepSeekMoe, WeightRef};
 
 /// Bytes per device-to-host transfer while writing.
@@ -16,11 +16,7 @@ const CHUNK_BYTES: usize = 256 << 20;
 
 /// The `quantization_config` transformers writes for a bitsandbytes 4-bit model.
 pub fn bnb_quantization_config(cfg: &Nf4Config, compute_dtype: DType) -> serde_json::Value {
-    let compute = match compute_dtype {
-        DType::BF16 => "bfloat16",
-        DType::F16 => "float16",
-        _ => "float32",
-    };
+    let compute = torch_dtype_name(compute_dtype);
     serde_json::json!({
         "_load_in_4bit": true,
         "_load_in_8bit": false,
@@ -88,67 +84,32 @@ impl DeepSeekMoe {
         // Shards in model order; inside a shard, tensors grouped by dtype so each group reaches
         // the host in a few large copies.
         let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
-        let mut plan: Vec<Vec<(String, Tensor)>> = vec![vec![]];
-        let mut size = 0;
-        for (n, t) in tensors {
-            let b = bytes(&t);
-            if size > 0 && size + b > max_shard_bytes {
-                plan.push(vec![]);
-                size = 0;
-            }
-            size += b;
-            plan.last_mut().expect("non-empty").push((n, t));
-        }
-        let n = plan.len();
-        let names: Vec<String> = if n == 1 {
-            vec!["model.safetensors".into()]
-        } else {
-            (1..=n)
-                .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
-                .collect()
-        };
+        let sizes: Vec<usize> = tensors.iter().map(|(_, t)| bytes(t)).collect();
+        let ranges = plan_shards(&sizes, max_shard_bytes);
+        let names = shard_file_names(ranges.len());
         let mut weight_map = BTreeMap::new();
         let mut written = Vec::new();
         let mut total = 0usize;
-        for (shard, fname) in plan.iter_mut().zip(&names) {
+        for (range, fname) in ranges.into_iter().zip(&names) {
+            let mut shard = tensors[range].to_vec();
             shard.sort_by_key(|(_, t)| t.dtype().size_in_bytes());
             let path = dir.join(fname);
-            save_tensors(&path, shard, CHUNK_BYTES)?;
-            for (k, t) in shard.iter() {
+            save_tensors(&path, &shard, CHUNK_BYTES)?;
+            for (k, t) in &shard {
                 weight_map.insert(k.clone(), fname.clone());
                 total += bytes(t);
             }
             written.push(path);
         }
-        if n > 1 {
-            let index = serde_json::json!({
-                "metadata": {"total_size": total},
-                "weight_map": weight_map,
-            });
-            let p = dir.join("model.safetensors.index.json");
-            let text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
-                path: p.display().to_string(),
-                source,
-            })?;
-            std::fs::write(&p, text + "\n").map_err(|source| Error::Io {
-                path: p.display().to_string(),
-                source,
-            })?;
-            written.push(p);
+        if names.len() > 1 {
+            written.push(write_shard_index(dir, total, &weight_map)?);
         }
         let mut cfg = self.config().clone();
         cfg.quantization_config = Some(bnb_quantization_config(
             &nf4.unwrap_or_default(),
             self.dtype(),
         ));
-        cfg.torch_dtype = Some(
-            match self.dtype() {
-                DType::BF16 => "bfloat16",
-                DType::F16 => "float16",
-                _ => "float32",
-            }
-            .into(),
-        );
+        cfg.torch_dtype = Some(torch_dtype_name(self.dtype()).into());
         let p = dir.join("config.json");
         cfg.to_file(&p)?;
         written.push(p);

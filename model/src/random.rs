@@ -19,7 +19,10 @@ use rayon::prelude::*;
 
 use crate::config::DeepSeekMoeConfig;
 use crate::error::{Error, Result};
-use crate::io::{st_dtype_name, SafetensorsWriter, TensorSpec};
+use crate::io::{
+    plan_shards, shard_file_names, st_dtype_name, torch_dtype_name, write_shard_index,
+    SafetensorsWriter, TensorSpec,
+};
 
 /// Elements generated per independent random stream.
 pub const BLOCK: usize = 1 << 16;
@@ -269,26 +272,16 @@ pub fn write_random_checkpoint(
     })?;
     let specs = parameter_specs(cfg);
     let esz = opts.dtype.size_in_bytes();
-    // Shard plan as save_pretrained: a new shard when the next tensor would overflow.
-    let mut plan: Vec<Vec<usize>> = vec![vec![]];
-    let mut size = 0usize;
-    for (i, s) in specs.iter().enumerate() {
-        let b = s.shape.iter().product::<usize>() * esz;
-        if size > 0 && size + b > opts.max_shard_bytes {
-            plan.push(vec![]);
-            size = 0;
-        }
-        plan.last_mut().expect("non-empty").push(i);
-        size += b;
-    }
+    let sizes: Vec<usize> = specs
+        .iter()
+        .map(|s| s.shape.iter().product::<usize>() * esz)
+        .collect();
+    let plan: Vec<Vec<usize>> = plan_shards(&sizes, opts.max_shard_bytes)
+        .into_iter()
+        .map(|r| r.collect())
+        .collect();
     let n = plan.len();
-    let names: Vec<String> = if n == 1 {
-        vec!["model.safetensors".into()]
-    } else {
-        (1..=n)
-            .map(|i| format!("model-{i:05}-of-{n:05}.safetensors"))
-            .collect()
-    };
+    let names = shard_file_names(n);
     let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
     let gen_specs = specs.clone();
     let (seed, dtype) = (opts.seed, opts.dtype);
@@ -345,29 +338,10 @@ pub fn write_random_checkpoint(
     let _ = generator.join();
     result?;
     if n > 1 {
-        let index = serde_json::json!({
-            "metadata": {"total_size": total},
-            "weight_map": weight_map,
-        });
-        let p = dir.join("model.safetensors.index.json");
-        let text = serde_json::to_string_pretty(&index).map_err(|source| Error::Json {
-            path: p.display().to_string(),
-            source,
-        })?;
-        std::fs::write(&p, text + "\n").map_err(|source| Error::Io {
-            path: p.display().to_string(),
-            source,
-        })?;
+        write_shard_index(dir, total, &weight_map)?;
     }
     let mut c = cfg.clone();
-    c.torch_dtype = Some(
-        match opts.dtype {
-            DType::BF16 => "bfloat16",
-            DType::F16 => "float16",
-            _ => "float32",
-        }
-        .into(),
-    );
+    c.torch_dtype = Some(torch_dtype_name(opts.dtype).into());
     c.quantization_config = None;
     c.to_file(dir.join("config.json"))?;
     Ok(RandomCheckpointReport {
