@@ -40,6 +40,9 @@ use common::{parse_bool, JsonLines};
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "qlora-train",
+    // A flag given twice takes its last value, as argparse does (so a README command can be
+    // run with a changed --save_steps appended).
+    args_override_self = true,
     about = "LoRA/QLoRA fine-tuning of DeepSeekMoE (flags as DeepSeek-MoE finetune.py). Run with no arguments for a CPU demo."
 )]
 struct Args {

@@ -6,7 +6,8 @@
 set -u
 . tools/gpu/common.sh
 stage adapter 300 "$B/qlora-train" --model_name_or_path "$CK" --output_dir "$WORK/ad" "${WALK[@]}" \
-  "${FAST[@]}" --max_steps 1 --save_strategy no --summary_json "$O/ad.json"
+  "${FAST[@]}" --max_steps 1 --warmup_steps 0 --learning_rate 1e-4 --save_strategy no \
+  --summary_json "$O/ad.json"
 stage merge 420 "$B/merge-adapter" --model_name_or_path "$CK" --adapter "$WORK/ad" \
   --output_dir "$WORK/merged" --bits 4 --dtype bf16
 du -sh "$WORK/merged"; ls "$WORK/merged" | head; rm -rf "$WORK/merged"
