@@ -109,34 +109,39 @@ impl LoraModel {
     pub fn load_adapter_weights(&mut self, path: &Path) -> Result<()> {
         let file = path.display().to_string();
         let dev = self.model().device().clone();
-        let loaded =
-            candle_core::safetensors::load(path, &dev).map_err(|e| Error::SafeTensors {
+        // Read one tensor at a time (positioned reads): host memory stays near one tensor.
+        let ck = moe_peft_model::Checkpoint::open_files(&[path.to_path_buf()]).map_err(|e| {
+            Error::SafeTensors {
                 path: file.clone(),
                 reason: e.to_string(),
-            })?;
-        let mut loaded: HashMap<String, Tensor> = loaded
+            }
+        })?;
+        let mut loaded: HashMap<String, String> = ck
+            .names()
             .into_iter()
-            .map(|(k, v)| {
+            .map(|k| {
                 (
                     k.replace(".default.weight", ".weight")
                         .replace(".modules_to_save.default", ""),
-                    v,
+                    k,
                 )
             })
             .collect();
         for (key, var) in self.trainable_vars() {
-            let t = loaded.remove(&key).ok_or_else(|| Error::AdapterMismatch {
+            let stored = loaded.remove(&key).ok_or_else(|| Error::AdapterMismatch {
                 file: file.clone(),
                 reason: format!("tensor `{key}` is missing"),
             })?;
-            if t.dims() != var.dims() {
+            let shape = ck.shape(&stored).unwrap_or_default().to_vec();
+            if shape != var.dims() {
                 return Err(Error::ShapeMismatch {
                     name: key,
                     file,
                     expected: var.dims().to_vec(),
-                    got: t.dims().to_vec(),
+                    got: shape,
                 });
             }
+            let t = ck.get_raw(&stored, &dev)?;
             var.set(&t.to_dtype(var.dtype())?)?;
         }
         if !loaded.is_empty() {

@@ -264,7 +264,7 @@ impl AdamW {
         let mut w = SafetensorsWriter::create(path, specs, None)?;
         for flat in [&self.m_flat, &self.v_flat] {
             for chunk in HostChunks::new(flat, 0, total, HOST_CHUNK_BYTES / md.size_in_bytes()) {
-                w.write_bytes(&chunk?)?;
+                w.write_host(chunk?)?;
             }
         }
         w.write_bytes(&(self.step as u32).to_le_bytes())?;

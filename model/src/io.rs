@@ -6,7 +6,7 @@
 //! name only when [`SafetensorsWriter::finish`] has flushed and synced it (temporary file +
 //! rename).
 //!
-//! Device tensors are copied to the host exactly: [`host_bytes`] and [`host_bytes_many`] first
+//! Device tensors are copied to the host exactly: [`to_host_exact`] and [`host_many`] first
 //! copy the wanted elements into a fresh device buffer of exactly that size, because candle's
 //! `to_device`/`to_vec1` of a CUDA *view* transfer the view's whole underlying storage (a
 //! 10,000-way split of one 2.4 GB buffer would move 24 TB). [`HostChunks`] walks a range of a
@@ -80,13 +80,23 @@ impl TensorSpec {
     }
 }
 
+/// A piece of data on its way to the file.
+enum Piece {
+    Bytes(Vec<u8>),
+    /// A contiguous CPU tensor, written from its storage without a copy.
+    Host(Tensor),
+}
+
 /// Writes one safetensors file, header first, then the data of each [`TensorSpec`] in the order
 /// given, from tensors or raw little-endian bytes.
-#[derive(Debug)]
+///
+/// A background thread does the file writes, so the next piece is fetched from the device and
+/// prepared while the previous one goes to disk (at most [`WRITE_QUEUE`] pieces wait).
 pub struct SafetensorsWriter {
     path: PathBuf,
     tmp: PathBuf,
-    file: std::io::BufWriter<std::fs::File>,
+    queue: Option<std::sync::mpsc::SyncSender<Piece>>,
+    thread: Option<std::thread::JoinHandle<std::io::Result<std::fs::File>>>,
     specs: Vec<TensorSpec>,
     /// Byte offset in the data section where each spec ends.
     ends: Vec<usize>,
@@ -101,6 +111,50 @@ pub fn tmp_path(path: &Path) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp"))
+}
+
+/// Pieces that may wait for the write thread.
+pub const WRITE_QUEUE: usize = 2;
+
+impl std::fmt::Debug for SafetensorsWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsWriter")
+            .field("path", &self.path)
+            .field("written", &self.written)
+            .finish()
+    }
+}
+
+/// Calls `f` with the little-endian bytes of a contiguous CPU tensor, without copying them.
+/// Hosts are little-endian (x86-64, aarch64), so an element's memory is its file bytes.
+pub fn with_host_bytes<R>(t: &Tensor, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    use candle_core::{CpuStorage as C, Storage};
+    let (storage, layout) = t.storage_and_layout();
+    let Some((a, b)) = layout.contiguous_offsets() else {
+        return Err(Error::InvalidInput(
+            "with_host_bytes needs a contiguous tensor".into(),
+        ));
+    };
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(Error::InvalidInput(
+            "with_host_bytes needs a CPU tensor".into(),
+        ));
+    };
+    Ok(match cpu {
+        C::U8(v) => f(&v[a..b]),
+        C::U32(v) => f(bytemuck::cast_slice(&v[a..b])),
+        C::I64(v) => f(bytemuck::cast_slice(&v[a..b])),
+        C::BF16(v) => f(bytemuck::cast_slice(&v[a..b])),
+        C::F16(v) => f(bytemuck::cast_slice(&v[a..b])),
+        C::F32(v) => f(bytemuck::cast_slice(&v[a..b])),
+        C::F64(v) => f(bytemuck::cast_slice(&v[a..b])),
+        _ => {
+            return Err(Error::InvalidInput(format!(
+                "dtype {:?} has no byte view here",
+                t.dtype()
+            )))
+        }
+    })
 }
 
 impl SafetensorsWriter {
@@ -154,10 +208,24 @@ impl SafetensorsWriter {
         file.write_all(&(text.len() as u64).to_le_bytes())
             .map_err(io)?;
         file.write_all(text.as_bytes()).map_err(io)?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(WRITE_QUEUE);
+        let thread = std::thread::spawn(move || -> std::io::Result<std::fs::File> {
+            for piece in rx {
+                match piece {
+                    Piece::Bytes(b) => file.write_all(&b)?,
+                    Piece::Host(t) => {
+                        with_host_bytes(&t, |b| file.write_all(b))
+                            .map_err(|e| std::io::Error::other(e.to_string()))??;
+                    }
+                }
+            }
+            file.into_inner().map_err(|e| e.into_error())
+        });
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
-            file,
+            queue: Some(tx),
+            thread: Some(thread),
             specs,
             ends,
             written: 0,
@@ -172,19 +240,50 @@ impl SafetensorsWriter {
 
     /// Appends raw little-endian bytes (any split across tensors is allowed).
     pub fn write_bytes(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send(bytes.len(), Piece::Bytes(bytes.to_vec()))
+    }
+
+    /// Appends the elements of a CPU tensor (any split across tensors is allowed); its storage
+    /// is written as it is, without a copy.
+    pub fn write_host(&mut self, t: Tensor) -> Result<()> {
+        if !t.device().is_cpu() {
+            return Err(Error::InvalidInput(format!(
+                "{}: write_host takes a CPU tensor",
+                self.path.display()
+            )));
+        }
+        let t = if t.is_contiguous() {
+            t
+        } else {
+            t.contiguous()?
+        };
+        let n = t.elem_count() * t.dtype().size_in_bytes();
+        self.send(n, Piece::Host(t))
+    }
+
+    fn send(&mut self, n: usize, piece: Piece) -> Result<()> {
         let total = self.ends.last().copied().unwrap_or(0);
-        if self.written + bytes.len() > total {
+        if self.written + n > total {
             return Err(Error::InvalidInput(format!(
                 "{}: {} bytes more than the header announces",
                 self.path.display(),
-                self.written + bytes.len() - total
+                self.written + n - total
             )));
         }
-        self.file.write_all(bytes).map_err(|source| Error::Io {
-            path: self.tmp.display().to_string(),
-            source,
-        })?;
-        self.written += bytes.len();
+        let sent = self.queue.as_ref().is_some_and(|q| q.send(piece).is_ok());
+        if !sent {
+            // The write thread stopped: its error says why.
+            self.queue = None;
+            let err = match self.thread.take().map(|h| h.join()) {
+                Some(Ok(Err(e))) => e,
+                _ => std::io::Error::other("the write thread stopped"),
+            };
+            return Err(Error::Io {
+                path: self.tmp.display().to_string(),
+                source: err,
+            });
+        }
+        self.written += n;
         while self.next < self.ends.len() && self.ends[self.next] <= self.written {
             self.next += 1;
         }
@@ -216,12 +315,12 @@ impl SafetensorsWriter {
                 t.dims()
             )));
         }
-        let bytes = host_bytes(t)?;
-        self.write_bytes(&bytes)
+        let host = to_host_exact(t)?;
+        self.write_host(host)
     }
 
     /// Flushes, syncs and renames the file into place; every announced byte must be written.
-    pub fn finish(self) -> Result<PathBuf> {
+    pub fn finish(mut self) -> Result<PathBuf> {
         let total = self.ends.last().copied().unwrap_or(0);
         if self.written != total {
             return Err(Error::InvalidInput(format!(
@@ -235,11 +334,16 @@ impl SafetensorsWriter {
             let p = p.display().to_string();
             move |source| Error::Io { path: p, source }
         };
-        let f = self
-            .file
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .map_err(io(&self.tmp))?;
+        self.queue = None;
+        let f = match self.thread.take().map(|h| h.join()) {
+            Some(Ok(r)) => r.map_err(io(&self.tmp))?,
+            _ => {
+                return Err(Error::Io {
+                    path: self.tmp.display().to_string(),
+                    source: std::io::Error::other("the write thread panicked"),
+                })
+            }
+        };
         f.sync_all().map_err(io(&self.tmp))?;
         drop(f);
         std::fs::rename(&self.tmp, &self.path).map_err(io(&self.path))?;
@@ -270,7 +374,7 @@ pub fn save_tensors(path: &Path, tensors: &[(String, Tensor)], chunk_bytes: usiz
             j += 1;
         }
         let group: Vec<&Tensor> = tensors[i..j].iter().map(|(_, t)| t).collect();
-        w.write_bytes(&host_bytes_many(&group)?)?;
+        w.write_host(host_many(&group)?)?;
         i = j;
     }
     w.finish()?;
@@ -340,29 +444,6 @@ pub fn torch_dtype_name(dtype: DType) -> &'static str {
     }
 }
 
-/// Little-endian bytes of a CPU tensor's elements (in logical order). Hosts are
-/// little-endian (x86-64, aarch64), so an element's in-memory bytes are its file bytes.
-fn cpu_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    let flat = t.flatten_all()?;
-    fn cast<T: bytemuck::Pod>(v: Vec<T>) -> Vec<u8> {
-        bytemuck::cast_slice::<T, u8>(&v).to_vec()
-    }
-    Ok(match t.dtype() {
-        DType::U8 => flat.to_vec1::<u8>()?,
-        DType::U32 => cast(flat.to_vec1::<u32>()?),
-        DType::I64 => cast(flat.to_vec1::<i64>()?),
-        DType::BF16 => cast(flat.to_vec1::<half::bf16>()?),
-        DType::F16 => cast(flat.to_vec1::<half::f16>()?),
-        DType::F32 => cast(flat.to_vec1::<f32>()?),
-        DType::F64 => cast(flat.to_vec1::<f64>()?),
-        other => {
-            return Err(Error::InvalidInput(format!(
-                "dtype {other:?} has no byte conversion here"
-            )))
-        }
-    })
-}
-
 /// A device copy holding exactly `t`'s elements (in logical order), so that moving it to the
 /// host transfers nothing else.
 fn exact_device_copy(t: &Tensor) -> Result<Tensor> {
@@ -376,52 +457,66 @@ fn exact_device_copy(t: &Tensor) -> Result<Tensor> {
     Ok(out)
 }
 
+/// A contiguous CPU tensor with `t`'s elements: `t` itself (or its contiguous copy) on the
+/// CPU; from a device, exactly those elements are transferred.
+pub fn to_host_exact(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() {
+        return Ok(if t.is_contiguous() {
+            t.clone()
+        } else {
+            t.contiguous()?
+        });
+    }
+    Ok(exact_device_copy(t)?.to_device(&Device::Cpu)?)
+}
+
 /// Little-endian bytes of a tensor's elements on the host, copying exactly those elements from
 /// a device.
 pub fn host_bytes(t: &Tensor) -> Result<Vec<u8>> {
-    if t.device().is_cpu() {
-        return cpu_bytes(t);
-    }
-    cpu_bytes(&exact_device_copy(t)?.to_device(&Device::Cpu)?)
+    with_host_bytes(&to_host_exact(t)?, <[u8]>::to_vec)
 }
 
-/// The bytes of several tensors of one dtype and device, concatenated, with one transfer
-/// from the device.
-pub fn host_bytes_many(ts: &[&Tensor]) -> Result<Vec<u8>> {
+/// Several tensors of one dtype and device as one flat CPU tensor, with one transfer from the
+/// device.
+pub fn host_many(ts: &[&Tensor]) -> Result<Tensor> {
     let Some(first) = ts.first() else {
-        return Ok(Vec::new());
+        return Ok(Tensor::zeros(0, DType::U8, &Device::Cpu)?);
     };
-    if first.device().is_cpu() || ts.len() == 1 {
-        let mut out = Vec::new();
-        for t in ts {
-            out.extend_from_slice(&host_bytes(t)?);
-        }
-        return Ok(out);
+    if let Some(t) = ts.iter().find(|t| t.dtype() != first.dtype()) {
+        return Err(Error::InvalidInput(format!(
+            "host_many: mixed dtypes {:?} and {:?}",
+            first.dtype(),
+            t.dtype()
+        )));
     }
-    let n: usize = ts.iter().map(|t| t.elem_count()).sum();
+    if ts.len() == 1 {
+        return Ok(to_host_exact(first)?.flatten_all()?);
+    }
+    let flats: Vec<Tensor> = ts
+        .iter()
+        .map(|t| {
+            if t.is_contiguous() {
+                t.flatten_all()
+            } else {
+                t.contiguous()?.flatten_all()
+            }
+        })
+        .collect::<candle_core::Result<_>>()?;
+    if first.device().is_cpu() {
+        return Ok(Tensor::cat(&flats, 0)?);
+    }
+    let n: usize = flats.iter().map(Tensor::elem_count).sum();
     let buf = Tensor::zeros(n, first.dtype(), first.device())?;
     let mut off = 0;
-    for t in ts {
-        if t.dtype() != first.dtype() {
-            return Err(Error::InvalidInput(format!(
-                "host_bytes_many: mixed dtypes {:?} and {:?}",
-                first.dtype(),
-                t.dtype()
-            )));
-        }
-        let flat = if t.is_contiguous() {
-            t.flatten_all()?
-        } else {
-            t.contiguous()?.flatten_all()?
-        };
-        buf.slice_set(&flat, 0, off)?;
-        off += t.elem_count();
+    for f in &flats {
+        buf.slice_set(f, 0, off)?;
+        off += f.elem_count();
     }
-    cpu_bytes(&buf.to_device(&Device::Cpu)?)
+    Ok(buf.to_device(&Device::Cpu)?)
 }
 
-/// The bytes of elements `[start, start + len)` of a 1-D tensor, produced `chunk` elements at a
-/// time (one exact device-to-host copy per chunk).
+/// Elements `[start, start + len)` of a 1-D tensor as CPU tensors of `chunk` elements (one
+/// exact device-to-host copy per chunk).
 #[derive(Debug)]
 pub struct HostChunks<'a> {
     flat: &'a Tensor,
@@ -443,7 +538,8 @@ impl<'a> HostChunks<'a> {
 }
 
 impl Iterator for HostChunks<'_> {
-    type Item = Result<Vec<u8>>;
+    /// A contiguous CPU tensor of the chunk's elements.
+    type Item = Result<Tensor>;
 
     fn next(&mut self) -> Option<Self::Item> {
         if self.pos >= self.end {
@@ -454,7 +550,7 @@ impl Iterator for HostChunks<'_> {
             .flat
             .narrow(0, self.pos, n)
             .map_err(Error::from)
-            .and_then(|v| host_bytes(&v));
+            .and_then(|v| to_host_exact(&v));
         self.pos += n;
         Some(r)
     }
@@ -543,7 +639,7 @@ mod tests {
         let t = Tensor::arange(0f32, 100., &Device::Cpu)?;
         let mut all = Vec::new();
         for c in HostChunks::new(&t, 10, 25, 7) {
-            all.extend_from_slice(&c?);
+            all.extend_from_slice(&with_host_bytes(&c?, <[u8]>::to_vec)?);
         }
         let want: Vec<u8> = (10..35).flat_map(|i| (i as f32).to_le_bytes()).collect();
         assert_eq!(all, want);
