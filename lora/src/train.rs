@@ -599,8 +599,19 @@ impl Trainer {
             std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         }
         std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.lora.save_trainable(&tmp)?;
-        self.opt.save(&tmp.join(OPTIMIZER_STATE))?;
+        // The adapter and the optimizer state are written side by side: each file's device
+        // transfers overlap the other's disk writes.
+        let (lora, opt) = (&self.lora, &self.opt);
+        let (a, o) = std::thread::scope(|s| {
+            let adapter = s.spawn(|| lora.save_trainable(&tmp));
+            let moments = opt.save(&tmp.join(OPTIMIZER_STATE));
+            (adapter.join(), moments)
+        });
+        a.map_err(|_| Error::Checkpoint {
+            path: tmp.display().to_string(),
+            reason: "the adapter writer panicked".into(),
+        })??;
+        o?;
         let state = TrainerState {
             global_step: self.global_step,
             micro_step: self.micro_step,
