@@ -130,7 +130,7 @@ fn run(args: Args) -> Result<()> {
     )?;
     device.synchronize()?;
     let after_load = common::pool_used_mib(&device);
-    moe_peft::quant::reset_pool_peaks(&device)?;
+    moe_peft::kernels::reset_pool_peaks(&device)?;
     let _no_graph = args.no_grad.then(moe_peft::model::grad::no_grad);
     let t = std::time::Instant::now();
     let (mut sum, mut tokens, mut real) = (0f64, 0usize, 0usize);
@@ -145,7 +145,7 @@ fn run(args: Args) -> Result<()> {
     }
     device.synchronize()?;
     let secs = t.elapsed().as_secs_f64();
-    let peak = moe_peft::quant::pool_memory(&device)?.map(|m| m.used_high as f64 / 1048576.0);
+    let peak = moe_peft::kernels::pool_memory(&device)?.map(|m| m.used_high as f64 / 1048576.0);
     eprintln!(
         "evaluated {real} tokens in {secs:.2}s ({:.0} tokens/s){}",
         real as f64 / secs.max(1e-9),

@@ -122,12 +122,12 @@ fn run(args: Args) -> Result<()> {
     )?;
     device.synchronize()?;
     let prefill = t.elapsed().as_secs_f64();
-    moe_peft::quant::reset_pool_peaks(&device)?;
+    moe_peft::kernels::reset_pool_peaks(&device)?;
     let t = Instant::now();
     let out = model.generate(&ids, &gen)?;
     device.synchronize()?;
     let total = t.elapsed().as_secs_f64();
-    let peak = moe_peft::quant::pool_memory(&device)?.map(|m| m.used_high as f64 / 1048576.0);
+    let peak = moe_peft::kernels::pool_memory(&device)?.map(|m| m.used_high as f64 / 1048576.0);
     let text = tok.decode(&out, true)?;
     let text = text.trim_end_matches(REFERENCE_EOT).trim_end();
     println!("{text}");

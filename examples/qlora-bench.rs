@@ -220,7 +220,7 @@ fn run(args: Args) -> Result<()> {
     };
     let mut trainer = Trainer::new(lora, tcfg)?;
     device.synchronize()?;
-    if let Some(m) = moe_peft::quant::pool_memory(&device)? {
+    if let Some(m) = moe_peft::kernels::pool_memory(&device)? {
         println!(
             "memory pool after setup: {:.0} MiB in use (base, adapters, optimizer state), {:.0} MiB reserved",
             m.used as f64 / 1048576.0,
@@ -245,12 +245,12 @@ fn run(args: Args) -> Result<()> {
         let profiled = args.cuda_profiler_step == Some(step + 1);
         if profiled {
             device.synchronize()?;
-            moe_peft::quant::cuda_profiler(&device, true)?;
+            moe_peft::kernels::cuda_profiler(&device, true)?;
         }
         let m = trainer.step(&[batch])?;
         if profiled {
             device.synchronize()?;
-            moe_peft::quant::cuda_profiler(&device, false)?;
+            moe_peft::kernels::cuda_profiler(&device, false)?;
         }
         let timed = step >= args.warmup;
         println!(
@@ -492,9 +492,8 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
     let t = time_it(device, 3, || {
         let xv = Var::from_tensor(&x)?;
         let out = layer.forward(xv.as_tensor(), &ctx, None)?;
-        let gs = moe_peft::model::ops::seed_gradient(&out.hidden, &g)?.backward()?;
-        let _ = lora.grad_sink().drain();
-        drop(gs);
+        let obj = moe_peft::model::ops::seed_gradient(&out.hidden, &g)?;
+        drop(lora.backward(&obj)?);
         Ok(())
     })?;
     println!("profile: decoder layer recompute + backward {}", ms(t));

@@ -3,6 +3,9 @@
 
 /// Instruction data: readers, templates, tokenization, masking, batching.
 pub use moe_peft_data as data;
+/// Compute kernels: softmax, RMSNorm, cross-entropy, SwiGLU, row gather, grouped GEMM,
+/// dropout, AdamW, flat gradients, casts, attached backwards, the device pool.
+pub use moe_peft_kernels as kernels;
 /// Adapters, training, PEFT files, merge and export.
 pub use moe_peft_lora as lora;
 /// DeepSeekMoE in candle.

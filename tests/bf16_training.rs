@@ -31,17 +31,7 @@ use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
 use moe_peft::quant::QuantPolicy;
 
 fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            assert!(
-                std::env::var("MOE_PEFT_REQUIRE_CUDA").as_deref() != Ok("1"),
-                "MOE_PEFT_REQUIRE_CUDA=1 but no CUDA device: {e}"
-            );
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    moe_peft::kernels::cuda_device_or_skip()
 }
 
 const VOCAB: usize = 512;

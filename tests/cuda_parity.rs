@@ -16,13 +16,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn gpu() -> Option<Device> {
-    match Device::new_cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            eprintln!("skipped: no CUDA device ({e})");
-            None
-        }
-    }
+    moe_peft::kernels::cuda_device_or_skip()
 }
 
 fn batch(dev: &Device) -> Result<TrainBatch> {

@@ -37,7 +37,7 @@ pub fn select_device(force_cpu: bool) -> Device {
     }
     match Device::new_cuda(0) {
         Ok(d) => {
-            if let Err(e) = moe_peft::quant::retain_freed_device_memory(&d) {
+            if let Err(e) = moe_peft::kernels::retain_freed_device_memory(&d) {
                 eprintln!("note: could not tune the CUDA memory pool: {e}");
             }
             d
@@ -391,7 +391,7 @@ fn proc_status_kib(key: &str) -> Option<u64> {
 
 /// Device memory in use by this process's CUDA pool, in MiB (None on the CPU).
 pub fn pool_used_mib(device: &Device) -> Option<f64> {
-    moe_peft::quant::pool_memory(device)
+    moe_peft::kernels::pool_memory(device)
         .ok()
         .flatten()
         .map(|m| m.used as f64 / 1048576.0)

@@ -125,10 +125,62 @@ impl EventWriter {
     }
 }
 
+/// These tests run from `tests/tensorboard.rs`, which includes this file (example targets'
+/// own tests are not part of `cargo test`).
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn crc32c_check_value() {
-        assert_eq!(super::crc32c(b"123456789"), 0xE306_9283);
+        // The CRC-32C check value (RFC 3720, B.4).
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    /// Splits a TFRecord file into its records, checking both masked CRCs of each.
+    fn records(bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let len_bytes = &bytes[at..at + 8];
+            let len = u64::from_le_bytes(len_bytes.try_into().unwrap()) as usize;
+            let crc_len = u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap());
+            assert_eq!(
+                crc_len,
+                masked(len_bytes),
+                "length CRC of the record at {at}"
+            );
+            let data = &bytes[at + 12..at + 12 + len];
+            let crc = u32::from_le_bytes(bytes[at + 12 + len..at + 16 + len].try_into().unwrap());
+            assert_eq!(crc, masked(data), "data CRC of the record at {at}");
+            out.push(data.to_vec());
+            at += 16 + len;
+        }
+        out
+    }
+
+    #[test]
+    fn event_file_holds_framed_version_and_scalars() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut w = EventWriter::create(dir.path())?;
+        w.scalar("train/loss", 3, 1.25)?;
+        w.scalar("train/learning_rate", 300, 2e-4)?;
+        let recs = records(&std::fs::read(w.path())?);
+        assert_eq!(recs.len(), 3);
+        // Event: wall_time (0x09, 8 bytes), step (0x10, varint), then the body.
+        let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|x| x == needle);
+        assert_eq!(recs[0][0], 0x09);
+        assert!(find(&recs[0], b"brain.Event:2"));
+        assert_eq!(&recs[1][9..11], &[0x10, 3]);
+        assert!(find(&recs[1], b"train/loss"));
+        let mut v = vec![0x15];
+        v.extend_from_slice(&1.25f32.to_le_bytes());
+        assert!(find(&recs[1], &v), "simple_value 1.25");
+        // step 300 as a varint: 0xAC 0x02
+        assert_eq!(&recs[2][9..12], &[0x10, 0xAC, 0x02]);
+        let mut v = vec![0x15];
+        v.extend_from_slice(&2e-4f32.to_le_bytes());
+        assert!(find(&recs[2], &v), "simple_value 2e-4");
+        Ok(())
     }
 }

@@ -12,6 +12,9 @@ pub enum Error {
     /// Quantization failed.
     #[error(transparent)]
     Quant(#[from] moe_peft_quant::Error),
+    /// A kernel call failed (flat gradients, the AdamW update).
+    #[error(transparent)]
+    Kernels(#[from] moe_peft_kernels::Error),
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
     Io {

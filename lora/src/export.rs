@@ -44,7 +44,7 @@ pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Resu
         .iter()
         .map(|(k, t)| (k.clone(), t.clone()))
         .collect();
-    moe_peft_model::io::save_tensors(path, &list, crate::optim::HOST_CHUNK_BYTES)?;
+    moe_peft_model::io::save_tensors(path, &list, crate::adamw::HOST_CHUNK_BYTES)?;
     Ok(())
 }
 

@@ -5,9 +5,8 @@
 //! tensor, and candle's backward of `narrow` allocates a zero tensor the size of the whole
 //! input per expert (64 experts: 64 full-size buffers per layer). Here the experts run on
 //! detached slices and one op attaches the hand-written input gradient to the grouped input;
-//! the LoRA gradients go to a [`GradSink`] (straight into the trainer's flat gradient buffer).
-//! Per
-//! projection `y = W x + s·B A drop(x)`:
+//! the LoRA gradients go to a gradient sink (straight into the trainer's flat gradient buffer,
+//! or to [`crate::LoraModel::backward`], which returns them with candle's). Per projection `y = W x + s·B A drop(x)`:
 //! `dx = Wᵀ dy + s·drop(Aᵀ (Bᵀ dy))`, `dB = s·dy (A drop(x))ᵀ`, `dA = s·(Bᵀ dy) drop(x)ᵀ`
 //! (rows are tokens), and the gated MLP `down(act(gate x) ⊙ up x)` chains them. The forward
 //! keeps the two pre-activations and each adapter's `A drop(x)` for the backward (the dense
@@ -15,38 +14,63 @@
 //!
 //! When every expert of the layer has an adapter of the same shape, scaling and dropout (the
 //! usual case), each projection type runs across all experts as grouped GEMMs
-//! ([`moe_peft_quant::grouped_matmul`]: one cuBLAS call on CUDA) with one dropout launch
-//! ([`crate::layer::segmented_dropout`]); otherwise expert by expert.
+//! ([`moe_peft_kernels::grouped_matmul`]: one cuBLAS call on CUDA) with one dropout launch
+//! ([`moe_peft_kernels::segmented_dropout`]); otherwise expert by expert.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Tensor, TensorId};
+use moe_peft_kernels::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn};
 use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
-use moe_peft_quant::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn, matmul_t};
+use moe_peft_quant::matmul_t;
 
-use crate::cast::cast_many;
-use crate::flat::FlatGrads;
-use crate::layer::{
-    dropout, segmented_dropout, segmented_dropout_add, LoraLinear, TrainableLinear,
+use moe_peft_kernels::cast_many;
+use moe_peft_kernels::dropout::{
+    hash_dropout as dropout, segmented_dropout, segmented_dropout_add,
 };
+use moe_peft_kernels::FlatGrads;
 
-/// Gradients produced outside candle's graph, keyed by the variable's tensor id. With a
-/// [`FlatGrads`] attached (the trainer does), the gradients of its variables are added there
-/// as they arrive; the others are kept here (as f32) until [`Self::drain`].
+use crate::layer::{LoraLinear, TrainableLinear};
+
+/// Gradients produced outside candle's graph, keyed by the variable's tensor id.
+///
+/// While a [`crate::LoraModel::backward`] call collects, every gradient is kept here (as f32)
+/// for that call to hand out. Otherwise, with a [`FlatGrads`] attached (the trainer does), the
+/// gradients of its variables are added there as they arrive. A gradient with neither is an
+/// error: a plain `loss.backward()` cannot carry the routed experts' adapter gradients, and
+/// must not lose them silently.
 #[derive(Debug, Default)]
-pub struct GradSink {
+pub(crate) struct GradSink {
     grads: Mutex<HashMap<TensorId, Tensor>>,
     flat: RwLock<Option<Arc<FlatGrads>>>,
+    collecting: AtomicUsize,
+}
+
+/// Keeps a [`GradSink`] collecting until dropped.
+pub(crate) struct Collecting<'a>(&'a GradSink);
+
+impl Drop for Collecting<'_> {
+    fn drop(&mut self) {
+        self.0.collecting.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl GradSink {
     /// Adds `g` to the gradient of `id`.
-    pub fn add(&self, id: TensorId, g: Tensor) -> candle_core::Result<()> {
-        if let Ok(f) = self.flat.read() {
-            if let Some(f) = f.as_ref().filter(|f| f.contains(id)) {
-                return f.add(id, &g);
+    pub(crate) fn add(&self, id: TensorId, g: Tensor) -> candle_core::Result<()> {
+        if self.collecting.load(Ordering::SeqCst) == 0 {
+            if let Ok(f) = self.flat.read() {
+                if let Some(f) = f.as_ref().filter(|f| f.contains(id)) {
+                    return f.add(id, &g);
+                }
             }
+            candle_core::bail!(
+                "a routed expert's LoRA gradient has nowhere to go: the fused expert path \
+                 computes these outside candle's graph, so call `LoraModel::backward(&loss)` \
+                 (or train with `Trainer`) instead of `loss.backward()`"
+            );
         }
         let g = g.to_dtype(DType::F32)?;
         let mut m = self
@@ -61,15 +85,21 @@ impl GradSink {
         Ok(())
     }
 
-    /// Sends the gradients of `flat`'s variables there from now on (`None`: keep them here).
-    pub fn set_flat(&self, flat: Option<Arc<FlatGrads>>) {
+    /// Keeps every gradient here until the guard drops (then [`Self::drain`] them).
+    pub(crate) fn collect(&self) -> Collecting<'_> {
+        self.collecting.fetch_add(1, Ordering::SeqCst);
+        Collecting(self)
+    }
+
+    /// Sends the gradients of `flat`'s variables there from now on (`None`: nowhere).
+    pub(crate) fn set_flat(&self, flat: Option<Arc<FlatGrads>>) {
         if let Ok(mut f) = self.flat.write() {
             *f = flat;
         }
     }
 
     /// Takes every gradient kept here out.
-    pub fn drain(&self) -> HashMap<TensorId, Tensor> {
+    pub(crate) fn drain(&self) -> HashMap<TensorId, Tensor> {
         self.grads
             .lock()
             .map(|mut m| std::mem::take(&mut *m))
@@ -216,7 +246,7 @@ pub struct FusedLoraExperts {
 
 impl FusedLoraExperts {
     /// Sends adapter gradients to `sink`.
-    pub fn new(sink: Arc<GradSink>) -> Self {
+    pub(crate) fn new(sink: Arc<GradSink>) -> Self {
         Self { sink }
     }
 }
@@ -257,7 +287,7 @@ fn expert_backward(
 /// `act(g) ⊙ u` (one fused pass for SiLU).
 fn gated(act: Activation, g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     match act {
-        Activation::Silu => moe_peft_quant::swiglu::swiglu(g, u),
+        Activation::Silu => moe_peft_kernels::swiglu::swiglu(g, u),
         act => act.apply(g).map_err(to_candle)? * u,
     }
 }
@@ -270,7 +300,7 @@ fn gated_backward(
     da: &Tensor,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     match act {
-        Activation::Silu => moe_peft_quant::swiglu::swiglu_backward(g, u, da),
+        Activation::Silu => moe_peft_kernels::swiglu::swiglu_backward(g, u, da),
         act => {
             let h = act.apply(g).map_err(to_candle)?;
             let du = (da * &h)?;
@@ -529,7 +559,7 @@ impl ExpertsForward for FusedLoraExperts {
                 return Ok(Some(ys));
             }
             let sink = self.sink.clone();
-            let y = moe_peft_model::ops::with_grad(xs, ys, move |dy| {
+            let y = moe_peft_kernels::attach_backward(xs, ys, move |dy| {
                 let dy = dy.to_dtype(x.dtype())?;
                 grouped.backward(&x, &saved, &dy, &sink)
             })?;
@@ -554,7 +584,7 @@ impl ExpertsForward for FusedLoraExperts {
         }
         let counts = counts.to_vec();
         let sink = self.sink.clone();
-        let y = moe_peft_model::ops::with_grad(xs, ys, move |dy| {
+        let y = moe_peft_kernels::attach_backward(xs, ys, move |dy| {
             let dy = dy.to_dtype(x.dtype())?;
             let mut dxs = Vec::with_capacity(parts.len());
             let mut off = 0;

@@ -5,10 +5,11 @@
 //! adapter's shape from its base, so one config fits attention, dense MLP, routed and shared
 //! experts alike.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor, TensorId, Var};
 use moe_peft_model::{DeepSeekMoe, Embedding, MoeOrMlp, RmsNorm};
 use moe_peft_quant::DenseLinear;
 use rand::{Rng, SeedableRng};
@@ -159,8 +160,51 @@ impl LoraModel {
     }
 
     /// Gradients the fused expert path produced outside candle's graph.
-    pub fn grad_sink(&self) -> &Arc<GradSink> {
+    pub(crate) fn grad_sink(&self) -> &Arc<GradSink> {
         &self.sink
+    }
+
+    /// Every trainable gradient of the scalar `loss`: candle's backward pass plus the routed
+    /// experts' adapter gradients, which the fused expert path computes by hand outside
+    /// candle's graph. A custom training loop calls this instead of `loss.backward()` (which
+    /// fails with an error naming this method when routed-expert adapters are in the graph).
+    /// Like candle's, the store also holds the gradients of intermediate tensors. It works
+    /// with candle's optimizers (`candle_nn::Optimizer::step`) and with
+    /// [`crate::AdamW::step_store`]; [`Self::gradients`] lists it per trainable variable.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let _collecting = self.sink.collect();
+        let gs = loss.backward();
+        let kept = self.sink.drain();
+        let mut gs = gs?;
+        if !kept.is_empty() {
+            let by_id: HashMap<TensorId, Var> = self
+                .trainable_vars()
+                .into_iter()
+                .map(|(_, v)| (v.as_tensor().id(), v))
+                .collect();
+            for (id, g) in kept {
+                let Some(v) = by_id.get(&id) else { continue };
+                let g = g.to_dtype(v.dtype())?;
+                let g = match gs.remove(v.as_tensor()) {
+                    Some(old) => (old + g)?,
+                    None => g,
+                };
+                gs.insert(v.as_tensor(), g);
+            }
+        }
+        Ok(gs)
+    }
+
+    /// The gradient of each trainable variable in `grads`, in [`Self::trainable_vars`] order
+    /// (`None`: the variable got none).
+    pub fn gradients(&self, grads: &GradStore) -> Vec<(String, Option<Tensor>)> {
+        self.trainable_vars()
+            .into_iter()
+            .map(|(k, v)| {
+                let g = grads.get(v.as_tensor()).cloned();
+                (k, g)
+            })
+            .collect()
     }
 
     /// Full fine-tuning: every weight of `model` becomes an f32 `Var` (projections, norms,

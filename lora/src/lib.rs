@@ -7,29 +7,30 @@
 //! forward, initialization, matching rules and file format.
 #![warn(missing_docs)]
 
-pub mod cast;
+pub mod adamw;
+pub mod clip;
 pub mod config;
 pub mod error;
 pub mod export;
-pub mod flat;
 pub mod fused;
 pub mod inject;
 pub mod layer;
 pub mod merge;
-pub mod optim;
+pub mod schedule;
 pub mod train;
 
+pub use adamw::{AdamW, AdamWConfig};
+pub use clip::{clip_coefficient, clip_grad_norm, global_norm};
 pub use config::{InitLoraWeights, LayerSelection, LoraConfig, TargetModules, DEEPSEEK_TARGETS};
 pub use error::{Error, Result};
 pub use export::{
     export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
-pub use flat::FlatGrads;
-pub use fused::{FusedLoraExperts, GradSink};
+pub use fused::FusedLoraExperts;
 pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};
 pub use merge::{merge_checkpoint, MergeOptions, MergeReport};
-pub use optim::{clip_grad_norm, global_norm, AdamW, AdamWConfig, Schedule};
+pub use schedule::Schedule;
 pub use train::{
     latest_checkpoint, list_checkpoints, MicroGrads, PhaseTimes, StepMetrics, TrainBatch,
     TrainConfig, Trainer, TrainerState, OPTIMIZER_STATE, TRAINER_STATE,

@@ -19,11 +19,12 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
+use crate::adamw::{AdamW, AdamWConfig};
 use crate::error::{Error, Result};
 use crate::export::write_atomic;
-use crate::flat::FlatGrads;
 use crate::inject::LoraModel;
-use crate::optim::{AdamW, AdamWConfig, Schedule};
+use crate::schedule::Schedule;
+use moe_peft_kernels::FlatGrads;
 
 /// One micro-batch on the model's device.
 #[derive(Debug, Clone)]
@@ -361,10 +362,10 @@ impl Trainer {
                 2 => p.backward += secs,
                 _ => p.optimizer += secs,
             }
-            if let Some(m) = moe_peft_quant::pool_memory(dev)? {
+            if let Some(m) = moe_peft_kernels::pool_memory(dev)? {
                 let mib = m.used_high as f64 / (1024.0 * 1024.0);
                 p.peak_mib[phase] = p.peak_mib[phase].max(mib);
-                moe_peft_quant::reset_pool_peaks(dev)?;
+                moe_peft_kernels::reset_pool_peaks(dev)?;
             }
             *t = Instant::now();
         }
@@ -502,7 +503,7 @@ impl Trainer {
         let start = Instant::now();
         *self.phases.borrow_mut() = PhaseTimes::default();
         if self.cfg.profile {
-            moe_peft_quant::reset_pool_peaks(self.lora.model().device())?;
+            moe_peft_kernels::reset_pool_peaks(self.lora.model().device())?;
         }
         let scale = 1.0 / micro.len() as f64;
         self.grads.zero()?;
@@ -531,12 +532,7 @@ impl Trainer {
             });
         }
         let lr = self.cfg.lr_at(self.global_step);
-        // torch's clip_grad_norm_: scale by max_norm / (norm + 1e-6) when that is below 1.
-        let clip = if self.cfg.max_grad_norm > 0.0 {
-            (self.cfg.max_grad_norm / (grad_norm + 1e-6)).min(1.0)
-        } else {
-            1.0
-        };
+        let clip = crate::clip::clip_coefficient(grad_norm, self.cfg.max_grad_norm);
         self.opt.step_flat(&self.grads, lr, clip)?;
         self.lap(&mut t, 3)?;
         self.global_step += 1;

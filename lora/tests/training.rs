@@ -335,3 +335,241 @@ fn fused_experts_match_autograd_with_dropout_and_checkpointing() -> Result<()> {
     }
     Ok(())
 }
+
+/// Sets every adapter's B to fixed non-zero values, so the gradients of A are non-zero too.
+fn nonzero_b(lm: &LoraModel) -> Result<()> {
+    for (k, (_, l)) in lm.adapters().iter().enumerate() {
+        let b = l.lora_b();
+        let n = b.elem_count();
+        let v: Vec<f32> = (0..n)
+            .map(|i| (((i * 7919 + k * 104729) % 1000) as f32 / 1000.0 - 0.5) * 0.1)
+            .collect();
+        b.set(&candle_core::Tensor::from_vec(v, b.shape(), &Device::Cpu)?)?;
+    }
+    Ok(())
+}
+
+/// `loss = CE + Σ aux` of `b` through the model's public forward (training mode, dropout of
+/// micro-step 0).
+fn public_loss(lm: &LoraModel, b: &TrainBatch) -> Result<candle_core::Tensor> {
+    lm.dropout_state().set_step(0);
+    let (out, aux) = lm
+        .model()
+        .loss(&b.input_ids, Some(&b.attention_mask), &b.labels, true)?;
+    Ok(aux.into_iter().try_fold(out.loss, |l, a| l + a)?)
+}
+
+#[test]
+fn public_backward_gives_every_trainable_variable_the_trainers_gradient() -> Result<()> {
+    // A custom training loop's one gradient path: every adapter (attention, dense MLP, shared
+    // and routed experts) and the saved lm_head get a non-zero gradient, the one the trainer
+    // computes. On the routed experts it comes from the fused path's hand-written backward.
+    let b = batch(0)?;
+    let want = {
+        let lm = LoraModel::new(base()?, lora_cfg(0.1), 5)?;
+        nonzero_b(&lm)?;
+        let cfg = TrainConfig {
+            gradient_checkpointing: false,
+            ..train_cfg(1)
+        };
+        let t = Trainer::new(lm, cfg)?;
+        let mg = t.micro_gradients(&b, 1.0)?;
+        let names: Vec<String> = t.vars().iter().map(|(n, _)| n.clone()).collect();
+        names.into_iter().zip(mg.grads).collect::<Vec<_>>()
+    };
+    let lm = LoraModel::new(base()?, lora_cfg(0.1), 5)?;
+    nonzero_b(&lm)?;
+    let loss = public_loss(&lm, &b)?;
+    let gs = lm.backward(&loss)?;
+    let got = lm.gradients(&gs);
+    assert_eq!(got.len(), want.len());
+    let routed = got
+        .iter()
+        .filter(|(n, _)| n.contains(".mlp.experts."))
+        .count();
+    let shared = got
+        .iter()
+        .filter(|(n, _)| n.contains("shared_experts"))
+        .count();
+    assert!(
+        routed >= 2 * 3 * 8,
+        "{routed} routed-expert adapter tensors"
+    );
+    assert!(shared > 0 && got.iter().any(|(n, _)| n.contains("lm_head")));
+    for ((name, g), (wname, w)) in got.iter().zip(&want) {
+        assert_eq!(name, wname);
+        let g = g
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no gradient through LoraModel::backward"));
+        let w = w
+            .as_ref()
+            .unwrap_or_else(|| panic!("{name}: no gradient from the trainer"));
+        let m = w.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(m > 0.0, "{name}: zero gradient");
+        let d = (g - w)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(d <= 1e-6 + 1e-5 * m, "{name}: differs by {d} (max {m})");
+    }
+    Ok(())
+}
+
+#[test]
+fn bare_backward_through_routed_adapters_is_refused_and_keeps_nothing() -> Result<()> {
+    // The fused experts' adapter gradients cannot ride candle's GradStore: a plain
+    // `loss.backward()` must fail loudly (it used to return a store without them), and
+    // the refused pass must not leave gradients behind for the next `backward`.
+    let b = batch(1)?;
+    let lm = LoraModel::new(base()?, lora_cfg(0.0), 3)?;
+    nonzero_b(&lm)?;
+    let first = lm.backward(&public_loss(&lm, &b)?)?;
+    let err = public_loss(&lm, &b)?
+        .backward()
+        .expect_err("a bare backward through routed-expert adapters must fail")
+        .to_string();
+    assert!(err.contains("LoraModel::backward"), "{err}");
+    let second = lm.backward(&public_loss(&lm, &b)?)?;
+    for ((name, a), (_, c)) in lm.gradients(&first).iter().zip(lm.gradients(&second)) {
+        let (a, c) = (a.as_ref().unwrap(), c.as_ref().unwrap());
+        let d = (a - c)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert_eq!(
+            d, 0.0,
+            "{name}: the refused pass changed the next gradients"
+        );
+    }
+    Ok(())
+}
+
+/// Host copies of every trainable variable, in the trainer's order.
+fn values(vars: &[(String, candle_core::Var)]) -> Result<Vec<Vec<f32>>> {
+    vars.iter()
+        .map(|(_, v)| Ok(v.as_tensor().flatten_all()?.to_vec1::<f32>()?))
+        .collect()
+}
+
+#[test]
+fn trainer_clips_as_torch_clip_grad_norm() -> Result<()> {
+    // torch.nn.utils.clip_grad_norm_(params, max_norm): total = sqrt(Σ g²) over every
+    // gradient, coefficient max_norm / (total + 1e-6) applied when below 1. The trainer folds
+    // it into its update; here each step is replayed by hand: the gradients of the same
+    // micro-batch, their norm in f64, torch's coefficient, and a separate AdamW fed the
+    // clipped gradients. Max norms: clipping every step, never, and off (0).
+    for max_norm in [0.05, 1e6, 0.0] {
+        let lm = LoraModel::new(base()?, lora_cfg(0.0), 21)?;
+        nonzero_b(&lm)?;
+        let cfg = TrainConfig {
+            gradient_accumulation_steps: 1,
+            max_grad_norm: max_norm,
+            ..train_cfg(3)
+        };
+        let mut t = Trainer::new(lm, cfg)?;
+        // The replica: its own variables with the same start values.
+        let replica: Vec<(String, candle_core::Var)> = t
+            .vars()
+            .iter()
+            .map(|(n, v)| {
+                Ok((
+                    n.clone(),
+                    candle_core::Var::from_tensor(&v.as_tensor().copy()?)?,
+                ))
+            })
+            .collect::<Result<_>>()?;
+        let mut opt = moe_peft_lora::AdamW::new(replica.clone(), Default::default())?;
+        let mut clipped = 0;
+        for step in 0..3 {
+            let b = batch(step)?;
+            // An expert that got no tokens has no gradient; the trainer steps it with zeros,
+            // as PyTorch does for the reference's experts (their .grad is a zero tensor).
+            let grads: Vec<Option<candle_core::Tensor>> = t
+                .micro_gradients(&b, 1.0)?
+                .grads
+                .into_iter()
+                .zip(t.vars())
+                .map(|(g, (_, v))| match g {
+                    Some(g) => Ok(Some(g)),
+                    None => Ok(Some(v.as_tensor().zeros_like()?)),
+                })
+                .collect::<Result<_>>()?;
+            let mut sq = 0.0f64;
+            for g in grads.iter().flatten() {
+                sq += g
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|&x| (x as f64) * (x as f64))
+                    .sum::<f64>();
+            }
+            let norm = sq.sqrt();
+            let coef = if max_norm > 0.0 && max_norm / (norm + 1e-6) < 1.0 {
+                clipped += 1;
+                max_norm / (norm + 1e-6)
+            } else {
+                1.0
+            };
+            let lr = t.config().lr_at(step);
+            let m = t.step(&[b])?;
+            assert!(
+                (m.grad_norm - norm).abs() <= 1e-9 * norm,
+                "step {step}: norm {} vs {norm}",
+                m.grad_norm
+            );
+            opt.step_scaled(&grads, lr, coef)?;
+            for (i, (a, r)) in values(t.vars())?.iter().zip(values(&replica)?).enumerate() {
+                let d = a
+                    .iter()
+                    .zip(&r)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max);
+                let scale = r.iter().map(|x| x.abs()).fold(0f32, f32::max);
+                assert!(
+                    d <= 1e-6 * scale.max(1e-3),
+                    "max_norm {max_norm}, step {step}, {}: off by {d}",
+                    t.vars()[i].0
+                );
+            }
+        }
+        let want = if max_norm == 0.05 { 3 } else { 0 };
+        assert_eq!(clipped, want, "max_norm {max_norm}: steps clipped");
+    }
+    Ok(())
+}
+
+#[test]
+fn non_finite_loss_stops_before_the_update() -> Result<()> {
+    let lm = LoraModel::new(base()?, lora_cfg(0.0), 4)?;
+    let mut t = Trainer::new(lm, train_cfg(3))?;
+    t.step(&[batch(0)?])?;
+    // A NaN in the fully trained lm_head makes every logit, so the loss, NaN.
+    let (_, head) = t
+        .vars()
+        .iter()
+        .find(|(n, _)| n.contains("lm_head"))
+        .cloned()
+        .expect("lm_head is trained");
+    let mut w = head.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+    w[0] = f32::NAN;
+    head.set(&candle_core::Tensor::from_vec(
+        w,
+        head.shape(),
+        &Device::Cpu,
+    )?)?;
+    let before = values(t.vars())?;
+    let err = t
+        .step(&[batch(1)?])
+        .expect_err("a NaN loss must stop training");
+    assert!(
+        matches!(
+            err,
+            Error::NonFinite {
+                what: "loss",
+                step: 2
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(t.global_step(), 1, "no step was counted");
+    let after = values(t.vars())?;
+    for (i, (a, b)) in before.iter().zip(&after).enumerate() {
+        let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same, "{} changed by a refused step", t.vars()[i].0);
+    }
+    Ok(())
+}

@@ -52,33 +52,38 @@ impl RmsNorm {
     /// `dn = dt(dy·w)` (the casts round the gradient as autograd does),
     /// `dx = r·dn − x·r³·Σ(dn·x)/H`, `dw = Σ_rows dy·n`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = moe_peft_quant::norm::rms_norm(&x.detach(), &self.weight.detach(), self.eps)?;
+        let y = moe_peft_kernels::norm::rms_norm(&x.detach(), &self.weight.detach(), self.eps)?;
         if !crate::grad::is_grad_enabled() || (!x.track_op() && !self.weight.track_op()) {
             return Ok(y);
         }
         let (x0, w, eps) = (x.detach(), self.weight.detach(), self.eps);
         let want_w = self.weight.track_op();
-        Ok(crate::ops::with_grad2(x, &self.weight, y, move |dy| {
-            let dw = if want_w {
-                let dt = x0.dtype();
-                let xf = x0.to_dtype(DType::F32)?;
-                let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-                    .sqrt()?
-                    .recip()?;
-                let n = xf.broadcast_mul(&r)?.to_dtype(dt)?.to_dtype(DType::F32)?;
-                let prod = (dy.to_dtype(DType::F32)? * n)?;
-                let rows = prod.elem_count() / w.elem_count();
-                Some(
-                    prod.reshape((rows, w.elem_count()))?
-                        .sum(0)?
-                        .reshape(w.shape())?,
-                )
-            } else {
-                None
-            };
-            let dx = moe_peft_quant::norm::rms_norm_backward(&x0, &w, dy, eps)?;
-            Ok((Some(dx), dw))
-        })?)
+        Ok(moe_peft_kernels::attach_backward2(
+            x,
+            &self.weight,
+            y,
+            move |dy| {
+                let dw = if want_w {
+                    let dt = x0.dtype();
+                    let xf = x0.to_dtype(DType::F32)?;
+                    let r = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+                        .sqrt()?
+                        .recip()?;
+                    let n = xf.broadcast_mul(&r)?.to_dtype(dt)?.to_dtype(DType::F32)?;
+                    let prod = (dy.to_dtype(DType::F32)? * n)?;
+                    let rows = prod.elem_count() / w.elem_count();
+                    Some(
+                        prod.reshape((rows, w.elem_count()))?
+                            .sum(0)?
+                            .reshape(w.shape())?,
+                    )
+                } else {
+                    None
+                };
+                let dx = moe_peft_kernels::norm::rms_norm_backward(&x0, &w, dy, eps)?;
+                Ok((Some(dx), dw))
+            },
+        )?)
     }
 }
 
@@ -367,7 +372,7 @@ fn split_heads(
         Some((cos, sin)) => Some((cos.clone(), sin.neg()?)),
         None => None,
     };
-    Ok(crate::ops::with_grad(x, y, move |g| {
+    Ok(moe_peft_kernels::attach_backward(x, y, move |g| {
         let g = match &inverse {
             Some((cos, neg_sin)) => candle_nn::rotary_emb::rope(&g.contiguous()?, cos, neg_sin)?,
             None => g.clone(),
@@ -384,7 +389,7 @@ fn merge_heads(y: &Tensor) -> Result<Tensor> {
         .transpose(1, 2)?
         .contiguous()?
         .reshape((b, s, heads * d))?;
-    Ok(crate::ops::with_grad(y, out, move |g| {
+    Ok(moe_peft_kernels::attach_backward(y, out, move |g| {
         g.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()
     })?)
 }
@@ -474,9 +479,9 @@ impl Mlp {
             // One fused pass each way; the graph keeps the output, not silu(g).
             Activation::Silu => {
                 let (gd, ud) = (g.detach(), u.detach());
-                let a = moe_peft_quant::swiglu::swiglu(&gd, &ud)?;
-                crate::ops::with_grad2(&g, &u, a, move |da| {
-                    let (dg, du) = moe_peft_quant::swiglu::swiglu_backward(&gd, &ud, da)?;
+                let a = moe_peft_kernels::swiglu::swiglu(&gd, &ud)?;
+                moe_peft_kernels::attach_backward2(&g, &u, a, move |da| {
+                    let (dg, du) = moe_peft_kernels::swiglu::swiglu_backward(&gd, &ud, da)?;
                     Ok((Some(dg), Some(du)))
                 })?
             }

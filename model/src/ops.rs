@@ -2,8 +2,8 @@
 
 use candle_core::{DType, Tensor, D};
 
-pub use moe_peft_quant::autograd::{with_grad, with_grad2, with_grad3};
-use moe_peft_quant::rows::gather_rows;
+use moe_peft_kernels::autograd::{attach_backward, attach_backward2, attach_backward3};
+use moe_peft_kernels::rows::gather_rows;
 
 /// Mean cross-entropy of `x · Wᵀ` against `targets`, computed `chunk` rows at a time so the
 /// `(rows, vocab)` logits are never held whole, in forward or backward.
@@ -31,13 +31,13 @@ pub fn chunked_cross_entropy(
         let tc = targets.narrow(0, start, c)?;
         // Per-row log Σ exp − picked logit in one kernel, in f32 from the logits' dtype.
         let logits = xc.matmul(&wt)?;
-        total = (total + moe_peft_quant::xent::cross_entropy_rows(&logits, &tc)?.sum_all()?)?;
+        total = (total + moe_peft_kernels::xent::cross_entropy_rows(&logits, &tc)?.sum_all()?)?;
         start += c;
     }
     let loss = (total / n as f64)?;
     let targets = targets.clone();
     let train_w = w.track_op();
-    with_grad2(x, w, loss, move |g| {
+    attach_backward2(x, w, loss, move |g| {
         let scale = (g.to_dtype(DType::F32)? / n as f64)?;
         let mut gx = Vec::new();
         let mut gw: Option<Tensor> = None;
@@ -48,7 +48,7 @@ pub fn chunked_cross_entropy(
             let tc = targets.narrow(0, start, c)?;
             // Softmax (f32 inside, stored in the activation dtype); the scale is applied to
             // the (rows, hidden) products instead of the (rows, vocab) probabilities.
-            let p = moe_peft_quant::xent::softmax_rows(&xc.matmul(&wt)?)?.to_dtype(xd.dtype())?;
+            let p = moe_peft_kernels::xent::softmax_rows(&xc.matmul(&wt)?)?.to_dtype(xd.dtype())?;
             let s = scale.to_dtype(xd.dtype())?;
             let rows = wd.index_select(&tc, 0)?;
             gx.push((p.matmul(&wd)? - rows)?.broadcast_mul(&s)?);
@@ -83,7 +83,7 @@ pub fn dispatch_rows(
     let y = gather_rows(&x.detach(), idx)?;
     let inv = inv_rows.clone();
     let (n, h) = x.dims2()?;
-    with_grad(x, y, move |g| {
+    attach_backward(x, y, move |g| {
         let gt = gather_rows(&g.contiguous()?, &inv)?.reshape((n, k, h))?;
         Tensor::ones((n, 1, k), g.dtype(), g.device())?
             .matmul(&gt)?
@@ -101,21 +101,21 @@ pub fn seed_gradient(x: &Tensor, g: &Tensor) -> candle_core::Result<Tensor> {
     }
     let g = g.to_dtype(x.dtype())?;
     let zero = Tensor::zeros((), DType::F32, x.device())?;
-    with_grad(x, zero, move |ds| g.broadcast_mul(&ds.to_dtype(g.dtype())?))
+    attach_backward(x, zero, move |ds| g.broadcast_mul(&ds.to_dtype(g.dtype())?))
 }
 
 /// Row permutation `x[perm]` whose backward is the inverse permutation `grad[inv]`.
 pub fn permute_rows(x: &Tensor, perm: &Tensor, inv: &Tensor) -> candle_core::Result<Tensor> {
     let y = gather_rows(&x.detach(), perm)?;
     let inv = inv.clone();
-    with_grad(x, y, move |g| gather_rows(&g.contiguous()?, &inv))
+    attach_backward(x, y, move |g| gather_rows(&g.contiguous()?, &inv))
 }
 
 /// `softmax(q·scale·kᵀ + mask)·v` over the last two dimensions (`q`, `k`, `v` of shape
 /// `(…, seq, head_dim)`, `mask` broadcast to the scores and never differentiated), with the
 /// probabilities recomputed in backward: the graph keeps the output only, not the two
 /// `seq × seq` score tensors per head. `q·scale` is rounded to the activation dtype and the
-/// softmax accumulates in f32 ([`moe_peft_quant::softmax::masked_softmax`], reading the mask in
+/// softmax accumulates in f32 ([`moe_peft_kernels::softmax::masked_softmax`], reading the mask in
 /// place; candle's fused softmax for other mask layouts).
 pub fn attention_core(
     q: &Tensor,
@@ -136,7 +136,7 @@ pub fn attention_core(
                 && (md[0] == 1 || md[0] == sd[0])
         };
         match mask {
-            Some(m) if fits(m) => moe_peft_quant::softmax::masked_softmax(&scores, Some(m)),
+            Some(m) if fits(m) => moe_peft_kernels::softmax::masked_softmax(&scores, Some(m)),
             Some(m) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(m)?),
             None => candle_nn::ops::softmax_last_dim(&scores),
         }
@@ -144,13 +144,13 @@ pub fn attention_core(
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach().contiguous()?);
     let y = probs(&(&qd * scale)?, &kd, mask)?.matmul(&vd)?;
     let mask = mask.cloned();
-    with_grad3(q, k, v, y, move |gy| {
+    attach_backward3(q, k, v, y, move |gy| {
         let gy = gy.contiguous()?;
         let qs = (&qd * scale)?;
         let p = probs(&qs, &kd, mask.as_ref())?;
         let dv = p.t()?.matmul(&gy)?;
         // Softmax backward dS = P ⊙ (dP − Σ dP ⊙ P) in one pass.
-        let ds = moe_peft_quant::softmax::softmax_backward(&p, &gy.matmul(&vd.t()?)?)?;
+        let ds = moe_peft_kernels::softmax::softmax_backward(&p, &gy.matmul(&vd.t()?)?)?;
         drop(p);
         let dq = (ds.matmul(&kd)? * scale)?;
         let dk = ds.t()?.matmul(&qs)?;
@@ -189,7 +189,7 @@ pub fn combine_rows(
         .squeeze(1)?
         .to_dtype(dt)?;
     let order = order.clone();
-    with_grad2(ys, w, y, move |gy| {
+    attach_backward2(ys, w, y, move |gy| {
         let g = gy.to_dtype(DType::F32)?.unsqueeze(1)?; // (n, 1, H)
         let dtok = wd.unsqueeze(2)?.matmul(&g)?.to_dtype(dt)?; // (n, k, H)
         let dys = gather_rows(&dtok.reshape((nk, h))?, &order)?;

@@ -1,7 +1,8 @@
-//! Gradients reach every layer: with all base weights frozen and one trainable matrix injected
-//! at one projection site per layer, one backward gives each a finite, non-zero gradient (the
-//! guard against ops that silently record no backward), and the gradient matches central
-//! finite differences.
+//! Gradients reach every kind of site: with all base weights frozen, one trainable matrix
+//! injected at attention projections, the dense MLP, a shared expert and a routed expert, and
+//! a router made trainable, one backward gives each a finite, non-zero gradient (the guard
+//! against ops that silently record no backward), and each gradient matches central finite
+//! differences.
 
 use std::any::Any;
 use std::path::PathBuf;
@@ -95,6 +96,15 @@ fn every_layer_gets_a_gradient_that_matches_finite_differences() -> Result<()> {
         Ok(())
     })?;
     assert_eq!(vars.len(), targets.len());
+    // The router of layer 1: its weight becomes trainable too.
+    {
+        let moe_peft_model::MoeOrMlp::Moe(m) = &mut model.layers[1].mlp else {
+            panic!("layer 1 is a MoE layer");
+        };
+        let v = Var::from_tensor(&m.gate.weight().to_dtype(DType::F32)?)?;
+        m.gate.set_weight(v.as_tensor().clone());
+        vars.push(("model.layers.1.mlp.gate (router)".into(), v));
+    }
     let obj = objective(&model, &ids, &mask, &labels)?;
     let grads = obj.backward()?;
     for (name, v) in &vars {
@@ -107,9 +117,10 @@ fn every_layer_gets_a_gradient_that_matches_finite_differences() -> Result<()> {
             "{name}: gradient norm {norm}"
         );
     }
-    // Central differences on a few elements of each variable.
+    // Central differences on every variable: attention (q, v, o), the dense MLP, a shared
+    // expert, a routed expert and the router.
     let eps = 1e-3f32;
-    for (name, v) in vars.iter().step_by(2) {
+    for (name, v) in vars.iter() {
         let g: Vec<Vec<f32>> = grads.get(v.as_tensor()).unwrap().to_vec2()?;
         let base: Vec<Vec<f32>> = v.as_tensor().to_vec2()?;
         // The largest-gradient element, where the finite difference is well above f32 noise.

@@ -19,36 +19,24 @@
 //! scheme (without its outlier split).
 #![warn(missing_docs)]
 
-pub mod autograd;
 pub mod bnb;
 pub mod config;
-pub mod device;
+/// CUDA launchers of the weight-format kernels; stubs that return an error without the `cuda`
+/// feature.
+mod cuda;
 pub mod dynamic;
 pub mod error;
-pub mod grouped;
 pub mod int8;
 pub mod linear;
 pub mod nf4;
-pub mod norm;
 pub mod policy;
 pub mod qlinear;
-pub mod rows;
-pub mod softmax;
-pub mod swiglu;
 pub mod tensor;
-mod twin;
-pub mod xent;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};
 pub use config::Nf4Config;
-#[cfg(feature = "cuda")]
-pub use device::device_address;
-pub use device::{
-    cuda_profiler, pool_memory, reset_pool_peaks, retain_freed_device_memory, PoolMemory,
-};
 pub use dynamic::{create_dynamic_map, dynamic_map};
 pub use error::{Error, Result};
-pub use grouped::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn};
 pub use int8::{Int8Linear, Int8Tensor};
 pub use linear::{frozen_matmul, matmul_t, DenseLinear, FrozenWeight, LinearLike};
 pub use nf4::{QuantType, FP4_CODE, NF4_CODE};

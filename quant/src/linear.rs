@@ -70,7 +70,7 @@ pub fn frozen_matmul(
 ) -> candle_core::Result<Tensor> {
     let y = matmul_t(&x.detach(), w_now)?;
     let dtype = x.dtype();
-    crate::autograd::with_grad(x, y, move |grad| {
+    moe_peft_kernels::attach_backward(x, y, move |grad| {
         let w = source.weight(grad.dtype())?;
         matmul_last(grad, &w)?.to_dtype(dtype)
     })

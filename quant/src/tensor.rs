@@ -20,9 +20,7 @@ use crate::nf4::{
     check_block_size, dequantize_4bit_into, num_blocks, quantize_4bit, unpack_codes, QuantType,
 };
 
-/// CUDA launchers (`src/cuda/`); stubs that return an error without the `cuda` feature.
-#[path = "cuda/mod.rs"]
-pub(crate) mod gpu;
+use crate::cuda as gpu;
 
 /// The second-level (double quantization) state of the absmax values.
 #[derive(Debug, Clone)]

@@ -260,3 +260,77 @@ fn bits_per_param_values() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// FP4 (and NF4) with double quantization, the accuracy round trip: each block's absmax comes
+/// back through its 8-bit code as `map[code] · nested_absmax + offset`, where the code is the
+/// nearest map entry to `(absmax - offset) / nested_absmax`; every value decodes to
+/// `code[c] · absmax_dq`, and its error is at most half the widest 4-bit gap times the true
+/// absmax plus the absmax's own double-quantization error.
+#[test]
+fn four_bit_with_double_quant_accuracy() -> anyhow::Result<()> {
+    let dev = Device::Cpu;
+    // 600 blocks of 64: three nested blocks of 256 (the last one partial), rows of mixed scale.
+    let rows: Vec<Tensor> = (0..120)
+        .map(|r| Tensor::randn(0f32, 0.05 + 0.02 * (r % 7) as f32, (1, 320), &dev))
+        .collect::<candle_core::Result<_>>()?;
+    let w = Tensor::cat(&rows, 0)?;
+    let wv = w.flatten_all()?.to_vec1::<f32>()?;
+    for cfg in [Nf4Config::fp4(), Nf4Config::default()] {
+        assert!(cfg.double_quant);
+        let q = Nf4Tensor::quantize(&w, &cfg)?;
+        let Nf4Absmax::Double(s) = q.absmax() else {
+            panic!("{:?}: not double-quantized", cfg.quant_type)
+        };
+        let map = s.map.to_vec1::<f32>()?;
+        let dq_codes = s.codes.to_vec1::<u8>()?;
+        let nested = s.nested_absmax.to_vec1::<f32>()?;
+        let am = q.absmax_f32()?.to_vec1::<f32>()?;
+        let true_am: Vec<f32> = wv
+            .chunks(64)
+            .map(|b| b.iter().fold(0f32, |m, x| m.max(x.abs())))
+            .collect();
+        assert_eq!(am.len(), true_am.len());
+        let mut worst_am = 0f32;
+        for (b, (&a_dq, &a)) in am.iter().zip(&true_am).enumerate() {
+            let n = nested[b / s.block_size];
+            let x = (a - s.offset) / n;
+            let c = dq_codes[b] as usize;
+            let nearest = map
+                .iter()
+                .map(|m| (x - m).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert!(
+                (x - map[c]).abs() <= nearest + 1e-6,
+                "{:?} block {b}: code {c} ({}) is not the nearest to {x}",
+                cfg.quant_type,
+                map[c]
+            );
+            assert!((a_dq - (map[c] * n + s.offset)).abs() <= 1e-6 * a.abs().max(1.0));
+            worst_am = worst_am.max((a_dq - a).abs() / a);
+        }
+        let half_gap = match cfg.quant_type {
+            QuantType::Fp4 => (1.0 - 2.0 / 3.0) / 2.0,
+            QuantType::Nf4 => (1.0 - 0.696_192_8) / 2.0,
+        };
+        let d = q.dequantize(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let codes = q.codes()?;
+        let mut worst = 0f32;
+        for j in 0..wv.len() {
+            let (a_dq, a) = (am[j / 64], true_am[j / 64]);
+            assert_eq!(d[j], q.code()[codes[j] as usize] * a_dq);
+            let bound = half_gap * a + (a_dq - a).abs() + 1e-6 * a;
+            let e = (d[j] - wv[j]).abs();
+            assert!(
+                e <= bound,
+                "{:?} j={j}: error {e} above {bound}",
+                cfg.quant_type
+            );
+            worst = worst.max(e / a);
+        }
+        println!(
+            "{:?} + double quant: max |w - deq| / absmax = {worst}, max absmax error {worst_am}",
+            cfg.quant_type
+        );
+    }
+    Ok(())
+}

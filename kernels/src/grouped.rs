@@ -152,7 +152,7 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
 
     /// The device address of a contiguous tensor's first element, and its element size.
-    fn address(t: &Tensor) -> Result<(u64, usize)> {
+    fn address(t: &Tensor) -> Result<crate::device::DeviceAddress<'_>> {
         if !t.is_contiguous() {
             candle_core::bail!("grouped GEMM: operands must be contiguous")
         }
@@ -312,14 +312,17 @@ mod cuda {
     ) -> Result<()> {
         use cublas::cublasOperation_t::{CUBLAS_OP_N as N, CUBLAS_OP_T as T};
         let x = x.contiguous()?;
-        let (xa, es) = address(&x)?;
-        let (oa, _) = address(y)?;
+        let (xa, es) = {
+            let a = address(&x)?;
+            (a.addr(), a.elem_size())
+        };
+        let oa = address(y)?.addr();
         let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<Result<_>>()?;
         let mut groups = Vec::new();
         let mut off = 0usize;
         for (w, &c) in ws.iter().zip(counts) {
             if c > 0 {
-                let (wa, _) = address(w)?;
+                let wa = address(w)?.addr();
                 groups.push(Group {
                     ta: if transpose_w { T } else { N },
                     tb: N,
@@ -364,9 +367,12 @@ mod cuda {
         let (a, b) = (a.contiguous()?, b.contiguous()?);
         let g = counts.len();
         let out = empty(g * m, n, &a, counts.contains(&0))?;
-        let (aa, es) = address(&a)?;
-        let (ba, _) = address(&b)?;
-        let (oa, _) = address(&out)?;
+        let (aa, es) = {
+            let d = address(&a)?;
+            (d.addr(), d.elem_size())
+        };
+        let ba = address(&b)?.addr();
+        let oa = address(&out)?.addr();
         let mut groups = Vec::new();
         let mut off = 0usize;
         for (i, &c) in counts.iter().enumerate() {

@@ -1,5 +1,6 @@
-//! CUDA launchers for the kernels of `src/cuda/nf4.cu` and `src/cuda/int8.cu`, which `build.rs`
-//! compiles to PTX only with the `cuda` feature.
+//! CUDA launchers for the kernels of `kernels/cuda/nf4.cu` and `kernels/cuda/int8.cu`, which
+//! the kernels crate compiles to PTX (only with the `cuda` feature) and exports as
+//! `moe_peft_kernels::ptx`.
 //!
 //! The kernels are bit-exact with the CPU kernels of [`crate::nf4`], [`crate::dynamic`] and
 //! [`crate::int8`] (same comparisons, same fp32 roundings, no FMA contraction), with one
@@ -67,9 +68,9 @@ mod imp {
 
     use crate::nf4::{QuantType, FP4_THRESHOLDS, NF4_THRESHOLDS};
 
-    const NF4_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/nf4.ptx"));
+    const NF4_PTX: &str = moe_peft_kernels::ptx::NF4;
     const NF4_MODULE: &str = "moe_peft_quant_nf4";
-    const INT8_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/int8.ptx"));
+    const INT8_PTX: &str = moe_peft_kernels::ptx::INT8;
     const INT8_MODULE: &str = "moe_peft_quant_int8";
 
     /// Threads per CTA of every kernel here.

@@ -1,6 +1,6 @@
-// Shared by the `quant` and `lora` build scripts (`include!`d): compiles `src/cuda/*.cu` to
-// PTX in `OUT_DIR` when the `cuda` feature is on; does nothing
-// otherwise, so CPU-only builds never need nvcc.
+// Compiles every `cuda/*.cu` to PTX in `OUT_DIR` when the `cuda` feature is on; does nothing
+// otherwise, so CPU-only builds never need nvcc. The PTX is exported by `src/cuda.rs` for the
+// crates that launch the kernels (this one, and `quant` for the weight formats).
 //
 // nvcc is `$NVCC` or `nvcc` on `PATH`; the virtual architecture is
 // `compute_$CUDA_COMPUTE_CAP` (default 80: the kernels use bf16, which needs sm_80).
@@ -10,8 +10,7 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=../build/cuda_ptx.rs");
-    println!("cargo:rerun-if-changed=src/cuda");
+    println!("cargo:rerun-if-changed=cuda");
     if std::env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -24,8 +23,8 @@ fn main() {
         .map(|c| c.trim().trim_end_matches(['a', 'f']).replace('.', ""))
         .filter(|c| !c.is_empty())
         .unwrap_or_else(|| "80".to_string());
-    let mut sources: Vec<PathBuf> = std::fs::read_dir("src/cuda")
-        .expect("src/cuda exists")
+    let mut sources: Vec<PathBuf> = std::fs::read_dir("cuda")
+        .expect("cuda/ exists")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "cu"))
         .collect();

@@ -146,7 +146,7 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/xent.ptx"));
-    const MODULE: &str = "moe_peft_quant_xent";
+    const MODULE: &str = "moe_peft_kernels_xent";
 
     fn shape(l: &Layout) -> candle_core::Result<(usize, usize, usize, usize)> {
         let Some((a, b)) = l.contiguous_offsets() else {

@@ -190,7 +190,7 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
-    const MODULE: &str = "moe_peft_quant_norm";
+    const MODULE: &str = "moe_peft_kernels_norm";
 
     fn range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
         l.contiguous_offsets()

@@ -1,6 +1,6 @@
 //! Hand-written gradients on top of candle's autograd.
 //!
-//! candle records a backward only for its own ops and for custom ops. [`with_grad`] links a
+//! candle records a backward only for its own ops and for custom ops. [`attach_backward`] links a
 //! value computed outside the graph (from detached inputs) to its inputs with a backward the
 //! caller writes: the frozen projections use it to pass input gradients only, and the MoE layer
 //! for gathers whose backward is another gather.
@@ -101,7 +101,7 @@ impl CustomOp1 for AttachGrad {
 
 /// `y` with a hand-written gradient towards `x`: backward passes `grad_fn(grad_y)` to `x`.
 /// `y` must not depend on the graph (compute it from `x.detach()`).
-pub fn with_grad(
+pub fn attach_backward(
     x: &Tensor,
     y: Tensor,
     grad_fn: impl Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync + 'static,
@@ -161,8 +161,8 @@ impl CustomOp2 for AttachGrad2 {
     }
 }
 
-/// [`with_grad`] for two inputs: backward gives `(a, b)` the pair `grad_fn(grad_y)`.
-pub fn with_grad2(
+/// [`attach_backward`] for two inputs: backward gives `(a, b)` the pair `grad_fn(grad_y)`.
+pub fn attach_backward2(
     a: &Tensor,
     b: &Tensor,
     y: Tensor,
@@ -235,8 +235,8 @@ impl candle_core::CustomOp3 for AttachGrad3 {
     }
 }
 
-/// [`with_grad`] for three inputs: backward gives `(a, b, c)` the triple `grad_fn(grad_y)`.
-pub fn with_grad3(
+/// [`attach_backward`] for three inputs: backward gives `(a, b, c)` the triple `grad_fn(grad_y)`.
+pub fn attach_backward3(
     a: &Tensor,
     b: &Tensor,
     c: &Tensor,

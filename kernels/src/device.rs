@@ -141,11 +141,35 @@ pub fn cuda_profiler(device: &candle_core::Device, start: bool) -> candle_core::
     Ok(())
 }
 
-/// The device address of `t`'s first element (its storage's base plus the layout's start
-/// offset) and the element size, for kernels and cuBLAS calls that take raw pointers. `t` must
-/// be a CUDA tensor of f32, bf16, f16 or u32; the caller checks its layout.
+/// The device address of a CUDA tensor's first element, valid while the borrow of the tensor
+/// it came from lasts (the tensor, so its storage, cannot be dropped meanwhile).
 #[cfg(feature = "cuda")]
-pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<(u64, usize)> {
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceAddress<'a> {
+    addr: u64,
+    elem_size: usize,
+    _tensor: std::marker::PhantomData<&'a candle_core::Tensor>,
+}
+
+#[cfg(feature = "cuda")]
+impl DeviceAddress<'_> {
+    /// The address, for kernels and cuBLAS calls that take raw pointers. Using it after the
+    /// borrow ends, or writing through it while candle reads the tensor, is the caller's bug.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// Bytes per element.
+    pub fn elem_size(&self) -> usize {
+        self.elem_size
+    }
+}
+
+/// The device address of `t`'s first element (its storage's base plus the layout's start
+/// offset) and the element size, tied to the borrow of `t`. `t` must be a CUDA tensor of f32,
+/// bf16, f16 or u32; the caller checks its layout.
+#[cfg(feature = "cuda")]
+pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<DeviceAddress<'_>> {
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::{DType, Storage};
     let (s, l) = t.storage_and_layout();
@@ -161,5 +185,26 @@ pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<(u64, usiz
         d => candle_core::bail!("device_address: unsupported dtype {d:?}"),
     };
     let size = t.dtype().size_in_bytes();
-    Ok((base + (l.start_offset() * size) as u64, size))
+    Ok(DeviceAddress {
+        addr: base + (l.start_offset() * size) as u64,
+        elem_size: size,
+        _tensor: std::marker::PhantomData,
+    })
+}
+
+/// The CUDA device a GPU test runs on: `Some(cuda:0)`, or `None` (the test skips, saying so on
+/// stderr) when there is none: a CPU-only build or machine. With `MOE_PEFT_REQUIRE_CUDA=1` a
+/// missing device panics instead, so a GPU run cannot pass by skipping.
+pub fn cuda_device_or_skip() -> Option<candle_core::Device> {
+    match candle_core::Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            assert!(
+                std::env::var("MOE_PEFT_REQUIRE_CUDA").as_deref() != Ok("1"),
+                "MOE_PEFT_REQUIRE_CUDA=1 but there is no CUDA device: {e}"
+            );
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
 }

@@ -3,8 +3,8 @@
 //! A step of DeepSeekMoE-16B LoRA has 10,760 adapter tensors. Summing, norming and applying
 //! their gradients tensor by tensor costs several kernel launches each; here every gradient
 //! lands (is added) at its fixed offset in one buffer as soon as backward produces it, the
-//! global norm is one reduction over the buffer, and [`crate::AdamW::step_flat`] updates every
-//! variable from it in one launch on CUDA. The buffer is f32, or bf16 to halve its memory
+//! global norm is one reduction over the buffer, and [`crate::adamw::adamw_update_flat`] updates
+//! every variable from it in one launch on CUDA. The buffer is f32, or bf16 to halve its memory
 //! (each micro-batch's gradient is then rounded to bf16 once, as in a bf16 PyTorch run).
 
 use std::collections::HashMap;
@@ -29,7 +29,7 @@ impl FlatGrads {
     /// Zero gradients for `vars` (in this order) in a buffer of `dtype` (f32 or bf16).
     pub fn new(vars: &[(String, Var)], dtype: DType) -> Result<Self> {
         if !matches!(dtype, DType::F32 | DType::BF16) {
-            return Err(Error::InvalidTrainConfig(format!(
+            return Err(Error::InvalidInput(format!(
                 "gradients are kept in f32 or bf16, not {dtype:?}"
             )));
         }
@@ -95,7 +95,7 @@ impl FlatGrads {
     fn touched_mut(&self) -> Result<std::sync::MutexGuard<'_, Vec<bool>>> {
         self.touched
             .lock()
-            .map_err(|_| Error::InvalidTrainConfig("gradient buffer lock poisoned".into()))
+            .map_err(|_| Error::InvalidInput("gradient buffer lock poisoned".into()))
     }
 
     /// Adds `g` (f32 or bf16, the variable's shape) to the gradient of variable `id`.
@@ -132,7 +132,7 @@ impl FlatGrads {
         let shape = self
             .shapes
             .get(index)
-            .ok_or_else(|| Error::InvalidTrainConfig(format!("no variable {index}")))?;
+            .ok_or_else(|| Error::InvalidInput(format!("no variable {index}")))?;
         Ok(self
             .buf
             .narrow(0, self.offsets[index], self.lens[index])?
@@ -167,7 +167,7 @@ impl FlatGrads {
             candle_core::Storage::Cpu(c) => {
                 let (a, b) = l
                     .contiguous_offsets()
-                    .ok_or_else(|| Error::InvalidTrainConfig("gradient buffer strided".into()))?;
+                    .ok_or_else(|| Error::InvalidInput("gradient buffer strided".into()))?;
                 match c {
                     candle_core::CpuStorage::F32(v) => {
                         v[a..b].iter().map(|&x| (x as f64) * (x as f64)).sum()
@@ -186,7 +186,7 @@ impl FlatGrads {
             candle_core::Storage::Cuda(c) => cuda::sum_squares(c, self.buf.elem_count())?,
             #[allow(unreachable_patterns)]
             _ => {
-                return Err(Error::InvalidTrainConfig(
+                return Err(Error::InvalidInput(
                     "gradient buffer on an unsupported device".into(),
                 ))
             }
@@ -269,7 +269,7 @@ pub(crate) mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, DType, Layout};
 
-    use crate::optim::cuda::{MODULE, PTX};
+    use crate::adamw::cuda::{MODULE, PTX};
 
     pub(super) fn add_at(
         dst: &mut CudaStorage,
@@ -301,7 +301,7 @@ pub(crate) mod cuda {
         };
         let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let n64 = n as u64;
-        let cfg = crate::optim::cuda::launch_config(n64);
+        let cfg = crate::adamw::cuda::launch_config(n64);
         let a = da + offset;
         macro_rules! go {
             ($d:ty, $s:ty) => {{

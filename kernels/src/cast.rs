@@ -28,7 +28,7 @@ mod cuda {
     use candle_core::cuda_backend::WrapErr;
     use candle_core::{CudaStorage, Result, Storage, Tensor};
 
-    use crate::optim::cuda::{MODULE, PTX};
+    use crate::adamw::cuda::{MODULE, PTX};
 
     pub(super) fn cast_many(ts: &[&Tensor]) -> Result<Vec<Tensor>> {
         let candle_core::Device::Cuda(dev) = ts[0].device() else {
@@ -40,7 +40,7 @@ mod cuda {
         let mut lens = Vec::with_capacity(ts.len());
         let mut total = 0u64;
         for t in ts {
-            src.push(moe_peft_quant::device_address(t)?.0);
+            src.push(crate::device::device_address(t)?.addr());
             offs.push(total);
             let n = t.elem_count() as u64;
             lens.push(n);

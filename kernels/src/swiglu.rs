@@ -150,7 +150,7 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Shape};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
-    const MODULE: &str = "moe_peft_quant_swiglu";
+    const MODULE: &str = "moe_peft_kernels_swiglu";
 
     /// Runs `swiglu_*` (2 inputs, 1 output block) or `swiglu_bwd_*` (3 inputs, 2 blocks).
     pub(super) fn run(

@@ -186,7 +186,7 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Layout, Shape, Storage};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/softmax.ptx"));
-    const MODULE: &str = "moe_peft_quant_softmax";
+    const MODULE: &str = "moe_peft_kernels_softmax";
 
     fn cfg(rows: usize) -> LaunchConfig {
         // One warp per row, 8 warps per block.

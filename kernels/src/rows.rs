@@ -28,10 +28,10 @@ mod cuda {
     use candle_core::{CudaStorage, DType, Storage, Tensor};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
-    const MODULE: &str = "moe_peft_quant_rows";
+    const MODULE: &str = "moe_peft_kernels_rows";
 
     fn address(t: &Tensor) -> candle_core::Result<u64> {
-        Ok(crate::device::device_address(t)?.0)
+        Ok(crate::device::device_address(t)?.addr())
     }
 
     pub(super) fn gather_rows(x: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
