@@ -463,9 +463,11 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
             Ok(())
         })?;
         println!("profile:   moe: routed experts (fused) {}", ms(tt));
-        let ys = f
-            .forward(&moe.experts, &xs, &d.counts, true)?
-            .context("fused path declined")?;
+        let moe_peft::model::ExpertsOutput::Computed(ys) =
+            f.forward(&moe.experts, &xs, &d.counts, true)?
+        else {
+            anyhow::bail!("the fused expert path declined this layer");
+        };
         let tt = time_it(device, 3, || {
             let _ = combine_rows(&ys, &r.topk_weight, &inverse, &order)?;
             Ok(())

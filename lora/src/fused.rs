@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Tensor, TensorId};
 use moe_peft_kernels::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn};
-use moe_peft_model::{Activation, ExpertsForward, Linear, Mlp};
+use moe_peft_model::{Activation, ExpertsForward, ExpertsOutput, Linear, Mlp};
 use moe_peft_quant::matmul_t;
 
 use moe_peft_kernels::cast_many;
@@ -514,7 +514,7 @@ impl ExpertsForward for FusedLoraExperts {
         xs: &Tensor,
         counts: &[usize],
         train: bool,
-    ) -> moe_peft_model::Result<Option<Tensor>> {
+    ) -> moe_peft_model::Result<ExpertsOutput> {
         let dtype = xs.dtype();
         // Every adapter's A and B in the activation dtype, cast in one go.
         let mut mats = Vec::new();
@@ -542,7 +542,7 @@ impl ExpertsForward for FusedLoraExperts {
                 Proj::of(&m.up_proj, train, &mut casts)?,
                 Proj::of(&m.down_proj, train, &mut casts)?,
             ) else {
-                return Ok(None);
+                return Ok(ExpertsOutput::Declined);
             };
             parts.push(Some(ExpertParts {
                 gate,
@@ -556,14 +556,14 @@ impl ExpertsForward for FusedLoraExperts {
         if let Some(grouped) = Grouped::of(&parts, counts) {
             let (ys, saved) = grouped.forward(&x)?;
             if !keep {
-                return Ok(Some(ys));
+                return Ok(ExpertsOutput::Computed(ys));
             }
             let sink = self.sink.clone();
             let y = moe_peft_kernels::attach_backward(xs, ys, move |dy| {
                 let dy = dy.to_dtype(x.dtype())?;
                 grouped.backward(&x, &saved, &dy, &sink)
             })?;
-            return Ok(Some(y));
+            return Ok(ExpertsOutput::Computed(y));
         }
         let mut outs = Vec::with_capacity(experts.len());
         let mut saved = Vec::with_capacity(experts.len());
@@ -580,7 +580,7 @@ impl ExpertsForward for FusedLoraExperts {
         }
         let ys = Tensor::cat(&outs, 0)?;
         if !keep {
-            return Ok(Some(ys));
+            return Ok(ExpertsOutput::Computed(ys));
         }
         let counts = counts.to_vec();
         let sink = self.sink.clone();
@@ -603,6 +603,6 @@ impl ExpertsForward for FusedLoraExperts {
             }
             Tensor::cat(&dxs, 0)
         })?;
-        Ok(Some(y))
+        Ok(ExpertsOutput::Computed(y))
     }
 }

@@ -5,6 +5,13 @@
 //! References: LoRA (Hu et al., arXiv 2106.09685), QLoRA (Dettmers et al., arXiv 2305.14314),
 //! rsLoRA (Kalajdzievski, arXiv 2312.03732), and huggingface/peft `tuners/lora` for the
 //! forward, initialization, matching rules and file format.
+//!
+//! Where things live: [`config`] ([`LoraConfig`], PEFT field names), [`layer`] ([`LoraLinear`]
+//! and the dropout stream), [`fused`] (the routed experts of a layer with their adapters, forward
+//! and backward by hand), [`inject`] ([`LoraModel`], including [`LoraModel::backward`], the one
+//! way to get every trainable gradient), [`adamw`], [`schedule`] and [`clip`] (the optimizer,
+//! learning-rate schedules, gradient clipping), [`train`] ([`Trainer`], checkpoints, resume),
+//! [`export`] and [`merge`] (PEFT files, HF export, merging into a checkpoint on disk).
 #![warn(missing_docs)]
 
 pub mod adamw;

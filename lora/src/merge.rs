@@ -21,7 +21,7 @@ use moe_peft_model::io::{
     TensorSpec,
 };
 use moe_peft_model::{Checkpoint, DeepSeekMoeConfig};
-use moe_peft_quant::{Nf4Config, Nf4Tensor};
+use moe_peft_quant::{FourBitConfig, FourBitTensor};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
@@ -38,7 +38,7 @@ pub struct MergeOptions {
     /// Where the arithmetic runs (a GPU when present).
     pub device: Device,
     /// Quantize and dequantize each adapted dense base weight with these 4-bit settings first.
-    pub requantize: Option<Nf4Config>,
+    pub requantize: Option<FourBitConfig>,
     /// Files copied next to the weights (tokenizer files).
     pub extra_files: Vec<PathBuf>,
 }
@@ -235,8 +235,10 @@ pub fn merge_checkpoint(
                         let site = name.strip_suffix(".weight").unwrap_or(name);
                         let base_w = match (&opts.requantize, stored) {
                             (_, true) => bnb_tensor(&base, name, dev)?.dequantize(DType::F32)?,
-                            (Some(q), false) => Nf4Tensor::quantize(&base.get_raw(name, dev)?, q)?
-                                .dequantize(DType::F32)?,
+                            (Some(q), false) => {
+                                FourBitTensor::quantize(&base.get_raw(name, dev)?, q)?
+                                    .dequantize(DType::F32)?
+                            }
                             (None, false) => base.get_raw(name, dev)?.to_dtype(DType::F32)?,
                         };
                         let a = adapter.get_raw(ka, dev)?.to_dtype(DType::F32)?;
@@ -321,7 +323,7 @@ fn bnb_shape(ck: &Checkpoint, name: &str) -> Result<Vec<usize>> {
 }
 
 /// The 4-bit weight of `name` (`….weight`) in bitsandbytes layout, on `device`.
-fn bnb_tensor(ck: &Checkpoint, name: &str, device: &Device) -> Result<Nf4Tensor> {
+fn bnb_tensor(ck: &Checkpoint, name: &str, device: &Device) -> Result<FourBitTensor> {
     let prefix = name.strip_suffix(".weight").unwrap_or(name);
     let file = ck.file_of(name);
     let get = |key: &str| -> Option<Tensor> {
@@ -330,5 +332,5 @@ fn bnb_tensor(ck: &Checkpoint, name: &str, device: &Device) -> Result<Nf4Tensor>
         }
         ck.get_raw(key, device).ok()
     };
-    Ok(Nf4Tensor::from_bnb_tensors(prefix, &get, Some(&file))?)
+    Ok(FourBitTensor::from_bnb_tensors(prefix, &get, Some(&file))?)
 }

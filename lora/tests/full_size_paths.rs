@@ -85,7 +85,7 @@ fn streaming_merge_of_4bit_bases_matches_the_in_memory_merge() -> Result<()> {
         ("nf4/tiny_deepseek_moe_nf4", None, QuantPolicy::None),
         (
             "tiny_deepseek_moe",
-            Some(moe_peft_quant::Nf4Config::default()),
+            Some(moe_peft_quant::FourBitConfig::default()),
             QuantPolicy::qlora(),
         ),
     ];

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use moe_peft_quant::{DenseLinear, Nf4Linear, Nf4Tensor, QuantPolicy};
+use moe_peft_quant::{DenseLinear, FourBitLinear, FourBitTensor, QuantPolicy};
 use rand::{Rng, SeedableRng};
 
 use crate::config::DeepSeekMoeConfig;
@@ -158,7 +158,7 @@ impl WeightSource for FromCheckpoint<'_> {
             {
                 let file = self.ck.file_of(&format!("{name}.weight"));
                 let get = |key: &str| self.ck.get_raw(key, dev).ok();
-                let t = Nf4Tensor::from_bnb_tensors(name, &get, Some(&file))?;
+                let t = FourBitTensor::from_bnb_tensors(name, &get, Some(&file))?;
                 if t.dims() != [out, inp] {
                     return Err(Error::ShapeMismatch {
                         name: format!("{name}.weight"),
@@ -167,7 +167,7 @@ impl WeightSource for FromCheckpoint<'_> {
                         got: t.dims().to_vec(),
                     });
                 }
-                return Ok(Arc::new(Nf4Linear::from_arc(Arc::new(t))?));
+                return Ok(Arc::new(FourBitLinear::from_arc(Arc::new(t))?));
             }
         }
         let w = self

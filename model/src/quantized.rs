@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
-use moe_peft_quant::{Nf4Config, Nf4Linear, QuantType};
+use moe_peft_quant::{FourBitConfig, FourBitLinear, QuantType};
 
 use crate::error::{Error, Result};
 use crate::io::{plan_shards, save_tensors, shard_file_names, torch_dtype_name, write_shard_index};
@@ -15,7 +15,7 @@ use crate::model::{DeepSeekMoe, WeightRef};
 const CHUNK_BYTES: usize = 256 << 20;
 
 /// The `quantization_config` transformers writes for a bitsandbytes 4-bit model.
-pub fn bnb_quantization_config(cfg: &Nf4Config, compute_dtype: DType) -> serde_json::Value {
+pub fn bnb_quantization_config(cfg: &FourBitConfig, compute_dtype: DType) -> serde_json::Value {
     let compute = torch_dtype_name(compute_dtype);
     serde_json::json!({
         "_load_in_4bit": true,
@@ -54,7 +54,7 @@ impl DeepSeekMoe {
             source,
         })?;
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
-        let mut nf4: Option<Nf4Config> = None;
+        let mut nf4: Option<FourBitConfig> = None;
         self.visit_weights(&mut |name, w| {
             match w {
                 WeightRef::Tensor(t) => tensors.push((name.to_string(), t.clone())),
@@ -63,17 +63,17 @@ impl DeepSeekMoe {
                         tensors.push((name.to_string(), l.dense_weight(self.dtype())?));
                         return Ok(());
                     }
-                    let Some(q) = l.as_any().downcast_ref::<Nf4Linear>() else {
+                    let Some(q) = l.as_any().downcast_ref::<FourBitLinear>() else {
                         return Err(Error::InvalidInput(format!(
                             "`{name}` is not a 4-bit weight: only an NF4/FP4 base can be saved quantized (load with --bits 4)"
                         )));
                     };
                     let t = q.weight();
-                    nf4.get_or_insert(Nf4Config {
+                    nf4.get_or_insert(FourBitConfig {
                         quant_type: t.quant_type(),
                         double_quant: t.is_double_quant(),
                         block_size: t.block_size(),
-                        ..Nf4Config::default()
+                        ..FourBitConfig::default()
                     });
                     let prefix = name.strip_suffix(".weight").unwrap_or(name);
                     tensors.extend(t.to_bnb_tensors(prefix)?);
@@ -132,7 +132,7 @@ mod tests {
             source,
         })?;
         let cfg = DeepSeekMoeConfig::tiny(96);
-        for policy in [QuantPolicy::qlora(), QuantPolicy::Nf4(Nf4Config::fp4())] {
+        for policy in [QuantPolicy::qlora(), QuantPolicy::Nf4(FourBitConfig::fp4())] {
             let opts = LoadOptions {
                 quant: policy.clone(),
                 ..Default::default()

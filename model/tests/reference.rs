@@ -232,7 +232,7 @@ fn quantize_on_load_reproduces_the_bitsandbytes_model() -> Result<()> {
     model.visit_sites(&mut |_, l| {
         let t = l
             .as_any()
-            .downcast_ref::<moe_peft_quant::Nf4Linear>()
+            .downcast_ref::<moe_peft_quant::FourBitLinear>()
             .expect("an NF4 site");
         ours.push(t.weight().codes()?);
         Ok(())
@@ -241,7 +241,7 @@ fn quantize_on_load_reproduces_the_bitsandbytes_model() -> Result<()> {
     bnb.visit_sites(&mut |_, l| {
         let t = l
             .as_any()
-            .downcast_ref::<moe_peft_quant::Nf4Linear>()
+            .downcast_ref::<moe_peft_quant::FourBitLinear>()
             .expect("an NF4 site");
         theirs.push(t.weight().codes()?);
         Ok(())

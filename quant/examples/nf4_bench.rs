@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use moe_peft_quant::{Nf4Config, Nf4Tensor};
+use moe_peft_quant::{FourBitConfig, FourBitTensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
         .and_then(|s| s.parse().ok())
         .unwrap_or(5usize);
     let dev = Device::Cpu;
-    let cfg = Nf4Config::default();
+    let cfg = FourBitConfig::default();
     println!(
         "rayon threads: {}, iters: {iters}, config: {}",
         rayon::current_num_threads(),
@@ -44,11 +44,11 @@ fn main() -> anyhow::Result<()> {
         let w = Tensor::randn(0f32, 0.02, (rows, cols), &dev)?.to_dtype(DType::BF16)?;
         let n = rows * cols;
         let bf16_bytes = (2 * n) as f64;
-        let mut q = Nf4Tensor::quantize(&w, &cfg)?; // warm-up
+        let mut q = FourBitTensor::quantize(&w, &cfg)?; // warm-up
         let mut tq = Vec::new();
         for _ in 0..iters {
             let t = Instant::now();
-            q = Nf4Tensor::quantize(&w, &cfg)?;
+            q = FourBitTensor::quantize(&w, &cfg)?;
             tq.push(t.elapsed().as_secs_f64());
         }
         let _ = q.dequantize(DType::BF16)?; // warm-up

@@ -14,7 +14,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use moe_peft_quant::{Nf4Config, Nf4Tensor};
+use moe_peft_quant::{FourBitConfig, FourBitTensor};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -85,8 +85,8 @@ fn main() -> anyhow::Result<()> {
             2.0 * weight / p / 1e9
         );
         for (label, cfg) in [
-            ("quantize nf4+dq", Nf4Config::default()),
-            ("quantize nf4", Nf4Config::nf4_no_double_quant()),
+            ("quantize nf4+dq", FourBitConfig::default()),
+            ("quantize nf4", FourBitConfig::nf4_no_double_quant()),
         ] {
             let absmax_bytes = if cfg.double_quant {
                 n / 64.0 * (4.0 + 1.0) // fp32 absmax written and re-read, 8-bit codes written
@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
                 n / 64.0 * 4.0
             };
             let (s, p) = time(&dev, iters, || {
-                Nf4Tensor::quantize(&w, &cfg)?;
+                FourBitTensor::quantize(&w, &cfg)?;
                 Ok(())
             })?;
             let traffic = weight + n / 2.0 + absmax_bytes;
@@ -108,10 +108,10 @@ fn main() -> anyhow::Result<()> {
             );
         }
         for (label, cfg) in [
-            ("dequant nf4+dq", Nf4Config::default()),
-            ("dequant nf4", Nf4Config::nf4_no_double_quant()),
+            ("dequant nf4+dq", FourBitConfig::default()),
+            ("dequant nf4", FourBitConfig::nf4_no_double_quant()),
         ] {
-            let q = Nf4Tensor::quantize(&w, &cfg)?;
+            let q = FourBitTensor::quantize(&w, &cfg)?;
             for dt in [DType::BF16, DType::F32] {
                 let out = n * dt.size_in_bytes() as f64;
                 let absmax_bytes = if cfg.double_quant {

@@ -25,8 +25,8 @@ use serde::Deserialize;
 
 use crate::dynamic::DYNAMIC_MAP_LEN;
 use crate::error::{Error, Result};
+use crate::four_bit::{DoubleQuantState, FourBitAbsmax, FourBitTensor};
 use crate::nf4::{check_block_size, num_blocks, QuantType, VALID_BLOCK_SIZES};
-use crate::tensor::{DoubleQuantState, Nf4Absmax, Nf4Tensor};
 
 /// The key infix of the packed quant-state blob, before the quant type.
 pub const QUANT_STATE_KEY: &str = "quant_state.bitsandbytes__";
@@ -159,7 +159,7 @@ impl Ctx<'_> {
     }
 }
 
-impl Nf4Tensor {
+impl FourBitTensor {
     /// The packed quant-state JSON, byte for byte as bitsandbytes writes it, e.g.
     /// `{"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": [1408, 2048],
     /// "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": 0.0123}`.
@@ -174,7 +174,7 @@ impl Nf4Tensor {
             self.block_size(),
             shape.join(", ")
         );
-        if let Nf4Absmax::Double(st) = self.absmax() {
+        if let FourBitAbsmax::Double(st) = self.absmax() {
             s.push_str(&format!(
                 ", \"nested_blocksize\": {}, \"nested_dtype\": \"float32\", \"nested_offset\": {}",
                 st.block_size,
@@ -193,14 +193,14 @@ impl Nf4Tensor {
         let n_packed = self.packed().elem_count();
         let mut out = vec![(w.clone(), self.packed().reshape((n_packed, 1))?)];
         match self.absmax() {
-            Nf4Absmax::Fp32(a) => out.push((format!("{w}.absmax"), a.clone())),
-            Nf4Absmax::Double(s) => out.push((format!("{w}.absmax"), s.codes.clone())),
+            FourBitAbsmax::Fp32(a) => out.push((format!("{w}.absmax"), a.clone())),
+            FourBitAbsmax::Double(s) => out.push((format!("{w}.absmax"), s.codes.clone())),
         }
         out.push((
             format!("{w}.quant_map"),
             Tensor::from_slice(self.code(), 16, dev)?,
         ));
-        if let Nf4Absmax::Double(s) = self.absmax() {
+        if let FourBitAbsmax::Double(s) = self.absmax() {
             out.push((format!("{w}.nested_absmax"), s.nested_absmax.clone()));
             out.push((format!("{w}.nested_quant_map"), s.map.copy()?));
         }
@@ -356,7 +356,7 @@ impl Nf4Tensor {
                     DYNAMIC_MAP_LEN,
                     "the 8-bit map",
                 )?;
-                Nf4Absmax::Double(DoubleQuantState {
+                FourBitAbsmax::Double(DoubleQuantState {
                     codes: absmax.to_device(&device)?,
                     map: map.to_device(&device)?,
                     nested_absmax: nested_absmax.to_device(&device)?,
@@ -373,10 +373,10 @@ impl Nf4Tensor {
                     n_blocks,
                     "fp32 absmax per block",
                 )?;
-                Nf4Absmax::Fp32(absmax.to_device(&device)?)
+                FourBitAbsmax::Fp32(absmax.to_device(&device)?)
             }
         };
-        Nf4Tensor::from_parts(
+        FourBitTensor::from_parts(
             weight,
             absmax,
             code,
@@ -393,7 +393,7 @@ impl Nf4Tensor {
 #[derive(Debug, Default)]
 pub struct BnbCheckpoint {
     /// 4-bit weights by module prefix.
-    pub quantized: BTreeMap<String, Nf4Tensor>,
+    pub quantized: BTreeMap<String, FourBitTensor>,
     /// Every tensor that is not part of a 4-bit module, by key.
     pub dense: BTreeMap<String, Tensor>,
 }
@@ -416,7 +416,7 @@ pub fn load_bnb_safetensors(path: impl AsRef<Path>, device: &Device) -> Result<B
     prefixes.dedup();
     let mut quantized = BTreeMap::new();
     for p in &prefixes {
-        let t = Nf4Tensor::from_bnb_tensors(p, &|k| all.get(k).cloned(), Some(&fname))?;
+        let t = FourBitTensor::from_bnb_tensors(p, &|k| all.get(k).cloned(), Some(&fname))?;
         quantized.insert(p.clone(), t);
     }
     for p in &prefixes {
@@ -506,7 +506,7 @@ fn le<T: Copy, const N: usize>(v: Vec<T>, f: impl Fn(T) -> [u8; N]) -> Vec<u8> {
 /// `save_pretrained` does. A key written twice is an error.
 pub fn save_bnb_safetensors(
     path: impl AsRef<Path>,
-    quantized: &BTreeMap<String, Nf4Tensor>,
+    quantized: &BTreeMap<String, FourBitTensor>,
     dense: &BTreeMap<String, Tensor>,
 ) -> Result<()> {
     let mut views: BTreeMap<String, OwnedView> = BTreeMap::new();
@@ -536,7 +536,7 @@ pub fn save_bnb_safetensors(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Nf4Config;
+    use crate::config::FourBitConfig;
 
     #[test]
     fn python_float_repr() {
@@ -564,12 +564,12 @@ mod tests {
     #[test]
     fn json_blob_format() -> Result<()> {
         let w = Tensor::arange(0f32, 48., &Device::Cpu)?.reshape((6, 8))?;
-        let q = Nf4Tensor::quantize(&w, &Nf4Config::nf4_no_double_quant())?;
+        let q = FourBitTensor::quantize(&w, &FourBitConfig::nf4_no_double_quant())?;
         assert_eq!(
             q.bnb_quant_state_json()?,
             r#"{"quant_type": "nf4", "blocksize": 64, "dtype": "float32", "shape": [6, 8]}"#
         );
-        let q = Nf4Tensor::quantize(&w.to_dtype(DType::BF16)?, &Nf4Config::fp4())?;
+        let q = FourBitTensor::quantize(&w.to_dtype(DType::BF16)?, &FourBitConfig::fp4())?;
         let s = q.bnb_quant_state_json()?;
         assert!(s.starts_with(
             r#"{"quant_type": "fp4", "blocksize": 64, "dtype": "bfloat16", "shape": [6, 8], "nested_blocksize": 256, "nested_dtype": "float32", "nested_offset": "#

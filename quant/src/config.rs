@@ -12,7 +12,7 @@ use crate::nf4::{check_block_size, QuantType, VALID_BLOCK_SIZES};
 /// (transformers' `bnb_4bit_quant_type="nf4"`, `bnb_4bit_use_double_quant=True`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
-pub struct Nf4Config {
+pub struct FourBitConfig {
     /// The 4-bit data type.
     pub quant_type: QuantType,
     /// Elements per absmax block (32, 64, ..., 4096).
@@ -23,7 +23,7 @@ pub struct Nf4Config {
     pub dq_block_size: usize,
 }
 
-impl Default for Nf4Config {
+impl Default for FourBitConfig {
     fn default() -> Self {
         Self {
             quant_type: QuantType::Nf4,
@@ -34,7 +34,7 @@ impl Default for Nf4Config {
     }
 }
 
-impl Nf4Config {
+impl FourBitConfig {
     /// NF4 without double quantization (fp32 absmax, 4.5 bits per parameter at block 64).
     pub fn nf4_no_double_quant() -> Self {
         Self {
@@ -67,7 +67,7 @@ impl Nf4Config {
     /// code plus the absmax, i.e. `4 + 32 / block_size` without double quantization and
     /// `4 + 8 / block_size + 32 / (block_size * dq_block_size)` with it (4.5 and 4.127 at the
     /// defaults). The per-tensor constants (the 256-entry map, the offset, the 16-entry code book)
-    /// are not counted; see [`crate::Nf4Tensor::storage_bytes`] for the exact figure.
+    /// are not counted; see [`crate::FourBitTensor::storage_bytes`] for the exact figure.
     pub fn bits_per_param(&self) -> f64 {
         let bs = self.block_size as f64;
         if self.double_quant {
@@ -84,18 +84,18 @@ mod tests {
 
     #[test]
     fn defaults_and_validation() {
-        let c = Nf4Config::default();
+        let c = FourBitConfig::default();
         assert_eq!(c.quant_type, QuantType::Nf4);
         assert_eq!(c.block_size, 64);
         assert!(c.double_quant);
         assert_eq!(c.dq_block_size, 256);
         assert!(c.validate().is_ok());
-        let bad = Nf4Config {
+        let bad = FourBitConfig {
             block_size: 100,
             ..c.clone()
         };
         assert!(matches!(bad.validate(), Err(Error::InvalidBlockSize(100))));
-        let bad = Nf4Config {
+        let bad = FourBitConfig {
             dq_block_size: 3,
             ..c
         };
@@ -104,20 +104,20 @@ mod tests {
 
     #[test]
     fn bits_per_param_formula() {
-        assert_eq!(Nf4Config::default().bits_per_param(), 4.126953125);
-        assert!((Nf4Config::default().bits_per_param() - 4.127).abs() < 5e-4);
-        assert_eq!(Nf4Config::nf4_no_double_quant().bits_per_param(), 4.5);
+        assert_eq!(FourBitConfig::default().bits_per_param(), 4.126953125);
+        assert!((FourBitConfig::default().bits_per_param() - 4.127).abs() < 5e-4);
+        assert_eq!(FourBitConfig::nf4_no_double_quant().bits_per_param(), 4.5);
     }
 
     #[test]
     fn serde_names() {
-        let c: Nf4Config = serde_json::from_str(r#"{"quant_type":"fp4"}"#).unwrap();
-        assert_eq!(c, Nf4Config::fp4());
-        let s = serde_json::to_string(&Nf4Config::default()).unwrap();
+        let c: FourBitConfig = serde_json::from_str(r#"{"quant_type":"fp4"}"#).unwrap();
+        assert_eq!(c, FourBitConfig::fp4());
+        let s = serde_json::to_string(&FourBitConfig::default()).unwrap();
         assert_eq!(
             s,
             r#"{"quant_type":"nf4","block_size":64,"double_quant":true,"dq_block_size":256}"#
         );
-        assert!(serde_json::from_str::<Nf4Config>(r#"{"quant_type":"int3"}"#).is_err());
+        assert!(serde_json::from_str::<FourBitConfig>(r#"{"quant_type":"int3"}"#).is_err());
     }
 }

@@ -21,9 +21,9 @@ use rayon::prelude::*;
 
 use crate::cuda as gpu;
 use crate::error::{Error, Result};
+use crate::four_bit::{check_float_dtype, cpu_slice, dense_output, DenseSlice};
 use crate::linear::{frozen_matmul, FrozenWeight, LinearLike};
 use crate::nf4::{InElem, OutElem};
-use crate::tensor::{check_float_dtype, cpu_slice, dense_output, DenseSlice};
 
 /// A weight quantized to int8 per row (see the module docs). The codes are kept as the bytes of
 /// `i8` values in a U8 tensor (candle has no i8 dtype).

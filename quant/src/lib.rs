@@ -1,13 +1,13 @@
 //! Frozen weights for QLoRA: bitsandbytes-compatible NF4/FP4 with double quantization, int8,
 //! and frozen linear layers whose backward passes input gradients only.
 //!
-//! * [`Nf4Tensor`] quantizes any float tensor blockwise to 4 bits exactly as bitsandbytes does
+//! * [`FourBitTensor`] quantizes any float tensor blockwise to 4 bits exactly as bitsandbytes does
 //!   (codes, nibble order, absmax, double quantization with the 8-bit dynamic map) and
 //!   dequantizes it with candle custom ops; [`nf4`] and [`dynamic`] hold the code books and the
 //!   slice-level CPU kernels.
 //! * [`bnb`] reads and writes the `Linear4bit` state-dict layout (`weight`, `weight.absmax`,
 //!   `weight.quant_map`, `weight.nested_*`, `weight.quant_state.bitsandbytes__nf4`).
-//! * [`Nf4Linear`], [`Int8Linear`] and [`DenseLinear`] implement [`LinearLike`]; forward
+//! * [`FourBitLinear`], [`Int8Linear`] and [`DenseLinear`] implement [`LinearLike`]; forward
 //!   dequantizes transiently and [`frozen_matmul`] gives the input gradient only.
 //! * [`QuantPolicy`] turns each projection weight into one of them as a checkpoint streams in.
 //!
@@ -26,20 +26,20 @@ pub mod config;
 mod cuda;
 pub mod dynamic;
 pub mod error;
+pub mod four_bit;
+pub mod four_bit_linear;
 pub mod int8;
 pub mod linear;
 pub mod nf4;
 pub mod policy;
-pub mod qlinear;
-pub mod tensor;
 
 pub use bnb::{is_bnb_4bit, load_bnb_safetensors, save_bnb_safetensors, BnbCheckpoint};
-pub use config::Nf4Config;
+pub use config::FourBitConfig;
 pub use dynamic::{create_dynamic_map, dynamic_map};
 pub use error::{Error, Result};
+pub use four_bit::{DoubleQuantState, FourBitAbsmax, FourBitTensor};
+pub use four_bit_linear::FourBitLinear;
 pub use int8::{Int8Linear, Int8Tensor};
 pub use linear::{frozen_matmul, matmul_t, DenseLinear, FrozenWeight, LinearLike};
 pub use nf4::{QuantType, FP4_CODE, NF4_CODE};
 pub use policy::QuantPolicy;
-pub use qlinear::Nf4Linear;
-pub use tensor::{DoubleQuantState, Nf4Absmax, Nf4Tensor};

@@ -13,7 +13,7 @@ use candle_core::{DType, ModuleT, Tensor};
 
 /// A linear projection `y = x Wᵀ` with `W` of shape `(out_features, in_features)`.
 ///
-/// Implemented by the frozen bases of this crate ([`DenseLinear`], [`crate::Nf4Linear`],
+/// Implemented by the frozen bases of this crate ([`DenseLinear`], [`crate::FourBitLinear`],
 /// [`crate::Int8Linear`]) and by adapters that wrap them.
 pub trait LinearLike: ModuleT + Send + Sync + Debug {
     /// Input width.

@@ -5,11 +5,11 @@ use std::sync::Arc;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::config::Nf4Config;
+use crate::config::FourBitConfig;
 use crate::error::{Error, Result};
+use crate::four_bit_linear::FourBitLinear;
 use crate::int8::Int8Linear;
 use crate::linear::{DenseLinear, LinearLike};
-use crate::qlinear::Nf4Linear;
 
 /// How frozen projection weights are stored.
 ///
@@ -22,8 +22,8 @@ pub enum QuantPolicy {
     /// Keep the weight dense, in its dtype ([`DenseLinear`]).
     #[default]
     None,
-    /// bitsandbytes-compatible 4-bit ([`Nf4Linear`]).
-    Nf4(Nf4Config),
+    /// bitsandbytes-compatible 4-bit ([`FourBitLinear`]).
+    Nf4(FourBitConfig),
     /// Row-wise absmax int8 ([`crate::Int8Linear`]; not LLM.int8's outlier split).
     Int8,
 }
@@ -31,7 +31,7 @@ pub enum QuantPolicy {
 impl QuantPolicy {
     /// QLoRA's default: NF4, blocks of 64, double quantization.
     pub fn qlora() -> Self {
-        QuantPolicy::Nf4(Nf4Config::default())
+        QuantPolicy::Nf4(FourBitConfig::default())
     }
 
     /// Checks the NF4 settings.
@@ -55,13 +55,13 @@ impl QuantPolicy {
         }
         Ok(match self {
             QuantPolicy::None => Arc::new(DenseLinear::new(weight)),
-            QuantPolicy::Nf4(cfg) => Arc::new(Nf4Linear::quantize(&weight, cfg)?),
+            QuantPolicy::Nf4(cfg) => Arc::new(FourBitLinear::quantize(&weight, cfg)?),
             QuantPolicy::Int8 => Arc::new(Int8Linear::quantize(&weight)?),
         })
     }
 
     /// Bits per weight parameter at the formula level: `None` for dense weights (the
-    /// checkpoint dtype decides), [`Nf4Config::bits_per_param`] for NF4 (4.127 at the
+    /// checkpoint dtype decides), [`FourBitConfig::bits_per_param`] for NF4 (4.127 at the
     /// defaults), and 8 for int8 (plus 32 / in_features for the per-row scale, not counted).
     pub fn bits_per_param(&self) -> Option<f64> {
         match self {
@@ -84,7 +84,7 @@ mod tests {
             QuantPolicy::None,
             QuantPolicy::Int8,
             QuantPolicy::qlora(),
-            QuantPolicy::Nf4(Nf4Config::fp4()),
+            QuantPolicy::Nf4(FourBitConfig::fp4()),
         ] {
             let s = serde_json::to_string(&p).unwrap();
             assert_eq!(serde_json::from_str::<QuantPolicy>(&s).unwrap(), p, "{s}");
@@ -95,7 +95,7 @@ mod tests {
         );
         let p: QuantPolicy =
             serde_json::from_str(r#"{"method":"nf4","double_quant":false}"#).unwrap();
-        assert_eq!(p, QuantPolicy::Nf4(Nf4Config::nf4_no_double_quant()));
+        assert_eq!(p, QuantPolicy::Nf4(FourBitConfig::nf4_no_double_quant()));
         let p: QuantPolicy = serde_json::from_str(r#"{"method":"nf4"}"#).unwrap();
         assert_eq!(p, QuantPolicy::qlora());
         assert!(serde_json::from_str::<QuantPolicy>(r#"{"method":"gptq"}"#).is_err());
@@ -109,7 +109,7 @@ mod tests {
         let dense = QuantPolicy::None.make_linear(w.clone())?;
         assert!(dense.as_any().downcast_ref::<DenseLinear>().is_some());
         let nf4 = QuantPolicy::qlora().make_linear(w.clone())?;
-        assert!(nf4.as_any().downcast_ref::<Nf4Linear>().is_some());
+        assert!(nf4.as_any().downcast_ref::<FourBitLinear>().is_some());
         let i8l = QuantPolicy::Int8.make_linear(w.clone())?;
         assert!(i8l.as_any().downcast_ref::<Int8Linear>().is_some());
         for l in [&dense, &nf4, &i8l] {
@@ -122,10 +122,10 @@ mod tests {
         assert!(QuantPolicy::qlora()
             .make_linear(Tensor::zeros((2, 3, 4), DType::F32, &Device::Cpu)?)
             .is_err());
-        let bad = QuantPolicy::Nf4(Nf4Config {
+        let bad = QuantPolicy::Nf4(FourBitConfig {
             block_size: 100,
             quant_type: QuantType::Nf4,
-            ..Nf4Config::default()
+            ..FourBitConfig::default()
         });
         assert!(bad.make_linear(w).is_err());
         assert_eq!(QuantPolicy::qlora().bits_per_param(), Some(4.126953125));

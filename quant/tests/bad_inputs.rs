@@ -4,14 +4,14 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use moe_peft_quant::{Error, Nf4Config, Nf4Tensor};
+use moe_peft_quant::{Error, FourBitConfig, FourBitTensor};
 
 const FILE: &str = "shard-00001.safetensors";
 const P: &str = "model.layers.1.mlp.experts.0.down_proj";
 
-fn valid(cfg: &Nf4Config) -> HashMap<String, Tensor> {
+fn valid(cfg: &FourBitConfig) -> HashMap<String, Tensor> {
     let w = Tensor::randn(0f32, 1., (64, 32), &Device::Cpu).unwrap();
-    Nf4Tensor::quantize(&w, cfg)
+    FourBitTensor::quantize(&w, cfg)
         .unwrap()
         .to_bnb_tensors(P)
         .unwrap()
@@ -34,7 +34,7 @@ fn json_of(m: &HashMap<String, Tensor>) -> String {
 }
 
 fn load_err(m: &HashMap<String, Tensor>) -> Error {
-    Nf4Tensor::from_bnb_tensors(P, &|k| m.get(k).cloned(), Some(FILE))
+    FourBitTensor::from_bnb_tensors(P, &|k| m.get(k).cloned(), Some(FILE))
         .expect_err("malformed input must be an error")
 }
 
@@ -49,22 +49,22 @@ fn assert_names(e: &Error, tensor: &str) {
 
 #[test]
 fn valid_state_loads() {
-    let m = valid(&Nf4Config::default());
-    assert!(Nf4Tensor::from_bnb_tensors(P, &|k| m.get(k).cloned(), Some(FILE)).is_ok());
+    let m = valid(&FourBitConfig::default());
+    assert!(FourBitTensor::from_bnb_tensors(P, &|k| m.get(k).cloned(), Some(FILE)).is_ok());
 }
 
 #[test]
 fn block_size_100() {
     // in a config
     let w = Tensor::randn(0f32, 1., (10, 10), &Device::Cpu).unwrap();
-    let cfg = Nf4Config {
+    let cfg = FourBitConfig {
         block_size: 100,
-        ..Nf4Config::default()
+        ..FourBitConfig::default()
     };
-    let e = Nf4Tensor::quantize(&w, &cfg).expect_err("block size 100");
+    let e = FourBitTensor::quantize(&w, &cfg).expect_err("block size 100");
     assert!(matches!(e, Error::InvalidBlockSize(100)), "{e}");
     // in a file
-    let m = valid(&Nf4Config::nf4_no_double_quant());
+    let m = valid(&FourBitConfig::nf4_no_double_quant());
     let json = json_of(&m).replace("\"blocksize\": 64", "\"blocksize\": 100");
     let e = load_err(&with_json(m, json.as_bytes()));
     assert!(matches!(e, Error::InvalidQuantState { .. }), "{e:?}");
@@ -74,7 +74,7 @@ fn block_size_100() {
 
 #[test]
 fn packed_length_does_not_fit_json_shape() {
-    let m = valid(&Nf4Config::default());
+    let m = valid(&FourBitConfig::default());
     let json = json_of(&m).replace("\"shape\": [64, 32]", "\"shape\": [64, 33]");
     let e = load_err(&with_json(m, json.as_bytes()));
     assert!(matches!(e, Error::InvalidTensor { .. }), "{e:?}");
@@ -83,14 +83,14 @@ fn packed_length_does_not_fit_json_shape() {
 
 #[test]
 fn absmax_length_does_not_fit() {
-    let mut m = valid(&Nf4Config::nf4_no_double_quant());
+    let mut m = valid(&FourBitConfig::nf4_no_double_quant());
     let k = format!("{P}.weight.absmax");
     let short = m[&k].narrow(0, 0, 31).unwrap();
     m.insert(k.clone(), short);
     let e = load_err(&m);
     assert_names(&e, &k);
     // fp32 absmax where double-quantized codes are expected
-    let mut m = valid(&Nf4Config::default());
+    let mut m = valid(&FourBitConfig::default());
     let f = m[&k].to_dtype(DType::F32).unwrap();
     m.insert(k.clone(), f);
     assert_names(&load_err(&m), &k);
@@ -98,7 +98,7 @@ fn absmax_length_does_not_fit() {
 
 #[test]
 fn truncated_json() {
-    let m = valid(&Nf4Config::default());
+    let m = valid(&FourBitConfig::default());
     let json = json_of(&m);
     let e = load_err(&with_json(m, &json.as_bytes()[..json.len() - 7]));
     assert!(matches!(e, Error::InvalidQuantState { .. }), "{e:?}");
@@ -107,7 +107,7 @@ fn truncated_json() {
 
 #[test]
 fn non_utf8_blob() {
-    let m = valid(&Nf4Config::default());
+    let m = valid(&FourBitConfig::default());
     let mut bytes = json_of(&m).into_bytes();
     bytes[3] = 0xFF;
     bytes[4] = 0xFE;
@@ -118,7 +118,7 @@ fn non_utf8_blob() {
 
 #[test]
 fn unknown_quant_type_and_missing_fields() {
-    let m = valid(&Nf4Config::default());
+    let m = valid(&FourBitConfig::default());
     let json = json_of(&m).replace("\"nf4\"", "\"nf5\"");
     let e = load_err(&with_json(m.clone(), json.as_bytes()));
     assert!(e.to_string().contains("nf5"), "{e}");
@@ -141,14 +141,14 @@ fn missing_tensors() {
         ".weight.nested_quant_map",
         ".weight",
     ] {
-        let mut m = valid(&Nf4Config::default());
+        let mut m = valid(&FourBitConfig::default());
         let k = format!("{P}{suffix}");
         m.remove(&k);
         let e = load_err(&m);
         assert!(matches!(e, Error::MissingTensor { .. }), "{suffix}: {e:?}");
         assert_names(&e, &format!("{k}`"));
     }
-    let mut m = valid(&Nf4Config::default());
+    let mut m = valid(&FourBitConfig::default());
     m.remove(&state_key());
     assert_names(&load_err(&m), &state_key());
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use moe_peft_quant::{
-    dynamic_map, load_bnb_safetensors, Nf4Absmax, Nf4Config, Nf4Tensor, QuantType,
+    dynamic_map, load_bnb_safetensors, FourBitAbsmax, FourBitConfig, FourBitTensor, QuantType,
 };
 
 const NF4_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/nf4");
@@ -50,10 +50,10 @@ fn bit_equal(a: &[f32], b: &[f32]) -> bool {
     a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
 }
 
-fn dq_state(q: &Nf4Tensor) -> &moe_peft_quant::DoubleQuantState {
+fn dq_state(q: &FourBitTensor) -> &moe_peft_quant::DoubleQuantState {
     match q.absmax() {
-        Nf4Absmax::Double(s) => s,
-        Nf4Absmax::Fp32(_) => panic!("expected a double-quantized tensor"),
+        FourBitAbsmax::Double(s) => s,
+        FourBitAbsmax::Fp32(_) => panic!("expected a double-quantized tensor"),
     }
 }
 
@@ -65,7 +65,7 @@ fn json_offset(m: &Map, k: &str) -> f32 {
 
 /// First-level fp32 absmax (no double quant).
 fn nd_absmax(original: &Tensor) -> Tensor {
-    Nf4Tensor::quantize(original, &Nf4Config::nf4_no_double_quant())
+    FourBitTensor::quantize(original, &FourBitConfig::nf4_no_double_quant())
         .unwrap()
         .absmax_f32()
         .unwrap()
@@ -110,7 +110,7 @@ fn quantize_matches_bnb_cpu_reference() {
     let m = load("nf4_reference.safetensors");
     for k in MATRICES {
         let original = t(&m, &format!("{k}.original"));
-        let q = Nf4Tensor::quantize(original, &Nf4Config::default()).unwrap();
+        let q = FourBitTensor::quantize(original, &FourBitConfig::default()).unwrap();
         assert_eq!(q.dims(), original.dims());
         assert_eq!(
             u8s(q.packed()),
@@ -165,7 +165,7 @@ fn quantize_matches_bnb_cpu_reference() {
         }
 
         // first level without double quant
-        let nd = Nf4Tensor::quantize(original, &Nf4Config::nf4_no_double_quant()).unwrap();
+        let nd = FourBitTensor::quantize(original, &FourBitConfig::nf4_no_double_quant()).unwrap();
         assert_eq!(
             u8s(nd.packed()),
             u8s(t(&m, &format!("{k}.noDQ.weight"))),
@@ -204,8 +204,9 @@ fn load_bnb_cpu_state_is_bit_exact() {
             ),
             (format!("{k}.noDQ"), format!("{k}.noDQ.dequantized"), None),
         ] {
-            let q = Nf4Tensor::from_bnb_tensors(&prefix, &|key| m.get(key).cloned(), Some(&file))
-                .unwrap();
+            let q =
+                FourBitTensor::from_bnb_tensors(&prefix, &|key| m.get(key).cloned(), Some(&file))
+                    .unwrap();
             assert_eq!(q.quant_type(), QuantType::Nf4);
             assert_eq!(q.dtype(), DType::F32);
             let deq = q.dequantize(DType::F32).unwrap();
@@ -247,7 +248,7 @@ fn quantize_matches_bnb_cuda() {
     let file = format!("{NF4_DIR}/nf4_cuda_bnb050.safetensors");
     for k in MATRICES {
         let original = t(&reference, &format!("{k}.original"));
-        let q = Nf4Tensor::quantize(original, &Nf4Config::default()).unwrap();
+        let q = FourBitTensor::quantize(original, &FourBitConfig::default()).unwrap();
         assert_eq!(
             u8s(q.packed()),
             u8s(t(&m, &format!("{k}.weight"))),
@@ -296,7 +297,7 @@ fn quantize_matches_bnb_cuda() {
                 "{k}: equal offsets must give equal values"
             );
         }
-        let nd = Nf4Tensor::quantize(original, &Nf4Config::nf4_no_double_quant()).unwrap();
+        let nd = FourBitTensor::quantize(original, &FourBitConfig::nf4_no_double_quant()).unwrap();
         assert_eq!(
             u8s(nd.packed()),
             u8s(t(&m, &format!("{k}.noDQ.weight"))),
@@ -312,7 +313,7 @@ fn quantize_matches_bnb_cuda() {
         ));
         // the CUDA file's own state
         let loaded =
-            Nf4Tensor::from_bnb_tensors(k, &|key| m.get(key).cloned(), Some(&file)).unwrap();
+            FourBitTensor::from_bnb_tensors(k, &|key| m.get(key).cloned(), Some(&file)).unwrap();
         assert!(
             bit_equal(&f32s(&loaded.dequantize(DType::F32).unwrap()), &cuda),
             "{k}: load CUDA state"

@@ -16,7 +16,7 @@
 use candle_core::{DType, Device, Tensor};
 use moe_peft_quant::dynamic::{dynamic_map, quantize_blockwise_8bit};
 use moe_peft_quant::nf4::{quantize_4bit, InElem, NF4_THRESHOLDS};
-use moe_peft_quant::{Int8Tensor, Nf4Absmax, Nf4Config, Nf4Tensor, QuantType};
+use moe_peft_quant::{FourBitAbsmax, FourBitConfig, FourBitTensor, Int8Tensor, QuantType};
 
 type Result<T> = anyhow::Result<T>;
 
@@ -109,11 +109,11 @@ fn cpu_absmax(w: &Tensor, bs: usize, qt: QuantType) -> Result<Vec<f32>> {
 
 /// Quantizes `w` (on the CPU) on both devices and checks the parts, then dequantizes the same
 /// states on both devices in every dtype.
-fn check_quantize(w_cpu: &Tensor, dev: &Device, cfg: &Nf4Config, what: &str) -> Result<()> {
+fn check_quantize(w_cpu: &Tensor, dev: &Device, cfg: &FourBitConfig, what: &str) -> Result<()> {
     let what = format!("{what} {:?} {cfg:?}", w_cpu.dtype());
-    let q_cpu = Nf4Tensor::quantize(w_cpu, cfg)?;
+    let q_cpu = FourBitTensor::quantize(w_cpu, cfg)?;
     let w_gpu = w_cpu.to_device(dev)?;
-    let q_gpu = Nf4Tensor::quantize(&w_gpu, cfg)?;
+    let q_gpu = FourBitTensor::quantize(&w_gpu, cfg)?;
     assert!(
         q_gpu.device().same_device(dev),
         "{what}: parts stay on the GPU"
@@ -122,10 +122,10 @@ fn check_quantize(w_cpu: &Tensor, dev: &Device, cfg: &Nf4Config, what: &str) -> 
     assert_eq!(q_gpu.dtype(), q_cpu.dtype());
     assert_eq!(u8s(q_gpu.packed())?, u8s(q_cpu.packed())?, "{what}: packed");
     match (q_cpu.absmax(), q_gpu.absmax()) {
-        (Nf4Absmax::Fp32(a), Nf4Absmax::Fp32(b)) => {
+        (FourBitAbsmax::Fp32(a), FourBitAbsmax::Fp32(b)) => {
             assert_eq!(f32_bits(a)?, f32_bits(b)?, "{what}: fp32 absmax");
         }
-        (Nf4Absmax::Double(a), Nf4Absmax::Double(b)) => {
+        (FourBitAbsmax::Double(a), FourBitAbsmax::Double(b)) => {
             assert_eq!(f32_bits(&a.map)?, f32_bits(&b.map)?, "{what}: map");
             assert_eq!(a.block_size, b.block_size);
             let d = ulps(a.offset, b.offset);
@@ -208,13 +208,13 @@ fn quantize_and_dequantize_match_the_cpu() -> Result<()> {
         &[257, 1],     // odd, 5 blocks
     ];
     let configs = [
-        Nf4Config::default(),
-        Nf4Config::nf4_no_double_quant(),
-        Nf4Config::fp4(),
-        Nf4Config {
+        FourBitConfig::default(),
+        FourBitConfig::nf4_no_double_quant(),
+        FourBitConfig::fp4(),
+        FourBitConfig {
             quant_type: QuantType::Fp4,
             double_quant: false,
-            ..Nf4Config::default()
+            ..FourBitConfig::default()
         },
     ];
     for (k, shape) in shapes.iter().enumerate() {
@@ -236,14 +236,14 @@ fn every_block_size_matches_the_cpu() -> Result<()> {
     for bs in [32usize, 64, 128, 256, 512, 1024, 2048, 4096] {
         for dq_bs in [256usize, 32] {
             for qt in [QuantType::Nf4, QuantType::Fp4] {
-                let cfg = Nf4Config {
+                let cfg = FourBitConfig {
                     quant_type: qt,
                     block_size: bs,
                     double_quant: true,
                     dq_block_size: dq_bs,
                 };
                 check_quantize(&w.to_dtype(DType::BF16)?, &dev, &cfg, "97x211")?;
-                let cfg = Nf4Config {
+                let cfg = FourBitConfig {
                     double_quant: false,
                     ..cfg
                 };
@@ -259,7 +259,7 @@ fn every_block_size_matches_the_cpu() -> Result<()> {
 fn dense_mlp_sized_matrix_matches_the_cpu() -> Result<()> {
     let Some(dev) = gpu() else { return Ok(()) };
     let w = randn(&[10944, 2048], 0.02, -0.5)?.to_dtype(DType::BF16)?;
-    check_quantize(&w, &dev, &Nf4Config::default(), "10944x2048")
+    check_quantize(&w, &dev, &FourBitConfig::default(), "10944x2048")
 }
 
 /// Values on and next to every decision threshold (in a block whose absmax is exactly 1, so the
@@ -305,14 +305,14 @@ fn thresholds_and_special_values_match_the_cpu() -> Result<()> {
     let n = blocks.len();
     let w = Tensor::from_vec(blocks, n, &Device::Cpu)?;
     for qt in [QuantType::Nf4, QuantType::Fp4] {
-        let cfg = Nf4Config {
+        let cfg = FourBitConfig {
             quant_type: qt,
             block_size: 32,
             double_quant: false,
-            ..Nf4Config::default()
+            ..FourBitConfig::default()
         };
-        let a = Nf4Tensor::quantize(&w, &cfg)?;
-        let b = Nf4Tensor::quantize(&w.to_device(&dev)?, &cfg)?;
+        let a = FourBitTensor::quantize(&w, &cfg)?;
+        let b = FourBitTensor::quantize(&w.to_device(&dev)?, &cfg)?;
         assert_eq!(u8s(a.packed())?, u8s(b.packed())?, "{qt}: packed");
         assert_eq!(
             f32_bits(&a.absmax_f32()?)?,
@@ -330,15 +330,15 @@ fn thresholds_and_special_values_match_the_cpu() -> Result<()> {
             &format!("{qt}: dequantized"),
         );
         // double quantization of the finite part: both sides agree on the codes
-        let cfg = Nf4Config {
+        let cfg = FourBitConfig {
             double_quant: true,
             ..cfg
         };
-        let a = Nf4Tensor::quantize(&w.narrow(0, 0, finite)?, &cfg)?;
-        let b = Nf4Tensor::quantize(&w.narrow(0, 0, finite)?.to_device(&dev)?, &cfg)?;
+        let a = FourBitTensor::quantize(&w.narrow(0, 0, finite)?, &cfg)?;
+        let b = FourBitTensor::quantize(&w.narrow(0, 0, finite)?.to_device(&dev)?, &cfg)?;
         assert_eq!(u8s(a.packed())?, u8s(b.packed())?, "{qt} dq: packed");
         match (a.absmax(), b.absmax()) {
-            (Nf4Absmax::Double(x), Nf4Absmax::Double(y)) => {
+            (FourBitAbsmax::Double(x), FourBitAbsmax::Double(y)) => {
                 assert!(ulps(x.offset, y.offset) <= 2);
                 if x.offset == y.offset {
                     assert_eq!(u8s(&x.codes)?, u8s(&y.codes)?, "{qt} dq: codes");
@@ -359,10 +359,10 @@ fn strided_and_misaligned_inputs_match_the_cpu() -> Result<()> {
     for dt in FLOATS {
         let w = w.to_dtype(dt)?;
         let wt = w.t()?;
-        check_quantize(&wt, &dev, &Nf4Config::default(), "transposed")?;
+        check_quantize(&wt, &dev, &FourBitConfig::default(), "transposed")?;
         let off = w.flatten_all()?.narrow(0, 3, w.elem_count() - 3)?;
-        let q_cpu = Nf4Tensor::quantize(&off, &Nf4Config::default())?;
-        let q_gpu = Nf4Tensor::quantize(&off.to_device(&dev)?, &Nf4Config::default())?;
+        let q_cpu = FourBitTensor::quantize(&off, &FourBitConfig::default())?;
+        let q_gpu = FourBitTensor::quantize(&off.to_device(&dev)?, &FourBitConfig::default())?;
         assert_eq!(
             u8s(q_gpu.packed())?,
             u8s(q_cpu.packed())?,
@@ -370,7 +370,7 @@ fn strided_and_misaligned_inputs_match_the_cpu() -> Result<()> {
         );
     }
     // a packed buffer starting one byte into its storage (the dequantizer's byte-load path)
-    let q = Nf4Tensor::quantize(&w, &Nf4Config::nf4_no_double_quant())?;
+    let q = FourBitTensor::quantize(&w, &FourBitConfig::nf4_no_double_quant())?;
     let padded = Tensor::cat(
         &[&Tensor::zeros(1, DType::U8, &Device::Cpu)?, q.packed()],
         0,
@@ -378,10 +378,10 @@ fn strided_and_misaligned_inputs_match_the_cpu() -> Result<()> {
     .to_device(&dev)?;
     let packed = padded.narrow(0, 1, q.packed().elem_count())?;
     let absmax = match q.absmax() {
-        Nf4Absmax::Fp32(a) => Nf4Absmax::Fp32(a.to_device(&dev)?),
-        Nf4Absmax::Double(_) => anyhow::bail!("no double quantization was requested"),
+        FourBitAbsmax::Fp32(a) => FourBitAbsmax::Fp32(a.to_device(&dev)?),
+        FourBitAbsmax::Double(_) => anyhow::bail!("no double quantization was requested"),
     };
-    let view = Nf4Tensor::from_parts(
+    let view = FourBitTensor::from_parts(
         packed,
         absmax,
         *q.code(),

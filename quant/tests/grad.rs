@@ -2,14 +2,14 @@
 //! finite differences.
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use moe_peft_quant::{DenseLinear, Int8Linear, Nf4Config, Nf4Linear, Nf4Tensor};
+use moe_peft_quant::{DenseLinear, FourBitConfig, FourBitLinear, FourBitTensor, Int8Linear};
 
 fn chain(l1: &dyn ModuleT, l2: &dyn ModuleT, x: &Tensor) -> candle_core::Result<Tensor> {
     l2.forward_t(&l1.forward_t(x, true)?.tanh()?, true)?
         .sum_all()
 }
 
-/// `x → Nf4Linear → tanh → DenseLinear → sum` with `x` a `Var` (f32). The input gradient matches
+/// `x → FourBitLinear → tanh → DenseLinear → sum` with `x` a `Var` (f32). The input gradient matches
 /// a central finite difference of the same chain evaluated in f64 (the dequantized weights are
 /// the same numbers in both dtypes; step 1e-4, truncation error ~1e-9): tolerance
 /// `1e-5 · (1 + |fd|)`, which is f32 accumulation noise. It also equals the gradient through a
@@ -18,8 +18,8 @@ fn chain(l1: &dyn ModuleT, l2: &dyn ModuleT, x: &Tensor) -> candle_core::Result<
 fn nf4_linear_input_gradient_matches_finite_differences() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let w1 = (Tensor::randn(0f32, 1., (32, 64), &dev)? * 0.2)?;
-    let q = Nf4Tensor::quantize(&w1, &Nf4Config::default())?;
-    let lin1 = Nf4Linear::new(q.clone())?;
+    let q = FourBitTensor::quantize(&w1, &FourBitConfig::default())?;
+    let lin1 = FourBitLinear::new(q.clone())?;
     let lin2 = DenseLinear::new(Tensor::randn(0f32, 1., (5, 32), &dev)?);
     let x0 = Tensor::randn(0f32, 1., (2, 3, 64), &dev)?;
     let x = Var::from_tensor(&x0)?;
@@ -52,7 +52,7 @@ fn nf4_linear_input_gradient_matches_finite_differences() -> anyhow::Result<()> 
         );
         worst = worst.max(err);
     }
-    println!("Nf4Linear chain: max |grad - finite difference| = {worst:e}");
+    println!("FourBitLinear chain: max |grad - finite difference| = {worst:e}");
 
     // same chain through a dense layer holding the dequantized weight
     let dense1 = DenseLinear::new(q.dequantize(DType::F32)?);
@@ -65,13 +65,13 @@ fn nf4_linear_input_gradient_matches_finite_differences() -> anyhow::Result<()> 
         .to_vec1::<f32>()?;
     assert_eq!(
         gx, gd,
-        "Nf4Linear and dense-of-dequantized give the same input gradient"
+        "FourBitLinear and dense-of-dequantized give the same input gradient"
     );
 
     Ok(())
 }
 
-/// Frozen means frozen even when the layers are built from trainable tensors: an `Nf4Linear`
+/// Frozen means frozen even when the layers are built from trainable tensors: an `FourBitLinear`
 /// quantized from a `Var`, an `Int8Linear` quantized from one and a `DenseLinear` holding one
 /// all pass a gradient to their input and none to the weight (a layer that kept the weight in
 /// the graph would hand it one, or fail in the backward of the quantization).
@@ -81,7 +81,10 @@ fn layers_built_from_trainable_weights_stay_frozen() -> anyhow::Result<()> {
     let w1 = Var::from_tensor(&(Tensor::randn(0f32, 1., (32, 64), &dev)? * 0.2)?)?;
     let w2 = Var::from_tensor(&Tensor::randn(0f32, 1., (16, 32), &dev)?)?;
     let w3 = Var::from_tensor(&Tensor::randn(0f32, 1., (5, 16), &dev)?)?;
-    let nf4 = Nf4Linear::new(Nf4Tensor::quantize(w1.as_tensor(), &Nf4Config::default())?)?;
+    let nf4 = FourBitLinear::new(FourBitTensor::quantize(
+        w1.as_tensor(),
+        &FourBitConfig::default(),
+    )?)?;
     let int8 = Int8Linear::quantize(w2.as_tensor())?;
     let dense = DenseLinear::new(w3.as_tensor().clone());
     let x = Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 64), &dev)?)?;

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use moe_peft_quant::{
-    load_bnb_safetensors, save_bnb_safetensors, Nf4Absmax, Nf4Config, Nf4Tensor, QuantType,
-    FP4_CODE,
+    load_bnb_safetensors, save_bnb_safetensors, FourBitAbsmax, FourBitConfig, FourBitTensor,
+    QuantType, FP4_CODE,
 };
 
 fn u8s(t: &Tensor) -> Vec<u8> {
@@ -34,7 +34,7 @@ fn assert_same_tensor(a: &Tensor, b: &Tensor, what: &str) {
     }
 }
 
-fn assert_same_quantized(a: &Nf4Tensor, b: &Nf4Tensor, what: &str) {
+fn assert_same_quantized(a: &FourBitTensor, b: &FourBitTensor, what: &str) {
     assert_eq!(a.dims(), b.dims(), "{what}");
     assert_eq!(a.dtype(), b.dtype(), "{what}");
     assert_eq!(a.block_size(), b.block_size(), "{what}");
@@ -42,8 +42,8 @@ fn assert_same_quantized(a: &Nf4Tensor, b: &Nf4Tensor, what: &str) {
     assert_eq!(a.code(), b.code(), "{what}");
     assert_same_tensor(a.packed(), b.packed(), what);
     match (a.absmax(), b.absmax()) {
-        (Nf4Absmax::Fp32(x), Nf4Absmax::Fp32(y)) => assert_same_tensor(x, y, what),
-        (Nf4Absmax::Double(x), Nf4Absmax::Double(y)) => {
+        (FourBitAbsmax::Fp32(x), FourBitAbsmax::Fp32(y)) => assert_same_tensor(x, y, what),
+        (FourBitAbsmax::Double(x), FourBitAbsmax::Double(y)) => {
             assert_same_tensor(&x.codes, &y.codes, what);
             assert_same_tensor(&x.map, &y.map, what);
             assert_same_tensor(&x.nested_absmax, &y.nested_absmax, what);
@@ -67,44 +67,44 @@ fn assert_same_quantized(a: &Nf4Tensor, b: &Nf4Tensor, what: &str) {
 #[test]
 fn save_load_round_trip() -> anyhow::Result<()> {
     let dev = Device::Cpu;
-    let cases: Vec<(&str, Tensor, Nf4Config)> = vec![
+    let cases: Vec<(&str, Tensor, FourBitConfig)> = vec![
         (
             "model.layers.0.mlp.down_proj",
             Tensor::randn(0f32, 0.05, (163, 129), &dev)?.to_dtype(DType::BF16)?,
-            Nf4Config::default(),
+            FourBitConfig::default(),
         ),
         (
             "model.layers.0.self_attn.q_proj",
             Tensor::randn(0f32, 1., (64, 48), &dev)?,
-            Nf4Config::nf4_no_double_quant(),
+            FourBitConfig::nf4_no_double_quant(),
         ),
         (
             "model.layers.1.mlp.experts.3.up_proj",
             Tensor::randn(0f32, 1., (32, 65), &dev)?.to_dtype(DType::F16)?,
-            Nf4Config::fp4(),
+            FourBitConfig::fp4(),
         ),
         (
             "small_blocks",
             Tensor::randn(0f32, 1., (7, 9), &dev)?,
-            Nf4Config {
+            FourBitConfig {
                 block_size: 32,
-                ..Nf4Config::default()
+                ..FourBitConfig::default()
             },
         ),
         (
             "big_blocks",
             Tensor::randn(0f32, 1., (100, 90), &dev)?,
-            Nf4Config {
+            FourBitConfig {
                 block_size: 4096,
                 quant_type: QuantType::Fp4,
                 double_quant: false,
-                ..Nf4Config::default()
+                ..FourBitConfig::default()
             },
         ),
     ];
     let mut quantized = BTreeMap::new();
     for (name, w, cfg) in &cases {
-        quantized.insert(name.to_string(), Nf4Tensor::quantize(w, cfg)?);
+        quantized.insert(name.to_string(), FourBitTensor::quantize(w, cfg)?);
     }
     let mut dense = BTreeMap::new();
     dense.insert(
@@ -148,7 +148,7 @@ fn save_load_round_trip() -> anyhow::Result<()> {
 
     // per-module loading through a getter, and the whole-file loader
     for (name, _, _) in &cases {
-        let back = Nf4Tensor::from_bnb_tensors(name, &|k| raw.get(k).cloned(), None)?;
+        let back = FourBitTensor::from_bnb_tensors(name, &|k| raw.get(k).cloned(), None)?;
         assert_same_quantized(&quantized[*name], &back, name);
     }
     let ckpt = load_bnb_safetensors(&path, &dev)?;
@@ -170,7 +170,7 @@ fn save_refuses_duplicate_keys() -> anyhow::Result<()> {
     let w = Tensor::randn(0f32, 1., (8, 8), &dev)?;
     let quantized = BTreeMap::from([(
         "p".to_string(),
-        Nf4Tensor::quantize(&w, &Nf4Config::default())?,
+        FourBitTensor::quantize(&w, &FourBitConfig::default())?,
     )]);
     let dense = BTreeMap::from([("p.weight".to_string(), w)]);
     let dir = tempfile::tempdir()?;
@@ -188,12 +188,12 @@ fn fp4_and_nf4_requantize_idempotent() -> anyhow::Result<()> {
     let dev = Device::Cpu;
     let w = Tensor::randn(0f32, 1., (96, 130), &dev)?;
     // fp32 absmax (no double quant), so that the bound is exact and re-quantizing is idempotent
-    let fp4 = Nf4Config {
+    let fp4 = FourBitConfig {
         double_quant: false,
-        ..Nf4Config::fp4()
+        ..FourBitConfig::fp4()
     };
-    for cfg in [fp4, Nf4Config::nf4_no_double_quant()] {
-        let q = Nf4Tensor::quantize(&w, &cfg)?;
+    for cfg in [fp4, FourBitConfig::nf4_no_double_quant()] {
+        let q = FourBitTensor::quantize(&w, &cfg)?;
         let d = q.dequantize(DType::F32)?;
         let dv = d.flatten_all()?.to_vec1::<f32>()?;
         let wv = w.flatten_all()?.to_vec1::<f32>()?;
@@ -224,7 +224,7 @@ fn fp4_and_nf4_requantize_idempotent() -> anyhow::Result<()> {
             // FP4 encodes -0.0 as 0b1000: negative tiny values keep their sign bit
             assert!(codes.iter().any(|&c| c >= 8) && codes.iter().any(|&c| c < 8));
         }
-        let q2 = Nf4Tensor::quantize(&d, &cfg)?;
+        let q2 = FourBitTensor::quantize(&d, &cfg)?;
         assert_eq!(am, q2.absmax_f32()?.to_vec1::<f32>()?);
         let codes2 = q2.codes()?;
         match cfg.quant_type {
@@ -247,10 +247,10 @@ fn fp4_and_nf4_requantize_idempotent() -> anyhow::Result<()> {
 #[test]
 fn bits_per_param_values() -> anyhow::Result<()> {
     let w = Tensor::randn(0f32, 1., (1408, 256), &Device::Cpu)?;
-    let q = Nf4Tensor::quantize(&w, &Nf4Config::default())?;
+    let q = FourBitTensor::quantize(&w, &FourBitConfig::default())?;
     assert_eq!(q.bits_per_param(), 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0));
     assert!((q.bits_per_param() - 4.127).abs() < 5e-4);
-    let q = Nf4Tensor::quantize(&w, &Nf4Config::nf4_no_double_quant())?;
+    let q = FourBitTensor::quantize(&w, &FourBitConfig::nf4_no_double_quant())?;
     assert_eq!(q.bits_per_param(), 4.5);
     // exact storage of this tensor: the formula plus the 64-byte code book
     let exact = 8.0 * q.storage_bytes() as f64 / q.numel() as f64;
@@ -275,10 +275,10 @@ fn four_bit_with_double_quant_accuracy() -> anyhow::Result<()> {
         .collect::<candle_core::Result<_>>()?;
     let w = Tensor::cat(&rows, 0)?;
     let wv = w.flatten_all()?.to_vec1::<f32>()?;
-    for cfg in [Nf4Config::fp4(), Nf4Config::default()] {
+    for cfg in [FourBitConfig::fp4(), FourBitConfig::default()] {
         assert!(cfg.double_quant);
-        let q = Nf4Tensor::quantize(&w, &cfg)?;
-        let Nf4Absmax::Double(s) = q.absmax() else {
+        let q = FourBitTensor::quantize(&w, &cfg)?;
+        let FourBitAbsmax::Double(s) = q.absmax() else {
             panic!("{:?}: not double-quantized", cfg.quant_type)
         };
         let map = s.map.to_vec1::<f32>()?;

@@ -1,4 +1,4 @@
-//! [`Nf4Linear`]: a frozen projection whose weight is stored as an [`Nf4Tensor`].
+//! [`FourBitLinear`]: a frozen projection whose weight is stored as an [`FourBitTensor`].
 
 use std::any::Any;
 use std::sync::Arc;
@@ -6,8 +6,8 @@ use std::sync::Arc;
 use candle_core::{DType, ModuleT, Tensor};
 
 use crate::error::{Error, Result};
+use crate::four_bit::FourBitTensor;
 use crate::linear::{frozen_matmul, FrozenWeight, LinearLike};
-use crate::tensor::Nf4Tensor;
 
 /// A frozen linear layer `y = x Wᵀ` over a 4-bit weight `(out, in)` (QLoRA's base layer).
 ///
@@ -15,21 +15,21 @@ use crate::tensor::Nf4Tensor;
 /// dequantizes again to compute `grad_x = grad_y · W` (bitsandbytes `MatMul4Bit`), so no dense
 /// copy outlives an op. No weight gradient is computed.
 #[derive(Debug, Clone)]
-pub struct Nf4Linear {
-    weight: Arc<Nf4Tensor>,
+pub struct FourBitLinear {
+    weight: Arc<FourBitTensor>,
 }
 
-impl Nf4Linear {
+impl FourBitLinear {
     /// Wraps a 2-D quantized weight `(out_features, in_features)`.
-    pub fn new(weight: Nf4Tensor) -> Result<Self> {
+    pub fn new(weight: FourBitTensor) -> Result<Self> {
         Self::from_arc(Arc::new(weight))
     }
 
     /// Wraps a shared 2-D quantized weight.
-    pub fn from_arc(weight: Arc<Nf4Tensor>) -> Result<Self> {
+    pub fn from_arc(weight: Arc<FourBitTensor>) -> Result<Self> {
         if weight.dims().len() != 2 {
             return Err(Error::ShapeMismatch {
-                name: "Nf4Linear weight".into(),
+                name: "FourBitLinear weight".into(),
                 expected: "a 2-D (out, in) weight".into(),
                 got: format!("shape {:?}", weight.dims()),
             });
@@ -38,17 +38,17 @@ impl Nf4Linear {
     }
 
     /// Quantizes a dense `(out, in)` weight and wraps it.
-    pub fn quantize(weight: &Tensor, cfg: &crate::Nf4Config) -> Result<Self> {
-        Self::new(Nf4Tensor::quantize(weight, cfg)?)
+    pub fn quantize(weight: &Tensor, cfg: &crate::FourBitConfig) -> Result<Self> {
+        Self::new(FourBitTensor::quantize(weight, cfg)?)
     }
 
     /// The quantized weight.
-    pub fn weight(&self) -> &Arc<Nf4Tensor> {
+    pub fn weight(&self) -> &Arc<FourBitTensor> {
         &self.weight
     }
 }
 
-impl ModuleT for Nf4Linear {
+impl ModuleT for FourBitLinear {
     fn forward_t(&self, x: &Tensor, _train: bool) -> candle_core::Result<Tensor> {
         let w = self
             .weight
@@ -59,7 +59,7 @@ impl ModuleT for Nf4Linear {
     }
 }
 
-impl LinearLike for Nf4Linear {
+impl LinearLike for FourBitLinear {
     fn in_features(&self) -> usize {
         self.weight.dims()[1]
     }

@@ -1,4 +1,4 @@
-//! [`Nf4Tensor`]: a weight stored as bitsandbytes-compatible 4-bit codes (NF4 or FP4) with
+//! [`FourBitTensor`]: a weight stored as bitsandbytes-compatible 4-bit codes (NF4 or FP4) with
 //! blockwise absmax, optionally double-quantized.
 
 #[cfg(feature = "cuda")]
@@ -10,7 +10,7 @@ use candle_core::{
 use half::vec::HalfBitsVecExt;
 use half::{bf16, f16};
 
-use crate::config::Nf4Config;
+use crate::config::FourBitConfig;
 use crate::dynamic::{
     dequantize_absmax_into, double_quantize, dynamic_map, DYNAMIC_MAP_LEN, NESTED_BLOCK_SIZE,
 };
@@ -37,23 +37,24 @@ pub struct DoubleQuantState {
     pub block_size: usize,
 }
 
-/// The per-block scales of an [`Nf4Tensor`].
+/// The per-block scales of an [`FourBitTensor`].
 #[derive(Debug, Clone)]
-pub enum Nf4Absmax {
+pub enum FourBitAbsmax {
     /// fp32 absmax per block (F32, `[n_blocks]`).
     Fp32(Tensor),
     /// 8-bit double-quantized absmax.
     Double(DoubleQuantState),
 }
 
-/// A tensor quantized to 4 bits, laid out as bitsandbytes does it (see [`crate::nf4`]).
+/// A tensor quantized to 4 bits, NF4 or FP4, laid out as bitsandbytes does it (see
+/// [`crate::nf4`]); bitsandbytes calls it `Params4bit`.
 ///
 /// All its tensors live on one device. The element count, shape and original dtype are kept so
-/// that [`Nf4Tensor::dequantize`] can give the dense tensor back.
+/// that [`FourBitTensor::dequantize`] can give the dense tensor back.
 #[derive(Debug, Clone)]
-pub struct Nf4Tensor {
+pub struct FourBitTensor {
     packed: Tensor,
-    absmax: Nf4Absmax,
+    absmax: FourBitAbsmax,
     code: [f32; 16],
     shape: Shape,
     dtype: DType,
@@ -108,7 +109,7 @@ fn expect_len(t: &Tensor, dtype: DType, len: usize, name: &str) -> Result<()> {
     Ok(())
 }
 
-impl Nf4Tensor {
+impl FourBitTensor {
     /// Quantizes `w` (any shape; f32, bf16, f16 or f64) blockwise over its row-major flattening.
     ///
     /// The parts stay on `w`'s device. On the CPU the work is done in place by the Rust kernels;
@@ -119,10 +120,10 @@ impl Nf4Tensor {
     ///
     /// ```
     /// use candle_core::{DType, Device, Tensor};
-    /// use moe_peft_quant::{Nf4Config, Nf4Tensor};
+    /// use moe_peft_quant::{FourBitConfig, FourBitTensor};
     ///
     /// let w = Tensor::randn(0f32, 0.02, (128, 64), &Device::Cpu)?.to_dtype(DType::BF16)?;
-    /// let q = Nf4Tensor::quantize(&w, &Nf4Config::default())?;
+    /// let q = FourBitTensor::quantize(&w, &FourBitConfig::default())?;
     /// assert_eq!(q.dims(), &[128, 64]);
     /// assert_eq!(q.dtype(), DType::BF16);
     /// let back = q.dequantize(DType::F32)?;
@@ -131,7 +132,7 @@ impl Nf4Tensor {
     /// assert!((q.bits_per_param() - 4.127).abs() < 1e-3);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn quantize(w: &Tensor, cfg: &Nf4Config) -> Result<Self> {
+    pub fn quantize(w: &Tensor, cfg: &FourBitConfig) -> Result<Self> {
         cfg.validate()?;
         let dtype = w.dtype();
         check_float_dtype(dtype, "weight")?;
@@ -160,7 +161,7 @@ impl Nf4Tensor {
             let map = dynamic_map();
             let dq = double_quantize(&absmax, map, cfg.dq_block_size)?;
             let n_nested = dq.nested_absmax.len();
-            Nf4Absmax::Double(DoubleQuantState {
+            FourBitAbsmax::Double(DoubleQuantState {
                 codes: Tensor::from_vec(dq.codes, n_blocks, &cpu)?.to_device(&device)?,
                 map: Tensor::from_slice(map, DYNAMIC_MAP_LEN, &cpu)?.to_device(&device)?,
                 nested_absmax: Tensor::from_vec(dq.nested_absmax, n_nested, &cpu)?
@@ -169,7 +170,7 @@ impl Nf4Tensor {
                 block_size: cfg.dq_block_size,
             })
         } else {
-            Nf4Absmax::Fp32(Tensor::from_vec(absmax, n_blocks, &cpu)?.to_device(&device)?)
+            FourBitAbsmax::Fp32(Tensor::from_vec(absmax, n_blocks, &cpu)?.to_device(&device)?)
         };
         let n_packed = packed.len();
         Ok(Self {
@@ -183,10 +184,10 @@ impl Nf4Tensor {
         })
     }
 
-    /// [`Nf4Tensor::quantize`] on a CUDA device: one fused absmax + 4-bit kernel, then (with
+    /// [`FourBitTensor::quantize`] on a CUDA device: one fused absmax + 4-bit kernel, then (with
     /// double quantization) the mean and nested-quantization kernels; no host round trip apart
     /// from the 4-byte offset.
-    fn quantize_cuda(w: &Tensor, cfg: &Nf4Config) -> Result<Self> {
+    fn quantize_cuda(w: &Tensor, cfg: &FourBitConfig) -> Result<Self> {
         let device = w.device().clone();
         let (packed, absmax) =
             gpu::quantize_4bit(&w.contiguous()?, cfg.block_size, cfg.quant_type)?;
@@ -194,7 +195,7 @@ impl Nf4Tensor {
             let map = Tensor::from_slice(dynamic_map(), DYNAMIC_MAP_LEN, &device)?;
             let (codes, nested_absmax, offset) =
                 gpu::double_quantize(&absmax, &map, cfg.dq_block_size)?;
-            Nf4Absmax::Double(DoubleQuantState {
+            FourBitAbsmax::Double(DoubleQuantState {
                 codes,
                 map,
                 nested_absmax,
@@ -202,7 +203,7 @@ impl Nf4Tensor {
                 block_size: cfg.dq_block_size,
             })
         } else {
-            Nf4Absmax::Fp32(absmax)
+            FourBitAbsmax::Fp32(absmax)
         };
         Ok(Self {
             packed,
@@ -221,7 +222,7 @@ impl Nf4Tensor {
     /// `block_size` codes, and everything is on `packed`'s device.
     pub fn from_parts(
         packed: Tensor,
-        absmax: Nf4Absmax,
+        absmax: FourBitAbsmax,
         code: [f32; 16],
         shape: Shape,
         dtype: DType,
@@ -246,11 +247,11 @@ impl Nf4Tensor {
             }
         };
         match &absmax {
-            Nf4Absmax::Fp32(a) => {
+            FourBitAbsmax::Fp32(a) => {
                 expect_len(a, DType::F32, n_blocks, "absmax")?;
                 same(a, "absmax")?;
             }
-            Nf4Absmax::Double(s) => {
+            FourBitAbsmax::Double(s) => {
                 if s.block_size == 0 {
                     return Err(Error::InvalidBlockSize(0));
                 }
@@ -269,8 +270,8 @@ impl Nf4Tensor {
         }
         let flat = |t: Tensor| -> Result<Tensor> { Ok(t.flatten_all()?.contiguous()?) };
         let absmax = match absmax {
-            Nf4Absmax::Fp32(a) => Nf4Absmax::Fp32(flat(a)?),
-            Nf4Absmax::Double(s) => Nf4Absmax::Double(DoubleQuantState {
+            FourBitAbsmax::Fp32(a) => FourBitAbsmax::Fp32(flat(a)?),
+            FourBitAbsmax::Double(s) => FourBitAbsmax::Double(DoubleQuantState {
                 codes: flat(s.codes)?,
                 map: flat(s.map)?,
                 nested_absmax: flat(s.nested_absmax)?,
@@ -316,8 +317,8 @@ impl Nf4Tensor {
             dtype,
         };
         match &self.absmax {
-            Nf4Absmax::Fp32(a) => Ok(self.packed.apply_op2_no_bwd(a, &op)?),
-            Nf4Absmax::Double(s) => Ok(self.packed.apply_op3_no_bwd(
+            FourBitAbsmax::Fp32(a) => Ok(self.packed.apply_op2_no_bwd(a, &op)?),
+            FourBitAbsmax::Double(s) => Ok(self.packed.apply_op3_no_bwd(
                 &s.codes,
                 &s.nested_absmax,
                 &Dequant4bitDqOp {
@@ -334,8 +335,8 @@ impl Nf4Tensor {
 
     fn absmax_here(&self) -> Result<Tensor> {
         match &self.absmax {
-            Nf4Absmax::Fp32(a) => Ok(a.clone()),
-            Nf4Absmax::Double(s) => Ok(s.codes.apply_op3_no_bwd(
+            FourBitAbsmax::Fp32(a) => Ok(a.clone()),
+            FourBitAbsmax::Double(s) => Ok(s.codes.apply_op3_no_bwd(
                 &s.map,
                 &s.nested_absmax,
                 &AbsmaxDequantOp {
@@ -369,8 +370,8 @@ impl Nf4Tensor {
     /// Moves every part to `device`.
     pub fn to_device(&self, device: &Device) -> Result<Self> {
         let absmax = match &self.absmax {
-            Nf4Absmax::Fp32(a) => Nf4Absmax::Fp32(a.to_device(device)?),
-            Nf4Absmax::Double(s) => Nf4Absmax::Double(DoubleQuantState {
+            FourBitAbsmax::Fp32(a) => FourBitAbsmax::Fp32(a.to_device(device)?),
+            FourBitAbsmax::Double(s) => FourBitAbsmax::Double(DoubleQuantState {
                 codes: s.codes.to_device(device)?,
                 map: s.map.to_device(device)?,
                 nested_absmax: s.nested_absmax.to_device(device)?,
@@ -391,13 +392,13 @@ impl Nf4Tensor {
     }
 
     /// The block scales.
-    pub fn absmax(&self) -> &Nf4Absmax {
+    pub fn absmax(&self) -> &FourBitAbsmax {
         &self.absmax
     }
 
     /// Whether the absmax values are double-quantized.
     pub fn is_double_quant(&self) -> bool {
-        matches!(self.absmax, Nf4Absmax::Double(_))
+        matches!(self.absmax, FourBitAbsmax::Double(_))
     }
 
     /// The 16-entry code book used to dequantize (bitsandbytes `quant_map`).
@@ -450,8 +451,8 @@ impl Nf4Tensor {
     /// double-quantized) and the 64-byte code book. Shape, dtype and block sizes are not counted.
     pub fn storage_bytes(&self) -> usize {
         let absmax = match &self.absmax {
-            Nf4Absmax::Fp32(a) => 4 * a.elem_count(),
-            Nf4Absmax::Double(s) => {
+            FourBitAbsmax::Fp32(a) => 4 * a.elem_count(),
+            FourBitAbsmax::Double(s) => {
                 s.codes.elem_count() + 4 * s.nested_absmax.elem_count() + 4 * s.map.elem_count() + 4
             }
         };
@@ -464,20 +465,20 @@ impl Nf4Tensor {
     /// constants (map, offset, code book) are not counted; `8 * storage_bytes() / numel()` is the
     /// exact figure for this tensor.
     pub fn bits_per_param(&self) -> f64 {
-        Nf4Config {
+        FourBitConfig {
             quant_type: self.quant_type,
             block_size: self.block_size,
             double_quant: self.is_double_quant(),
             dq_block_size: match &self.absmax {
-                Nf4Absmax::Double(s) => s.block_size,
-                Nf4Absmax::Fp32(_) => NESTED_BLOCK_SIZE,
+                FourBitAbsmax::Double(s) => s.block_size,
+                FourBitAbsmax::Fp32(_) => NESTED_BLOCK_SIZE,
             },
         }
         .bits_per_param()
     }
 }
 
-impl FrozenWeight for Nf4Tensor {
+impl FrozenWeight for FourBitTensor {
     /// Dequantizes on every call (the dense copy is never cached).
     fn weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
         self.dequantize(dtype).map_err(Error::into_candle)
@@ -735,7 +736,7 @@ mod tests {
     fn quantize_keeps_shape_dtype_and_device() -> Result<()> {
         let w = Tensor::randn(0f32, 1., (3, 5, 7), &Device::Cpu)?;
         for dt in [DType::F32, DType::BF16, DType::F16, DType::F64] {
-            let q = Nf4Tensor::quantize(&w.to_dtype(dt)?, &Nf4Config::default())?;
+            let q = FourBitTensor::quantize(&w.to_dtype(dt)?, &FourBitConfig::default())?;
             assert_eq!(q.dims(), &[3, 5, 7]);
             assert_eq!(q.dtype(), dt);
             assert!(q.device().is_cpu());
@@ -752,7 +753,7 @@ mod tests {
     #[test]
     fn dequantize_matches_the_slice_kernels() -> Result<()> {
         let w = Tensor::randn(0f32, 1., (33, 31), &Device::Cpu)?;
-        let q = Nf4Tensor::quantize(&w, &Nf4Config::nf4_no_double_quant())?;
+        let q = FourBitTensor::quantize(&w, &FourBitConfig::nf4_no_double_quant())?;
         let flat = w.flatten_all()?.to_vec1::<f32>()?;
         let (p, a) = quantize_4bit(&flat, 64, QuantType::Nf4)?;
         assert_eq!(q.packed().to_vec1::<u8>()?, p);
@@ -769,8 +770,8 @@ mod tests {
     fn non_contiguous_input_is_quantized_in_logical_order() -> Result<()> {
         let w = Tensor::randn(0f32, 1., (40, 24), &Device::Cpu)?;
         let wt = w.t()?;
-        let a = Nf4Tensor::quantize(&wt, &Nf4Config::default())?;
-        let b = Nf4Tensor::quantize(&wt.contiguous()?, &Nf4Config::default())?;
+        let a = FourBitTensor::quantize(&wt, &FourBitConfig::default())?;
+        let b = FourBitTensor::quantize(&wt.contiguous()?, &FourBitConfig::default())?;
         assert_eq!(a.packed().to_vec1::<u8>()?, b.packed().to_vec1::<u8>()?);
         Ok(())
     }
@@ -778,11 +779,11 @@ mod tests {
     #[test]
     fn storage_bytes_and_bits() -> Result<()> {
         let w = Tensor::zeros((128, 128), DType::F32, &Device::Cpu)?;
-        let q = Nf4Tensor::quantize(&w, &Nf4Config::default())?;
+        let q = FourBitTensor::quantize(&w, &FourBitConfig::default())?;
         // 8192 packed + 256 codes + 4 nested + 1024 map + 4 offset + 64 code book
         assert_eq!(q.storage_bytes(), 8192 + 256 + 4 + 1024 + 4 + 64);
         assert_eq!(q.bits_per_param(), 4.126953125);
-        let q = Nf4Tensor::quantize(&w, &Nf4Config::nf4_no_double_quant())?;
+        let q = FourBitTensor::quantize(&w, &FourBitConfig::nf4_no_double_quant())?;
         assert_eq!(q.storage_bytes(), 8192 + 1024 + 64);
         assert_eq!(q.bits_per_param(), 4.5);
         Ok(())
@@ -791,11 +792,11 @@ mod tests {
     #[test]
     fn rejects_empty_and_integer_inputs() {
         let e = Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap();
-        assert!(Nf4Tensor::quantize(&e, &Nf4Config::default()).is_err());
+        assert!(FourBitTensor::quantize(&e, &FourBitConfig::default()).is_err());
         let i = Tensor::zeros((4, 4), DType::U32, &Device::Cpu).unwrap();
-        assert!(Nf4Tensor::quantize(&i, &Nf4Config::default()).is_err());
+        assert!(FourBitTensor::quantize(&i, &FourBitConfig::default()).is_err());
         let w = Tensor::zeros((4, 4), DType::F32, &Device::Cpu).unwrap();
-        let q = Nf4Tensor::quantize(&w, &Nf4Config::default()).unwrap();
+        let q = FourBitTensor::quantize(&w, &FourBitConfig::default()).unwrap();
         assert!(q.dequantize(DType::U8).is_err());
     }
 
@@ -803,9 +804,9 @@ mod tests {
     fn from_parts_checks_lengths() -> Result<()> {
         let dev = Device::Cpu;
         let packed = Tensor::zeros(8, DType::U8, &dev)?;
-        let absmax = Nf4Absmax::Fp32(Tensor::ones(1, DType::F32, &dev)?);
+        let absmax = FourBitAbsmax::Fp32(Tensor::ones(1, DType::F32, &dev)?);
         let shape = Shape::from((4, 4));
-        let ok = Nf4Tensor::from_parts(
+        let ok = FourBitTensor::from_parts(
             packed.clone(),
             absmax.clone(),
             *QuantType::Nf4.code(),
@@ -815,7 +816,7 @@ mod tests {
             QuantType::Nf4,
         );
         assert!(ok.is_ok());
-        let bad = Nf4Tensor::from_parts(
+        let bad = FourBitTensor::from_parts(
             packed,
             absmax,
             *QuantType::Nf4.code(),

@@ -1,0 +1,210 @@
+//! Causal multi-head attention with RoPE: heads split and merged as one op each, the attention core in `crate::ops`.
+
+use candle_core::Tensor;
+
+use crate::config::DeepSeekMoeConfig;
+use crate::error::Result;
+use crate::ops::attention_core;
+
+use super::{ForwardContext, LayerCache, Linear};
+
+/// Causal multi-head attention with grouped key/value heads.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub q_proj: Linear,
+    /// Key projection.
+    pub k_proj: Linear,
+    /// Value projection.
+    pub v_proj: Linear,
+    /// Output projection.
+    pub o_proj: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    /// From its four projections.
+    pub fn new(cfg: &DeepSeekMoeConfig, q: Linear, k: Linear, v: Linear, o: Linear) -> Self {
+        Self {
+            q_proj: q,
+            k_proj: k,
+            v_proj: v,
+            o_proj: o,
+            heads: cfg.num_attention_heads,
+            kv_heads: cfg.kv_heads(),
+            head_dim: cfg.head_dim(),
+        }
+    }
+
+    fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
+        let rep = self.heads / self.kv_heads;
+        if rep == 1 {
+            return Ok(x);
+        }
+        let (b, kv, t, d) = x.dims4()?;
+        Ok(x.unsqueeze(2)?
+            .broadcast_as((b, kv, rep, t, d))?
+            .reshape((b, kv * rep, t, d))?)
+    }
+
+    /// `x` of shape `(b, seq, hidden)`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &ForwardContext,
+        cache: Option<&mut LayerCache>,
+    ) -> Result<Tensor> {
+        x.dims3()?;
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q_proj.forward_t(x, ctx.train)?;
+        let k = self.k_proj.forward_t(x, ctx.train)?;
+        let v = self.v_proj.forward_t(x, ctx.train)?;
+        // (b, s, heads·d) → (b, heads, s, d), RoPE on q and k: one graph op each.
+        let rope = Some((&ctx.cos, &ctx.sin));
+        let q = split_heads(&q, h, d, rope)?;
+        let k = split_heads(&k, kvh, d, rope)?;
+        let v = split_heads(&v, kvh, d, None)?;
+        let (k, v) = match cache {
+            Some(c) => c.append(k, v)?,
+            None => (k, v),
+        };
+        let k = self.repeat_kv(k)?;
+        let v = self.repeat_kv(v)?;
+        // Scores in the activation dtype, softmax with f32 accumulation in one fused kernel
+        // (the reference upcasts to f32 and casts back; same result up to the scale's rounding).
+        // The probabilities are recomputed in backward (see `attention_core`).
+        let y = attention_core(&q, &k, &v, ctx.mask.as_ref(), 1.0 / (d as f64).sqrt())?;
+        Ok(self.o_proj.forward_t(&merge_heads(&y)?, ctx.train)?)
+    }
+}
+
+/// `(b, s, heads·d)` → contiguous `(b, heads, s, d)`, rotated by `rope = (cos, sin)` if given,
+/// as one op with a written-out backward (inverse rotation, then the transpose back): candle's
+/// backward would add a zero-initialised gradient buffer per reshape, transpose and copy.
+fn split_heads(
+    x: &Tensor,
+    heads: usize,
+    d: usize,
+    rope: Option<(&Tensor, &Tensor)>,
+) -> Result<Tensor> {
+    let (b, s, _) = x.dims3()?;
+    let split = |t: &Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
+    let y = split(&x.detach())?;
+    let y = match rope {
+        Some((cos, sin)) => candle_nn::rotary_emb::rope(&y, cos, sin)?,
+        None => y,
+    };
+    let inverse = match rope {
+        Some((cos, sin)) => Some((cos.clone(), sin.neg()?)),
+        None => None,
+    };
+    Ok(moe_peft_kernels::attach_backward(x, y, move |g| {
+        let g = match &inverse {
+            Some((cos, neg_sin)) => candle_nn::rotary_emb::rope(&g.contiguous()?, cos, neg_sin)?,
+            None => g.clone(),
+        };
+        g.transpose(1, 2)?.contiguous()?.reshape((b, s, heads * d))
+    })?)
+}
+
+/// `(b, heads, s, d)` → `(b, s, heads·d)` as one op (the inverse of [`split_heads`] without RoPE).
+fn merge_heads(y: &Tensor) -> Result<Tensor> {
+    let (b, heads, s, d) = y.dims4()?;
+    let out = y
+        .detach()
+        .transpose(1, 2)?
+        .contiguous()?
+        .reshape((b, s, heads * d))?;
+    Ok(moe_peft_kernels::attach_backward(y, out, move |g| {
+        g.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()
+    })?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    use crate::layers::attention_mask;
+    use crate::ops::softmax_f32;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    /// The head split (with RoPE) and merge ops against autograd through reshape, transpose,
+    /// copy and `rotate_half` written as plain ops.
+
+    #[test]
+    fn head_split_and_merge_gradients_equal_autograd() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let (b, s, h, d) = (2, 5, 3, 4);
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (b, s, h * d), &dev)?)?;
+        let cos = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let sin = Tensor::randn(0f32, 1., (s, d / 2), &dev)?;
+        let probe = Tensor::randn(0f32, 1., (b, s, h * d), &dev)?;
+        // HF's `x·cos + rotate_half(x)·sin` with full-width tables, as plain ops.
+        let (cf, sf) = (
+            Tensor::cat(&[&cos, &cos], 1)?,
+            Tensor::cat(&[&sin, &sin], 1)?,
+        );
+        let composed = |x: &Tensor| -> Result<Tensor> {
+            let y = x.reshape((b, s, h, d))?.transpose(1, 2)?.contiguous()?;
+            let (x1, x2) = (y.narrow(3, 0, d / 2)?, y.narrow(3, d / 2, d / 2)?);
+            let rot = Tensor::cat(&[&x2.neg()?, &x1], 3)?;
+            let y = (y.broadcast_mul(&cf)? + rot.broadcast_mul(&sf)?)?;
+            Ok(y.transpose(1, 2)?.contiguous()?.reshape((b, s, h * d))?)
+        };
+        let y = merge_heads(&split_heads(x.as_tensor(), h, d, Some((&cos, &sin)))?)?;
+        let want = composed(x.as_tensor())?;
+        assert!(max_diff(&y, &want)? < 1e-6);
+        let g = (&y * &probe)?.sum_all()?.backward()?;
+        let r = (&want * &probe)?.sum_all()?.backward()?;
+        let d = max_diff(
+            g.get(x.as_tensor()).expect("ops"),
+            r.get(x.as_tensor()).expect("autograd"),
+        )?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
+
+    /// Attention with recomputed probabilities against autograd through the composed ops.
+    #[test]
+    fn attention_core_gradients_equal_autograd() -> Result<()> {
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let var =
+            |s: (usize, usize, usize, usize)| Var::from_tensor(&Tensor::randn(0f32, 1., s, &dev)?);
+        let (q, k, v) = (var((2, 3, 5, 4))?, var((2, 3, 5, 4))?, var((2, 3, 5, 4))?);
+        let pad = Tensor::new(&[[1u32, 1, 1, 1, 0], [0, 1, 1, 1, 1]], &dev)?;
+        let mask = attention_mask(Some(&pad), 2, 5, 0, DType::F32, &dev)?;
+        let probe = Tensor::randn(0f32, 1., (2, 3, 5, 4), &dev)?;
+        let y = attention_core(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            mask.as_ref(),
+            0.5,
+        )?;
+        let g = (&y * &probe)?.sum_all()?.backward()?;
+        let mut scores = (q.as_tensor() * 0.5)?.matmul(&k.as_tensor().t()?)?;
+        if let Some(m) = &mask {
+            scores = scores.broadcast_add(m)?;
+        }
+        let want = softmax_f32(&scores)?.matmul(v.as_tensor())?;
+        assert!(max_diff(&y, &want)? < 1e-5);
+        let r = (&want * &probe)?.sum_all()?.backward()?;
+        for (what, t) in [
+            ("q", q.as_tensor()),
+            ("k", k.as_tensor()),
+            ("v", v.as_tensor()),
+        ] {
+            let d = max_diff(g.get(t).expect("hand"), r.get(t).expect("autograd"))?;
+            assert!(d < 1e-5, "{what}: {d}");
+        }
+        Ok(())
+    }
+}

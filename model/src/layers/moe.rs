@@ -1,0 +1,149 @@
+//! The MoE block: dispatch of tokens to routed experts, the per-expert loop or a fused replacement ([`ExpertsForward`]), combine, shared experts.
+
+use std::sync::Arc;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::ops::{combine_rows, dispatch_rows};
+
+use super::{Mlp, MoeGate};
+
+/// What an [`ExpertsForward`] made of a layer's routed experts.
+#[derive(Debug, Clone)]
+pub enum ExpertsOutput {
+    /// The outputs `(rows, hidden)`, in the rows' order.
+    Computed(Tensor),
+    /// This layer's experts are not ones it handles (e.g. a merged adapter, mixed kinds): the
+    /// layer runs its plain per-expert loop instead.
+    Declined,
+}
+
+/// A replacement for the per-expert loop: runs every routed expert on its contiguous slice
+/// of `xs` (rows grouped by expert, `counts[e]` rows for expert `e`) and returns the outputs in
+/// the same order, or declines. Adapters install one to fuse their math and backward across
+/// the experts of a layer.
+pub trait ExpertsForward: Send + Sync + std::fmt::Debug {
+    /// Computes `(rows, hidden)` for `xs` `(rows, hidden)`.
+    fn forward(
+        &self,
+        experts: &[Mlp],
+        xs: &Tensor,
+        counts: &[usize],
+        train: bool,
+    ) -> Result<ExpertsOutput>;
+}
+
+/// A MoE layer: router, routed experts and optional fused shared experts.
+#[derive(Debug, Clone)]
+pub struct Moe {
+    /// The router.
+    pub gate: MoeGate,
+    /// Routed experts.
+    pub experts: Vec<Mlp>,
+    /// Shared experts (one MLP of width `n_shared · moe_intermediate_size`).
+    pub shared_experts: Option<Mlp>,
+    /// An optional replacement of the per-expert loop.
+    pub experts_forward: Option<Arc<dyn ExpertsForward>>,
+}
+
+/// Tokens grouped by expert: built once per layer from one device-to-host copy of the top-k ids.
+#[derive(Debug, Clone)]
+pub struct Dispatch {
+    /// Top-k ids flattened token-major (`tokens · k`).
+    pub flat: Vec<u32>,
+    /// Tokens per expert.
+    pub counts: Vec<usize>,
+    /// `order[i]` = flattened (token, slot) position of the i-th row in expert order.
+    pub order: Vec<u32>,
+    /// Inverse of `order`.
+    pub inverse: Vec<u32>,
+}
+
+impl Dispatch {
+    /// Stable counting sort of the flattened top-k ids by expert.
+    pub fn new(flat: Vec<u32>, experts: usize) -> Result<Self> {
+        let mut counts = vec![0usize; experts];
+        for &e in &flat {
+            let e = e as usize;
+            if e >= experts {
+                return Err(Error::InvalidInput(format!(
+                    "router chose expert {e} of {experts}"
+                )));
+            }
+            counts[e] += 1;
+        }
+        let mut start = vec![0usize; experts];
+        for i in 1..experts {
+            start[i] = start[i - 1] + counts[i - 1];
+        }
+        let mut order = vec![0u32; flat.len()];
+        let mut inverse = vec![0u32; flat.len()];
+        for (p, &e) in flat.iter().enumerate() {
+            let slot = &mut start[e as usize];
+            order[*slot] = p as u32;
+            inverse[p] = *slot as u32;
+            *slot += 1;
+        }
+        Ok(Self {
+            flat,
+            counts,
+            order,
+            inverse,
+        })
+    }
+}
+
+impl Moe {
+    /// Applies the layer to `x` of shape `(b, seq, hidden)`; returns the output and, in
+    /// training, the layer's aux loss.
+    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let (b, s, h) = x.dims3()?;
+        let n = b * s;
+        let k = self.gate.top_k();
+        let x2 = x.reshape((n, h))?;
+        let r = self.gate.route(&x2)?;
+        let flat: Vec<u32> = r.topk_idx.flatten_all()?.to_vec1()?;
+        let d = Dispatch::new(flat, self.experts.len())?;
+        let dev = x.device();
+        let order = Tensor::new(d.order.as_slice(), dev)?;
+        let inverse = Tensor::new(d.inverse.as_slice(), dev)?;
+        let src: Vec<u32> = d.order.iter().map(|&p| p / k as u32).collect();
+        let src = Tensor::new(src.as_slice(), dev)?;
+        let xs = dispatch_rows(&x2, &src, &inverse, k)?;
+        let fused = match &self.experts_forward {
+            Some(f) => f.forward(&self.experts, &xs, &d.counts, train)?,
+            None => ExpertsOutput::Declined,
+        };
+        let ys = match fused {
+            ExpertsOutput::Computed(ys) => ys,
+            ExpertsOutput::Declined => {
+                let mut outs = Vec::with_capacity(self.experts.len());
+                let mut off = 0;
+                for (e, expert) in self.experts.iter().enumerate() {
+                    let c = d.counts[e];
+                    if c == 0 {
+                        continue;
+                    }
+                    outs.push(expert.forward(&xs.narrow(0, off, c)?, train)?);
+                    off += c;
+                }
+                Tensor::cat(&outs, 0)?
+            }
+        };
+        // Back to token order, then Σ_j w[n, j]·y[n, j, :] in f32 (the reference multiplies the
+        // expert outputs by the f32 gate weights) as one batched (1×k)·(k×H) product per token:
+        // contiguous operands, no broadcast or strided reduction.
+        // (`combine_rows` keeps only its output in the graph.)
+        let mut y = combine_rows(&ys, &r.topk_weight, &inverse, &order)?;
+        if let Some(sh) = &self.shared_experts {
+            y = (y + sh.forward(&x2, train)?)?;
+        }
+        let aux = if train {
+            self.gate.aux_loss(&r, &d.flat, b, s)?
+        } else {
+            None
+        };
+        Ok((y.reshape((b, s, h))?, aux))
+    }
+}
