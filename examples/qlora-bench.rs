@@ -21,6 +21,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
+use moe_peft::data::{DataConfig, InstructionDataset, LoaderConfig, PreprocessConfig};
 use moe_peft::lora::{
     LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer, DEEPSEEK_TARGETS,
 };
@@ -100,6 +101,15 @@ struct Args {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Train on packed rows of this Open-Platypus style file (parquet, JSONL, JSON) instead of
+    /// uniformly random token ids: the rows, template, tokenization and packing of
+    /// `qlora-train --packing`, so the two can be compared on the same input. Tokens/s then
+    /// counts real (non-pad) tokens.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Directory with the tokenizer.json for --data (default: DeepSeek's, built in).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 fn main() {
@@ -124,7 +134,8 @@ fn run(args: Args) -> Result<()> {
         }
         (None, "16b") => DeepSeekMoeConfig::deepseek_moe_16b(),
         (None, "tiny") => {
-            let mut c = DeepSeekMoeConfig::tiny(1024);
+            // With --data, DeepSeek's vocabulary, so that every token id has an embedding.
+            let mut c = DeepSeekMoeConfig::tiny(if args.data.is_some() { 102_400 } else { 1024 });
             c.max_position_embeddings = 4096;
             c
         }
@@ -230,18 +241,61 @@ fn run(args: Args) -> Result<()> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let n = args.batch_size * args.seq_len;
     let vocab = cfg.vocab_size as u32;
+    let mut loader = match &args.data {
+        Some(path) => {
+            let scratch = std::env::temp_dir().join("qlora-bench");
+            let (tok, _) = common::load_tokenizer(args.tokenizer.as_deref(), &scratch)?;
+            if tok.vocab_size() > cfg.vocab_size {
+                bail!(
+                    "--data: the tokenizer has {} tokens but the model only {} embeddings",
+                    tok.vocab_size(),
+                    cfg.vocab_size
+                );
+            }
+            let data = DataConfig {
+                preprocess: PreprocessConfig {
+                    max_len: Some(args.seq_len),
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let dataset = InstructionDataset::load(std::slice::from_ref(path), &tok, &data)
+                .with_context(|| format!("--data {}", path.display()))?;
+            let lc = LoaderConfig::default()
+                .batch_size(args.batch_size)
+                .seed(42)
+                .epochs(None)
+                .packing(Some(args.seq_len));
+            println!(
+                "data: {} examples from {}, packed into rows of {}",
+                dataset.len(),
+                path.display(),
+                args.seq_len
+            );
+            Some(dataset.loader(lc)?)
+        }
+        None => None,
+    };
     let mut results = Vec::new();
     for step in 0..args.warmup + args.steps {
-        let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
-        let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
-        let batch = TrainBatch::from_host(
-            &ids,
-            &vec![1; n],
-            &labels,
-            args.batch_size,
-            args.seq_len,
-            &device,
-        )?;
+        let batch = match loader.as_mut() {
+            Some(l) => {
+                let b = l.next_batch().context("the data loader ran dry")?;
+                common::to_train_batch(&b, &device)?
+            }
+            None => {
+                let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+                let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
+                TrainBatch::from_host(
+                    &ids,
+                    &vec![1; n],
+                    &labels,
+                    args.batch_size,
+                    args.seq_len,
+                    &device,
+                )?
+            }
+        };
         let profiled = args.cuda_profiler_step == Some(step + 1);
         if profiled {
             device.synchronize()?;
@@ -278,7 +332,13 @@ fn run(args: Args) -> Result<()> {
     let mut secs: Vec<f64> = results.iter().map(|m| m.seconds).collect();
     secs.sort_by(f64::total_cmp);
     let median = secs[secs.len() / 2];
-    let tps = n as f64 / median;
+    // Real tokens per second (every position with random ids; non-pad ones with --data).
+    let mut rates: Vec<f64> = results
+        .iter()
+        .map(|m| m.tokens as f64 / m.seconds.max(1e-9))
+        .collect();
+    rates.sort_by(f64::total_cmp);
+    let tps = rates[rates.len() / 2];
     // FLOPs per token.
     let h = cfg.hidden_size as f64;
     let kv = (cfg.kv_heads() * cfg.head_dim()) as f64;

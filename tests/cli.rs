@@ -443,6 +443,34 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["steps"].as_array().unwrap().len(), 2);
+    // The same on packed rows of a data file (what qlora-train --packing trains on).
+    let json = tmp.path().join("bench-data.json");
+    let out = ok(
+        "qlora-bench",
+        &[
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "64",
+            "--steps",
+            "2",
+            "--cpu",
+            "--data",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fixtures/data/tiny_instruct.jsonl"
+            ),
+            "--json",
+            s(&json),
+        ],
+    );
+    assert!(out.contains("packed into rows of 64"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let tps = v["tokens_per_s"].as_f64().unwrap();
+    assert!(tps > 0.0, "{tps}");
 }
 
 #[test]

@@ -41,5 +41,7 @@ WALK=(--data_path "$DATA" --num_train_epochs 3 "${SHAPE[@]}"
 FAST=(--optim adamw_torch_bf16 --modules_to_save none --packing True)
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader 2>/dev/null
 df -h / /dev/shm | tail -2
-[ -e "$CK/config.json" ] || stage checkpoint 300 "$B/random-checkpoint" --preset $PRESET --output_dir "$CK"
-du -sh "$CK"
+if [ "${1:-}" != nocheckpoint ]; then
+  [ -e "$CK/config.json" ] || stage checkpoint 300 "$B/random-checkpoint" --preset $PRESET --output_dir "$CK"
+  du -sh "$CK"
+fi
