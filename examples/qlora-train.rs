@@ -368,6 +368,30 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         (None, true) => std::env::temp_dir().join("moe-peft-demo"),
         (None, false) => bail!("--output_dir is required"),
     };
+    if let Some(m) = &args.model_name_or_path {
+        if let Some(what) =
+            moe_peft::model::io::output_among_inputs(&out, &[("--model_name_or_path", m)])
+        {
+            bail!(
+                "--output_dir {} is the {what} directory {}: checkpoints and the adapter would \
+                 overwrite the model being read; choose another output directory",
+                out.display(),
+                m.display()
+            );
+        }
+    }
+    if let Some(d) = &args.save_quantized {
+        let model = args.model_name_or_path.as_deref();
+        if moe_peft::model::io::same_path(d, &out)
+            || model.is_some_and(|m| moe_peft::model::io::same_path(d, m))
+        {
+            bail!(
+                "--save_quantized {} is the output or the model directory: choose a directory \
+                 of its own",
+                d.display()
+            );
+        }
+    }
     if demo && args.output_dir.is_none() && out.exists() {
         std::fs::remove_dir_all(&out).with_context(|| format!("clearing {}", out.display()))?;
     }
@@ -467,7 +491,7 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         if let Some(d) = &model_dir {
             for f in common::tokenizer_files(d) {
                 if let Some(name) = f.file_name() {
-                    std::fs::copy(&f, q.join(name))
+                    moe_peft::model::io::copy_file(&f, &q.join(name))
                         .with_context(|| format!("copying {} to {}", f.display(), q.display()))?;
                 }
             }
@@ -862,9 +886,8 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     }
     for f in common::tokenizer_files(&tok_dir) {
         if let Some(name) = f.file_name() {
-            if f.parent() != Some(out.as_path()) {
-                std::fs::copy(&f, out.join(name))?;
-            }
+            moe_peft::model::io::copy_file(&f, &out.join(name))
+                .with_context(|| format!("copying {} to {}", f.display(), out.display()))?;
         }
     }
     std::fs::write(out.join("completed"), b"")?;

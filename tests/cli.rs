@@ -696,3 +696,63 @@ fn random_checkpoint_then_train_save_quantized_reload_and_pack() {
     assert!(cfg.get("quantization_config").is_none());
     assert!(m.join("tokenizer.json").exists());
 }
+
+/// Every file of `dir` with its bytes.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut v: Vec<(PathBuf, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn an_output_directory_that_is_an_input_is_refused_and_the_input_kept() {
+    // A model directory with its tokenizer; qlora-train and merge-adapter told to write into
+    // it under other spellings must refuse before writing anything. (merge-adapter used to
+    // replace the weights and leave the tokenizer files at 0 bytes.)
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m");
+    std::fs::create_dir_all(&m).unwrap();
+    let fx = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fx.join("tiny_deepseek_moe").join(f), m.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fx.join("tokenizer").join(f), m.join(f)).unwrap();
+    }
+    let before = snapshot(&m);
+    let data = fx.join("data/tiny_instruct.jsonl");
+    let same = tmp.path().join("m/../m");
+    fails(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            s(&m),
+            "--data_path",
+            s(&data),
+            "--output_dir",
+            s(&same),
+            "--max_steps",
+            "1",
+        ],
+        "is the --model_name_or_path directory",
+    );
+    fails(
+        "merge-adapter",
+        &[
+            "--model_name_or_path",
+            s(&m),
+            "--adapter",
+            s(&fx.join("lora/adapter")),
+            "--output_dir",
+            s(&m.join(".")),
+            "--cpu",
+        ],
+        "is the base model directory",
+    );
+    assert!(snapshot(&m) == before, "the model directory changed");
+}

@@ -245,7 +245,7 @@ pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Resul
     for f in &opts.extra_files {
         let Some(name) = f.file_name() else { continue };
         let to = dir.join(name);
-        std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
+        moe_peft_model::io::copy_file(f, &to).map_err(|e| Error::io(f, e))?;
         written.push(to);
     }
     Ok(written)

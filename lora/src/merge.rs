@@ -97,6 +97,16 @@ pub fn merge_checkpoint(
             "max_shard_bytes must be positive".into(),
         ));
     }
+    if let Some(what) = moe_peft_model::io::output_among_inputs(
+        out_dir,
+        &[("base model", base_dir), ("adapter", adapter_dir)],
+    ) {
+        return Err(Error::InvalidConfig(format!(
+            "the output directory {} is the {what} directory: writing the merged model there \
+             would overwrite the files being read; choose another output directory",
+            out_dir.display()
+        )));
+    }
     let lcfg = LoraConfig::from_file(adapter_dir.join(ADAPTER_CONFIG))?;
     let mut cfg = DeepSeekMoeConfig::from_file(base_dir.join("config.json"))?;
     let base = Checkpoint::open_dir(base_dir)?;
@@ -288,9 +298,7 @@ pub fn merge_checkpoint(
     for f in &opts.extra_files {
         let Some(name) = f.file_name() else { continue };
         let to = out_dir.join(name);
-        if f != &to {
-            std::fs::copy(f, &to).map_err(|e| Error::io(f, e))?;
-        }
+        moe_peft_model::io::copy_file(f, &to).map_err(|e| Error::io(f, e))?;
         report.files.push(to);
     }
     Ok(report)

@@ -165,6 +165,78 @@ fn merge_refuses_an_adapter_that_does_not_fit() -> Result<()> {
     Ok(())
 }
 
+/// Every file of `dir` with its bytes.
+fn snapshot(dir: &Path) -> Result<Vec<(PathBuf, Vec<u8>)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_file() {
+            v.push((p.clone(), std::fs::read(&p)?));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
+
+#[test]
+fn merge_refuses_to_write_over_its_inputs() -> Result<()> {
+    // A copy of the base (with a tokenizer file, passed as an extra file to copy) and of the
+    // adapter; the output directory named as either input, however spelled, is refused before
+    // anything is opened for writing, and both inputs stay byte for byte as they were. (This
+    // used to overwrite the base's weights and leave its tokenizer files empty.)
+    let root = tempfile::tempdir()?;
+    let base = root.path().join("base");
+    let adapter = root.path().join("adapter");
+    std::fs::create_dir_all(&base)?;
+    std::fs::create_dir_all(&adapter)?;
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny_deepseek_moe").join(f), base.join(f))?;
+    }
+    std::fs::copy(
+        fixtures().join("tokenizer/tokenizer.json"),
+        base.join("tokenizer.json"),
+    )?;
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixtures().join("lora/adapter").join(f), adapter.join(f))?;
+    }
+    let (before_base, before_adapter) = (snapshot(&base)?, snapshot(&adapter)?);
+    let opts = MergeOptions {
+        extra_files: vec![base.join("tokenizer.json")],
+        ..Default::default()
+    };
+    for (out, what) in [
+        (root.path().join("base/../base"), "base model"),
+        (base.join("."), "base model"),
+        (root.path().join("./adapter"), "adapter"),
+    ] {
+        let e = merge_checkpoint(&base, &adapter, &out, &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("is the {what} directory")), "{e}");
+    }
+    assert!(snapshot(&base)? == before_base, "the base changed");
+    assert!(snapshot(&adapter)? == before_adapter, "the adapter changed");
+    // A distinct output works and carries the tokenizer file over intact.
+    let out = root.path().join("merged");
+    merge_checkpoint(&base, &adapter, &out, &opts)?;
+    assert_eq!(
+        std::fs::read(out.join("tokenizer.json"))?,
+        std::fs::read(base.join("tokenizer.json"))?
+    );
+    Ok(())
+}
+
+#[test]
+fn copy_file_onto_itself_keeps_the_file() -> Result<()> {
+    let d = tempfile::tempdir()?;
+    let f = d.path().join("tokenizer.json");
+    std::fs::write(&f, b"{\"x\": 1}")?;
+    // The same file under another spelling: std::fs::copy would truncate it to 0 bytes.
+    moe_peft_model::io::copy_file(&f, &d.path().join("./tokenizer.json"))?;
+    assert_eq!(std::fs::read(&f)?, b"{\"x\": 1}");
+    Ok(())
+}
+
 fn vars(n: usize) -> Result<Vec<(String, Var)>> {
     (0..n)
         .map(|i| {

@@ -113,6 +113,37 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(format!(".{name}.tmp"))
 }
 
+/// Whether `a` and `b` name the same existing file or directory, compared canonically (so
+/// `m/../m`, `./m`, an absolute spelling and symlinks all match `m`); false when either does not
+/// exist.
+pub fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    }
+}
+
+/// The name of the first input in `inputs` (`(what, path)`) that is the directory `out`, if any:
+/// an output directory must never be one that is read from, or writing it destroys the input.
+pub fn output_among_inputs<'a>(out: &Path, inputs: &[(&'a str, &Path)]) -> Option<&'a str> {
+    inputs
+        .iter()
+        .find(|(_, p)| same_path(out, p))
+        .map(|(what, _)| *what)
+}
+
+/// Copies `src` to `dst` through a temporary file renamed into place, so `dst` is never seen
+/// half-written and `src` is never truncated: when both name the same file there is nothing to
+/// do (a plain `std::fs::copy(f, f)` empties `f`).
+pub fn copy_file(src: &Path, dst: &Path) -> std::io::Result<()> {
+    if same_path(src, dst) {
+        return Ok(());
+    }
+    let tmp = tmp_path(dst);
+    std::fs::copy(src, &tmp)?;
+    std::fs::rename(&tmp, dst)
+}
+
 /// Pieces that may wait for the write thread.
 pub const WRITE_QUEUE: usize = 2;
 
