@@ -175,5 +175,8 @@ fn run(args: Args) -> Result<()> {
             "gpu_pool_after_load_mib": after_load, "gpu_pool_peak_mib": peak,
         })
     );
+    if !loss.is_finite() {
+        bail!("the loss is not finite ({loss}): the model or adapter holds NaN/Inf values or overflows");
+    }
     Ok(())
 }

@@ -146,6 +146,38 @@ enum Init {
 struct FromCheckpoint<'a> {
     ck: &'a Checkpoint,
     opts: &'a LoadOptions,
+    /// Per dense tensor read, `Σ (x − x)`: 0, or NaN when the tensor holds a NaN or ±Inf.
+    /// Checked once at the end (one device sync for the whole model).
+    finite: Vec<(String, Tensor)>,
+}
+
+impl FromCheckpoint<'_> {
+    /// Queues the finiteness check of `t`, read as `name`.
+    fn watch(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        let probe = (t - t)?.sum_all()?.to_dtype(DType::F32)?;
+        self.finite.push((name.to_string(), probe));
+        Ok(())
+    }
+
+    /// Refuses the first tensor with a NaN or ±Inf, by name and file. (Quantized, such a block
+    /// gets a finite absmax and trains with a finite loss; bitsandbytes would dequantize it to
+    /// NaN. A non-finite base weight is a broken checkpoint either way.)
+    fn check_finite(&mut self) -> Result<()> {
+        if self.finite.is_empty() {
+            return Ok(());
+        }
+        let probes: Vec<Tensor> = self.finite.iter().map(|(_, t)| t.clone()).collect();
+        let v = Tensor::stack(&probes, 0)?.to_vec1::<f32>()?;
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            let name = &self.finite[i].0;
+            return Err(Error::InvalidInput(format!(
+                "{name} in {}: holds NaN or infinite values; refusing to load a broken weight",
+                self.ck.file_of(name)
+            )));
+        }
+        self.finite.clear();
+        Ok(())
+    }
 }
 
 impl WeightSource for FromCheckpoint<'_> {
@@ -170,14 +202,16 @@ impl WeightSource for FromCheckpoint<'_> {
                 return Ok(Arc::new(FourBitLinear::from_arc(Arc::new(t))?));
             }
         }
-        let w = self
-            .ck
-            .get(&format!("{name}.weight"), &[out, inp], self.opts.dtype, dev)?;
+        let key = format!("{name}.weight");
+        let w = self.ck.get(&key, &[out, inp], self.opts.dtype, dev)?;
+        self.watch(&key, &w)?;
         Ok(self.opts.quant.make_linear(w)?)
     }
 
     fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType, _: Init) -> Result<Tensor> {
-        self.ck.get(name, shape, dtype, &self.opts.device)
+        let t = self.ck.get(name, shape, dtype, &self.opts.device)?;
+        self.watch(name, &t)?;
+        Ok(t)
     }
 }
 
@@ -240,8 +274,14 @@ impl DeepSeekMoe {
     /// quantizing) one tensor at a time.
     pub fn load(cfg: DeepSeekMoeConfig, ck: &Checkpoint, opts: &LoadOptions) -> Result<Self> {
         cfg.validate()?;
-        let mut src = FromCheckpoint { ck, opts };
-        Self::build(cfg, &mut src, opts)
+        let mut src = FromCheckpoint {
+            ck,
+            opts,
+            finite: Vec::new(),
+        };
+        let model = Self::build(cfg, &mut src, opts)?;
+        src.check_finite()?;
+        Ok(model)
     }
 
     /// A model with random weights (HF's init: normal(0, `initializer_range`), router

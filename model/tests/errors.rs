@@ -94,3 +94,45 @@ fn out_of_vocabulary_ids_are_rejected() -> Result<()> {
     assert!(e.contains("600"), "{e}");
     Ok(())
 }
+
+#[test]
+fn non_finite_weights_are_refused_by_name() -> Result<()> {
+    // A NaN in a routed expert's projection, an Inf in a norm: dense or quantized on load, the
+    // model is refused and the tensor named. (Quantized to NF4, the NaN block used to get a
+    // finite absmax and train with a finite loss.)
+    let clean =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    for (name, bad) in [
+        ("model.layers.1.mlp.experts.3.up_proj.weight", f32::NAN),
+        (
+            "model.layers.2.post_attention_layernorm.weight",
+            f32::INFINITY,
+        ),
+    ] {
+        let mut t = clean.clone();
+        let w = &t[name];
+        let mut v = w.flatten_all()?.to_vec1::<f32>()?;
+        v[7] = bad;
+        let shape = w.shape().clone();
+        t.insert(name.to_string(), Tensor::from_vec(v, shape, &Device::Cpu)?);
+        let dir = tempfile::tempdir()?;
+        write_model(dir.path(), &t)?;
+        for quant in [
+            moe_peft_model::QuantPolicy::None,
+            moe_peft_model::QuantPolicy::qlora(),
+        ] {
+            let opts = LoadOptions {
+                quant,
+                ..Default::default()
+            };
+            let e = DeepSeekMoe::from_pretrained(dir.path(), &opts)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(name) && e.contains("NaN or infinite"), "{e}");
+            assert!(e.contains("model.safetensors"), "{e}");
+        }
+    }
+    // The clean fixture still loads.
+    DeepSeekMoe::from_pretrained(fixture_dir(), &LoadOptions::default())?;
+    Ok(())
+}
