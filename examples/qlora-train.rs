@@ -28,7 +28,7 @@ use moe_peft::data::{
 };
 use moe_peft::lora::{
     latest_checkpoint, ExportOptions, LoraConfig, LoraModel, Schedule, TargetModules, TrainConfig,
-    Trainer,
+    Trainer, DEEPSEEK_TARGETS,
 };
 use moe_peft::model::{DeepSeekMoe, LoadOptions};
 use moe_peft::quant::QuantPolicy;
@@ -43,6 +43,8 @@ use common::{parse_bool, JsonLines};
     // A flag given twice takes its last value, as argparse does (so a README command can be
     // run with a changed --save_steps appended).
     args_override_self = true,
+    // `--max_grad_norm -1` as well as `--max_grad_norm=-1`.
+    allow_negative_numbers = true,
     about = "LoRA/QLoRA fine-tuning of DeepSeekMoE (flags as DeepSeek-MoE finetune.py). Run with no arguments for a CPU demo."
 )]
 struct Args {
@@ -282,6 +284,71 @@ fn main() {
     }
 }
 
+/// Everything the flags alone decide, checked before the model loads and the data is tokenized
+/// (minutes at 16B), each error naming its flag.
+fn validate_flags(args: &Args) -> Result<()> {
+    let finite = |flag: &str, v: f64| -> Result<()> {
+        if !v.is_finite() {
+            bail!("--{flag} {v}: must be a finite number");
+        }
+        Ok(())
+    };
+    finite("learning_rate", args.learning_rate)?;
+    if args.learning_rate < 0.0 {
+        bail!("--learning_rate {}: must be ≥ 0", args.learning_rate);
+    }
+    finite("max_grad_norm", args.max_grad_norm)?;
+    finite("weight_decay", args.weight_decay)?;
+    if !(0.0..=1.0).contains(&args.warmup_ratio) {
+        bail!("--warmup_ratio {}: must be in [0, 1]", args.warmup_ratio);
+    }
+    if args.max_steps <= 0 && !(args.num_train_epochs > 0.0 && args.num_train_epochs.is_finite()) {
+        bail!(
+            "--num_train_epochs {}: must be > 0 (or give --max_steps)",
+            args.num_train_epochs
+        );
+    }
+    for (flag, b) in [
+        ("adam_beta1", args.adam_beta1),
+        ("adam_beta2", args.adam_beta2),
+    ] {
+        if !(0.0..1.0).contains(&b) {
+            bail!("--{flag} {b}: must be in [0, 1)");
+        }
+    }
+    if !(args.adam_epsilon > 0.0 && args.adam_epsilon.is_finite()) {
+        bail!("--adam_epsilon {}: must be > 0", args.adam_epsilon);
+    }
+    if args.use_lora && args.init_adapter.is_none() {
+        if args.lora_r == 0 {
+            bail!("--lora_r 0: the rank must be at least 1");
+        }
+        finite("lora_alpha", args.lora_alpha)?;
+        if args.lora_alpha == 0.0 {
+            bail!("--lora_alpha 0: the adapter would add nothing (its scaling alpha / r is 0)");
+        }
+        if !(0.0..1.0).contains(&args.lora_dropout) {
+            bail!("--lora_dropout {}: must be in [0, 1)", args.lora_dropout);
+        }
+        for name in args
+            .trainable
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+        {
+            let last = name.rsplit('.').next().unwrap_or(name);
+            if name != "all-linear" && !DEEPSEEK_TARGETS.contains(&last) {
+                bail!(
+                    "--trainable {name}: not a projection of DeepSeekMoE (expected a comma list of \
+                     {}, or all-linear)",
+                    DEEPSEEK_TARGETS.join(", ")
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn every(value: f64, total: usize) -> usize {
     if value <= 0.0 {
         0
@@ -356,6 +423,7 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     if args.per_device_train_batch_size == 0 || args.gradient_accumulation_steps == 0 {
         bail!("--per_device_train_batch_size and --gradient_accumulation_steps must be at least 1");
     }
+    validate_flags(&args)?;
     let policy = if args.use_lora {
         common::quant_policy(args.bits, &args.quant_type, args.double_quant)?
     } else {
@@ -618,7 +686,8 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         adam_beta1: args.adam_beta1,
         adam_beta2: args.adam_beta2,
         adam_epsilon: args.adam_epsilon,
-        max_grad_norm: args.max_grad_norm,
+        // transformers clips only when max_grad_norm > 0: a negative value turns it off too.
+        max_grad_norm: args.max_grad_norm.max(0.0),
         lr_scheduler_type: schedule,
         warmup_steps: args.warmup_steps,
         warmup_ratio: args.warmup_ratio,

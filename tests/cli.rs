@@ -387,6 +387,53 @@ fn bad_command_lines_give_one_clear_error() {
         &["--output_dir", o, "--bf16", "maybe"],
         "--bf16",
     );
+    // Flag values are checked before the model loads: the model path does not even exist.
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.jsonl"
+    );
+    for (flag, value, needle) in [
+        ("--lora_r", "0", "--lora_r 0"),
+        ("--lora_dropout", "1.5", "--lora_dropout 1.5"),
+        ("--warmup_ratio", "2", "--warmup_ratio 2"),
+        ("--learning_rate", "nan", "--learning_rate NaN"),
+        ("--trainable", "q_proj,qq_proj", "--trainable qq_proj"),
+        ("--lora_alpha", "0", "--lora_alpha 0"),
+        ("--num_train_epochs", "0", "--num_train_epochs 0"),
+        ("--adam_beta2", "1", "--adam_beta2 1"),
+    ] {
+        fails(
+            "qlora-train",
+            &[
+                "--model_name_or_path",
+                "/nonexistent/model",
+                "--data_path",
+                data,
+                "--output_dir",
+                o,
+                "--use_lora",
+                "True",
+                flag,
+                value,
+            ],
+            needle,
+        );
+    }
+    // A negative value parses with a space too (and, as in transformers, turns clipping off).
+    fails(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            "/nonexistent/model",
+            "--data_path",
+            data,
+            "--output_dir",
+            o,
+            "--max_grad_norm",
+            "-1",
+        ],
+        "not a local directory",
+    );
     let file = tmp.path().join("plain-file");
     std::fs::write(&file, b"x").unwrap();
     fails(
