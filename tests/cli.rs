@@ -803,3 +803,57 @@ fn an_output_directory_that_is_an_input_is_refused_and_the_input_kept() {
     );
     assert!(snapshot(&m) == before, "the model directory changed");
 }
+
+#[test]
+fn sigterm_saves_a_checkpoint_like_ctrl_c() {
+    // What a job scheduler sends before it kills a job: the run saves and exits cleanly.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let mut child = Command::new(example("qlora-train"))
+        .args([
+            "--output_dir",
+            s(&out),
+            "--max_steps",
+            "100000",
+            "--save_steps",
+            "0",
+            "--logging_steps",
+            "1",
+            "--report_to",
+            "none",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+    let mut seen = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.starts_with("step ") {
+            break;
+        }
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    for line in lines {
+        seen.push_str(&line.unwrap());
+        seen.push('\n');
+    }
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "killed instead of saving: {status:?}\n{seen}"
+    );
+    assert!(seen.contains("interrupted at step"), "{seen}");
+    let ck = moe_peft::lora::latest_checkpoint(&out).expect("a checkpoint");
+    assert!(ck.join("adapter_model.safetensors").exists());
+}

@@ -154,7 +154,15 @@ struct FromCheckpoint<'a> {
 impl FromCheckpoint<'_> {
     /// Queues the finiteness check of `t`, read as `name`.
     fn watch(&mut self, name: &str, t: &Tensor) -> Result<()> {
-        let probe = (t - t)?.sum_all()?.to_dtype(DType::F32)?;
+        // Rows first, then the row sums: candle's CUDA `sum_all` of a large tensor runs in one
+        // thread block (about 12 s for the 16B model); per-row sums spread over the GPU.
+        let zeros = (t - t)?;
+        let rows = if zeros.rank() >= 2 {
+            zeros.sum(candle_core::D::Minus1)?
+        } else {
+            zeros
+        };
+        let probe = rows.sum_all()?.to_dtype(DType::F32)?;
         self.finite.push((name.to_string(), probe));
         Ok(())
     }
