@@ -22,6 +22,10 @@ struct Args {
     /// Local model directory.
     #[arg(long = "model_name_or_path")]
     model_name_or_path: PathBuf,
+    /// Directory with the tokenizer.json (default: the model's, else the adapter's, else
+    /// DeepSeek's built in).
+    #[arg(long = "tokenizer")]
+    tokenizer: Option<PathBuf>,
     /// PEFT adapter directory (adapter_config.json + adapter_model.safetensors).
     #[arg(long = "adapter")]
     adapter: Option<PathBuf>,
@@ -90,6 +94,20 @@ fn run(args: Args) -> Result<()> {
     if args.batch_size == 0 {
         bail!("--per_device_eval_batch_size must be at least 1");
     }
+    let scratch = std::env::temp_dir().join(format!("moe-peft-eval-{}", std::process::id()));
+    let tok = common::model_tokenizer(
+        args.tokenizer.as_deref(),
+        &args.model_name_or_path,
+        args.adapter.as_deref(),
+        &scratch,
+    );
+    let tok = match tok {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(e);
+        }
+    };
     let opts = LoadOptions {
         dtype: common::compute_dtype(args.bf16, &device),
         device: device.clone(),
@@ -98,15 +116,6 @@ fn run(args: Args) -> Result<()> {
     let loaded =
         common::load_with_adapter(&args.model_name_or_path, args.adapter.as_deref(), &opts)?;
     let model = loaded.model();
-    let scratch = std::env::temp_dir().join(format!("moe-peft-eval-{}", std::process::id()));
-    let tok_dir = if args.model_name_or_path.join("tokenizer.json").exists() {
-        Some(args.model_name_or_path.as_path())
-    } else {
-        args.adapter
-            .as_deref()
-            .filter(|a| a.join("tokenizer.json").exists())
-    };
-    let (tok, _) = common::load_tokenizer(tok_dir, &scratch)?;
     let cfg = DataConfig {
         preprocess: PreprocessConfig {
             template,

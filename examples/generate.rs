@@ -23,6 +23,10 @@ struct Args {
     /// Local model directory.
     #[arg(long = "model_name_or_path")]
     model_name_or_path: PathBuf,
+    /// Directory with the tokenizer.json (default: the model's, else the adapter's, else
+    /// DeepSeek's built in).
+    #[arg(long = "tokenizer")]
+    tokenizer: Option<PathBuf>,
     /// PEFT adapter directory.
     #[arg(long = "adapter")]
     adapter: Option<PathBuf>,
@@ -77,6 +81,15 @@ fn run(args: Args) -> Result<()> {
         "raw" => args.prompt.clone(),
         t => bail!("--template {t}: expected chat, reference or raw"),
     };
+    let scratch = std::env::temp_dir().join(format!("moe-peft-gen-{}", std::process::id()));
+    let tok = common::model_tokenizer(
+        args.tokenizer.as_deref(),
+        &args.model_name_or_path,
+        args.adapter.as_deref(),
+        &scratch,
+    );
+    let _ = std::fs::remove_dir_all(&scratch);
+    let tok = tok?;
     let opts = LoadOptions {
         dtype: common::compute_dtype(args.bf16, &device),
         device: device.clone(),
@@ -85,16 +98,6 @@ fn run(args: Args) -> Result<()> {
     let loaded =
         common::load_with_adapter(&args.model_name_or_path, args.adapter.as_deref(), &opts)?;
     let model = loaded.model();
-    let scratch = std::env::temp_dir().join(format!("moe-peft-gen-{}", std::process::id()));
-    let tok_dir = [
-        Some(args.model_name_or_path.as_path()),
-        args.adapter.as_deref(),
-    ]
-    .into_iter()
-    .flatten()
-    .find(|d| d.join("tokenizer.json").exists());
-    let (tok, _) = common::load_tokenizer(tok_dir, &scratch)?;
-    let _ = std::fs::remove_dir_all(&scratch);
     let ids = tok.encode(&text)?;
     let mut stops = Vec::new();
     if args.template == "reference" {

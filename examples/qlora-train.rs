@@ -275,12 +275,36 @@ fn main() {
     if demo {
         args.apply_demo_defaults(&matches);
     }
+    // An output directory this run creates is removed again if the run fails before writing
+    // anything of value (a scratch tokenizer is not).
+    let created = args.output_dir.clone().filter(|o| !o.exists());
     match run(args, demo) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {}", common::error_text(&e));
+            if let Some(o) = created {
+                remove_if_only_scratch(&o);
+            }
             std::process::exit(1);
         }
+    }
+}
+
+/// Removes `dir` when it holds nothing but what a run writes before training (the scratch
+/// tokenizer, the writability probe); leaves it alone otherwise.
+fn remove_if_only_scratch(dir: &std::path::Path) {
+    let scratch = ["tokenizer", ".write-test"];
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    if names.iter().all(|n| scratch.contains(&n.as_str())) {
+        let _ = std::fs::remove_dir_all(dir.join("tokenizer"));
+        let _ = std::fs::remove_file(dir.join(".write-test"));
+        let _ = std::fs::remove_dir(dir);
     }
 }
 

@@ -347,6 +347,31 @@ fn bad_command_lines_give_one_clear_error() {
         ],
         "/nonexistent/data.parquet",
     );
+    // A run that fails before training leaves no output directory behind.
+    assert!(!out.exists(), "a failed run left {} behind", out.display());
+    let late = tmp.path().join("late");
+    fails(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            model,
+            "--data_path",
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/fixtures/data/tiny_instruct.jsonl"
+            ),
+            "--output_dir",
+            s(&late),
+            "--max_steps",
+            "1",
+        ],
+        "512 embeddings",
+    );
+    assert!(
+        !late.exists(),
+        "a failed run left {} behind",
+        late.display()
+    );
     fails(
         "qlora-train",
         &[
@@ -451,6 +476,49 @@ fn bad_command_lines_give_one_clear_error() {
         ],
         "/nonexistent.jsonl",
     );
+    // Each cause is said once (a JSON error used to read "…: EOF while parsing …: EOF while
+    // parsing …").
+    let bad = tmp.path().join("bad-adapter");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("adapter_config.json"), "").unwrap();
+    let r = run(
+        "merge-adapter",
+        &[
+            "--model_name_or_path",
+            model,
+            "--adapter",
+            s(&bad),
+            "--output_dir",
+            s(&tmp.path().join("merged")),
+            "--cpu",
+        ],
+    );
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(!r.status.success());
+    assert_eq!(err.matches("EOF while parsing").count(), 1, "{err}");
+    assert!(err.contains("adapter_config.json"), "{err}");
+    // A tokenizer larger than the model's vocabulary is refused before anything is tokenized
+    // (the tiny fixture model has 512 embeddings; DeepSeek's tokenizer 100,002 tokens).
+    for prog in ["evaluate", "generate"] {
+        let extra: &[&str] = if prog == "evaluate" {
+            &["--data_path", data]
+        } else {
+            &["--prompt", "hi"]
+        };
+        let mut a = vec!["--model_name_or_path", model];
+        a.extend_from_slice(extra);
+        fails(
+            prog,
+            &a,
+            "has 100002 tokens but the model only 512 embeddings",
+        );
+        a.extend_from_slice(&["--tokenizer", "/nonexistent"]);
+        fails(
+            prog,
+            &a,
+            "--tokenizer /nonexistent: no tokenizer.json there",
+        );
+    }
     fails(
         "merge-adapter",
         &[

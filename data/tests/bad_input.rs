@@ -75,12 +75,14 @@ fn missing_output_names_field_file_and_line() {
         msg.contains("platypus.jsonl: line 2: missing required field `output`"),
         "{msg}"
     );
-    // A null is as missing as an absent key; a wrong type is its own error.
+    // A null is reported as a null (not as an absent key); a wrong type is its own error.
     std::fs::write(&p, "{\"instruction\": \"a\", \"output\": null}\n").unwrap();
-    assert!(matches!(
-        read_records(&[&p], &ReaderConfig::default()),
-        Err(Error::MissingField { .. })
-    ));
+    let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("field `output` has type null, expected string"),
+        "{e}"
+    );
     std::fs::write(&p, "{\"instruction\": \"a\", \"output\": [\"b\"]}\n").unwrap();
     let e = read_records(&[&p], &ReaderConfig::default()).unwrap_err();
     assert!(
@@ -247,13 +249,23 @@ fn empty_and_garbage_files() {
         matches!(e, Error::Parquet { .. }) && e.to_string().contains("junk.parquet"),
         "{e}"
     );
-    // A JSON file that is not an array.
+    // A JSON file that is not an array is read as JSON Lines, as datasets' json loader does:
+    // one object is one record; a line that is not an object is an error naming the line.
     let obj = dir.path().join("obj.json");
     std::fs::write(&obj, "{\"instruction\": \"a\", \"output\": \"b\"}").unwrap();
-    assert!(matches!(
-        read_records(&[&obj], &ReaderConfig::default()),
-        Err(Error::Json { .. })
-    ));
+    assert_eq!(
+        read_records(&[&obj], &ReaderConfig::default())
+            .unwrap()
+            .len(),
+        1
+    );
+    let scalar = dir.path().join("scalar.json");
+    std::fs::write(&scalar, "42\n").unwrap();
+    let e = read_records(&[&scalar], &ReaderConfig::default()).unwrap_err();
+    assert!(
+        matches!(e, Error::FieldType { .. }) && e.to_string().contains("scalar.json"),
+        "{e}"
+    );
     // A path that does not exist.
     let e = read_records(&[dir.path().join("nope.jsonl")], &ReaderConfig::default()).unwrap_err();
     assert!(

@@ -105,6 +105,48 @@ pub fn load_tokenizer(dir: Option<&Path>, scratch: &Path) -> Result<(TextTokeniz
     Ok((TextTokenizer::from_dir(&d)?, d))
 }
 
+/// The tokenizer of a model to evaluate or generate with: `--tokenizer` when given (it must hold
+/// a tokenizer.json), else the model directory's, else the adapter's, else DeepSeek's built in.
+/// Checked against the model's vocabulary (read from its config.json) before the model loads or
+/// any data is tokenized.
+pub fn model_tokenizer(
+    flag: Option<&Path>,
+    model: &Path,
+    adapter: Option<&Path>,
+    scratch: &Path,
+) -> Result<TextTokenizer> {
+    let dir = match flag {
+        Some(t) if !t.join("tokenizer.json").exists() => {
+            bail!("--tokenizer {}: no tokenizer.json there", t.display())
+        }
+        Some(t) => Some(t),
+        None => [Some(model), adapter]
+            .into_iter()
+            .flatten()
+            .find(|d| d.join("tokenizer.json").exists()),
+    };
+    let (tok, from) = load_tokenizer(dir, scratch)?;
+    let config = model.join("config.json");
+    if config.exists() {
+        let cfg = DeepSeekMoeConfig::from_file(&config)
+            .with_context(|| format!("--model_name_or_path {}", model.display()))?;
+        if tok.vocab_size() > cfg.vocab_size {
+            bail!(
+                "the tokenizer ({}) has {} tokens but the model only {} embeddings (pass the \
+                 model's own with --tokenizer DIR)",
+                if dir.is_some() {
+                    from.display().to_string()
+                } else {
+                    "DeepSeek's, built in".to_string()
+                },
+                tok.vocab_size(),
+                cfg.vocab_size
+            );
+        }
+    }
+    Ok(tok)
+}
+
 /// The tokenizer files of a directory (to copy beside an adapter or export).
 pub fn tokenizer_files(dir: &Path) -> Vec<PathBuf> {
     [
@@ -149,7 +191,17 @@ pub fn compute_dtype(bf16: bool, device: &Device) -> DType {
 /// An error chain as one message, without the backtraces candle attaches when
 /// `RUST_BACKTRACE` is set.
 pub fn error_text(e: &anyhow::Error) -> String {
-    let full = format!("{e:#}");
+    // The chain of causes, each said once: a cause whose text its wrapper already includes
+    // (`{path}: {source}` errors) is not repeated.
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if parts.last().is_some_and(|p| p.contains(&s)) {
+            continue;
+        }
+        parts.push(s);
+    }
+    let full = parts.join(": ");
     let mut out = Vec::new();
     for line in full.lines() {
         let t = line.trim_start();

@@ -36,17 +36,6 @@ fn bits(t: &Tensor) -> Result<Vec<u32>> {
     })
 }
 
-fn assert_same(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
-    assert_eq!(a.dims(), b.dims(), "{what}: dims");
-    assert_eq!(a.dtype(), b.dtype(), "{what}: dtype");
-    let (x, y) = (bits(a)?, bits(b)?);
-    if let Some(i) = x.iter().zip(&y).position(|(p, q)| p != q) {
-        let n = x.iter().zip(&y).filter(|(p, q)| p != q).count();
-        panic!("{what}: {n} of {} differ, first at {i}", x.len());
-    }
-    Ok(())
-}
-
 #[test]
 fn adamw_updates_are_bit_identical_on_cpu_and_cuda() -> Result<()> {
     use moe_peft_lora::{AdamW, AdamWConfig};

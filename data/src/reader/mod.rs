@@ -271,10 +271,17 @@ fn record_from_value(
     };
     let mut take = |field: &str, required: bool| -> Result<Option<String>> {
         match obj.remove(field) {
-            None | Some(Value::Null) if required => Err(Error::MissingField {
+            None if required => Err(Error::MissingField {
                 path: path.into(),
                 location,
                 field: field.into(),
+            }),
+            Some(Value::Null) if required => Err(Error::FieldType {
+                path: path.into(),
+                location,
+                field: field.into(),
+                expected: "string",
+                found: "null".into(),
             }),
             None | Some(Value::Null) => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
