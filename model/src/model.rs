@@ -156,6 +156,8 @@ impl FromCheckpoint<'_> {
     fn watch(&mut self, name: &str, t: &Tensor) -> Result<()> {
         // Rows first, then the row sums: candle's CUDA `sum_all` of a large tensor runs in one
         // thread block (about 12 s for the 16B model); per-row sums spread over the GPU.
+        // `x − x` is 0 for every finite x and NaN for NaN and ±Inf.
+        #[allow(clippy::eq_op)]
         let zeros = (t - t)?;
         let rows = if zeros.rank() >= 2 {
             zeros.sum(candle_core::D::Minus1)?
