@@ -588,14 +588,13 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
     assert!(tps > 0.0, "{tps}");
 }
 
-#[test]
-fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued() {
-    let tmp = tempfile::tempdir().unwrap();
-    let out = tmp.path().join("run");
+/// Starts the demo run into `out`, sends `signal` (`INT`, `TERM`) after its first logged step
+/// and returns its exit status and everything it printed.
+fn signal_after_first_step(out: &Path, signal: &str) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(example("qlora-train"))
         .args([
             "--output_dir",
-            s(&out),
+            s(out),
             "--max_steps",
             "100000",
             "--save_steps",
@@ -609,7 +608,6 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued()
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Wait for the first logged step, then interrupt.
     let stdout = child.stdout.take().unwrap();
     let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
     let mut seen = String::new();
@@ -623,7 +621,7 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued()
     }
     let pid = child.id().to_string();
     assert!(Command::new("kill")
-        .args(["-INT", &pid])
+        .args([format!("-{signal}").as_str(), &pid])
         .status()
         .unwrap()
         .success());
@@ -631,7 +629,14 @@ fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued()
         seen.push_str(&line.unwrap());
         seen.push('\n');
     }
-    let status = child.wait().unwrap();
+    (child.wait().unwrap(), seen)
+}
+
+#[test]
+fn ctrl_c_saves_a_checkpoint_and_exits_cleanly_and_an_adapter_can_be_continued() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let (status, seen) = signal_after_first_step(&out, "INT");
     assert_eq!(status.code(), Some(130), "{seen}");
     assert!(seen.contains("interrupted at step"), "{seen}");
     let ck = moe_peft::lora::latest_checkpoint(&out).expect("a checkpoint");
@@ -877,45 +882,7 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
     // What a job scheduler sends before it kills a job: the run saves and exits cleanly.
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("run");
-    let mut child = Command::new(example("qlora-train"))
-        .args([
-            "--output_dir",
-            s(&out),
-            "--max_steps",
-            "100000",
-            "--save_steps",
-            "0",
-            "--logging_steps",
-            "1",
-            "--report_to",
-            "none",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
-    let mut seen = String::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        seen.push_str(&line);
-        seen.push('\n');
-        if line.starts_with("step ") {
-            break;
-        }
-    }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    for line in lines {
-        seen.push_str(&line.unwrap());
-        seen.push('\n');
-    }
-    let status = child.wait().unwrap();
+    let (status, seen) = signal_after_first_step(&out, "TERM");
     assert_eq!(
         status.code(),
         Some(130),

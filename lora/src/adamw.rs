@@ -153,18 +153,24 @@ impl AdamW {
                 self.vars.len()
             )));
         }
+        self.check_f32()?;
+        self.step += 1;
+        let s = self.kernel_step(lr, clip);
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            adamw_update(self.vars[i].as_tensor(), &self.m[i], &self.v[i], g, &s)?;
+        }
+        Ok(())
+    }
+
+    /// Refuses variables that are not f32 (AdamW keeps f32 master weights).
+    fn check_f32(&self) -> Result<()> {
         if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
             return Err(Error::InvalidTrainConfig(format!(
                 "AdamW keeps f32 variables; `{}` is {:?}",
                 self.names[bad],
                 self.vars[bad].dtype()
             )));
-        }
-        self.step += 1;
-        let s = self.kernel_step(lr, clip);
-        for (i, g) in grads.iter().enumerate() {
-            let Some(g) = g else { continue };
-            adamw_update(self.vars[i].as_tensor(), &self.m[i], &self.v[i], g, &s)?;
         }
         Ok(())
     }
@@ -196,13 +202,7 @@ impl AdamW {
                 self.vars.len()
             )));
         }
-        if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
-            return Err(Error::InvalidTrainConfig(format!(
-                "AdamW keeps f32 variables; `{}` is {:?}",
-                self.names[bad],
-                self.vars[bad].dtype()
-            )));
-        }
+        self.check_f32()?;
         self.step += 1;
         let s = self.kernel_step(lr, clip);
         adamw_update_flat(
