@@ -27,8 +27,8 @@ use moe_peft::data::{
     Template,
 };
 use moe_peft::lora::{
-    latest_checkpoint, ExportOptions, LoraConfig, LoraModel, Schedule, TargetModules, TrainConfig,
-    Trainer, DEEPSEEK_TARGETS,
+    latest_checkpoint, merge_checkpoint, ExportOptions, LoraConfig, LoraModel, MergeOptions,
+    Schedule, TargetModules, TrainConfig, Trainer, DEEPSEEK_TARGETS,
 };
 use moe_peft::model::{DeepSeekMoe, LoadOptions};
 use moe_peft::quant::QuantPolicy;
@@ -1006,18 +1006,23 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         println!("loss {a:.4} → {b:.4} (metrics.jsonl, loss_curve.svg)");
     }
     if demo {
+        // Merged into the dense base/ it started from, tensor by tensor from disk: what PEFT's
+        // `merge_and_unload()` gives for base/ + this adapter (not the NF4-dequantized base the
+        // adapter was trained against).
         let merged = out.join("merged");
-        let files = lora.export_merged(
+        let report = merge_checkpoint(
+            &out.join("base"),
+            &out,
             &merged,
-            &ExportOptions {
+            &MergeOptions {
                 dtype: DType::F32,
                 extra_files: common::tokenizer_files(&tok_dir),
                 ..Default::default()
             },
         )?;
         println!(
-            "merged export: {} files in {}",
-            files.len(),
+            "merged export: base/ (dense) + the adapter, as PEFT's merge_and_unload() gives it: {} files in {}",
+            report.files.len(),
             merged.display()
         );
         print_next_steps(&out);
