@@ -155,6 +155,15 @@ struct Args {
     /// checkpoint is resumed unless --output_dir holds `completed` (as the reference).
     #[arg(long = "resume_from_checkpoint")]
     resume_from_checkpoint: Option<String>,
+    /// Resume a checkpoint written with other training settings (data, model, LoRA shape,
+    /// schedule, batch), under the new ones. Without it such a resume is refused.
+    #[arg(long = "resume_with_new_settings", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    resume_with_new_settings: bool,
+    /// Delete the checkpoints, metrics and `completed` marker of an earlier run in
+    /// --output_dir before training (without it, a new run beside another run's checkpoints is
+    /// refused).
+    #[arg(long = "overwrite_output_dir", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    overwrite_output_dir: bool,
     /// Start from an existing PEFT adapter directory (its adapter_config.json decides the
     /// targets, rank and alpha) and continue training it.
     #[arg(long = "init_adapter")]
@@ -306,6 +315,73 @@ fn remove_if_only_scratch(dir: &std::path::Path) {
         let _ = std::fs::remove_file(dir.join(".write-test"));
         let _ = std::fs::remove_dir(dir);
     }
+}
+
+/// The settings that make two runs the same run: a checkpoint written under one set is resumed
+/// only under the same (`--max_steps` / `--num_train_epochs` may change, to extend a run).
+fn run_settings(args: &Args, model_dir: Option<&Path>) -> serde_json::Value {
+    let canon = |p: &Path| {
+        p.canonicalize()
+            .unwrap_or_else(|_| p.to_path_buf())
+            .display()
+            .to_string()
+    };
+    let data: Vec<String> = args
+        .data_path
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter(|x| !x.is_empty())
+        .map(|p| canon(Path::new(p)))
+        .collect();
+    serde_json::json!({
+        "model_name_or_path": model_dir.map(canon),
+        "data_path": data,
+        "use_lora": args.use_lora,
+        "bits": args.bits,
+        "quant_type": args.quant_type,
+        "double_quant": args.double_quant,
+        "lora_r": args.lora_r,
+        "lora_alpha": args.lora_alpha,
+        "lora_dropout": args.lora_dropout,
+        "trainable": args.trainable,
+        "modules_to_save": args.modules_to_save,
+        "init_adapter": args.init_adapter.as_deref().map(canon),
+        "learning_rate": args.learning_rate,
+        "lr_scheduler_type": args.lr_scheduler_type,
+        "warmup_steps": args.warmup_steps,
+        "warmup_ratio": args.warmup_ratio,
+        "weight_decay": args.weight_decay,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "model_max_length": args.model_max_length,
+        "template": args.template,
+        "packing": args.packing,
+        "group_by_length": args.group_by_length,
+        "optim": args.optim,
+        "seed": args.seed,
+    })
+}
+
+/// The fields of `now` that differ from the checkpoint's `then`, as `name: then → now`.
+fn settings_diff(then: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
+    let (Some(a), Some(b)) = (then.as_object(), now.as_object()) else {
+        return vec![];
+    };
+    b.iter()
+        .filter(|(k, v)| a.get(*k) != Some(*v))
+        .map(|(k, v)| {
+            let old = a.get(k).map_or("(unset)".to_string(), |x| x.to_string());
+            format!("{k}: {old} → {v}")
+        })
+        .collect()
+}
+
+/// The run settings a checkpoint was written with, if it recorded them.
+fn checkpoint_settings(dir: &Path) -> Option<serde_json::Value> {
+    let text = std::fs::read_to_string(dir.join(moe_peft::lora::TRAINER_STATE)).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("extra")?.get("run").cloned()
 }
 
 /// Everything the flags alone decide, checked before the model loads and the data is tokenized
@@ -741,6 +817,49 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         None if out.join("completed").exists() => None,
         None => latest_checkpoint(&out),
     };
+    let settings = run_settings(&args, model_dir.as_deref());
+    match &resume {
+        Some(dir) => {
+            if let Some(then) = checkpoint_settings(dir) {
+                let diff = settings_diff(&then, &settings);
+                if !diff.is_empty() && !args.resume_with_new_settings {
+                    bail!(
+                        "{} was written by a run with other settings ({}); run the same \
+                         command, use another --output_dir, or pass --resume_with_new_settings \
+                         True to continue under the new ones",
+                        dir.display(),
+                        diff.join("; ")
+                    );
+                }
+            }
+        }
+        None => {
+            let old = moe_peft::lora::list_checkpoints(&out);
+            if args.overwrite_output_dir {
+                for (_, d) in &old {
+                    std::fs::remove_dir_all(d).with_context(|| {
+                        format!("--overwrite_output_dir: removing {}", d.display())
+                    })?;
+                }
+                let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+                let _ = std::fs::remove_file(out.join("completed"));
+            } else if let Some((_, latest)) = old.last() {
+                let diff = match checkpoint_settings(latest) {
+                    Some(then) => settings_diff(&then, &settings),
+                    None => vec!["(the checkpoint does not record its settings)".to_string()],
+                };
+                if !diff.is_empty() {
+                    bail!(
+                        "--output_dir {} holds checkpoints of another run ({}): a new run \
+                         would train beside them; use another --output_dir, or pass \
+                         --overwrite_output_dir True to delete them",
+                        out.display(),
+                        diff.join("; ")
+                    );
+                }
+            }
+        }
+    }
     let mut trainer = match &resume {
         Some(dir) => {
             println!("resuming from {}", dir.display());
@@ -770,6 +889,10 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         let flag = interrupted.clone();
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
+    // A resumed run redoes the steps after its checkpoint: their old rows go.
+    common::drop_rows_after_step(&out.join("metrics.jsonl"), trainer.global_step())?;
+    // No `completed` until this run has finished (a crash must leave a resumable directory).
+    let _ = std::fs::remove_file(out.join("completed"));
     let mut metrics = JsonLines::open(&out.join("metrics.jsonl"))?;
     let mut tb = if report_tb {
         Some(EventWriter::create(&out.join("runs"))?)
@@ -803,6 +926,7 @@ fn run(args: Args, demo: bool) -> Result<i32> {
     );
     let extra = |loader: &moe_peft::data::Loader| {
         serde_json::json!({
+            "run": settings,
             "loader": loader.state(),
             "epoch": loader.state().steps as f64 / loader.steps_per_epoch().max(1) as f64,
         })

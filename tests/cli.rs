@@ -892,3 +892,62 @@ fn sigterm_saves_a_checkpoint_like_ctrl_c() {
     let ck = moe_peft::lora::latest_checkpoint(&out).expect("a checkpoint");
     assert!(ck.join("adapter_model.safetensors").exists());
 }
+
+#[test]
+fn a_run_never_mixes_with_another_runs_checkpoints() {
+    // A finished demo run (checkpoints at steps 1–3, `completed`); then:
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let o = s(&out);
+    let base = [
+        "--output_dir",
+        o,
+        "--max_steps",
+        "3",
+        "--save_steps",
+        "1",
+        "--save_total_limit",
+        "10",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+    ];
+    ok("qlora-train", &base);
+    assert!(out.join("completed").exists());
+    // other flags in the same directory are refused, naming what differs (this used to start
+    // at step 1 beside the old checkpoints);
+    let mut other = base.to_vec();
+    other.extend_from_slice(&["--lora_r", "4"]);
+    fails("qlora-train", &other, "lora_r: 16 → 4");
+    // resuming a checkpoint under other settings is refused too, unless asked for;
+    let ck1 = out.join("checkpoint-1");
+    let mut res = base.to_vec();
+    res.extend_from_slice(&[
+        "--resume_from_checkpoint",
+        s(&ck1),
+        "--learning_rate",
+        "0.01",
+    ]);
+    fails("qlora-train", &res, "learning_rate: 0.003 → 0.01");
+    // a resume under the same settings redoes steps 2 and 3 without repeating their metrics.
+    let mut same = base.to_vec();
+    same.extend_from_slice(&["--resume_from_checkpoint", s(&ck1)]);
+    let log = ok("qlora-train", &same);
+    assert!(log.contains("resuming from"), "{log}");
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3], "metrics.jsonl rows by step");
+    // --overwrite_output_dir starts over with the new flags.
+    let mut over = other.clone();
+    over.extend_from_slice(&["--overwrite_output_dir", "True"]);
+    ok("qlora-train", &over);
+    assert!(out.join("completed").exists());
+}

@@ -248,6 +248,34 @@ impl JsonLines {
     }
 }
 
+/// Keeps only the rows of the JSON-lines file `path` whose `step` is at most `step` (rows
+/// without one stay), rewriting it through a temporary file; nothing to do when it is absent.
+pub fn drop_rows_after_step(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_none_or(|s| s as usize <= step)
+        })
+        .collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let tmp = moe_peft::model::io::tmp_path(path);
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    std::fs::write(&tmp, body).with_context(|| format!("rewriting {}", path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("rewriting {}", path.display()))?;
+    Ok(())
+}
+
 /// Draws `(step, loss)` as an SVG line chart.
 pub fn loss_svg(points: &[(usize, f64)], title: &str) -> String {
     let (w, h, m) = (720.0, 400.0, 56.0);
