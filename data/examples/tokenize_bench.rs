@@ -9,7 +9,8 @@
 //! Pipeline runs are repeated (`--repeat`, default 2) and the best wall time is reported, with
 //! the CPU seconds of that run (the machine may be shared).
 //!
-//! `cargo run --release -p moe-peft-data --example tokenize_bench [-- --rows N --max-len L --repeat R]`
+//! `cargo run --release -p moe-peft-data --example tokenize_bench [-- --rows N --max-len L --repeat R]`;
+//! `--input FILE` times a data file of your own instead; an unknown flag is an error.
 
 use std::time::Instant;
 
@@ -262,43 +263,70 @@ fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-fn arg(name: &str, default: usize) -> anyhow::Result<usize> {
-    let args: Vec<String> = std::env::args().collect();
-    match args.iter().position(|a| a == name) {
-        Some(i) => Ok(args
-            .get(i + 1)
-            .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?
-            .parse()?),
-        None => Ok(default),
-    }
+/// Throughput of read + template + tokenize + mask.
+#[derive(clap::Parser, Debug)]
+#[command(name = "tokenize_bench")]
+struct Args {
+    /// Generated rows (ignored with --input).
+    #[arg(long, default_value_t = 25_000)]
+    rows: usize,
+    /// Longest example in tokens.
+    #[arg(long = "max-len", default_value_t = 1024)]
+    max_len: usize,
+    /// Pipeline runs per row of the table; the best wall time is reported.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// Time this data file (parquet, JSONL or JSON) instead of generated rows.
+    #[arg(long)]
+    input: Option<std::path::PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
-    let rows = arg("--rows", 25_000)?;
-    let max_len = arg("--max-len", 1024)?;
-    let repeat = arg("--repeat", 2)?.max(1);
+    let args = <Args as clap::Parser>::parse();
+    let (rows, max_len, repeat) = (args.rows, args.max_len, args.repeat.max(1));
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
     let tokenizer = TextTokenizer::from_dir(format!("{root}/tokenizer"))?;
     let dir = tempfile::tempdir()?;
     let parquet = dir.path().join("platypus_like.parquet");
     let jsonl = dir.path().join("platypus_like.jsonl");
 
-    let t = Instant::now();
-    let recs = records(rows);
-    let words: usize = recs
-        .iter()
-        .map(|r| r.instruction.split_whitespace().count() + r.output.split_whitespace().count())
-        .sum();
-    write_records_parquet(&parquet, &recs, &WriteOptions::default())?;
-    write_records_jsonl(&jsonl, &recs, &WriteOptions::default())?;
-    drop(recs);
-    println!(
-        "generated {rows} rows ({:.0} words/row) in {:.2}s: parquet {:.1} MB, jsonl {:.1} MB",
-        words as f64 / rows as f64,
-        t.elapsed().as_secs_f64(),
-        std::fs::metadata(&parquet)?.len() as f64 / 1e6,
-        std::fs::metadata(&jsonl)?.len() as f64 / 1e6,
-    );
+    let inputs: Vec<(String, std::path::PathBuf)> = match &args.input {
+        Some(p) => {
+            if !p.exists() {
+                anyhow::bail!("--input {}: no such file", p.display());
+            }
+            let name = p
+                .extension()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "input".into());
+            println!("input: {}", p.display());
+            vec![(name, p.clone())]
+        }
+        None => {
+            let t = Instant::now();
+            let recs = records(rows);
+            let words: usize = recs
+                .iter()
+                .map(|r| {
+                    r.instruction.split_whitespace().count() + r.output.split_whitespace().count()
+                })
+                .sum();
+            write_records_parquet(&parquet, &recs, &WriteOptions::default())?;
+            write_records_jsonl(&jsonl, &recs, &WriteOptions::default())?;
+            drop(recs);
+            println!(
+                "generated {rows} rows ({:.0} words/row) in {:.2}s: parquet {:.1} MB, jsonl {:.1} MB",
+                words as f64 / rows as f64,
+                t.elapsed().as_secs_f64(),
+                std::fs::metadata(&parquet)?.len() as f64 / 1e6,
+                std::fs::metadata(&jsonl)?.len() as f64 / 1e6,
+            );
+            vec![
+                ("parquet".into(), parquet.clone()),
+                ("jsonl".into(), jsonl.clone()),
+            ]
+        }
+    };
     println!(
         "rayon threads: {}, max_len {max_len}\n",
         rayon::current_num_threads()
@@ -308,7 +336,7 @@ fn main() -> anyhow::Result<()> {
         "| stage | input | threads | wall s (best of {repeat}) | CPU s | examples/s | tokens/s |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (name, path) in [("parquet", &parquet), ("jsonl", &jsonl)] {
+    for (name, path) in &inputs {
         let t = Instant::now();
         let n = read_records(&[path], &ReaderConfig::default())?.len();
         let s = t.elapsed().as_secs_f64();
@@ -327,11 +355,11 @@ fn main() -> anyhow::Result<()> {
     };
     let mut dataset = None;
     let threads = rayon::current_num_threads();
-    let runs = [
-        ("parquet", &parquet, threads),
-        ("jsonl", &jsonl, threads),
-        ("parquet", &parquet, 1),
-    ];
+    let mut runs: Vec<(&str, &std::path::PathBuf, usize)> = inputs
+        .iter()
+        .map(|(n, p)| (n.as_str(), p, threads))
+        .collect();
+    runs.push((inputs[0].0.as_str(), &inputs[0].1, 1));
     for (name, path, n_threads) in runs {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(n_threads)
