@@ -86,7 +86,24 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<DeepSeekMoe> {
             path.display()
         );
     }
-    DeepSeekMoe::from_pretrained(path, opts).with_context(|| format!("loading {}", path.display()))
+    let model = DeepSeekMoe::from_pretrained(path, opts)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let unused = model.unused_checkpoint_tensors();
+    if !unused.is_empty() {
+        let shown: Vec<&str> = unused.iter().take(8).map(String::as_str).collect();
+        eprintln!(
+            "warning: {} tensor(s) of {} are not used by the model: {}{}",
+            unused.len(),
+            path.display(),
+            shown.join(", "),
+            if unused.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(model)
 }
 
 /// The tokenizer of a model directory, or the shipped DeepSeek tokenizer when `dir` has none.

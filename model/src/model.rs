@@ -126,6 +126,8 @@ pub struct DeepSeekMoe {
     rotary: Rotary,
     dtype: DType,
     device: Device,
+    /// Checkpoint tensors the model did not read (see [`Self::unused_checkpoint_tensors`]).
+    unused: Vec<String>,
 }
 
 /// Where weights come from while building a model.
@@ -149,11 +151,31 @@ struct FromCheckpoint<'a> {
     /// Per dense tensor read, `Σ (x − x)`: 0, or NaN when the tensor holds a NaN or ±Inf.
     /// Checked once at the end (one device sync for the whole model).
     finite: Vec<(String, Tensor)>,
+    /// Names read (a 4-bit weight by its `….weight`, which covers its `….weight.*` parts).
+    used: std::collections::HashSet<String>,
 }
 
 impl FromCheckpoint<'_> {
+    /// The checkpoint's tensors that were not read, sorted.
+    fn unused(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .ck
+            .names()
+            .into_iter()
+            .filter(|k| !self.used.contains(k) && !k.ends_with("rotary_emb.inv_freq"))
+            .filter(|k| {
+                // The parts of a 4-bit weight: `<name>.weight.absmax`, `….quant_state.…`.
+                k.match_indices(".weight.")
+                    .all(|(i, _)| !self.used.contains(&k[..i + ".weight".len()]))
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
     /// Queues the finiteness check of `t`, read as `name`.
     fn watch(&mut self, name: &str, t: &Tensor) -> Result<()> {
+        self.used.insert(name.to_string());
         // Rows first, then the row sums: candle's CUDA `sum_all` of a large tensor runs in one
         // thread block (about 12 s for the 16B model); per-row sums spread over the GPU.
         // `x − x` is 0 for every finite x and NaN for NaN and ±Inf.
@@ -209,6 +231,7 @@ impl WeightSource for FromCheckpoint<'_> {
                         got: t.dims().to_vec(),
                     });
                 }
+                self.used.insert(format!("{name}.weight"));
                 return Ok(Arc::new(FourBitLinear::from_arc(Arc::new(t))?));
             }
         }
@@ -288,9 +311,11 @@ impl DeepSeekMoe {
             ck,
             opts,
             finite: Vec::new(),
+            used: Default::default(),
         };
-        let model = Self::build(cfg, &mut src, opts)?;
+        let mut model = Self::build(cfg, &mut src, opts)?;
         src.check_finite()?;
+        model.unused = src.unused();
         Ok(model)
     }
 
@@ -418,7 +443,15 @@ impl DeepSeekMoe {
             lm_head,
             dtype: opts.dtype,
             device: opts.device.clone(),
+            unused: Vec::new(),
         })
+    }
+
+    /// The tensors of the checkpoint this model was loaded from that it did not use (rotary
+    /// `inv_freq` buffers aside), sorted: a warning sign of a checkpoint for another
+    /// architecture or a renamed layer, as transformers reports them. Empty for random models.
+    pub fn unused_checkpoint_tensors(&self) -> &[String] {
+        &self.unused
     }
 
     /// The configuration.

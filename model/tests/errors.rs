@@ -136,3 +136,32 @@ fn non_finite_weights_are_refused_by_name() -> Result<()> {
     DeepSeekMoe::from_pretrained(fixture_dir(), &LoadOptions::default())?;
     Ok(())
 }
+
+#[test]
+fn unused_checkpoint_tensors_are_listed() -> Result<()> {
+    // A tensor no DeepSeekMoE layer reads (a renamed or foreign layer) is reported by name, as
+    // transformers warns; the clean fixture, dense or as a bitsandbytes 4-bit checkpoint, has none.
+    let mut t =
+        candle_core::safetensors::load(fixture_dir().join("model.safetensors"), &Device::Cpu)?;
+    t.insert(
+        "model.layers.1.mlp.extra_proj.weight".into(),
+        Tensor::zeros((4, 4), candle_core::DType::F32, &Device::Cpu)?,
+    );
+    let dir = tempfile::tempdir()?;
+    write_model(dir.path(), &t)?;
+    let m = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())?;
+    assert_eq!(
+        m.unused_checkpoint_tensors(),
+        ["model.layers.1.mlp.extra_proj.weight".to_string()]
+    );
+    let clean = DeepSeekMoe::from_pretrained(fixture_dir(), &LoadOptions::default())?;
+    assert!(clean.unused_checkpoint_tensors().is_empty());
+    let bnb = fixture_dir().join("../nf4/tiny_deepseek_moe_nf4");
+    let q = DeepSeekMoe::from_pretrained(&bnb, &LoadOptions::default())?;
+    assert!(
+        q.unused_checkpoint_tensors().is_empty(),
+        "{:?}",
+        q.unused_checkpoint_tensors()
+    );
+    Ok(())
+}
