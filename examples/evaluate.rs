@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use moe_peft::data::{DataConfig, InstructionDataset, LoaderConfig, PreprocessConfig, Template};
+use moe_peft::hub::RepoKind;
 use moe_peft::model::LoadOptions;
 
 use common::parse_bool;
@@ -72,15 +73,18 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(mut args: Args) -> Result<()> {
     let device = common::select_device(args.cpu);
     eprintln!("evaluate: device {}", common::device_name(&device));
-    let paths: Vec<PathBuf> = args
-        .data_path
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .map(PathBuf::from)
-        .collect();
+    let paths: Vec<PathBuf> = common::hub_data_files("--data_path", &args.data_path)?;
+    args.model_name_or_path = common::hub_dir(
+        RepoKind::Model,
+        "--model_name_or_path",
+        &args.model_name_or_path,
+    )?;
+    if let Some(a) = &args.adapter {
+        args.adapter = Some(common::hub_dir(RepoKind::Adapter, "--adapter", a)?);
+    }
     for p in &paths {
         if !p.exists() {
             bail!("--data_path {}: no such file or directory", p.display());

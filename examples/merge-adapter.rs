@@ -15,6 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
+use moe_peft::hub::RepoKind;
 use moe_peft::lora::{merge_checkpoint, MergeOptions};
 use moe_peft::quant::QuantPolicy;
 
@@ -62,7 +63,7 @@ fn main() {
     }
 }
 
-fn run(args: Args) -> Result<()> {
+fn run(mut args: Args) -> Result<()> {
     let dtype = match args.dtype.as_str() {
         "bf16" | "bfloat16" => DType::BF16,
         "f16" | "float16" => DType::F16,
@@ -72,15 +73,21 @@ fn run(args: Args) -> Result<()> {
     if args.max_shard_size == 0 {
         bail!("--max_shard_size must be positive");
     }
+    args.model_name_or_path = common::hub_dir(
+        RepoKind::Model,
+        "--model_name_or_path",
+        &args.model_name_or_path,
+    )?;
+    args.adapter = common::hub_dir(RepoKind::Adapter, "--adapter", &args.adapter)?;
     if !args.adapter.join("adapter_config.json").exists() {
         bail!(
-            "--adapter {}: no adapter_config.json there (a PEFT adapter directory is expected)",
+            "--adapter {}: no adapter_config.json there (a PEFT adapter directory or a Hugging Face Hub name is expected)",
             args.adapter.display()
         );
     }
     if !args.model_name_or_path.join("config.json").exists() {
         bail!(
-            "--model_name_or_path {}: no config.json there (a local model directory is expected)",
+            "--model_name_or_path {}: no config.json there (a model directory or a Hugging Face Hub name is expected)",
             args.model_name_or_path.display()
         );
     }

@@ -26,6 +26,7 @@ use moe_peft::data::{
     synthetic, DataConfig, InstructionDataset, LoaderConfig, LoaderState, PreprocessConfig,
     Template,
 };
+use moe_peft::hub::RepoKind;
 use moe_peft::lora::{
     latest_checkpoint, merge_checkpoint, ExportOptions, LoraConfig, LoraModel, MergeOptions,
     Schedule, TargetModules, TrainConfig, Trainer, DEEPSEEK_TARGETS,
@@ -459,7 +460,7 @@ fn every(value: f64, total: usize) -> usize {
     }
 }
 
-fn run(args: Args, demo: bool) -> Result<i32> {
+fn run(mut args: Args, demo: bool) -> Result<i32> {
     let t0 = Instant::now();
     let device = common::select_device(args.cpu);
     println!("qlora-train: device {}", common::device_name(&device));
@@ -524,6 +525,29 @@ fn run(args: Args, demo: bool) -> Result<i32> {
         bail!("--per_device_train_batch_size and --gradient_accumulation_steps must be at least 1");
     }
     validate_flags(&args)?;
+    // Hugging Face Hub names become directories and files of the HF cache (fetched as needed)
+    // before anything is written; the adapter records the name as given, as PEFT does.
+    let base_model_name = args
+        .model_name_or_path
+        .as_ref()
+        .map(|p| p.display().to_string());
+    if let Some(m) = &args.model_name_or_path {
+        args.model_name_or_path =
+            Some(common::hub_dir(RepoKind::Model, "--model_name_or_path", m)?);
+    }
+    if let Some(a) = &args.init_adapter {
+        args.init_adapter = Some(common::hub_dir(RepoKind::Adapter, "--init_adapter", a)?);
+    }
+    if let Some(d) = &args.data_path {
+        let files = common::hub_data_files("--data_path", d)?;
+        args.data_path = Some(
+            files
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        );
+    }
     let policy = if args.use_lora {
         common::quant_policy(args.bits, &args.quant_type, args.double_quant)?
     } else {
@@ -760,7 +784,11 @@ fn run(args: Args, demo: bool) -> Result<i32> {
             } else {
                 Some(mts)
             },
-            base_model_name_or_path: model_dir.as_ref().map(|p| p.display().to_string()),
+            base_model_name_or_path: if demo {
+                model_dir.as_ref().map(|p| p.display().to_string())
+            } else {
+                base_model_name.clone()
+            },
             ..Default::default()
         };
         LoraModel::new(model, cfg, args.seed)?

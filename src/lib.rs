@@ -1,6 +1,8 @@
 #![doc = include_str!("../README.md")]
 #![warn(missing_docs)]
 
+pub mod hub;
+
 /// Instruction data: readers, templates, tokenization, masking, batching.
 pub use moe_peft_data as data;
 /// Compute kernels: softmax, RMSNorm, cross-entropy, SwiGLU, row gather, grouped GEMM,

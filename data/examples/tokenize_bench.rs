@@ -14,9 +14,15 @@
 
 use std::time::Instant;
 
+/// mimalloc instead of the system allocator: tokenization allocates a small string per
+/// pre-token, and glibc's malloc takes a large share of its time. The programs use it too.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use moe_peft_data::{
     read_records, write_records_jsonl, write_records_parquet, DataConfig, InstructionDataset,
     LoaderConfig, PreprocessConfig, ReaderConfig, Record, SplitMix64, TextTokenizer, WriteOptions,
+    IGNORE_INDEX,
 };
 
 const WORDS: &[&str] = &[
@@ -263,6 +269,24 @@ fn cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// Writes one line per example: `source_len id id ...`.
+fn write_ids(path: &std::path::Path, dataset: &InstructionDataset) -> anyhow::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path)
+        .map_err(|e| anyhow::anyhow!("--ids-out {}: {e}", path.display()))?;
+    let mut w = std::io::BufWriter::new(file);
+    for e in &dataset.examples {
+        let n_masked = e.labels.iter().take_while(|&&l| l == IGNORE_INDEX).count();
+        write!(w, "{n_masked}")?;
+        for id in &e.input_ids {
+            write!(w, " {id}")?;
+        }
+        writeln!(w)?;
+    }
+    w.flush()?;
+    Ok(())
+}
+
 /// Throughput of read + template + tokenize + mask.
 #[derive(clap::Parser, Debug)]
 #[command(name = "tokenize_bench")]
@@ -279,10 +303,26 @@ struct Args {
     /// Time this data file (parquet, JSONL or JSON) instead of generated rows.
     #[arg(long)]
     input: Option<std::path::PathBuf>,
+    /// Also keep the generated parquet at this path (to time another pipeline on the same rows).
+    #[arg(long = "save-parquet")]
+    save_parquet: Option<std::path::PathBuf>,
+    /// Write the examples of the first pipeline run, one line each: `source_len id id ...`
+    /// (the labels are the ids with the first source_len replaced by -100).
+    #[arg(long = "ids-out")]
+    ids_out: Option<std::path::PathBuf>,
+    /// Write the generated rows (needs --save-parquet) and stop.
+    #[arg(long = "generate-only")]
+    generate_only: bool,
+    /// Leave out the one-thread row of the table.
+    #[arg(long = "skip-one-thread")]
+    skip_one_thread: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = <Args as clap::Parser>::parse();
+    if args.generate_only && args.save_parquet.is_none() {
+        anyhow::bail!("--generate-only needs --save-parquet PATH");
+    }
     let (rows, max_len, repeat) = (args.rows, args.max_len, args.repeat.max(1));
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
     let tokenizer = TextTokenizer::from_dir(format!("{root}/tokenizer"))?;
@@ -314,6 +354,14 @@ fn main() -> anyhow::Result<()> {
             write_records_parquet(&parquet, &recs, &WriteOptions::default())?;
             write_records_jsonl(&jsonl, &recs, &WriteOptions::default())?;
             drop(recs);
+            if let Some(keep) = &args.save_parquet {
+                std::fs::copy(&parquet, keep)
+                    .map_err(|e| anyhow::anyhow!("--save-parquet {}: {e}", keep.display()))?;
+                println!("generated rows kept in {}", keep.display());
+            }
+            if args.generate_only {
+                return Ok(());
+            }
             println!(
                 "generated {rows} rows ({:.0} words/row) in {:.2}s: parquet {:.1} MB, jsonl {:.1} MB",
                 words as f64 / rows as f64,
@@ -359,7 +407,9 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .map(|(n, p)| (n.as_str(), p, threads))
         .collect();
-    runs.push((inputs[0].0.as_str(), &inputs[0].1, 1));
+    if !args.skip_one_thread {
+        runs.push((inputs[0].0.as_str(), &inputs[0].1, 1));
+    }
     for (name, path, n_threads) in runs {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(n_threads)
@@ -395,11 +445,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let dataset = dataset.ok_or_else(|| anyhow::anyhow!("no run"))?;
+    if let Some(out) = &args.ids_out {
+        write_ids(out, &dataset)?;
+        println!("examples written to {}", out.display());
+    }
     println!(
-        "\nsummary (tokens/s above count kept tokens after truncation; each record's prompt is"
-    );
-    println!(
-        "tokenized twice, alone and inside the full text, as in the reference):\n{}\n",
+        "\nsummary (tokens/s above count kept tokens after truncation; {}):\n{}\n",
+        if tokenizer.splits_at_line_breaks() {
+            "line breaks are token boundaries, so each text is tokenized once and the template's constant prefix once in all"
+        } else {
+            "each record's prompt is tokenized twice, alone and inside the full text, as in the reference"
+        },
         dataset.summary
     );
 

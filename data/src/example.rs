@@ -173,6 +173,12 @@ pub struct Processed {
 }
 
 /// Preprocesses one record (the reference's `preprocess` for a single example).
+///
+/// The reference tokenizes the source alone (its length is the number of masked positions) and
+/// source + target. When the source ends with a line break and the tokenizer treats line breaks
+/// as token boundaries ([`TextTokenizer::splits_at_line_breaks`], true for DeepSeek's), the full
+/// encoding is exactly the source's followed by the target's, so each text is tokenized once;
+/// otherwise both are tokenized as the reference does. The ids are the same either way.
 pub fn build_example(
     record: &Record,
     tokenizer: &TextTokenizer,
@@ -180,13 +186,72 @@ pub fn build_example(
     input_policy: InputPolicy,
     max_len: usize,
 ) -> Result<Processed> {
+    build_example_with(record, tokenizer, template, input_policy, max_len, None)
+}
+
+/// The encoding of a template's [constant prefix](Template::constant_prefix), made once per
+/// dataset.
+#[derive(Debug, Clone)]
+pub(crate) struct PrefixIds {
+    text: String,
+    ids: Vec<u32>,
+}
+
+impl PrefixIds {
+    /// `None` unless the tokenizer splits at line breaks and the template has a constant prefix.
+    pub(crate) fn new(tokenizer: &TextTokenizer, template: &Template) -> Result<Option<Self>> {
+        if !tokenizer.splits_at_line_breaks() {
+            return Ok(None);
+        }
+        let Some(text) = template.constant_prefix() else {
+            return Ok(None);
+        };
+        let ids = tokenizer.encode_raw(&text)?;
+        Ok(Some(PrefixIds { text, ids }))
+    }
+}
+
+fn ends_with_line_break(s: &str) -> bool {
+    s.ends_with(['\n', '\r'])
+}
+
+pub(crate) fn build_example_with(
+    record: &Record,
+    tokenizer: &TextTokenizer,
+    template: &Template,
+    input_policy: InputPolicy,
+    max_len: usize,
+    prefix: Option<&PrefixIds>,
+) -> Result<Processed> {
     let (source, target) = template.render(record, input_policy);
-    let (source_ids, _) = tokenizer.encode_truncated(&source, max_len)?;
-    let mut full = source;
-    full.push_str(&target);
-    let (input_ids, truncated) = tokenizer.encode_truncated(&full, max_len)?;
-    let prefix = source_ids.len().min(input_ids.len());
-    let boundary_mismatch = input_ids[..prefix] != source_ids[..prefix];
+    let (source_ids, input_ids, truncated, boundary_mismatch) = if tokenizer.splits_at_line_breaks()
+        && ends_with_line_break(&source)
+    {
+        // source + target tokenizes as source, then target: see `splits_at_line_breaks`.
+        let mut body = match prefix {
+            Some(p) if source.starts_with(&p.text) => {
+                let rest = tokenizer.encode_raw(&source[p.text.len()..])?;
+                let mut body = Vec::with_capacity(p.ids.len() + rest.len() + 1024);
+                body.extend_from_slice(&p.ids);
+                body.extend_from_slice(&rest);
+                body
+            }
+            _ => tokenizer.encode_raw(&source)?,
+        };
+        let n_source = body.len();
+        body.extend(tokenizer.encode_raw(&target)?);
+        let (source_ids, _) = tokenizer.add_special_tokens_truncated(&body[..n_source], max_len)?;
+        let (input_ids, truncated) = tokenizer.add_special_tokens_truncated(&body, max_len)?;
+        (source_ids, input_ids, truncated, false)
+    } else {
+        let (source_ids, _) = tokenizer.encode_truncated(&source, max_len)?;
+        let mut full = source;
+        full.push_str(&target);
+        let (input_ids, truncated) = tokenizer.encode_truncated(&full, max_len)?;
+        let prefix = source_ids.len().min(input_ids.len());
+        let mismatch = input_ids[..prefix] != source_ids[..prefix];
+        (source_ids, input_ids, truncated, mismatch)
+    };
     let example = Example::new(input_ids, source_ids.len());
     let source_len = source_ids.len().min(example.len());
     let drop = (source_len >= example.len()).then_some(if truncated {
@@ -368,17 +433,23 @@ pub(crate) fn build_examples_inner(
     pb: &ProgressBar,
 ) -> Result<(Vec<Example>, Summary)> {
     let max_len = config.effective_max_len(tokenizer)?;
+    let prefix = PrefixIds::new(tokenizer, &config.template)?;
     let processed: Vec<Processed> = records
         .par_iter()
         .enumerate()
         .map(|(i, r)| {
-            let p = build_example(r, tokenizer, &config.template, config.input_policy, max_len)
-                .map_err(|e| match e {
-                    Error::Tokenizer(m) => {
-                        Error::Tokenizer(format!("record {}: {m}", first_index + i))
-                    }
-                    other => other,
-                });
+            let p = build_example_with(
+                r,
+                tokenizer,
+                &config.template,
+                config.input_policy,
+                max_len,
+                prefix.as_ref(),
+            )
+            .map_err(|e| match e {
+                Error::Tokenizer(m) => Error::Tokenizer(format!("record {}: {m}", first_index + i)),
+                other => other,
+            });
             pb.inc(1);
             p
         })

@@ -112,6 +112,33 @@ impl Template {
         Ok(())
     }
 
+    /// The text every rendered source starts with, cut after its last line break (`None` when
+    /// that leaves nothing). With a tokenizer where a line break is a token boundary
+    /// ([`TextTokenizer::splits_at_line_breaks`](crate::TextTokenizer::splits_at_line_breaks)),
+    /// this part is tokenized once for the whole dataset. For the reference template it is the
+    /// system prompt line and `### Instruction:\n`.
+    pub fn constant_prefix(&self) -> Option<String> {
+        let literal = match self {
+            Template::Reference => format!("{REFERENCE_SYSTEM_PROMPT}\n### Instruction:\n"),
+            Template::DeepSeekChat => return None,
+            Template::Custom { prompt, .. } => {
+                // The literal text before the first placeholder, with `{{`/`}}` unescaped.
+                let (mut i, b) = (0, prompt.as_bytes());
+                while i < b.len() {
+                    match b[i] {
+                        b'{' if b.get(i + 1) == Some(&b'{') => i += 2,
+                        b'}' if b.get(i + 1) == Some(&b'}') => i += 2,
+                        b'{' => break,
+                        _ => i += 1,
+                    }
+                }
+                substitute(&prompt[..i], &|_| None)
+            }
+        };
+        let end = literal.rfind(['\n', '\r'])? + 1;
+        Some(literal[..end].to_string())
+    }
+
     /// Renders `(source, target)` for one record.
     pub fn render(&self, record: &Record, input_policy: InputPolicy) -> (String, String) {
         let input = record.input.as_deref().unwrap_or("");

@@ -95,6 +95,7 @@ pub struct TextTokenizer {
     bos_id: Option<u32>,
     eos_id: Option<u32>,
     pad_id: u32,
+    splits_at_line_breaks: bool,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -105,6 +106,7 @@ impl std::fmt::Debug for TextTokenizer {
             .field("bos_id", &self.bos_id)
             .field("eos_id", &self.eos_id)
             .field("pad_id", &self.pad_id)
+            .field("splits_at_line_breaks", &self.splits_at_line_breaks)
             .finish()
     }
 }
@@ -163,12 +165,14 @@ impl TextTokenizer {
                 "add_eos_token is set but no eos_token is named".into(),
             ));
         }
+        let splits_at_line_breaks = splits_at_line_breaks(&inner);
         Ok(TextTokenizer {
             inner,
             settings,
             bos_id,
             eos_id,
             pad_id,
+            splits_at_line_breaks,
         })
     }
 
@@ -244,17 +248,24 @@ impl TextTokenizer {
     ///
     /// `max_len` must exceed [`num_special_tokens`](Self::num_special_tokens).
     pub fn encode_truncated(&self, text: &str, max_len: usize) -> Result<(Vec<u32>, bool)> {
+        let body = self.encode_raw(text)?;
+        self.add_special_tokens_truncated(&body, max_len)
+    }
+
+    /// Adds BOS/EOS as configured around already encoded text and right-truncates to at most
+    /// `max_len` ids, special tokens included, exactly as [`encode_truncated`](Self::encode_truncated)
+    /// does with the text's encoding. Returns the ids and whether anything was cut.
+    pub fn add_special_tokens_truncated(
+        &self,
+        body: &[u32],
+        max_len: usize,
+    ) -> Result<(Vec<u32>, bool)> {
         let n_special = self.num_special_tokens();
         if max_len <= n_special {
             return Err(Error::InvalidConfig(format!(
                 "max_len {max_len} leaves no room next to {n_special} special token(s)"
             )));
         }
-        let enc = self
-            .inner
-            .encode_fast(text, false)
-            .map_err(Error::tokenizer)?;
-        let body = enc.get_ids();
         let keep = body.len().min(max_len - n_special);
         let mut ids = Vec::with_capacity(keep + n_special);
         if self.settings.add_bos_token {
@@ -265,6 +276,23 @@ impl TextTokenizer {
             ids.extend(self.eos_id);
         }
         Ok((ids, keep < body.len()))
+    }
+
+    /// Whether a line break is a hard token boundary: for any texts `a` and `b` where `a` ends
+    /// with `\n` or `\r`, `encode_raw(a + b) == encode_raw(a) ++ encode_raw(b)`.
+    ///
+    /// Decided once from the tokenizer's structure, conservatively: no normalizer (or an empty
+    /// sequence of them); a pre-tokenizer whose first step isolates every `\r` and `\n`
+    /// (`Split` on `[\r\n]`, behaviour `Isolated`), followed only by steps that work on each piece
+    /// on its own (`Split`, `Digits`, `Punctuation`, `Whitespace`, `WhitespaceSplit`,
+    /// `CharDelimiterSplit`, `UnicodeScripts`, `BertPreTokenizer`, and `ByteLevel` without
+    /// `add_prefix_space`); a model without BPE dropout; no truncation or padding inside
+    /// `tokenizer.json`; and no added token that contains a line break or strips the whitespace
+    /// next to it. DeepSeek's tokenizer qualifies. When it holds, a prompt that ends with a line
+    /// break need not be tokenized a second time inside the full text (see
+    /// [`build_example`](crate::build_example)).
+    pub fn splits_at_line_breaks(&self) -> bool {
+        self.splits_at_line_breaks
     }
 
     /// Decodes ids to text.
@@ -278,6 +306,79 @@ impl TextTokenizer {
     /// real special token).
     pub fn is_single_token(&self, text: &str) -> Result<bool> {
         Ok(self.encode_raw(text)?.len() == 1)
+    }
+}
+
+/// See [`TextTokenizer::splits_at_line_breaks`].
+fn splits_at_line_breaks(inner: &tokenizers::Tokenizer) -> bool {
+    let normalizer_ok = match inner.get_normalizer() {
+        None => true,
+        Some(n) => serde_json::to_value(n).is_ok_and(|v| {
+            v.get("type").and_then(Value::as_str) == Some("Sequence")
+                && v.get("normalizers")
+                    .and_then(Value::as_array)
+                    .is_some_and(Vec::is_empty)
+        }),
+    };
+    let pre_ok = inner
+        .get_pre_tokenizer()
+        .and_then(|p| serde_json::to_value(p).ok())
+        .is_some_and(|v| isolates_line_breaks_first(&v));
+    let model_ok = match inner.get_model() {
+        tokenizers::ModelWrapper::BPE(bpe) => bpe.dropout.is_none(),
+        _ => true,
+    };
+    let added_ok = inner
+        .get_added_tokens_decoder()
+        .values()
+        .all(|t| !t.lstrip && !t.rstrip && !t.single_word && !t.content.contains(['\n', '\r']));
+    normalizer_ok
+        && pre_ok
+        && model_ok
+        && added_ok
+        && inner.get_truncation().is_none()
+        && inner.get_padding().is_none()
+}
+
+/// A `Sequence` pre-tokenizer whose first step is `Split([\r\n], Isolated)` and whose other
+/// steps each work on one piece at a time.
+fn isolates_line_breaks_first(v: &Value) -> bool {
+    let steps = match v.get("type").and_then(Value::as_str) {
+        Some("Sequence") => match v.get("pretokenizers").and_then(Value::as_array) {
+            Some(steps) => steps.as_slice(),
+            None => return false,
+        },
+        _ => std::slice::from_ref(v),
+    };
+    let Some((first, rest)) = steps.split_first() else {
+        return false;
+    };
+    let first_ok = first.get("type").and_then(Value::as_str) == Some("Split")
+        && first.get("behavior").and_then(Value::as_str) == Some("Isolated")
+        && first.get("invert").and_then(Value::as_bool) == Some(false)
+        && matches!(
+            first
+                .get("pattern")
+                .and_then(|p| p.get("Regex"))
+                .and_then(Value::as_str),
+            Some("[\r\n]" | "[\n\r]")
+        );
+    first_ok && rest.iter().all(works_per_piece)
+}
+
+/// Whether a pre-tokenizer step splits each existing piece on its own, adding nothing.
+fn works_per_piece(v: &Value) -> bool {
+    match v.get("type").and_then(Value::as_str) {
+        Some(
+            "Split" | "Digits" | "Punctuation" | "Whitespace" | "WhitespaceSplit"
+            | "CharDelimiterSplit" | "UnicodeScripts" | "BertPreTokenizer",
+        ) => true,
+        Some("ByteLevel") => v.get("add_prefix_space").and_then(Value::as_bool) == Some(false),
+        Some("Sequence") => v
+            .get("pretokenizers")
+            .and_then(Value::as_array)
+            .is_some_and(|s| s.iter().all(works_per_piece)),
+        _ => false,
     }
 }
 

