@@ -143,13 +143,22 @@ fn run(mut args: Args) -> Result<()> {
     let text = tok.decode(&out, true)?;
     let text = text.trim_end_matches(REFERENCE_EOT).trim_end();
     println!("{text}");
-    let decode = (out.len().saturating_sub(1)) as f64 / (total - prefill).max(1e-9);
+    // The decode rate is the run minus a prefill timed separately; for a few tokens the
+    // difference is noise, so no rate is given.
+    let decode_time = total - prefill;
+    let decode = if out.len() >= 8 && decode_time > 0.01 {
+        format!(
+            "decode {:.1} tokens/s",
+            (out.len() - 1) as f64 / decode_time
+        )
+    } else {
+        "too few tokens to time the decode".into()
+    };
     eprintln!(
-        "({} prompt tokens, {} new tokens; prefill {:.3}s, decode {:.1} tokens/s at batch 1 with the KV cache{})",
+        "({} prompt tokens, {} new tokens; prefill {:.3}s, {decode} at batch 1 with the KV cache{})",
         ids.len(),
         out.len(),
         prefill,
-        decode,
         match (after_load, peak) {
             (Some(a), Some(p)) => format!(
                 "; GPU pool {:.2} GiB after loading, peak {:.2} GiB while generating",

@@ -24,7 +24,7 @@ use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_peft::data::{
     synthetic, DataConfig, InstructionDataset, LoaderConfig, LoaderState, PreprocessConfig,
-    Template,
+    Template, TextTokenizer,
 };
 use moe_peft::hub::RepoKind;
 use moe_peft::lora::{
@@ -242,7 +242,7 @@ impl Args {
             self.modules_to_save = "embed_tokens,lm_head".into();
         }
         if !given("learning_rate") {
-            self.learning_rate = 3e-3;
+            self.learning_rate = 5e-3;
         }
         if !given("lr_scheduler_type") {
             self.lr_scheduler_type = "cosine".into();
@@ -251,7 +251,7 @@ impl Args {
             self.warmup_steps = 5;
         }
         if !given("max_steps") {
-            self.max_steps = 60;
+            self.max_steps = DEMO_STEPS as i64;
         }
         if !given("per_device_train_batch_size") {
             self.per_device_train_batch_size = 8;
@@ -263,7 +263,7 @@ impl Args {
             self.logging_steps = 10.0;
         }
         if !given("save_steps") {
-            self.save_steps = 30.0;
+            self.save_steps = 50.0;
         }
         if !given("max_grad_norm") {
             self.max_grad_norm = 0.3;
@@ -1139,7 +1139,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     if !curve.is_empty() {
         std::fs::write(
             out.join("loss_curve.svg"),
-            common::loss_svg(&curve, "training loss"),
+            common::loss_svg(&curve, "training loss")?,
         )?;
     }
     let first = curve.first().map(|p| p.1);
@@ -1177,6 +1177,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             report.files.len(),
             merged.display()
         );
+        demo_generations(&out, &opts, &tok)?;
         print_next_steps(&out);
     }
     Ok(0)
@@ -1191,9 +1192,48 @@ fn say(bar: &ProgressBar, line: String) {
     }
 }
 
+/// The demo's last word: greedy answers of the base it started from and of base + adapter (as
+/// `generate` loads them) to instructions of each task, so what training changed is visible.
+fn demo_generations(out: &Path, opts: &LoadOptions, tok: &TextTokenizer) -> Result<()> {
+    let dense = LoadOptions {
+        quant: QuantPolicy::None,
+        ..opts.clone()
+    };
+    let base = common::load_with_adapter(&out.join("base"), None, &dense)?;
+    let tuned = common::load_with_adapter(&out.join("base"), Some(out), &dense)?;
+    println!("demo generation (greedy, reference template): base/ → base/ + adapter");
+    for instruction in DEMO_PROMPTS {
+        let before = common::reference_answer(base.model(), tok, instruction, 16)?;
+        let after = common::reference_answer(tuned.model(), tok, instruction, 16)?;
+        // JSON strings: quoted, with line breaks and control characters escaped.
+        println!(
+            "  {instruction:<34} {} → {}",
+            serde_json::to_string(&before)?,
+            serde_json::to_string(&after)?
+        );
+    }
+    println!(
+        "  (the random base rambles; after {} steps the adapter answers in each task's format and \
+         words and stops at <|EOT|>; getting the answers right takes a tiny model far longer)",
+        DEMO_STEPS
+    );
+    Ok(())
+}
+
+/// Optimizer steps of the demo.
+const DEMO_STEPS: usize = 150;
+
+/// Instructions of four of the demo's tasks.
+const DEMO_PROMPTS: [&str; 4] = [
+    "Say the last word: red cat moon",
+    "Say the first word: fish star lamp",
+    "Sort the digits: 7 2 9 4",
+    "Add the numbers: 12 + 5",
+];
+
 fn print_next_steps(out: &Path) {
     let o = out.display();
     println!("next:");
     println!("  cargo run --release --example evaluate -- --model_name_or_path {o}/merged --data_path fixtures/data/tiny_instruct.jsonl --model_max_length 128");
-    println!("  cargo run --release --example generate -- --model_name_or_path {o}/base --adapter {o} --prompt 'Reverse the words: red cat moon' --template reference");
+    println!("  cargo run --release --example generate -- --model_name_or_path {o}/base --adapter {o} --prompt 'Sort the digits: 7 2 9 4' --template reference");
 }

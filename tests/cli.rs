@@ -94,6 +94,12 @@ fn train_resume_evaluate_merge_generate() {
     ] {
         assert!(a.join(f).exists(), "{f} missing");
     }
+    let svg = std::fs::read_to_string(a.join("loss_curve.svg")).unwrap();
+    assert!(
+        svg.starts_with("<svg") && svg.contains("training loss") && svg.contains("step"),
+        "loss_curve.svg: {}",
+        &svg[..svg.len().min(300)]
+    );
     assert!(a.join("checkpoint-6").is_dir() && a.join("checkpoint-12").is_dir());
     assert!(a.join("merged/config.json").exists() && a.join("base/model.safetensors").exists());
     assert!(
@@ -950,4 +956,41 @@ fn a_run_never_mixes_with_another_runs_checkpoints() {
     over.extend_from_slice(&["--overwrite_output_dir", "True"]);
     ok("qlora-train", &over);
     assert!(out.join("completed").exists());
+}
+
+/// The demo at its defaults ends with greedy answers of base/ and base/ + adapter: the tuned
+/// answers are not empty, differ from the base's, and use only each task's words or digits.
+#[test]
+fn demo_ends_with_generations_that_show_what_was_learned() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = ok("qlora-train", &["--output_dir", s(tmp.path())]);
+    let start = out
+        .find("demo generation")
+        .unwrap_or_else(|| panic!("no demo generation in:\n{out}"));
+    let words = [
+        "red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "star",
+        "rock", "milk", "book", "lamp", "ship",
+    ];
+    let lines: Vec<&str> = out[start..]
+        .lines()
+        .skip(1)
+        .filter(|l| l.contains(" → "))
+        .collect();
+    assert_eq!(lines.len(), 4, "{out}");
+    for line in lines {
+        let (left, after) = line.rsplit_once(" → ").unwrap();
+        let parse =
+            |q: &str| -> String { serde_json::from_str(q.trim()).expect("a quoted answer") };
+        let after = parse(after);
+        let before = parse(&left[left.find('"').expect("quoted base answer")..]);
+        assert!(!after.is_empty(), "empty answer: {line}");
+        assert_ne!(after, before, "{line}");
+        let tokens: Vec<&str> = after.split_whitespace().collect();
+        let ok = if line.contains("word") {
+            tokens.iter().all(|t| words.contains(t))
+        } else {
+            tokens.iter().all(|t| t.chars().all(|c| c.is_ascii_digit()))
+        };
+        assert!(ok, "not in the task's format: {line}");
+    }
 }

@@ -12,9 +12,12 @@
 //! - **Tokenization** ([`TextTokenizer`]): like transformers' `LlamaTokenizerFast` with
 //!   `add_bos_token` (BOS 100000 prepended), right truncation at `model_max_length`
 //!   ([`PreprocessConfig::max_len`], 512 by default as in `finetune.py`).
-//! - **Masking** ([`build_example`]): source and source+target are tokenized separately;
-//!   `labels = input_ids` with the first `len(source_ids)` (BOS included) set to `-100`. Examples
-//!   left without a target token are counted and dropped ([`Summary`]).
+//! - **Masking** ([`build_example`]): the ids are those of source+target, and
+//!   `labels = input_ids` with the first `len(source_ids)` (BOS included) set to `-100`, as the
+//!   reference computes them by tokenizing the source and source+target separately. Where line
+//!   breaks are token boundaries ([`TextTokenizer::splits_at_line_breaks`], DeepSeek's tokenizer)
+//!   and the source ends with one, each text is tokenized once instead, with the same ids.
+//!   Examples left without a target token are counted and dropped ([`Summary`]).
 //! - **Batching** ([`collate`], [`Loader`]): right padding with the pad id (EOS 100001), labels
 //!   `-100`, attention mask 1/0; seeded, resumable shuffling ([`LoaderState`]), optional
 //!   length grouping (HF `group_by_length`) and token-budget batches.

@@ -315,66 +315,76 @@ pub fn drop_rows_after_step(path: &Path, step: usize) -> Result<()> {
     Ok(())
 }
 
-/// Draws `(step, loss)` as an SVG line chart.
-pub fn loss_svg(points: &[(usize, f64)], title: &str) -> String {
-    let (w, h, m) = (720.0, 400.0, 56.0);
-    let mut s = format!(
-        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\n\
-         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"24\" font-family=\"sans-serif\" font-size=\"16\" text-anchor=\"middle\">{}</text>\n",
-        w / 2.0,
-        title
+/// An SVG line chart of `(step, value)` points (plotters), e.g. the loss curve.
+pub fn loss_svg(points: &[(usize, f64)], title: &str) -> Result<String> {
+    use plotters::prelude::*;
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 400)).into_drawing_area();
+        root.fill(&WHITE)?;
+        let x0 = points.first().map_or(0, |p| p.0) as f64;
+        let x1 = (points.last().map_or(1, |p| p.0) as f64).max(x0 + 1.0);
+        let finite = points.iter().map(|p| p.1).filter(|y| y.is_finite());
+        let lo = finite.clone().fold(f64::INFINITY, f64::min);
+        let hi = finite.fold(f64::NEG_INFINITY, f64::max);
+        let (lo, hi) = if !lo.is_finite() {
+            (0.0, 1.0)
+        } else if hi - lo < 1e-9 {
+            (lo - 0.5, hi + 0.5)
+        } else {
+            let pad = (hi - lo) * 0.05;
+            (lo - pad, hi + pad)
+        };
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(x0..x1, lo..hi)?;
+        chart
+            .configure_mesh()
+            .x_desc("step")
+            .y_label_formatter(&|y| format!("{y:.3}"))
+            .x_label_formatter(&|x| format!("{}", x.round()))
+            .draw()?;
+        chart.draw_series(LineSeries::new(
+            points
+                .iter()
+                .filter(|p| p.1.is_finite())
+                .map(|&(x, y)| (x as f64, y)),
+            RGBColor(0x1f, 0x77, 0xb4).stroke_width(2),
+        ))?;
+        root.present()?;
+    }
+    Ok(svg)
+}
+
+/// Greedy answer of `model` to `instruction` under the reference template, cut at `<|EOT|>` or
+/// EOS, with the stop text removed (what `generate --template reference` prints).
+pub fn reference_answer(
+    model: &DeepSeekMoe,
+    tok: &TextTokenizer,
+    instruction: &str,
+    max_new_tokens: usize,
+) -> Result<String> {
+    use moe_peft::data::{py_strip, REFERENCE_EOT, REFERENCE_SYSTEM_PROMPT};
+    let text = format!(
+        "{REFERENCE_SYSTEM_PROMPT}\n### Instruction:\n{}\n### Response:\n",
+        py_strip(instruction)
     );
-    if points.is_empty() {
-        s.push_str("</svg>\n");
-        return s;
-    }
-    let x0 = points.first().map(|p| p.0).unwrap_or(0) as f64;
-    let x1 = (points.last().map(|p| p.0).unwrap_or(1) as f64).max(x0 + 1.0);
-    let lo = points.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
-    let hi = points.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
-    let (lo, hi) = if hi - lo < 1e-9 {
-        (lo - 0.5, hi + 0.5)
-    } else {
-        (lo, hi)
+    let ids = tok.encode(&text)?;
+    let opts = moe_peft::model::GenerateOptions {
+        max_new_tokens,
+        eos_token_id: tok.eos_id(),
+        stop_sequences: vec![
+            tok.encode_raw(&format!("\n{REFERENCE_EOT}"))?,
+            tok.encode_raw(REFERENCE_EOT)?,
+        ],
+        ..Default::default()
     };
-    let px = |x: f64| m + (x - x0) / (x1 - x0) * (w - 2.0 * m);
-    let py = |y: f64| h - m - (y - lo) / (hi - lo) * (h - 2.0 * m);
-    s.push_str(&format!(
-        "<line x1=\"{m}\" y1=\"{}\" x2=\"{}\" y2=\"{}\" stroke=\"black\"/>\n<line x1=\"{m}\" y1=\"{m}\" x2=\"{m}\" y2=\"{}\" stroke=\"black\"/>\n",
-        h - m, w - m, h - m, h - m
-    ));
-    for i in 0..=4 {
-        let y = lo + (hi - lo) * i as f64 / 4.0;
-        s.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" font-family=\"sans-serif\" font-size=\"11\" text-anchor=\"end\">{y:.3}</text>\n",
-            m - 6.0,
-            py(y) + 4.0
-        ));
-    }
-    for i in 0..=4 {
-        let x = x0 + (x1 - x0) * i as f64 / 4.0;
-        s.push_str(&format!(
-            "<text x=\"{}\" y=\"{}\" font-family=\"sans-serif\" font-size=\"11\" text-anchor=\"middle\">{}</text>\n",
-            px(x),
-            h - m + 16.0,
-            x.round()
-        ));
-    }
-    s.push_str(&format!(
-        "<text x=\"{}\" y=\"{}\" font-family=\"sans-serif\" font-size=\"12\" text-anchor=\"middle\">step</text>\n",
-        w / 2.0,
-        h - 12.0
-    ));
-    let pts: Vec<String> = points
-        .iter()
-        .map(|&(x, y)| format!("{:.1},{:.1}", px(x as f64), py(y)))
-        .collect();
-    s.push_str(&format!(
-        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"{}\"/>\n</svg>\n",
-        pts.join(" ")
-    ));
-    s
+    let out = model.generate(&ids, &opts)?;
+    let text = tok.decode(&out, true)?;
+    Ok(text.trim_end_matches(REFERENCE_EOT).trim_end().to_string())
 }
 
 /// A base model with, optionally, a PEFT adapter directory applied.
