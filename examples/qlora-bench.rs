@@ -71,6 +71,10 @@ struct Args {
     /// Gradient checkpointing.
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
     gradient_checkpointing: bool,
+    /// With gradient checkpointing, the last N decoder layers keep their activations instead of
+    /// being recomputed in backward (0: recompute all).
+    #[arg(long, default_value_t = 0)]
+    keep_activations_layers: usize,
     /// Synchronize between phases and report their times.
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
     profile: bool,
@@ -224,6 +228,7 @@ fn run(args: Args) -> Result<()> {
         warmup_steps: 1,
         max_steps: args.warmup + args.steps,
         gradient_checkpointing: args.gradient_checkpointing,
+        keep_activations_layers: args.keep_activations_layers,
         profile: args.profile,
         bf16_moments: args.bf16_moments,
         bf16_grads: args.bf16_grads,
@@ -384,6 +389,7 @@ fn run(args: Args) -> Result<()> {
         let v = serde_json::json!({
             "preset": preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lora_r": args.lora_r, "bits": args.bits, "modules_to_save": args.modules_to_save,
+            "keep_activations_layers": args.keep_activations_layers,
             "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,
             "peak_mib": peak_mib, "build_s": build_s, "steps": results,
             "flops_per_token": per_token, "trainable_parameters": n_lora,

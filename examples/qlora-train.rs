@@ -113,6 +113,10 @@ struct Args {
     /// Recompute decoder layers in backward.
     #[arg(long = "gradient_checkpointing", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     gradient_checkpointing: bool,
+    /// With --gradient_checkpointing, the last N decoder layers keep their activations instead
+    /// of being recomputed in backward: faster, more GPU memory (0: recompute every layer).
+    #[arg(long = "keep_activations_layers", default_value_t = 0)]
+    keep_activations_layers: usize,
     /// bf16 activations and dense weights (without it: f32; the reference uses fp16 there).
     #[arg(long = "bf16", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     bf16: bool,
@@ -388,6 +392,13 @@ fn checkpoint_settings(dir: &Path) -> Option<serde_json::Value> {
 /// Everything the flags alone decide, checked before the model loads and the data is tokenized
 /// (minutes at 16B), each error naming its flag.
 fn validate_flags(args: &Args) -> Result<()> {
+    if args.keep_activations_layers > 0 && !args.gradient_checkpointing {
+        bail!(
+            "--keep_activations_layers {} needs --gradient_checkpointing True (without it every \
+             layer keeps its activations)",
+            args.keep_activations_layers
+        );
+    }
     let finite = |flag: &str, v: f64| -> Result<()> {
         if !v.is_finite() {
             bail!("--{flag} {v}: must be a finite number");
@@ -821,6 +832,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         warmup_ratio: args.warmup_ratio,
         gradient_accumulation_steps: args.gradient_accumulation_steps,
         gradient_checkpointing: args.gradient_checkpointing,
+        keep_activations_layers: args.keep_activations_layers,
         max_steps: total,
         seed: args.seed,
         bf16_moments,

@@ -88,6 +88,14 @@ impl TrainBatch {
     }
 }
 
+/// What the checkpointed forward keeps of one decoder layer for backward.
+enum Saved {
+    /// The layer's input: the layer is run again in backward.
+    Input(Tensor),
+    /// The input as a variable and the layer's output with its graph.
+    Graph(Var, moe_peft_model::layers::LayerOutput),
+}
+
 /// Training hyper-parameters (transformers `TrainingArguments` names).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -114,6 +122,10 @@ pub struct TrainConfig {
     pub gradient_accumulation_steps: usize,
     /// Recompute each decoder layer in backward instead of keeping its activations.
     pub gradient_checkpointing: bool,
+    /// With `gradient_checkpointing`, the last this many decoder layers keep their activations
+    /// instead of recomputing them in backward (selective recomputation: faster, more memory;
+    /// 0 recomputes every layer). The gradients are the same bits either way.
+    pub keep_activations_layers: usize,
     /// Total optimizer steps (the schedule's horizon).
     pub max_steps: usize,
     /// Seed of adapter initialization, dropout and data order.
@@ -142,6 +154,7 @@ impl Default for TrainConfig {
             warmup_ratio: 0.0,
             gradient_accumulation_steps: 1,
             gradient_checkpointing: true,
+            keep_activations_layers: 0,
             max_steps: 1,
             seed: 42,
             bf16_moments: false,
@@ -441,17 +454,30 @@ impl Trainer {
                 grads: Vec::new(),
             });
         }
-        // Forward, keeping each layer's input only.
-        let mut inputs = Vec::with_capacity(model.layers.len());
+        // Forward, keeping each layer's input only, except the last
+        // `keep_activations_layers` layers, which keep their whole graph for backward.
+        let n_layers = model.layers.len();
+        let keep_from = n_layers.saturating_sub(self.cfg.keep_activations_layers);
+        let mut saved: Vec<Saved> = Vec::with_capacity(n_layers);
         let mut h = h0.detach();
         let mut aux = 0.0;
-        for layer in &model.layers {
-            inputs.push(h.clone());
-            let out = layer.forward(&h, &ctx, None)?;
-            if let Some(a) = &out.aux_loss {
-                aux += a.to_scalar::<f32>()? as f64;
+        for (i, layer) in model.layers.iter().enumerate() {
+            if i >= keep_from {
+                let xv = Var::from_tensor(&h)?;
+                let out = layer.forward(xv.as_tensor(), &ctx, None)?;
+                if let Some(a) = &out.aux_loss {
+                    aux += a.to_scalar::<f32>()? as f64;
+                }
+                h = out.hidden.detach();
+                saved.push(Saved::Graph(xv, out));
+            } else {
+                saved.push(Saved::Input(h.clone()));
+                let out = layer.forward(&h, &ctx, None)?;
+                if let Some(a) = &out.aux_loss {
+                    aux += a.to_scalar::<f32>()? as f64;
+                }
+                h = out.hidden.detach();
             }
-            h = out.hidden.detach();
         }
         self.lap(&mut t, 0)?;
         let hv = Var::from_tensor(&h)?;
@@ -464,9 +490,16 @@ impl Trainer {
             .cloned()
             .unwrap_or(hv.as_tensor().zeros_like()?);
         drop(gs);
-        for (layer, x) in model.layers.iter().zip(inputs.iter()).rev() {
-            let xv = Var::from_tensor(x)?;
-            let out = layer.forward(xv.as_tensor(), &ctx, None)?;
+        while let Some(s) = saved.pop() {
+            let layer = &model.layers[saved.len()];
+            let (xv, out) = match s {
+                Saved::Graph(xv, out) => (xv, out),
+                Saved::Input(x) => {
+                    let xv = Var::from_tensor(&x)?;
+                    let out = layer.forward(xv.as_tensor(), &ctx, None)?;
+                    (xv, out)
+                }
+            };
             let mut obj = moe_peft_model::ops::seed_gradient(&out.hidden, &g)?;
             if let Some(a) = out.aux_loss {
                 obj = (obj + a)?;
