@@ -28,6 +28,7 @@ use moe_peft::lora::{
 use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
 use moe_peft::quant::QuantPolicy;
 use rand::{Rng, SeedableRng};
+use rand_distr::Distribution;
 
 use common::parse_bool;
 
@@ -114,6 +115,16 @@ struct Args {
     /// Directory with the tokenizer.json for --data (default: DeepSeek's, built in).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// With --data: pack examples into full rows (true, as `qlora-train --packing True`) or
+    /// pad each batch of examples to its longest (false, the reference's batches of real
+    /// lengths). Tokens/s counts real tokens either way.
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    packing: bool,
+    /// Without --data: draw token ids from a Zipf law of this exponent over the vocabulary
+    /// (rank k has probability ∝ 1/k^s, ranks shuffled over the ids) instead of uniformly, so
+    /// that some tokens, and the experts they route to, are hot, as in text (0: uniform).
+    #[arg(long, default_value_t = 0.0)]
+    zipf: f64,
 }
 
 fn main() {
@@ -270,16 +281,44 @@ fn run(args: Args) -> Result<()> {
                 .batch_size(args.batch_size)
                 .seed(42)
                 .epochs(None)
-                .packing(Some(args.seq_len));
+                .packing(args.packing.then_some(args.seq_len));
             println!(
-                "data: {} examples from {}, packed into rows of {}",
+                "data: {} examples from {}, {}",
                 dataset.len(),
                 path.display(),
-                args.seq_len
+                if args.packing {
+                    format!("packed into rows of {}", args.seq_len)
+                } else {
+                    format!(
+                        "{} per batch, padded to the longest (at most {})",
+                        args.batch_size, args.seq_len
+                    )
+                }
             );
             Some(dataset.loader(lc)?)
         }
         None => None,
+    };
+    if !(args.zipf >= 0.0 && args.zipf.is_finite()) {
+        bail!("--zipf {}: must be ≥ 0", args.zipf);
+    }
+    if args.zipf > 0.0 && args.data.is_some() {
+        bail!("--zipf draws random token ids; it does not apply to --data");
+    }
+    let zipf = if args.zipf > 0.0 && loader.is_none() {
+        use rand::seq::SliceRandom;
+        let law = rand_distr::Zipf::new(vocab as f64, args.zipf)
+            .map_err(|e| anyhow::anyhow!("--zipf {}: {e}", args.zipf))?;
+        let mut rank_to_id: Vec<u32> = (0..vocab).collect();
+        rank_to_id.shuffle(&mut rng);
+        println!(
+            "token ids: Zipf law with exponent {} over {vocab} ids (the most frequent id is {:.2} % of all)",
+            args.zipf,
+            100.0 / (1..=vocab as u64).map(|k| (k as f64).powf(-args.zipf)).sum::<f64>()
+        );
+        Some((law, rank_to_id))
+    } else {
+        None
     };
     let mut results = Vec::new();
     for step in 0..args.warmup + args.steps {
@@ -289,7 +328,14 @@ fn run(args: Args) -> Result<()> {
                 common::to_train_batch(&b, &device)?
             }
             None => {
-                let ids: Vec<u32> = (0..n).map(|_| rng.random_range(0..vocab)).collect();
+                let ids: Vec<u32> = match &zipf {
+                    Some((law, rank_to_id)) => (0..n)
+                        .map(|_| {
+                            rank_to_id[(law.sample(&mut rng) as usize).clamp(1, vocab as usize) - 1]
+                        })
+                        .collect(),
+                    None => (0..n).map(|_| rng.random_range(0..vocab)).collect(),
+                };
                 let labels: Vec<i64> = ids.iter().map(|&i| i as i64).collect();
                 TrainBatch::from_host(
                     &ids,
@@ -390,6 +436,7 @@ fn run(args: Args) -> Result<()> {
             "preset": preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lora_r": args.lora_r, "bits": args.bits, "modules_to_save": args.modules_to_save,
             "keep_activations_layers": args.keep_activations_layers,
+            "data": args.data, "packing": args.packing, "zipf": args.zipf,
             "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,
             "peak_mib": peak_mib, "build_s": build_s, "steps": results,
             "flops_per_token": per_token, "trainable_parameters": n_lora,

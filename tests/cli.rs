@@ -592,6 +592,68 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let tps = v["tokens_per_s"].as_f64().unwrap();
     assert!(tps > 0.0, "{tps}");
+    // Padded batches of real lengths: only real tokens are counted.
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.jsonl"
+    );
+    let json = tmp.path().join("bench-padded.json");
+    let out = ok(
+        "qlora-bench",
+        &[
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "4",
+            "--seq_len",
+            "128",
+            "--steps",
+            "2",
+            "--cpu",
+            "--data",
+            data,
+            "--packing",
+            "false",
+            "--json",
+            s(&json),
+        ],
+    );
+    assert!(out.contains("padded to the longest"), "{out}");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for step in v["steps"].as_array().unwrap() {
+        let (real, all) = (
+            step["tokens"].as_u64().unwrap(),
+            step["padded_tokens"].as_u64().unwrap(),
+        );
+        assert!(real > 0 && real < all, "real {real} of {all} positions");
+    }
+    // Zipf-distributed ids (hot tokens, hence hot experts).
+    let json = tmp.path().join("bench-zipf.json");
+    let out = ok(
+        "qlora-bench",
+        &[
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "32",
+            "--steps",
+            "1",
+            "--cpu",
+            "--zipf",
+            "1.1",
+            "--json",
+            s(&json),
+        ],
+    );
+    assert!(out.contains("Zipf law with exponent 1.1"), "{out}");
+    fails(
+        "qlora-bench",
+        &["--preset", "tiny", "--cpu", "--zipf", "1.1", "--data", data],
+        "it does not apply to --data",
+    );
 }
 
 /// Starts the demo run into `out`, sends `signal` (`INT`, `TERM`) after its first logged step
