@@ -391,6 +391,36 @@ fn checkpoint_settings(dir: &Path) -> Option<serde_json::Value> {
 
 /// Everything the flags alone decide, checked before the model loads and the data is tokenized
 /// (minutes at 16B), each error naming its flag.
+/// The trainer's settings from the flags.
+fn train_config(
+    args: &Args,
+    schedule: Schedule,
+    total: usize,
+    bf16_moments: bool,
+    bf16_grads: bool,
+) -> TrainConfig {
+    TrainConfig {
+        learning_rate: args.learning_rate,
+        weight_decay: args.weight_decay,
+        adam_beta1: args.adam_beta1,
+        adam_beta2: args.adam_beta2,
+        adam_epsilon: args.adam_epsilon,
+        // transformers clips only when max_grad_norm > 0: a negative value turns it off too.
+        max_grad_norm: args.max_grad_norm.max(0.0),
+        lr_scheduler_type: schedule,
+        warmup_steps: args.warmup_steps,
+        warmup_ratio: args.warmup_ratio,
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        gradient_checkpointing: args.gradient_checkpointing,
+        keep_activations_layers: args.keep_activations_layers,
+        max_steps: total,
+        seed: args.seed,
+        bf16_moments,
+        bf16_grads,
+        profile: false,
+    }
+}
+
 fn validate_flags(args: &Args) -> Result<()> {
     if args.keep_activations_layers > 0 && !args.gradient_checkpointing {
         bail!(
@@ -405,31 +435,22 @@ fn validate_flags(args: &Args) -> Result<()> {
         }
         Ok(())
     };
-    finite("learning_rate", args.learning_rate)?;
-    if args.learning_rate < 0.0 {
-        bail!("--learning_rate {}: must be ≥ 0", args.learning_rate);
-    }
+    // The optimizer and schedule settings, checked by the trainer's own rules (the step count
+    // is not known before the data is read: 1 stands in).
     finite("max_grad_norm", args.max_grad_norm)?;
-    finite("weight_decay", args.weight_decay)?;
-    if !(0.0..=1.0).contains(&args.warmup_ratio) {
-        bail!("--warmup_ratio {}: must be in [0, 1]", args.warmup_ratio);
+    if let Err(e) = train_config(args, Schedule::Constant, 1, false, false).validate() {
+        match e {
+            moe_peft::lora::Error::InvalidTrainSetting { field, value, rule } => {
+                bail!("--{field} {value}: {rule}")
+            }
+            other => return Err(other.into()),
+        }
     }
     if args.max_steps <= 0 && !(args.num_train_epochs > 0.0 && args.num_train_epochs.is_finite()) {
         bail!(
             "--num_train_epochs {}: must be > 0 (or give --max_steps)",
             args.num_train_epochs
         );
-    }
-    for (flag, b) in [
-        ("adam_beta1", args.adam_beta1),
-        ("adam_beta2", args.adam_beta2),
-    ] {
-        if !(0.0..1.0).contains(&b) {
-            bail!("--{flag} {b}: must be in [0, 1)");
-        }
-    }
-    if !(args.adam_epsilon > 0.0 && args.adam_epsilon.is_finite()) {
-        bail!("--adam_epsilon {}: must be > 0", args.adam_epsilon);
     }
     if args.use_lora && args.init_adapter.is_none() {
         if args.lora_r == 0 {
@@ -819,26 +840,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             format!(" + {} fully trained tensors", lora.saved_modules().len())
         }
     );
-    let tcfg = TrainConfig {
-        learning_rate: args.learning_rate,
-        weight_decay: args.weight_decay,
-        adam_beta1: args.adam_beta1,
-        adam_beta2: args.adam_beta2,
-        adam_epsilon: args.adam_epsilon,
-        // transformers clips only when max_grad_norm > 0: a negative value turns it off too.
-        max_grad_norm: args.max_grad_norm.max(0.0),
-        lr_scheduler_type: schedule,
-        warmup_steps: args.warmup_steps,
-        warmup_ratio: args.warmup_ratio,
-        gradient_accumulation_steps: args.gradient_accumulation_steps,
-        gradient_checkpointing: args.gradient_checkpointing,
-        keep_activations_layers: args.keep_activations_layers,
-        max_steps: total,
-        seed: args.seed,
-        bf16_moments,
-        bf16_grads,
-        profile: false,
-    };
+    let tcfg = train_config(&args, schedule, total, bf16_moments, bf16_grads);
 
     // Resume.
     let resume = match args.resume_from_checkpoint.as_deref() {

@@ -432,6 +432,8 @@ fn bad_command_lines_give_one_clear_error() {
         ("--lora_alpha", "0", "--lora_alpha 0"),
         ("--num_train_epochs", "0", "--num_train_epochs 0"),
         ("--adam_beta2", "1", "--adam_beta2 1"),
+        ("--adam_epsilon", "0", "--adam_epsilon 0"),
+        ("--weight_decay", "nan", "--weight_decay NaN"),
     ] {
         fails(
             "qlora-train",

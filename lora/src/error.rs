@@ -47,6 +47,18 @@ pub enum Error {
     /// A training setting is invalid.
     #[error("invalid training config: {0}")]
     InvalidTrainConfig(String),
+    /// One [`TrainConfig`](crate::TrainConfig) field has a value outside its range. `field` is
+    /// the field's name, which is also transformers' `TrainingArguments` name and the
+    /// command-line flag of the programs.
+    #[error("invalid training config: {field} {value}: {rule}")]
+    InvalidTrainSetting {
+        /// The field (`learning_rate`, `adam_beta1`, …).
+        field: &'static str,
+        /// Its value as given.
+        value: String,
+        /// What it must be.
+        rule: &'static str,
+    },
     /// `target_modules` (or `modules_to_save`) names something the model does not have.
     #[error(
         "target module(s) {missing:?} match no projection of the model; valid names: {valid:?}"

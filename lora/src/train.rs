@@ -166,29 +166,74 @@ impl Default for TrainConfig {
 
 impl TrainConfig {
     /// Checks the values.
+    /// Checks the values; an error names the field
+    /// ([`Error::InvalidTrainSetting`]).
     pub fn validate(&self) -> Result<()> {
-        let bad = |m: String| Err(Error::InvalidTrainConfig(m));
-        if !(self.learning_rate >= 0.0 && self.learning_rate.is_finite()) {
-            return bad(format!("learning_rate {} must be ≥ 0", self.learning_rate));
+        fn check(ok: bool, field: &'static str, value: f64, rule: &'static str) -> Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::InvalidTrainSetting {
+                    field,
+                    value: format!("{value}"),
+                    rule,
+                })
+            }
         }
-        if !(0.0..1.0).contains(&self.adam_beta1) || !(0.0..1.0).contains(&self.adam_beta2) {
-            return bad("adam betas must be in [0, 1)".into());
+        let lr = self.learning_rate;
+        check(
+            lr >= 0.0 && lr.is_finite(),
+            "learning_rate",
+            lr,
+            "must be a finite number ≥ 0",
+        )?;
+        let wd = self.weight_decay;
+        check(
+            wd.is_finite(),
+            "weight_decay",
+            wd,
+            "must be a finite number",
+        )?;
+        for (field, b) in [
+            ("adam_beta1", self.adam_beta1),
+            ("adam_beta2", self.adam_beta2),
+        ] {
+            check((0.0..1.0).contains(&b), field, b, "must be in [0, 1)")?;
         }
-        if self.adam_epsilon.is_nan() || self.adam_epsilon <= 0.0 {
-            return bad("adam_epsilon must be > 0".into());
-        }
-        if self.max_grad_norm.is_nan() || self.max_grad_norm < 0.0 {
-            return bad("max_grad_norm must be ≥ 0".into());
-        }
-        if self.gradient_accumulation_steps == 0 {
-            return bad("gradient_accumulation_steps must be at least 1".into());
-        }
-        if self.max_steps == 0 {
-            return bad("max_steps must be at least 1".into());
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            return bad("warmup_ratio must be in [0, 1]".into());
-        }
+        let eps = self.adam_epsilon;
+        check(
+            eps > 0.0 && eps.is_finite(),
+            "adam_epsilon",
+            eps,
+            "must be > 0",
+        )?;
+        let mgn = self.max_grad_norm;
+        check(
+            mgn >= 0.0 && mgn.is_finite(),
+            "max_grad_norm",
+            mgn,
+            "must be ≥ 0 (0: no clipping)",
+        )?;
+        let gas = self.gradient_accumulation_steps as f64;
+        check(
+            gas >= 1.0,
+            "gradient_accumulation_steps",
+            gas,
+            "must be at least 1",
+        )?;
+        check(
+            self.max_steps >= 1,
+            "max_steps",
+            self.max_steps as f64,
+            "must be at least 1",
+        )?;
+        let wr = self.warmup_ratio;
+        check(
+            (0.0..=1.0).contains(&wr),
+            "warmup_ratio",
+            wr,
+            "must be in [0, 1]",
+        )?;
         Ok(())
     }
 

@@ -613,3 +613,44 @@ fn keeping_activations_of_some_layers_gives_the_same_gradient_bits() -> Result<(
     }
     Ok(())
 }
+
+#[test]
+fn invalid_settings_name_their_field() {
+    let cases: [(&str, TrainConfig); 4] = [
+        (
+            "adam_beta1",
+            TrainConfig {
+                adam_beta1: 1.0,
+                ..TrainConfig::default()
+            },
+        ),
+        (
+            "weight_decay",
+            TrainConfig {
+                weight_decay: f64::NAN,
+                ..TrainConfig::default()
+            },
+        ),
+        (
+            "max_grad_norm",
+            TrainConfig {
+                max_grad_norm: -1.0,
+                ..TrainConfig::default()
+            },
+        ),
+        (
+            "warmup_ratio",
+            TrainConfig {
+                warmup_ratio: 2.0,
+                ..TrainConfig::default()
+            },
+        ),
+    ];
+    for (want, cfg) in cases {
+        match cfg.validate() {
+            Err(moe_peft_lora::Error::InvalidTrainSetting { field, .. }) => assert_eq!(field, want),
+            other => panic!("{want}: {other:?}"),
+        }
+    }
+    assert!(TrainConfig::default().validate().is_ok());
+}
