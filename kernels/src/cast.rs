@@ -22,6 +22,52 @@ pub fn cast_many(ts: &[&Tensor], dtype: DType) -> Result<Vec<Tensor>> {
     ts.iter().map(|t| t.detach().to_dtype(dtype)).collect()
 }
 
+/// The bit pattern of every element of a float tensor (f32, bf16 or f16, any device), in
+/// row-major order: what a bit-identity check between a CPU twin and its CUDA kernel compares.
+/// bf16 and f16 patterns are widened to `u32` unchanged.
+pub fn bit_patterns(t: &Tensor) -> Result<Vec<u32>> {
+    let t = t.flatten_all()?.to_device(&candle_core::Device::Cpu)?;
+    Ok(match t.dtype() {
+        DType::F32 => t.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()?
+            .iter()
+            .map(|v| u32::from(v.to_bits()))
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()?
+            .iter()
+            .map(|v| u32::from(v.to_bits()))
+            .collect(),
+        other => candle_core::bail!("bit_patterns: {other:?} is not a float dtype"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bit_patterns_of_each_float_dtype() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        let t = Tensor::new(&[1.0f32, -0.0, 2.5], &dev)?;
+        assert_eq!(
+            bit_patterns(&t)?,
+            vec![0x3f80_0000, 0x8000_0000, 0x4020_0000]
+        );
+        assert_eq!(
+            bit_patterns(&t.to_dtype(DType::BF16)?)?,
+            vec![0x3f80, 0x8000, 0x4020]
+        );
+        assert_eq!(
+            bit_patterns(&t.to_dtype(DType::F16)?)?,
+            vec![0x3c00, 0x8000, 0x4100]
+        );
+        assert!(bit_patterns(&t.to_dtype(DType::U8)?).is_err());
+        Ok(())
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};

@@ -48,7 +48,7 @@ pub mod ptx {
 
 pub use adamw::{adamw_update, adamw_update_flat, AdamWStep};
 pub use autograd::{attach_backward, attach_backward2, attach_backward3};
-pub use cast::cast_many;
+pub use cast::{bit_patterns, cast_many};
 pub use device::{
     cuda_device_or_skip, cuda_profiler, pool_memory, reset_pool_peaks, retain_freed_device_memory,
     PoolMemory,

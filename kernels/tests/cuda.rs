@@ -20,21 +20,7 @@ fn gpu() -> Option<Device> {
 }
 
 fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    let t = t.flatten_all()?.to_device(&Device::Cpu)?;
-    Ok(match t.dtype() {
-        DType::F32 => t.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect(),
-        DType::BF16 => t
-            .to_vec1::<half::bf16>()?
-            .iter()
-            .map(|v| v.to_bits() as u32)
-            .collect(),
-        DType::F16 => t
-            .to_vec1::<half::f16>()?
-            .iter()
-            .map(|v| v.to_bits() as u32)
-            .collect(),
-        other => anyhow::bail!("unexpected dtype {other:?}"),
-    })
+    Ok(moe_peft_kernels::bit_patterns(t)?)
 }
 
 fn assert_same(a: &Tensor, b: &Tensor, what: &str) -> Result<()> {
