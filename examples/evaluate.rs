@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use moe_peft::data::{DataConfig, InstructionDataset, LoaderConfig, PreprocessConfig, Template};
-use moe_peft::hub::RepoKind;
 use moe_peft::model::LoadOptions;
 
 use common::parse_bool;
@@ -77,14 +76,7 @@ fn run(mut args: Args) -> Result<()> {
     let device = common::select_device(args.cpu);
     eprintln!("evaluate: device {}", common::device_name(&device));
     let paths: Vec<PathBuf> = common::hub_data_files("--data_path", &args.data_path)?;
-    args.model_name_or_path = common::hub_dir(
-        RepoKind::Model,
-        "--model_name_or_path",
-        &args.model_name_or_path,
-    )?;
-    if let Some(a) = &args.adapter {
-        args.adapter = Some(common::hub_dir(RepoKind::Adapter, "--adapter", a)?);
-    }
+    common::hub_model_and_adapter(&mut args.model_name_or_path, &mut args.adapter)?;
     for p in &paths {
         if !p.exists() {
             bail!("--data_path {}: no such file or directory", p.display());

@@ -10,7 +10,6 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use clap::Parser;
 use moe_peft::data::{REFERENCE_EOT, REFERENCE_SYSTEM_PROMPT};
-use moe_peft::hub::RepoKind;
 use moe_peft::model::{GenerateOptions, LoadOptions};
 
 use common::parse_bool;
@@ -82,14 +81,7 @@ fn run(mut args: Args) -> Result<()> {
         "raw" => args.prompt.clone(),
         t => bail!("--template {t}: expected chat, reference or raw"),
     };
-    args.model_name_or_path = common::hub_dir(
-        RepoKind::Model,
-        "--model_name_or_path",
-        &args.model_name_or_path,
-    )?;
-    if let Some(a) = &args.adapter {
-        args.adapter = Some(common::hub_dir(RepoKind::Adapter, "--adapter", a)?);
-    }
+    common::hub_model_and_adapter(&mut args.model_name_or_path, &mut args.adapter)?;
     let scratch = std::env::temp_dir().join(format!("moe-peft-gen-{}", std::process::id()));
     let tok = common::model_tokenizer(
         args.tokenizer.as_deref(),

@@ -26,6 +26,17 @@ pub fn hub_dir(kind: moe_peft::hub::RepoKind, flag: &str, value: &Path) -> Resul
     Ok(moe_peft::hub::Hub::from_env().dir(kind, flag, &name)?)
 }
 
+/// `--model_name_or_path` and an optional `--adapter` of evaluate/generate, each resolved by
+/// [`hub_dir`] in place.
+pub fn hub_model_and_adapter(model: &mut PathBuf, adapter: &mut Option<PathBuf>) -> Result<()> {
+    use moe_peft::hub::RepoKind;
+    *model = hub_dir(RepoKind::Model, "--model_name_or_path", model)?;
+    if let Some(a) = adapter.as_mut() {
+        *a = hub_dir(RepoKind::Adapter, "--adapter", a)?;
+    }
+    Ok(())
+}
+
 /// The data files of a comma-separated `--data_path`: local files, or Hugging Face Hub dataset
 /// names whose data files are fetched into the HF cache.
 pub fn hub_data_files(flag: &str, value: &str) -> Result<Vec<PathBuf>> {
