@@ -182,6 +182,7 @@ pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<DeviceAddr
         DType::F16 => cs.as_cuda_slice::<half::f16>()?.device_ptr(&stream).0,
         DType::F32 => cs.as_cuda_slice::<f32>()?.device_ptr(&stream).0,
         DType::U32 => cs.as_cuda_slice::<u32>()?.device_ptr(&stream).0,
+        DType::U8 => cs.as_cuda_slice::<u8>()?.device_ptr(&stream).0,
         d => candle_core::bail!("device_address: unsupported dtype {d:?}"),
     };
     let size = t.dtype().size_in_bytes();
@@ -206,5 +207,108 @@ pub fn cuda_device_or_skip() -> Option<candle_core::Device> {
             eprintln!("skipped: no CUDA device ({e})");
             None
         }
+    }
+}
+
+/// Page-locked host memory mapped into the device's address space: kernels read and write it
+/// over the bus, so data that is touched once per step (optimizer state) can live in host RAM
+/// instead of device memory (the idea of bitsandbytes' paged optimizers). Zeroed on creation.
+#[cfg(feature = "cuda")]
+#[derive(Debug)]
+pub struct MappedHost {
+    ptr: *mut u8,
+    dev_ptr: u64,
+    bytes: usize,
+    device: candle_core::CudaDevice,
+}
+
+// SAFETY: the allocation is owned by this value and freed once, in Drop; access goes through
+// `&self`/`&mut self` borrows after the device has been synchronized.
+#[cfg(feature = "cuda")]
+unsafe impl Send for MappedHost {}
+#[cfg(feature = "cuda")]
+unsafe impl Sync for MappedHost {}
+
+#[cfg(feature = "cuda")]
+impl MappedHost {
+    /// `bytes` zeroed bytes of mapped, page-locked host memory for `device`'s kernels.
+    pub fn zeroed(device: &candle_core::CudaDevice, bytes: usize) -> candle_core::Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::{result, sys};
+        let stream = device.cuda_stream();
+        stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| candle_core::Error::Msg(format!("binding the CUDA context: {e:?}")))?;
+        let size = bytes.max(1);
+        // SAFETY: a plain allocation call; the result is checked and freed in Drop.
+        let ptr = unsafe {
+            result::malloc_host(
+                size,
+                sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE,
+            )
+        }
+        .map_err(|e| {
+            candle_core::Error::Msg(format!("pinning {size} bytes of host memory: {e:?}"))
+        })? as *mut u8;
+        // SAFETY: `ptr` points at `size` writable bytes just allocated.
+        unsafe { std::ptr::write_bytes(ptr, 0, size) };
+        let mut dev_ptr: sys::CUdeviceptr = 0;
+        // SAFETY: `ptr` was allocated with CU_MEMHOSTALLOC_DEVICEMAP on this context.
+        let r = unsafe {
+            sys::cuMemHostGetDevicePointer_v2(&mut dev_ptr, ptr as *mut std::ffi::c_void, 0)
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            // SAFETY: allocated above, not yet shared.
+            let _ = unsafe { result::free_host(ptr as *mut std::ffi::c_void) };
+            candle_core::bail!("cuMemHostGetDevicePointer: {r:?}");
+        }
+        Ok(Self {
+            ptr,
+            dev_ptr,
+            bytes,
+            device: device.clone(),
+        })
+    }
+
+    /// The address kernels use.
+    pub fn device_ptr(&self) -> u64 {
+        self.dev_ptr
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.bytes == 0
+    }
+
+    /// The bytes, after the device's queued work (which may write them) has finished.
+    pub fn bytes(&self) -> candle_core::Result<&[u8]> {
+        self.device.synchronize()?;
+        // SAFETY: `bytes` initialized bytes owned by self; no kernel is running after the sync.
+        Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) })
+    }
+
+    /// The bytes for writing, after the device's queued work has finished.
+    pub fn bytes_mut(&mut self) -> candle_core::Result<&mut [u8]> {
+        self.device.synchronize()?;
+        // SAFETY: as in `bytes`, and `&mut self` is the only borrow.
+        Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) })
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        let _ = self.device.synchronize();
+        // SAFETY: allocated by malloc_host in `zeroed`, freed only here.
+        let _ = unsafe {
+            candle_core::cuda_backend::cudarc::driver::result::free_host(
+                self.ptr as *mut std::ffi::c_void,
+            )
+        };
     }
 }

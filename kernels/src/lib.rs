@@ -12,6 +12,7 @@
 //! | [`rows`] | row gather for MoE dispatch and combine |
 //! | [`grouped`] | grouped GEMMs, one product per expert in one call |
 //! | [`dropout`] | counter-based inverted dropout, plain and per row group |
+//! | [`adam8bit`] | 8-bit blockwise AdamW (bitsandbytes' `AdamW8bit`) and bf16 stochastic rounding |
 //! | [`adamw`] | the AdamW update, per variable or all at once from a [`FlatGrads`] |
 //! | [`flat`] | [`FlatGrads`], every trainable gradient in one buffer |
 //! | [`cast`] | many tensors cast in one launch |
@@ -22,6 +23,7 @@
 //! others in `cuda/` and are exported as PTX by [`ptx`].
 #![warn(missing_docs)]
 
+pub mod adam8bit;
 pub mod adamw;
 pub mod autograd;
 pub mod cast;
@@ -46,6 +48,11 @@ pub mod ptx {
     pub const INT8: &str = include_str!(concat!(env!("OUT_DIR"), "/int8.ptx"));
 }
 
+#[cfg(feature = "cuda")]
+pub use adam8bit::{adam8bit_update_cuda, StatePointers};
+pub use adam8bit::{
+    adam8bit_update_host, stochastic_bf16, Adam8bitStep, BlockwiseLayout, HostState, Maps,
+};
 pub use adamw::{adamw_update, adamw_update_flat, AdamWStep};
 pub use autograd::{attach_backward, attach_backward2, attach_backward3};
 pub use cast::{bit_patterns, cast_many};
@@ -54,7 +61,7 @@ pub use device::{
     PoolMemory,
 };
 #[cfg(feature = "cuda")]
-pub use device::{device_address, DeviceAddress};
+pub use device::{device_address, DeviceAddress, MappedHost};
 pub use dropout::{hash_dropout, segmented_dropout, segmented_dropout_add};
 pub use error::{Error, Result};
 pub use flat::FlatGrads;

@@ -2,6 +2,12 @@
 //! (moments in one flat buffer each, f32 or bf16, and the step count) with its save and load.
 //! The update itself is [`moe_peft_kernels::adamw`] (a CPU twin and CUDA kernels).
 //!
+//! With [`Optim::Adamw8bit`] / [`Optim::PagedAdamw8bit`] the moments are bitsandbytes' 8-bit
+//! blockwise states instead ([`moe_peft_kernels::adam8bit`]: one byte per element and moment
+//! plus an f32 scale per 256 elements, a quarter of bf16 moments); the paged variant keeps them
+//! in page-locked host memory that the update kernel reads and writes over the bus, so they
+//! take no device memory at all.
+//!
 //! candle-optimisers' `Adam` keeps its moments private (no checkpoint, so no exact resume) and
 //! folds the bias corrections differently from torch; this optimizer exposes its state so a
 //! resumed run continues bit for bit, and keeps the moments in a chosen dtype.
@@ -10,7 +16,11 @@ use std::path::Path;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use moe_peft_kernels::{adamw_update, adamw_update_flat, AdamWStep, FlatGrads};
+use moe_peft_kernels::{
+    adam8bit_update_host, adamw_update, adamw_update_flat, Adam8bitStep, AdamWStep,
+    BlockwiseLayout, FlatGrads, HostState, Maps,
+};
+use moe_peft_quant::dynamic::create_dynamic_map;
 use serde::{Deserialize, Serialize};
 
 use moe_peft_model::io::{HostChunks, SafetensorsWriter, TensorSpec};
@@ -31,8 +41,65 @@ pub struct AdamWConfig {
     /// Decoupled weight decay.
     pub weight_decay: f64,
     /// Keep the two moments in bf16 instead of f32 (half their memory; the update itself is
-    /// computed in f32).
+    /// computed in f32). Only for [`Optim::AdamwTorch`].
     pub bf16_moments: bool,
+    /// Which AdamW (transformers' `optim` names).
+    pub optim: Optim,
+    /// 8-bit optimizers: variables with fewer elements keep f32 moments (bitsandbytes'
+    /// `min_8bit_size`, 4096).
+    pub min_8bit_size: usize,
+    /// Seed of the stochastic rounding of bf16 variables (8-bit optimizers).
+    pub seed: u64,
+}
+
+/// The AdamW variants, named as transformers' `--optim`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Optim {
+    /// `torch.optim.AdamW` with f32 (or bf16) moments.
+    #[default]
+    #[serde(rename = "adamw_torch")]
+    AdamwTorch,
+    /// bitsandbytes' `AdamW8bit`: 8-bit blockwise moments in device memory.
+    #[serde(rename = "adamw_8bit")]
+    Adamw8bit,
+    /// The same with the moments in page-locked host memory (no device memory; on the CPU it
+    /// is [`Optim::Adamw8bit`]).
+    #[serde(rename = "paged_adamw_8bit")]
+    PagedAdamw8bit,
+}
+
+impl Optim {
+    /// The names accepted by [`std::str::FromStr`].
+    pub const NAMES: [&'static str; 3] = ["adamw_torch", "adamw_8bit", "paged_adamw_8bit"];
+
+    /// Whether the moments are 8-bit.
+    pub fn is_8bit(self) -> bool {
+        !matches!(self, Optim::AdamwTorch)
+    }
+
+    /// The transformers name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Optim::AdamwTorch => "adamw_torch",
+            Optim::Adamw8bit => "adamw_8bit",
+            Optim::PagedAdamw8bit => "paged_adamw_8bit",
+        }
+    }
+}
+
+impl std::str::FromStr for Optim {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "adamw_torch" | "adamw_hf" | "adamw_torch_fused" => Ok(Optim::AdamwTorch),
+            "adamw_8bit" | "adamw_bnb_8bit" => Ok(Optim::Adamw8bit),
+            "paged_adamw_8bit" => Ok(Optim::PagedAdamw8bit),
+            other => Err(format!(
+                "unknown optimizer `{other}` (one of {})",
+                Optim::NAMES.join(", ")
+            )),
+        }
+    }
 }
 
 impl Default for AdamWConfig {
@@ -43,6 +110,9 @@ impl Default for AdamWConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             bf16_moments: false,
+            optim: Optim::AdamwTorch,
+            min_8bit_size: moe_peft_kernels::adam8bit::MIN_8BIT_SIZE,
+            seed: 0,
         }
     }
 }
@@ -53,14 +123,141 @@ pub struct AdamW {
     cfg: AdamWConfig,
     names: Vec<String>,
     vars: Vec<Var>,
-    /// Both moments of every variable, one flat buffer each (variable order).
-    m_flat: Tensor,
-    v_flat: Tensor,
-    /// Per-variable views of the flat moments.
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Moments,
     offsets: Vec<usize>,
     step: usize,
+}
+
+/// The moments of every variable (one value per optimizer, so the variants' sizes do not
+/// matter).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Moments {
+    /// f32 or bf16, one flat buffer each (variable order), with per-variable views.
+    Dense {
+        m_flat: Tensor,
+        v_flat: Tensor,
+        m: Vec<Tensor>,
+        v: Vec<Tensor>,
+    },
+    /// 8-bit blockwise (f32 for small variables).
+    Blockwise {
+        layout: BlockwiseLayout,
+        maps: Box<Maps>,
+        store: BlockStore,
+    },
+}
+
+/// Where 8-bit state lives.
+#[derive(Debug)]
+enum BlockStore {
+    /// Host vectors (CPU variables).
+    Host(HostState),
+    /// Device buffers: codes 1/2 (u8), scales 1/2, f32 moments 1/2.
+    #[cfg(feature = "cuda")]
+    Device([Tensor; 6]),
+    /// Mapped page-locked host memory, in the same order.
+    #[cfg(feature = "cuda")]
+    Mapped(Box<[moe_peft_kernels::MappedHost; 6]>),
+}
+
+impl BlockStore {
+    /// State from host vectors, placed for `dev` (`paged`: host memory the kernel maps).
+    fn place(host: HostState, dev: &Device, paged: bool) -> Result<Self> {
+        match dev {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(d) => {
+                if paged {
+                    let mut bufs = Vec::with_capacity(6);
+                    for bytes in host_parts(&host) {
+                        let mut m = moe_peft_kernels::MappedHost::zeroed(d, bytes.len())?;
+                        m.bytes_mut()?.copy_from_slice(&bytes);
+                        bufs.push(m);
+                    }
+                    let arr: [moe_peft_kernels::MappedHost; 6] = bufs
+                        .try_into()
+                        .map_err(|_| Error::InvalidTrainConfig("six state buffers".into()))?;
+                    Ok(BlockStore::Mapped(Box::new(arr)))
+                } else {
+                    let t = |v: Tensor| -> Result<Tensor> { Ok(v.to_device(dev)?) };
+                    let cpu = Device::Cpu;
+                    let n1 = host.codes1.len();
+                    let nb = host.absmax1.len();
+                    let nf = host.m32.len();
+                    Ok(BlockStore::Device([
+                        t(Tensor::from_vec(host.codes1, n1, &cpu)?)?,
+                        t(Tensor::from_vec(host.codes2, n1, &cpu)?)?,
+                        t(Tensor::from_vec(host.absmax1, nb, &cpu)?)?,
+                        t(Tensor::from_vec(host.absmax2, nb, &cpu)?)?,
+                        t(Tensor::from_vec(host.m32, nf, &cpu)?)?,
+                        t(Tensor::from_vec(host.v32, nf, &cpu)?)?,
+                    ]))
+                }
+            }
+            _ => {
+                let _ = paged;
+                Ok(BlockStore::Host(host))
+            }
+        }
+    }
+
+    /// A host copy of the state.
+    fn to_host(&self) -> Result<HostState> {
+        match self {
+            BlockStore::Host(h) => Ok(h.clone()),
+            #[cfg(feature = "cuda")]
+            BlockStore::Device(t) => Ok(HostState {
+                codes1: t[0].to_vec1::<u8>()?,
+                codes2: t[1].to_vec1::<u8>()?,
+                absmax1: t[2].to_vec1::<f32>()?,
+                absmax2: t[3].to_vec1::<f32>()?,
+                m32: t[4].to_vec1::<f32>()?,
+                v32: t[5].to_vec1::<f32>()?,
+            }),
+            #[cfg(feature = "cuda")]
+            BlockStore::Mapped(m) => {
+                let f = |b: &[u8]| -> Vec<f32> {
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect()
+                };
+                Ok(HostState {
+                    codes1: m[0].bytes()?.to_vec(),
+                    codes2: m[1].bytes()?.to_vec(),
+                    absmax1: f(m[2].bytes()?),
+                    absmax2: f(m[3].bytes()?),
+                    m32: f(m[4].bytes()?),
+                    v32: f(m[5].bytes()?),
+                })
+            }
+        }
+    }
+
+    /// Bytes of device memory the state takes.
+    fn device_bytes(&self) -> usize {
+        match self {
+            #[cfg(feature = "cuda")]
+            BlockStore::Device(t) => t
+                .iter()
+                .map(|t| t.elem_count() * t.dtype().size_in_bytes())
+                .sum(),
+            _ => 0,
+        }
+    }
+}
+
+/// The six state vectors as little-endian bytes (the mapped buffers' contents).
+#[cfg(feature = "cuda")]
+fn host_parts(h: &HostState) -> [Vec<u8>; 6] {
+    let f = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+    [
+        h.codes1.clone(),
+        h.codes2.clone(),
+        f(&h.absmax1),
+        f(&h.absmax2),
+        f(&h.m32),
+        f(&h.v32),
+    ]
 }
 
 /// Views of `flat` in the shapes of `vars`, at `offsets`.
@@ -71,17 +268,21 @@ fn views(flat: &Tensor, vars: &[Var], offsets: &[usize]) -> Result<Vec<Tensor>> 
         .collect()
 }
 
+/// bitsandbytes' two maps of the 8-bit optimizer states.
+fn bnb_maps() -> Maps {
+    Maps {
+        signed: create_dynamic_map(true),
+        unsigned: create_dynamic_map(false),
+    }
+}
+
 impl AdamW {
-    /// Zero moments for `vars` (f32, or bf16 with `cfg.bf16_moments`).
+    /// Zero moments for `vars` (f32, bf16 with `cfg.bf16_moments`, or 8-bit with an 8-bit
+    /// `cfg.optim`).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
         let mut names = Vec::with_capacity(vars.len());
         let mut vs = Vec::with_capacity(vars.len());
         let mut offsets = Vec::with_capacity(vars.len());
-        let md = if cfg.bf16_moments {
-            DType::BF16
-        } else {
-            DType::F32
-        };
         let dev = vars
             .first()
             .map(|(_, v)| v.device().clone())
@@ -93,16 +294,55 @@ impl AdamW {
             names.push(n);
             vs.push(var);
         }
-        let m_flat = Tensor::zeros(total.max(1), md, &dev)?;
-        let v_flat = Tensor::zeros(total.max(1), md, &dev)?;
+        if !cfg.optim.is_8bit() {
+            if let Some(bad) = vs.iter().position(|v| v.dtype() != DType::F32) {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "adamw_torch keeps f32 variables; `{}` is {:?} (bf16 variables take \
+                     adamw_8bit or paged_adamw_8bit)",
+                    names[bad],
+                    vs[bad].dtype()
+                )));
+            }
+        }
+        let moments = if cfg.optim.is_8bit() {
+            if cfg.bf16_moments {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "bf16 moments are for adamw_torch; {} keeps 8-bit moments",
+                    cfg.optim.name()
+                )));
+            }
+            let lens: Vec<usize> = vs.iter().map(|v| v.elem_count()).collect();
+            let layout = BlockwiseLayout::new(&lens, cfg.min_8bit_size);
+            let store = BlockStore::place(
+                HostState::zeros(&layout),
+                &dev,
+                cfg.optim == Optim::PagedAdamw8bit,
+            )?;
+            Moments::Blockwise {
+                layout,
+                maps: Box::new(bnb_maps()),
+                store,
+            }
+        } else {
+            let md = if cfg.bf16_moments {
+                DType::BF16
+            } else {
+                DType::F32
+            };
+            let m_flat = Tensor::zeros(total.max(1), md, &dev)?;
+            let v_flat = Tensor::zeros(total.max(1), md, &dev)?;
+            Moments::Dense {
+                m: views(&m_flat, &vs, &offsets)?,
+                v: views(&v_flat, &vs, &offsets)?,
+                m_flat,
+                v_flat,
+            }
+        };
         Ok(Self {
-            m: views(&m_flat, &vs, &offsets)?,
-            v: views(&v_flat, &vs, &offsets)?,
             cfg,
             names,
             vars: vs,
-            m_flat,
-            v_flat,
+            moments,
             offsets,
             step: 0,
         })
@@ -121,6 +361,25 @@ impl AdamW {
     /// The variable names, in order.
     pub fn names(&self) -> &[String] {
         &self.names
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &AdamWConfig {
+        &self.cfg
+    }
+
+    /// Bytes of device memory the optimizer state takes (0 on the CPU and for paged state).
+    pub fn state_device_bytes(&self) -> usize {
+        match &self.moments {
+            Moments::Dense { m_flat, v_flat, .. } => {
+                if m_flat.device().is_cpu() {
+                    0
+                } else {
+                    (m_flat.elem_count() + v_flat.elem_count()) * m_flat.dtype().size_in_bytes()
+                }
+            }
+            Moments::Blockwise { store, .. } => store.device_bytes(),
+        }
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `vars()[i]` (`None`: no
@@ -143,8 +402,10 @@ impl AdamW {
     /// [`Self::step`] with every gradient multiplied by `clip` on the fly (the coefficient of
     /// [`clip_grad_norm`], without a separate pass over the gradients).
     ///
-    /// Each variable takes three in-place kernels (first moment, second moment, parameter) on
-    /// its device; CPU and CUDA round identically.
+    /// With dense moments each variable takes three in-place kernels (first moment, second
+    /// moment, parameter) on its device; CPU and CUDA round identically. 8-bit moments need a
+    /// gradient for every variable; they are gathered into a flat buffer and updated as by
+    /// [`Self::step_flat`].
     pub fn step_scaled(&mut self, grads: &[Option<Tensor>], lr: f64, clip: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(Error::InvalidTrainConfig(format!(
@@ -153,12 +414,35 @@ impl AdamW {
                 self.vars.len()
             )));
         }
+        if let Moments::Blockwise { .. } = self.moments {
+            let named: Vec<(String, Var)> = self
+                .names
+                .iter()
+                .cloned()
+                .zip(self.vars.iter().cloned())
+                .collect();
+            let flat = FlatGrads::new(&named, DType::F32)?;
+            for (i, g) in grads.iter().enumerate() {
+                let g = g.as_ref().ok_or_else(|| {
+                    Error::InvalidTrainConfig(format!(
+                        "{} needs a gradient for every variable; `{}` has none",
+                        self.cfg.optim.name(),
+                        self.names[i]
+                    ))
+                })?;
+                flat.add(self.vars[i].as_tensor().id(), g)?;
+            }
+            return self.step_flat(&flat, lr, clip);
+        }
         self.check_f32()?;
         self.step += 1;
         let s = self.kernel_step(lr, clip);
+        let Moments::Dense { m, v, .. } = &self.moments else {
+            unreachable!("blockwise moments returned above")
+        };
         for (i, g) in grads.iter().enumerate() {
             let Some(g) = g else { continue };
-            adamw_update(self.vars[i].as_tensor(), &self.m[i], &self.v[i], g, &s)?;
+            adamw_update(self.vars[i].as_tensor(), &m[i], &v[i], g, &s)?;
         }
         Ok(())
     }
@@ -167,7 +451,8 @@ impl AdamW {
     fn check_f32(&self) -> Result<()> {
         if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
             return Err(Error::InvalidTrainConfig(format!(
-                "AdamW keeps f32 variables; `{}` is {:?}",
+                "adamw_torch keeps f32 variables; `{}` is {:?} (bf16 variables take adamw_8bit \
+                 or paged_adamw_8bit)",
                 self.names[bad],
                 self.vars[bad].dtype()
             )));
@@ -202,21 +487,89 @@ impl AdamW {
                 self.vars.len()
             )));
         }
-        self.check_f32()?;
-        self.step += 1;
-        let s = self.kernel_step(lr, clip);
-        adamw_update_flat(
-            &self.vars,
-            &self.offsets,
-            &self.m_flat,
-            &self.v_flat,
-            grads,
-            &s,
-        )?;
+        match &mut self.moments {
+            Moments::Dense { m_flat, v_flat, .. } => {
+                if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
+                    return Err(Error::InvalidTrainConfig(format!(
+                        "adamw_torch keeps f32 variables; `{}` is {:?}",
+                        self.names[bad],
+                        self.vars[bad].dtype()
+                    )));
+                }
+                self.step += 1;
+                let s = AdamWStep {
+                    beta1: self.cfg.beta1,
+                    beta2: self.cfg.beta2,
+                    eps: self.cfg.eps,
+                    weight_decay: self.cfg.weight_decay,
+                    lr,
+                    step: self.step,
+                    clip,
+                };
+                adamw_update_flat(&self.vars, &self.offsets, m_flat, v_flat, grads, &s)?;
+            }
+            Moments::Blockwise {
+                layout,
+                maps,
+                store,
+            } => {
+                self.step += 1;
+                let s = Adam8bitStep {
+                    beta1: self.cfg.beta1,
+                    beta2: self.cfg.beta2,
+                    eps: self.cfg.eps,
+                    weight_decay: self.cfg.weight_decay,
+                    lr,
+                    step: self.step,
+                    clip,
+                    seed: self.cfg.seed,
+                };
+                match store {
+                    BlockStore::Host(h) => {
+                        adam8bit_update_host(&self.vars, grads, layout, h, maps, &s)?
+                    }
+                    #[cfg(feature = "cuda")]
+                    BlockStore::Device(t) => {
+                        let a = |i: usize| -> Result<u64> {
+                            Ok(if t[i].elem_count() == 0 {
+                                0
+                            } else {
+                                moe_peft_kernels::device_address(&t[i])?.addr()
+                            })
+                        };
+                        let p = moe_peft_kernels::StatePointers {
+                            codes1: a(0)?,
+                            codes2: a(1)?,
+                            absmax1: a(2)?,
+                            absmax2: a(3)?,
+                            m32: a(4)?,
+                            v32: a(5)?,
+                        };
+                        moe_peft_kernels::adam8bit_update_cuda(
+                            &self.vars, grads, layout, &p, maps, &s,
+                        )?
+                    }
+                    #[cfg(feature = "cuda")]
+                    BlockStore::Mapped(m) => {
+                        let p = moe_peft_kernels::StatePointers {
+                            codes1: m[0].device_ptr(),
+                            codes2: m[1].device_ptr(),
+                            absmax1: m[2].device_ptr(),
+                            absmax2: m[3].device_ptr(),
+                            m32: m[4].device_ptr(),
+                            v32: m[5].device_ptr(),
+                        };
+                        moe_peft_kernels::adam8bit_update_cuda(
+                            &self.vars, grads, layout, &p, maps, &s,
+                        )?
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The dtype of the moments.
+    /// The dtype of dense moments.
     fn moment_dtype(&self) -> DType {
         if self.cfg.bf16_moments {
             DType::BF16
@@ -225,11 +578,26 @@ impl AdamW {
         }
     }
 
-    /// Writes moments (`<name>.exp_avg`, `<name>.exp_avg_sq`) and the step to a safetensors file.
+    /// Writes the state and the step to a safetensors file: dense moments as
+    /// `<name>.exp_avg` / `<name>.exp_avg_sq`; 8-bit ones as bitsandbytes names them,
+    /// `<name>.state1` / `<name>.state2` (u8 codes) and `<name>.absmax1` / `<name>.absmax2`
+    /// (f32 per block), with the maps as `__qmap1__` / `__qmap2__` (variables under the 8-bit
+    /// size keep `exp_avg` / `exp_avg_sq`).
     ///
-    /// The file is streamed: the first moments of every variable in optimizer order, then the
-    /// second moments, each flat buffer copied to the host once, a chunk at a time.
+    /// The file is streamed: each flat buffer in variable order, copied to the host once, a
+    /// chunk at a time.
     pub fn save(&self, path: &Path) -> Result<()> {
+        match &self.moments {
+            Moments::Dense { m_flat, v_flat, .. } => self.save_dense(path, m_flat, v_flat),
+            Moments::Blockwise {
+                layout,
+                maps,
+                store,
+            } => self.save_blockwise(path, layout, maps, &store.to_host()?),
+        }
+    }
+
+    fn save_dense(&self, path: &Path, m_flat: &Tensor, v_flat: &Tensor) -> Result<()> {
         let md = self.moment_dtype();
         let mut specs = Vec::with_capacity(2 * self.names.len() + 1);
         for suffix in ["exp_avg", "exp_avg_sq"] {
@@ -240,7 +608,7 @@ impl AdamW {
         specs.push(TensorSpec::new("__step__", DType::U32, &[1]));
         let total: usize = self.vars.iter().map(|v| v.elem_count()).sum();
         let mut w = SafetensorsWriter::create(path, specs, None)?;
-        for flat in [&self.m_flat, &self.v_flat] {
+        for flat in [m_flat, v_flat] {
             for chunk in HostChunks::new(flat, 0, total, HOST_CHUNK_BYTES / md.size_in_bytes()) {
                 w.write_host(chunk?)?;
             }
@@ -250,17 +618,184 @@ impl AdamW {
         Ok(())
     }
 
+    fn save_blockwise(
+        &self,
+        path: &Path,
+        layout: &BlockwiseLayout,
+        maps: &Maps,
+        h: &HostState,
+    ) -> Result<()> {
+        let q: Vec<usize> = (0..self.vars.len())
+            .filter(|&i| layout.eight_bit[i])
+            .collect();
+        let f: Vec<usize> = (0..self.vars.len())
+            .filter(|&i| !layout.eight_bit[i])
+            .collect();
+        let mut specs = Vec::new();
+        for suffix in ["state1", "state2"] {
+            for &i in &q {
+                let spec = TensorSpec::new(
+                    format!("{}.{suffix}", self.names[i]),
+                    DType::U8,
+                    self.vars[i].dims(),
+                );
+                specs.push(spec);
+            }
+        }
+        for suffix in ["absmax1", "absmax2"] {
+            for &i in &q {
+                let nb = layout.lens[i].div_ceil(moe_peft_kernels::adam8bit::BLOCK_SIZE);
+                specs.push(TensorSpec::new(
+                    format!("{}.{suffix}", self.names[i]),
+                    DType::F32,
+                    &[nb],
+                ));
+            }
+        }
+        for suffix in ["exp_avg", "exp_avg_sq"] {
+            for &i in &f {
+                let spec = TensorSpec::new(
+                    format!("{}.{suffix}", self.names[i]),
+                    DType::F32,
+                    self.vars[i].dims(),
+                );
+                specs.push(spec);
+            }
+        }
+        specs.push(TensorSpec::new("__qmap1__", DType::F32, &[256]));
+        specs.push(TensorSpec::new("__qmap2__", DType::F32, &[256]));
+        specs.push(TensorSpec::new("__step__", DType::U32, &[1]));
+        let mut w = SafetensorsWriter::create(path, specs, None)?;
+        let le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        // Each buffer holds its variables in order, so writing it whole follows the specs.
+        w.write_bytes(&h.codes1)?;
+        w.write_bytes(&h.codes2)?;
+        w.write_bytes(&le(&h.absmax1))?;
+        w.write_bytes(&le(&h.absmax2))?;
+        w.write_bytes(&le(&h.m32))?;
+        w.write_bytes(&le(&h.v32))?;
+        w.write_bytes(&le(&maps.signed))?;
+        w.write_bytes(&le(&maps.unsigned))?;
+        w.write_bytes(&(self.step as u32).to_le_bytes())?;
+        w.finish()?;
+        Ok(())
+    }
+
     /// Restores what [`Self::save`] wrote (or any safetensors file with those keys); every
-    /// variable must be present with its shape.
+    /// variable must be present with its shape, and the kind of state (dense or 8-bit) must be
+    /// this optimizer's.
     pub fn load(&mut self, path: &Path) -> Result<()> {
+        let ck = Checkpoint::open_files(&[path.to_path_buf()])?;
+        let file = path.display().to_string();
+        let eight = ck.entry("__qmap1__").is_some();
+        if eight != self.cfg.optim.is_8bit() {
+            return Err(Error::Checkpoint {
+                path: file,
+                reason: format!(
+                    "the optimizer state is {} but this run uses {}",
+                    if eight {
+                        "8-bit (adamw_8bit)"
+                    } else {
+                        "dense (adamw_torch)"
+                    },
+                    self.cfg.optim.name()
+                ),
+            });
+        }
+        if eight {
+            self.load_blockwise(&ck, &file)?;
+        } else {
+            self.load_dense(&ck, &file)?;
+        }
+        let step = ck
+            .get_raw("__step__", &Device::Cpu)
+            .map_err(|_| Error::Checkpoint {
+                path: file.clone(),
+                reason: "optimizer state lacks its step count".into(),
+            })?;
+        self.step = step.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?[0] as usize;
+        Ok(())
+    }
+
+    fn load_blockwise(&mut self, ck: &Checkpoint, file: &str) -> Result<()> {
+        let Moments::Blockwise { layout, maps, .. } = &self.moments else {
+            unreachable!("checked by load")
+        };
+        let mut h = HostState::zeros(layout);
+        let read = |key: &str, dims: &[usize], dtype: DType| -> Result<Tensor> {
+            let e = ck.entry(key).ok_or_else(|| Error::Checkpoint {
+                path: file.to_string(),
+                reason: format!("optimizer state lacks `{key}`"),
+            })?;
+            if e.shape.as_slice() != dims {
+                return Err(Error::ShapeMismatch {
+                    name: key.to_string(),
+                    file: file.to_string(),
+                    expected: dims.to_vec(),
+                    got: e.shape.clone(),
+                });
+            }
+            Ok(ck
+                .get_raw(key, &Device::Cpu)?
+                .to_dtype(dtype)?
+                .flatten_all()?)
+        };
+        for (i, (n, v)) in self.names.iter().zip(&self.vars).enumerate() {
+            let so = layout.state_offsets[i];
+            let len = layout.lens[i];
+            if layout.eight_bit[i] {
+                let nb = len.div_ceil(moe_peft_kernels::adam8bit::BLOCK_SIZE);
+                let bo = layout.block_offsets[i];
+                h.codes1[so..so + len].copy_from_slice(
+                    &read(&format!("{n}.state1"), v.dims(), DType::U8)?.to_vec1::<u8>()?,
+                );
+                h.codes2[so..so + len].copy_from_slice(
+                    &read(&format!("{n}.state2"), v.dims(), DType::U8)?.to_vec1::<u8>()?,
+                );
+                h.absmax1[bo..bo + nb].copy_from_slice(
+                    &read(&format!("{n}.absmax1"), &[nb], DType::F32)?.to_vec1::<f32>()?,
+                );
+                h.absmax2[bo..bo + nb].copy_from_slice(
+                    &read(&format!("{n}.absmax2"), &[nb], DType::F32)?.to_vec1::<f32>()?,
+                );
+            } else {
+                h.m32[so..so + len].copy_from_slice(
+                    &read(&format!("{n}.exp_avg"), v.dims(), DType::F32)?.to_vec1::<f32>()?,
+                );
+                h.v32[so..so + len].copy_from_slice(
+                    &read(&format!("{n}.exp_avg_sq"), v.dims(), DType::F32)?.to_vec1::<f32>()?,
+                );
+            }
+        }
+        for (key, want) in [("__qmap1__", &maps.signed), ("__qmap2__", &maps.unsigned)] {
+            let got = read(key, &[256], DType::F32)?.to_vec1::<f32>()?;
+            if got.as_slice() != want.as_slice() {
+                return Err(Error::Checkpoint {
+                    path: file.to_string(),
+                    reason: format!("`{key}` is not bitsandbytes' dynamic map"),
+                });
+            }
+        }
+        let dev = self
+            .vars
+            .first()
+            .map(|v| v.device().clone())
+            .unwrap_or(Device::Cpu);
+        let store = BlockStore::place(h, &dev, self.cfg.optim == Optim::PagedAdamw8bit)?;
+        if let Moments::Blockwise { store: s, .. } = &mut self.moments {
+            *s = store;
+        }
+        Ok(())
+    }
+
+    fn load_dense(&mut self, ck: &Checkpoint, file: &str) -> Result<()> {
         let dev = self
             .vars
             .first()
             .map(|v| v.device().clone())
             .unwrap_or(Device::Cpu);
         let md = self.moment_dtype();
-        let ck = Checkpoint::open_files(&[path.to_path_buf()])?;
-        let file = path.display().to_string();
+        let file = file.to_string();
         let total: usize = self.vars.iter().map(|v| v.elem_count()).sum();
         let mut flats = Vec::with_capacity(2);
         for suffix in ["exp_avg", "exp_avg_sq"] {
@@ -314,17 +849,12 @@ impl AdamW {
         }
         let v_flat = flats.pop().expect("two moments");
         let m_flat = flats.pop().expect("two moments");
-        self.m = views(&m_flat, &self.vars, &self.offsets)?;
-        self.v = views(&v_flat, &self.vars, &self.offsets)?;
-        self.m_flat = m_flat;
-        self.v_flat = v_flat;
-        let step = ck
-            .get_raw("__step__", &Device::Cpu)
-            .map_err(|_| Error::Checkpoint {
-                path: file.clone(),
-                reason: "optimizer state lacks its step count".into(),
-            })?;
-        self.step = step.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?[0] as usize;
+        self.moments = Moments::Dense {
+            m: views(&m_flat, &self.vars, &self.offsets)?,
+            v: views(&v_flat, &self.vars, &self.offsets)?,
+            m_flat,
+            v_flat,
+        };
         Ok(())
     }
 }

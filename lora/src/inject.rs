@@ -53,7 +53,25 @@ fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f32) -> Vec<f32> {
 impl LoraModel {
     /// Injects freshly initialized adapters (PEFT init: A kaiming-uniform(a=√5), B zeros).
     /// `seed` fixes the initialization and the dropout masks.
-    pub fn new(mut model: DeepSeekMoe, config: LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(model: DeepSeekMoe, config: LoraConfig, seed: u64) -> Result<Self> {
+        Self::with_adapter_dtype(model, config, seed, DType::F32)
+    }
+
+    /// [`Self::new`] with the adapter weights (A and B, the optimizer's master copies) kept in
+    /// `dtype`: f32, or bf16 to halve their memory (their initial values are the f32 ones
+    /// rounded to nearest; train them with an 8-bit optimizer, which updates bf16 weights by
+    /// stochastic rounding). `modules_to_save` stay f32.
+    pub fn with_adapter_dtype(
+        mut model: DeepSeekMoe,
+        config: LoraConfig,
+        seed: u64,
+        dtype: DType,
+    ) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(Error::InvalidTrainConfig(format!(
+                "adapter weights are kept in f32 or bf16, not {dtype:?}"
+            )));
+        }
         config.validate()?;
         let sites = model.site_names();
         let missing = config.unmatched_targets(&sites);
@@ -85,8 +103,8 @@ impl LoraModel {
                 InitLoraWeights::Bool(false) => uniform(&mut rng, out * r, 1.0 / (r as f32).sqrt()),
                 _ => vec![0f32; out * r],
             };
-            let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), &dev)?)?;
-            let b = Var::from_tensor(&Tensor::from_vec(b, (out, r), &dev)?)?;
+            let a = Var::from_tensor(&Tensor::from_vec(a, (r, inp), &dev)?.to_dtype(dtype)?)?;
+            let b = Var::from_tensor(&Tensor::from_vec(b, (out, r), &dev)?.to_dtype(dtype)?)?;
             let l = Arc::new(LoraLinear::new(
                 slot.clone(),
                 a,

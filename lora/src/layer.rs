@@ -122,7 +122,8 @@ impl LoraLinear {
 
     /// `scaling · B·A` `(out, in)` in f32.
     pub fn delta_weight(&self) -> candle_core::Result<Tensor> {
-        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
+        let a = self.a.as_tensor().to_dtype(DType::F32)?;
+        self.b.as_tensor().to_dtype(DType::F32)?.matmul(&a)? * self.scaling
     }
 
     /// `W + scaling·B·A` in `dtype` (dequantizing a quantized base).

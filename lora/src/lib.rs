@@ -26,7 +26,7 @@ pub mod merge;
 pub mod schedule;
 pub mod train;
 
-pub use adamw::{AdamW, AdamWConfig};
+pub use adamw::{AdamW, AdamWConfig, Optim};
 pub use clip::{clip_coefficient, clip_grad_norm, global_norm};
 pub use config::{InitLoraWeights, LayerSelection, LoraConfig, TargetModules, DEEPSEEK_TARGETS};
 pub use error::{Error, Result};

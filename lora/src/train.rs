@@ -19,7 +19,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::adamw::{AdamW, AdamWConfig};
+use crate::adamw::{AdamW, AdamWConfig, Optim};
 use crate::error::{Error, Result};
 use crate::export::write_atomic;
 use crate::inject::LoraModel;
@@ -135,6 +135,12 @@ pub struct TrainConfig {
     /// Accumulate the gradients in bf16 instead of f32 (half their memory; each micro-batch's
     /// gradient is rounded to bf16 once).
     pub bf16_grads: bool,
+    /// The optimizer (transformers' `optim`): `adamw_torch`, `adamw_8bit` or
+    /// `paged_adamw_8bit`.
+    pub optim: Optim,
+    /// 8-bit optimizers: variables with fewer elements keep f32 moments (bitsandbytes'
+    /// `min_8bit_size`).
+    pub min_8bit_size: usize,
     /// Time the phases of each step (synchronizing the device between them).
     #[serde(skip)]
     pub profile: bool,
@@ -159,6 +165,8 @@ impl Default for TrainConfig {
             seed: 42,
             bf16_moments: false,
             bf16_grads: false,
+            optim: Optim::AdamwTorch,
+            min_8bit_size: moe_peft_kernels::adam8bit::MIN_8BIT_SIZE,
             profile: false,
         }
     }
@@ -227,6 +235,13 @@ impl TrainConfig {
             self.max_steps as f64,
             "must be at least 1",
         )?;
+        if self.optim.is_8bit() && self.bf16_moments {
+            return Err(Error::InvalidTrainSetting {
+                field: "optim",
+                value: self.optim.name().into(),
+                rule: "keeps 8-bit moments; bf16 moments are for adamw_torch",
+            });
+        }
         let wr = self.warmup_ratio;
         check(
             (0.0..=1.0).contains(&wr),
@@ -358,6 +373,9 @@ impl Trainer {
                 eps: cfg.adam_epsilon,
                 weight_decay: cfg.weight_decay,
                 bf16_moments: cfg.bf16_moments,
+                optim: cfg.optim,
+                seed: cfg.seed,
+                min_8bit_size: cfg.min_8bit_size,
             },
         )?;
         let grads = Arc::new(FlatGrads::new(
