@@ -85,6 +85,12 @@ struct Args {
     /// Accumulate gradients in bf16 (half their memory).
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     bf16_grads: bool,
+    /// The optimizer: adamw_torch, adamw_8bit or paged_adamw_8bit.
+    #[arg(long, default_value = "adamw_torch")]
+    optim: moe_peft::lora::Optim,
+    /// Keep the adapter weights in bf16 (needs an 8-bit --optim: stochastic rounding).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    bf16_adapters: bool,
     /// Dense bf16 peak of the device in TFLOP/s, for MFU.
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -221,7 +227,12 @@ fn run(args: Args) -> Result<()> {
             .then(|| vec!["embed_tokens".into(), "lm_head".into()]),
         ..Default::default()
     };
-    let mut lora = LoraModel::new(model, lcfg.clone(), 0)?;
+    let adapter_dtype = if args.bf16_adapters {
+        candle_core::DType::BF16
+    } else {
+        candle_core::DType::F32
+    };
+    let mut lora = LoraModel::with_adapter_dtype(model, lcfg.clone(), 0, adapter_dtype)?;
     lora.set_fused_experts(args.fused_experts);
     let n_lora = lora.num_trainable_parameters();
     println!(
@@ -243,6 +254,7 @@ fn run(args: Args) -> Result<()> {
         profile: args.profile,
         bf16_moments: args.bf16_moments,
         bf16_grads: args.bf16_grads,
+        optim: args.optim,
         ..Default::default()
     };
     let mut trainer = Trainer::new(lora, tcfg)?;
@@ -436,6 +448,8 @@ fn run(args: Args) -> Result<()> {
             "preset": preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lora_r": args.lora_r, "bits": args.bits, "modules_to_save": args.modules_to_save,
             "keep_activations_layers": args.keep_activations_layers,
+            "optim": args.optim.name(), "bf16_adapters": args.bf16_adapters,
+            "bf16_moments": args.bf16_moments, "bf16_grads": args.bf16_grads,
             "data": args.data, "packing": args.packing, "zipf": args.zipf,
             "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,
             "peak_mib": peak_mib, "build_s": build_s, "steps": results,

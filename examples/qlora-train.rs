@@ -28,7 +28,7 @@ use moe_peft::data::{
 };
 use moe_peft::hub::RepoKind;
 use moe_peft::lora::{
-    latest_checkpoint, merge_checkpoint, ExportOptions, LoraConfig, LoraModel, MergeOptions,
+    latest_checkpoint, merge_checkpoint, ExportOptions, LoraConfig, LoraModel, MergeOptions, Optim,
     Schedule, TargetModules, TrainConfig, Trainer, DEEPSEEK_TARGETS,
 };
 use moe_peft::model::{DeepSeekMoe, LoadOptions};
@@ -215,9 +215,15 @@ struct Args {
     /// Accepted for compatibility.
     #[arg(long = "cache_dir")]
     cache_dir: Option<String>,
-    /// `adamw_torch` (the reference's, f32 moments and gradients) or `adamw_torch_bf16` (both in bf16).
+    /// `adamw_torch` (the reference's, f32 moments and gradients), `adamw_torch_bf16` (both in
+    /// bf16), `adamw_8bit` (bitsandbytes' 8-bit blockwise moments) or `paged_adamw_8bit` (the
+    /// same, kept in host memory).
     #[arg(long = "optim", default_value = "adamw_torch")]
     optim: String,
+    /// Dtype of the adapter weights the optimizer updates: `float32` (PEFT's default) or
+    /// `bfloat16` (half the memory; needs an 8-bit --optim, which rounds stochastically).
+    #[arg(long = "adapter_dtype", default_value = "float32")]
+    adapter_dtype: String,
     /// Accepted for compatibility; attention is computed as the reference's eager path.
     #[arg(long = "attn_implementation")]
     attn_implementation: Option<String>,
@@ -364,6 +370,7 @@ fn run_settings(args: &Args, model_dir: Option<&Path>) -> serde_json::Value {
         "packing": args.packing,
         "group_by_length": args.group_by_length,
         "optim": args.optim,
+        "adapter_dtype": args.adapter_dtype,
         "seed": args.seed,
     })
 }
@@ -398,6 +405,7 @@ fn train_config(
     total: usize,
     bf16_moments: bool,
     bf16_grads: bool,
+    optim: Optim,
 ) -> TrainConfig {
     TrainConfig {
         learning_rate: args.learning_rate,
@@ -417,7 +425,8 @@ fn train_config(
         seed: args.seed,
         bf16_moments,
         bf16_grads,
-        profile: false,
+        optim,
+        ..Default::default()
     }
 }
 
@@ -438,7 +447,9 @@ fn validate_flags(args: &Args) -> Result<()> {
     // The optimizer and schedule settings, checked by the trainer's own rules (the step count
     // is not known before the data is read: 1 stands in).
     finite("max_grad_norm", args.max_grad_norm)?;
-    if let Err(e) = train_config(args, Schedule::Constant, 1, false, false).validate() {
+    if let Err(e) =
+        train_config(args, Schedule::Constant, 1, false, false, Optim::AdamwTorch).validate()
+    {
         match e {
             moe_peft::lora::Error::InvalidTrainSetting { field, value, rule } => {
                 bail!("--{field} {value}: {rule}")
@@ -512,11 +523,37 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     if args.cache_dir.is_some() || args.attn_implementation.is_some() {
         println!("note: --cache_dir / --attn_implementation accepted and ignored");
     }
-    let bf16_state = match args.optim.as_str() {
-        "adamw_torch" => false,
-        "adamw_torch_bf16" => true,
-        o => bail!("--optim {o}: expected adamw_torch (the reference's) or adamw_torch_bf16 (bf16 moments and gradients)"),
+    let (optim, bf16_state) = match args.optim.as_str() {
+        "adamw_torch_bf16" => (Optim::AdamwTorch, true),
+        o => match o.parse::<Optim>() {
+            Ok(opt) => (opt, false),
+            Err(_) => bail!(
+                "--optim {o}: expected adamw_torch (the reference's), adamw_torch_bf16 (bf16 \
+                 moments and gradients), adamw_8bit or paged_adamw_8bit"
+            ),
+        },
     };
+    let adapter_dtype = match args.adapter_dtype.as_str() {
+        "float32" | "fp32" | "f32" => DType::F32,
+        "bfloat16" | "bf16" => DType::BF16,
+        o => bail!("--adapter_dtype {o}: expected float32 or bfloat16"),
+    };
+    if adapter_dtype == DType::BF16 && !optim.is_8bit() {
+        bail!(
+            "--adapter_dtype bfloat16 needs --optim adamw_8bit or paged_adamw_8bit (they update \
+             bf16 weights by stochastic rounding; {} keeps f32 weights)",
+            args.optim
+        );
+    }
+    if adapter_dtype == DType::BF16 && !args.use_lora {
+        bail!("--adapter_dtype applies to LoRA adapters; full fine-tuning keeps f32 weights");
+    }
+    if optim.is_8bit() && args.moments_dtype.is_some() {
+        bail!(
+            "--moments_dtype: {} keeps 8-bit moments (leave the flag out)",
+            args.optim
+        );
+    }
     let state_dtype = |flag: &str, v: &Option<String>| -> Result<bool> {
         Ok(match v.as_deref() {
             None => bf16_state,
@@ -823,7 +860,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             },
             ..Default::default()
         };
-        LoraModel::new(model, cfg, args.seed)?
+        LoraModel::with_adapter_dtype(model, cfg, args.seed, adapter_dtype)?
     } else {
         println!(
             "full fine-tuning (--use_lora False, the reference's default): every weight is trained"
@@ -840,7 +877,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             format!(" + {} fully trained tensors", lora.saved_modules().len())
         }
     );
-    let tcfg = train_config(&args, schedule, total, bf16_moments, bf16_grads);
+    let tcfg = train_config(&args, schedule, total, bf16_moments, bf16_grads, optim);
 
     // Resume.
     let resume = match args.resume_from_checkpoint.as_deref() {

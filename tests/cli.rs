@@ -434,6 +434,13 @@ fn bad_command_lines_give_one_clear_error() {
         ("--adam_beta2", "1", "--adam_beta2 1"),
         ("--adam_epsilon", "0", "--adam_epsilon 0"),
         ("--weight_decay", "nan", "--weight_decay NaN"),
+        ("--optim", "adamw_9bit", "--optim adamw_9bit"),
+        (
+            "--adapter_dtype",
+            "bfloat16",
+            "--adapter_dtype bfloat16 needs --optim",
+        ),
+        ("--adapter_dtype", "f16", "--adapter_dtype f16"),
     ] {
         fails(
             "qlora-train",
@@ -452,6 +459,22 @@ fn bad_command_lines_give_one_clear_error() {
             needle,
         );
     }
+    fails(
+        "qlora-train",
+        &[
+            "--model_name_or_path",
+            "/nonexistent/model",
+            "--data_path",
+            data,
+            "--output_dir",
+            o,
+            "--optim",
+            "adamw_8bit",
+            "--moments_dtype",
+            "bfloat16",
+        ],
+        "--moments_dtype: adamw_8bit keeps 8-bit moments",
+    );
     // A negative value parses with a space too (and, as in transformers, turns clipping off).
     fails(
         "qlora-train",
@@ -851,6 +874,45 @@ fn random_checkpoint_then_train_save_quantized_reload_and_pack() {
         ])
     };
     assert_eq!(eval(&ck), eval(&q));
+    // bitsandbytes' 8-bit AdamW with its state in host memory and bf16 adapter weights: the
+    // checkpoint holds 8-bit optimizer state (bitsandbytes' names and maps), the adapter is
+    // written in f32 as PEFT's default, and it evaluates.
+    let e8 = tmp.path().join("e8");
+    let out = train(
+        &ck,
+        &e8,
+        &["--optim", "paged_adamw_8bit", "--adapter_dtype", "bfloat16"],
+    );
+    assert!(out.contains("first step done"), "{out}");
+    let l8 = losses(&e8);
+    assert!(l8.len() == 3 && l8.iter().all(|l| l.is_finite()), "{l8:?}");
+    let opt = candle_core::safetensors::load(
+        e8.join("checkpoint-2").join("optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(opt.contains_key("__qmap1__") && opt.contains_key("__qmap2__"));
+    let adapter = candle_core::safetensors::load(
+        e8.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(adapter
+        .values()
+        .all(|t| t.dtype() == candle_core::DType::F32));
+    let l = eval_loss(&[
+        "--model_name_or_path",
+        s(&ck),
+        "--adapter",
+        s(&e8),
+        "--data_path",
+        data,
+        "--model_max_length",
+        "128",
+        "--bits",
+        "4",
+    ]);
+    assert!(l.is_finite());
     // Packing: rows of 128 tokens hold several examples; far less padding, same data.
     let p = tmp.path().join("p");
     let out = train(&ck, &p, &["--packing", "True"]);

@@ -10,7 +10,9 @@
 __device__ __forceinline__ float ld(const float* p, uint64_t i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, uint64_t i) { return __bfloat162float(p[i]); }
 
+// The twin's splitmix64 (dropout.rs): golden-gamma increment, then the finalizer.
 __device__ __forceinline__ uint64_t splitmix64(uint64_t z) {
+    z += 0x9E3779B97F4A7C15ull;
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);

@@ -138,18 +138,21 @@ struct Hyper {
 }
 
 impl Adam8bitStep {
+    /// The scalars as bitsandbytes' kernel forms them: `1 − β`, `c₂·ε`, `−lr·c₂/c₁` and
+    /// `1 − lr·λ` in f32 arithmetic (the bias corrections themselves in f64, then rounded).
     fn hyper(&self) -> Hyper {
-        let c1 = 1.0 - self.beta1.powi(self.step as i32);
-        let c2 = (1.0 - self.beta2.powi(self.step as i32)).sqrt();
+        let c1 = (1.0 - self.beta1.powi(self.step as i32)) as f32;
+        let c2 = (1.0 - self.beta2.powi(self.step as i32)).sqrt() as f32;
+        let (b1, b2, lr) = (self.beta1 as f32, self.beta2 as f32, self.lr as f32);
         Hyper {
-            b1: self.beta1 as f32,
-            omb1: (1.0 - self.beta1) as f32,
-            b2: self.beta2 as f32,
-            omb2: (1.0 - self.beta2) as f32,
+            b1,
+            omb1: 1.0 - b1,
+            b2,
+            omb2: 1.0 - b2,
             clip: self.clip as f32,
-            step_size: (-self.lr * c2 / c1) as f32,
-            c2eps: (c2 * self.eps) as f32,
-            decay: (1.0 - self.lr * self.weight_decay) as f32,
+            step_size: -lr * c2 / c1,
+            c2eps: c2 * self.eps as f32,
+            decay: 1.0 - lr * self.weight_decay as f32,
             use_decay: self.weight_decay > 0.0,
             key: rounding_key(self.seed, self.step),
         }

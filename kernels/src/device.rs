@@ -287,14 +287,14 @@ impl MappedHost {
 
     /// The bytes, after the device's queued work (which may write them) has finished.
     pub fn bytes(&self) -> candle_core::Result<&[u8]> {
-        self.device.synchronize()?;
+        candle_core::backend::BackendDevice::synchronize(&self.device)?;
         // SAFETY: `bytes` initialized bytes owned by self; no kernel is running after the sync.
         Ok(unsafe { std::slice::from_raw_parts(self.ptr, self.bytes) })
     }
 
     /// The bytes for writing, after the device's queued work has finished.
     pub fn bytes_mut(&mut self) -> candle_core::Result<&mut [u8]> {
-        self.device.synchronize()?;
+        candle_core::backend::BackendDevice::synchronize(&self.device)?;
         // SAFETY: as in `bytes`, and `&mut self` is the only borrow.
         Ok(unsafe { std::slice::from_raw_parts_mut(self.ptr, self.bytes) })
     }
@@ -303,7 +303,7 @@ impl MappedHost {
 #[cfg(feature = "cuda")]
 impl Drop for MappedHost {
     fn drop(&mut self) {
-        let _ = self.device.synchronize();
+        let _ = candle_core::backend::BackendDevice::synchronize(&self.device);
         // SAFETY: allocated by malloc_host in `zeroed`, freed only here.
         let _ = unsafe {
             candle_core::cuda_backend::cudarc::driver::result::free_host(

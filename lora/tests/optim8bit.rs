@@ -44,11 +44,12 @@ fn oracle_step(
 ) {
     let sm = create_dynamic_map(true);
     let um = create_dynamic_map(false);
-    let c1 = 1.0 - (b1 as f64).powi(t);
-    let c2 = (1.0 - (b2 as f64).powi(t)).sqrt();
-    let step_size = (-(lr as f64) * c2 / c1) as f32;
-    let c2eps = (c2 * eps as f64) as f32;
-    let decay = (1.0 - lr as f64 * wd as f64) as f32;
+    // As bitsandbytes' kernel: the bias corrections rounded to f32, the rest in f32.
+    let c1 = (1.0 - (b1 as f64).powi(t)) as f32;
+    let c2 = (1.0 - (b2 as f64).powi(t)).sqrt() as f32;
+    let step_size = -lr * c2 / c1;
+    let c2eps = c2 * eps;
+    let decay = 1.0 - lr * wd;
     for (i, p) in params.iter_mut().enumerate() {
         let n = p.len();
         let upd = |p: f32, m: f32, v: f32| {
