@@ -448,3 +448,29 @@ DEQUANT4(dequant4_f32, float)
 DEQUANT4(dequant4_bf16, __nv_bfloat16)
 DEQUANT4(dequant4_f16, __half)
 DEQUANT4(dequant4_f64, double)
+
+// Several 4-bit tensors of one shape and format in one launch (four_bit.rs, dequantize_many):
+// blockIdx.y picks tensor t, whose row of `table` holds the addresses of its packed codes, its
+// absmax (fp32, or the 8-bit codes when double-quantized), its map and nested absmax, and its
+// offset's bits; the output is t's slice of `out` (n elements each). Each tensor is dequantized
+// by the same code as dequant4 (blockIdx.x / gridDim.x stride within it), so the result equals
+// the single-tensor kernel's bit for bit.
+#define DEQUANT4_MANY(NAME, T)                                                                             \
+    extern "C" __global__ void NAME(const uint64_t* __restrict__ table, uint64_t n, uint32_t bs_log2,        \
+                                    F16x code, T* __restrict__ out) {                                        \
+        const uint64_t* r = table + 5 * blockIdx.y;                                                          \
+        dequant4<T, false>((const uint8_t*)r[0], n, bs_log2, code, (const float*)r[1], nullptr, nullptr,     \
+                           nullptr, 0.0f, 1, out + blockIdx.y * n);                                          \
+    }                                                                                                        \
+    extern "C" __global__ void NAME##_dq(const uint64_t* __restrict__ table, uint64_t n, uint32_t bs_log2,   \
+                                         F16x code, uint32_t dq_bs, T* __restrict__ out) {                   \
+        const uint64_t* r = table + 5 * blockIdx.y;                                                          \
+        dequant4<T, true>((const uint8_t*)r[0], n, bs_log2, code, nullptr, (const uint8_t*)r[1],             \
+                          (const float*)r[2], (const float*)r[3], __uint_as_float((uint32_t)r[4]), dq_bs,    \
+                          out + blockIdx.y * n);                                                             \
+    }
+
+DEQUANT4_MANY(dequant4_many_f32, float)
+DEQUANT4_MANY(dequant4_many_bf16, __nv_bfloat16)
+DEQUANT4_MANY(dequant4_many_f16, __half)
+DEQUANT4_MANY(dequant4_many_f64, double)

@@ -317,6 +317,16 @@ fn to_candle(e: moe_peft_model::Error) -> candle_core::Error {
     }
 }
 
+/// Whether the experts' 4-bit base weights are dequantized together (the default).
+static BATCHED_DEQUANT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Dequantize the routed experts' 4-bit weights of a projection type together (one launch on
+/// CUDA; the default) or one expert at a time (to measure what batching saves). The results
+/// are the same bits either way.
+pub fn set_batched_dequantization(on: bool) {
+    BATCHED_DEQUANT.store(on, Ordering::Relaxed);
+}
+
 /// One projection type (gate, up or down) across the experts that received tokens, when
 /// every one of them has an adapter of the same rank, scaling and dropout (or none has one):
 /// the whole layer then runs as grouped GEMMs.
@@ -376,8 +386,26 @@ impl GroupProj {
         Some(Self { bases, lora })
     }
 
+    /// Every expert's dense base weight in `dtype`. 4-bit bases of one format are dequantized
+    /// together (one launch on CUDA) into one stacked tensor, returned as views of it.
     fn weights(&self, dtype: DType) -> candle_core::Result<Vec<Tensor>> {
-        self.bases.iter().map(|b| b.dense_weight(dtype)).collect()
+        let four: Option<Vec<&moe_peft_quant::FourBitTensor>> = self
+            .bases
+            .iter()
+            .map(|b| {
+                b.as_any()
+                    .downcast_ref::<moe_peft_quant::FourBitLinear>()
+                    .map(|l| l.weight().as_ref())
+            })
+            .collect();
+        match four {
+            Some(ts) if ts.len() > 1 && BATCHED_DEQUANT.load(Ordering::Relaxed) => {
+                let stacked = moe_peft_quant::FourBitTensor::dequantize_many(&ts, dtype)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                (0..ts.len()).map(|e| stacked.get(e)).collect()
+            }
+            _ => self.bases.iter().map(|b| b.dense_weight(dtype)).collect(),
+        }
     }
 
     /// Per-expert dropout of consecutive row groups (the mask of each expert's own site).

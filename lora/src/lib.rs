@@ -33,7 +33,7 @@ pub use error::{Error, Result};
 pub use export::{
     export_hf, peft_key, save_safetensors, ExportOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS,
 };
-pub use fused::FusedLoraExperts;
+pub use fused::{set_batched_dequantization, FusedLoraExperts};
 pub use inject::{valid_target_names, LoraModel, TrainMode, PEFT_PREFIX};
 pub use layer::{DropoutState, LoraLinear, TrainableLinear};
 pub use merge::{merge_checkpoint, MergeOptions, MergeReport};

@@ -400,6 +400,70 @@ mod imp {
         })
     }
 
+    /// `dequant4_many_<dtype>[_dq]`: `k` tensors of `n` elements each (same block size, code
+    /// table and absmax format) into one `[k·n]` buffer in one launch. `table` holds five u64 per
+    /// tensor: the device addresses of its packed codes, its fp32 absmax (or 8-bit absmax codes),
+    /// its map and nested absmax (double quantization), and its offset's f32 bits.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn dequantize_4bit_many(
+        dev: &CudaDevice,
+        table: &[u64],
+        k: usize,
+        n: usize,
+        bs: usize,
+        code: &[f32; 16],
+        dq_bs: Option<usize>,
+        dtype: DType,
+    ) -> Result<CudaStorage> {
+        if bs < 8 || !bs.is_power_of_two() || table.len() != 5 * k || k == 0 {
+            bail!(
+                "dequantize_4bit_many: block size {bs}, {} table entries for {k} tensors",
+                table.len()
+            );
+        }
+        let k32 = u32_len(k, "number of tensors")?;
+        let name = match dq_bs {
+            Some(_) => format!("dequant4_many_{}_dq", suffix(dtype)?),
+            None => format!("dequant4_many_{}", suffix(dtype)?),
+        };
+        let func = dev.get_or_load_custom_func(&name, NF4_MODULE, NF4_PTX)?;
+        let needed = (n as u64).div_ceil(8).div_ceil(THREADS as u64).max(1);
+        let cap = u64::from(grid(dev, u64::MAX).grid_dim.0);
+        let x = needed.min((cap / k as u64).max(1)) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (x, k32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let d_table = dev.cuda_stream().clone_htod(table).w()?;
+        let (n64, bs_log2) = (n as u64, bs.trailing_zeros());
+        macro_rules! launch {
+            ($t:ty) => {{
+                let out = alloc::<$t>(dev, k * n)?;
+                if n > 0 {
+                    let mut b = func.builder();
+                    b.arg(&d_table).arg(&n64).arg(&bs_log2).arg(code);
+                    let dq32 = dq_bs.map(|d| d as u32).unwrap_or(1);
+                    if dq_bs.is_some() {
+                        b.arg(&dq32);
+                    }
+                    b.arg(&out);
+                    // SAFETY: matches `DEQUANT4_MANY` in nf4.cu; every table row addresses live
+                    // buffers of the sizes the caller checked.
+                    unsafe { b.launch(cfg) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match dtype {
+            DType::F32 => launch!(f32),
+            DType::BF16 => launch!(bf16),
+            DType::F16 => launch!(f16),
+            DType::F64 => launch!(f64),
+            other => bail!("no CUDA kernel for dtype {other:?}"),
+        })
+    }
+
     /// `absmax_dequant`: `map[q[k]] * nested[k / dq_bs] + offset` into a fresh F32 buffer;
     /// 256-thread CTAs, one element per thread and step.
     pub(crate) fn dequantize_absmax(

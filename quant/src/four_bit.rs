@@ -309,6 +309,108 @@ impl FourBitTensor {
         }
     }
 
+    /// Several tensors of one shape dequantized into one stacked tensor `[k, ..shape]`, equal bit
+    /// for bit to stacking each one's [`Self::dequantize`]. On CUDA, tensors of one format (block
+    /// size, code table, absmax kind and nested block size) take one launch instead of `k` (the
+    /// routed experts of a MoE layer: 64 launches become one per projection type).
+    pub fn dequantize_many(ts: &[&FourBitTensor], dtype: DType) -> Result<Tensor> {
+        check_float_dtype(dtype, "output dtype")?;
+        let Some(first) = ts.first() else {
+            return Err(Error::ShapeMismatch {
+                name: "dequantize_many".into(),
+                expected: "at least one tensor".into(),
+                got: "none".into(),
+            });
+        };
+        if let Some(bad) = ts.iter().find(|t| t.shape != first.shape) {
+            return Err(Error::ShapeMismatch {
+                name: "dequantize_many".into(),
+                expected: format!("{:?}", first.shape),
+                got: format!("{:?}", bad.shape),
+            });
+        }
+        #[cfg(feature = "cuda")]
+        if let Some(t) = Self::dequantize_many_cuda(ts, dtype)? {
+            return Ok(t);
+        }
+        let parts = ts
+            .iter()
+            .map(|t| t.dequantize(dtype))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::stack(&parts, 0)?)
+    }
+
+    /// The one-launch path, when every tensor is on one CUDA device in one format and each
+    /// output slice is 16-byte aligned.
+    #[cfg(feature = "cuda")]
+    fn dequantize_many_cuda(ts: &[&FourBitTensor], dtype: DType) -> Result<Option<Tensor>> {
+        let first = ts[0];
+        let Device::Cuda(dev) = first.device() else {
+            return Ok(None);
+        };
+        let dq_bs = match &first.absmax {
+            FourBitAbsmax::Fp32(_) => None,
+            FourBitAbsmax::Double(s) => Some(s.block_size),
+        };
+        let same_format = ts.iter().all(|t| {
+            t.device().same_device(first.device())
+                && t.block_size == first.block_size
+                && t.code == first.code
+                && t.packed.is_contiguous()
+                && match (&t.absmax, dq_bs) {
+                    (FourBitAbsmax::Fp32(a), None) => a.is_contiguous(),
+                    (FourBitAbsmax::Double(s), Some(b)) => {
+                        s.block_size == b
+                            && s.codes.is_contiguous()
+                            && s.map.is_contiguous()
+                            && s.nested_absmax.is_contiguous()
+                    }
+                    _ => false,
+                }
+        });
+        // Each tensor's slice of the output must start 16-byte aligned: the kernel stores eight
+        // values at a time with vector stores. Expert weights always qualify; other sizes take
+        // the one-at-a-time path.
+        if !same_format || (first.numel() * dtype.size_in_bytes()) % 16 != 0 {
+            return Ok(None);
+        }
+        let addr = |t: &Tensor| -> Result<u64> { Ok(moe_peft_kernels::device_address(t)?.addr()) };
+        let mut table = Vec::with_capacity(5 * ts.len());
+        for t in ts {
+            table.push(addr(&t.packed)?);
+            match &t.absmax {
+                FourBitAbsmax::Fp32(a) => table.extend([addr(a)?, 0, 0, 0]),
+                FourBitAbsmax::Double(s) => table.extend([
+                    addr(&s.codes)?,
+                    addr(&s.map)?,
+                    addr(&s.nested_absmax)?,
+                    u64::from(s.offset.to_bits()),
+                ]),
+            }
+        }
+        let n = first.numel();
+        let out = gpu::dequantize_4bit_many(
+            dev,
+            &table,
+            ts.len(),
+            n,
+            first.block_size,
+            &first.code,
+            dq_bs,
+            dtype,
+        )?;
+        let mut dims = vec![ts.len()];
+        dims.extend_from_slice(first.shape.dims());
+        // The borrowed tensors stay alive (`ts`) until the launch is queued; candle's stream
+        // orders any later free after it.
+        Ok(Some(Tensor::from_storage(
+            Storage::Cuda(out),
+            dims,
+            candle_core::op::BackpropOp::none(),
+            false,
+        )))
+    }
+
     fn dequantize_here(&self, dtype: DType) -> Result<Tensor> {
         let op = Dequant4bitOp {
             code: self.code,
@@ -747,6 +849,41 @@ mod tests {
             assert_eq!(d.dtype(), dt);
             assert_eq!(d.dims(), &[3, 5, 7]);
         }
+        Ok(())
+    }
+
+    #[test]
+    fn dequantize_many_stacks_each_dequantization_and_checks_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let ts: Vec<FourBitTensor> = (0..3)
+            .map(|k| {
+                let w = Tensor::randn(0f32, 1.0 + k as f32, (40, 70), &dev)?;
+                FourBitTensor::quantize(&w, &FourBitConfig::default())
+            })
+            .collect::<Result<_>>()?;
+        let refs: Vec<&FourBitTensor> = ts.iter().collect();
+        let many = FourBitTensor::dequantize_many(&refs, DType::BF16)?;
+        assert_eq!(many.dims(), &[3, 40, 70]);
+        for (k, t) in ts.iter().enumerate() {
+            let a = many
+                .get(k)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            let b = t
+                .dequantize(DType::BF16)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            assert_eq!(a, b, "tensor {k}");
+        }
+        let other = FourBitTensor::quantize(
+            &Tensor::randn(0f32, 1.0, (40, 71), &dev)?,
+            &FourBitConfig::default(),
+        )?;
+        let e = FourBitTensor::dequantize_many(&[&ts[0], &other], DType::F32).unwrap_err();
+        assert!(e.to_string().contains("40, 71"), "{e}");
+        assert!(FourBitTensor::dequantize_many(&[], DType::F32).is_err());
         Ok(())
     }
 

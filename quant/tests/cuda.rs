@@ -10,7 +10,8 @@
 //!   the CPU's own when the offsets agree, which is the norm);
 //! * dequantization: dequantizing the same stored state gives bit-identical values on both
 //!   devices (f32, bf16, f16, f64), also from misaligned views;
-//! * int8: codes and row absmax identical, dequantized values bit-identical.
+//! * int8: codes and row absmax identical, dequantized values bit-identical;
+//! * several tensors dequantized in one launch equal each one dequantized alone.
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, Tensor};
@@ -433,6 +434,50 @@ fn int8_matches_the_cpu() -> Result<()> {
                     &raw_bits(&on_gpu.dequantize(out)?)?,
                     &format!("{shape:?} {dt:?}: int8 dequantized {out:?}"),
                 );
+            }
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn dequantizing_many_in_one_launch_equals_one_at_a_time() -> Result<()> {
+    let Some(dev) = gpu() else { return Ok(()) };
+    // Expert-sized shapes (one launch) and odd ones (partial blocks and nested blocks; sizes
+    // whose slices would not start 16-byte aligned take the one-at-a-time path), double-
+    // quantized and not, NF4 and FP4: the stacked result equals each tensor's own
+    // dequantization on the GPU and on the CPU, bit for bit.
+    let configs = [
+        FourBitConfig::default(),
+        FourBitConfig::nf4_no_double_quant(),
+        FourBitConfig::fp4(),
+    ];
+    for shape in [
+        &[1408usize, 2048][..],
+        &[2048, 1408],
+        &[40, 72],
+        &[163, 129],
+        &[7],
+    ] {
+        for cfg in &configs {
+            let ts: Vec<FourBitTensor> = (0..5)
+                .map(|k| {
+                    let w = randn(shape, 0.02, -1.0 + k as f64 * 0.3)?;
+                    Ok(FourBitTensor::quantize(&w, cfg)?.to_device(&dev)?)
+                })
+                .collect::<Result<_>>()?;
+            let refs: Vec<&FourBitTensor> = ts.iter().collect();
+            for dt in FLOATS {
+                let many = FourBitTensor::dequantize_many(&refs, dt)?;
+                assert_eq!(many.dims()[0], 5);
+                for (k, t) in ts.iter().enumerate() {
+                    let what = format!("{shape:?} {cfg:?} {dt:?} tensor {k}");
+                    let one = t.dequantize(dt)?;
+                    let cpu = t.to_device(&Device::Cpu)?.dequantize(dt)?;
+                    let got = raw_bits(&many.get(k)?)?;
+                    assert_bits_eq(&got, &raw_bits(&one)?, &what);
+                    assert_bits_eq(&got, &raw_bits(&cpu)?, &what);
+                }
             }
         }
     }
