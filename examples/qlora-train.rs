@@ -345,7 +345,7 @@ fn run_settings(args: &Args, model_dir: Option<&Path>) -> serde_json::Value {
         .filter(|x| !x.is_empty())
         .map(|p| canon(Path::new(p)))
         .collect();
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "model_name_or_path": model_dir.map(canon),
         "data_path": data,
         "use_lora": args.use_lora,
@@ -370,22 +370,29 @@ fn run_settings(args: &Args, model_dir: Option<&Path>) -> serde_json::Value {
         "packing": args.packing,
         "group_by_length": args.group_by_length,
         "optim": args.optim,
-        "adapter_dtype": args.adapter_dtype,
         "seed": args.seed,
-    })
+    });
+    // Recorded only when not the default, so that checkpoints written before the flag existed
+    // still match a default run.
+    if args.adapter_dtype != "float32" {
+        v["adapter_dtype"] = serde_json::json!(args.adapter_dtype);
+    }
+    v
 }
 
-/// The fields of `now` that differ from the checkpoint's `then`, as `name: then → now`.
+/// The fields that differ between the checkpoint's `then` and `now` (either side may lack a
+/// field: settings at their default are left out of the record), as `name: then → now`.
 fn settings_diff(then: &serde_json::Value, now: &serde_json::Value) -> Vec<String> {
     let (Some(a), Some(b)) = (then.as_object(), now.as_object()) else {
         return vec![];
     };
-    b.iter()
-        .filter(|(k, v)| a.get(*k) != Some(*v))
-        .map(|(k, v)| {
-            let old = a.get(k).map_or("(unset)".to_string(), |x| x.to_string());
-            format!("{k}: {old} → {v}")
-        })
+    let mut keys: Vec<&String> = b.keys().chain(a.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let show = |v: Option<&serde_json::Value>| v.map_or("(unset)".to_string(), |x| x.to_string());
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k}: {} → {}", show(a.get(k)), show(b.get(k))))
         .collect()
 }
 

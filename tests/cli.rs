@@ -1062,6 +1062,17 @@ fn a_run_never_mixes_with_another_runs_checkpoints() {
         "0.01",
     ]);
     fails("qlora-train", &res, "learning_rate: 0.005 → 0.01");
+    // settings recorded only when not at their default are compared both ways;
+    let mut bf = base.to_vec();
+    bf.extend_from_slice(&[
+        "--resume_from_checkpoint",
+        s(&ck1),
+        "--optim",
+        "adamw_8bit",
+        "--adapter_dtype",
+        "bfloat16",
+    ]);
+    fails("qlora-train", &bf, "adapter_dtype: (unset) → \"bfloat16\"");
     // a resume under the same settings redoes steps 2 and 3 without repeating their metrics.
     let mut same = base.to_vec();
     same.extend_from_slice(&["--resume_from_checkpoint", s(&ck1)]);
