@@ -88,6 +88,10 @@ struct Args {
     /// The optimizer: adamw_torch, adamw_8bit or paged_adamw_8bit.
     #[arg(long, default_value = "adamw_torch")]
     optim: moe_peft::lora::Optim,
+    /// Take long sequences' attention in causal query chunks that skip the keys a chunk cannot
+    /// see (false: the full square, to measure the difference).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    causal_chunks: bool,
     /// Dequantize each projection type of the routed experts in one launch (false: one launch
     /// per expert, to measure the difference).
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
@@ -237,6 +241,7 @@ fn run(args: Args) -> Result<()> {
         candle_core::DType::F32
     };
     moe_peft::lora::set_batched_dequantization(args.batched_dequant);
+    moe_peft::model::ops::set_causal_attention_chunks(args.causal_chunks);
     let mut lora = LoraModel::with_adapter_dtype(model, lcfg.clone(), 0, adapter_dtype)?;
     lora.set_fused_experts(args.fused_experts);
     let n_lora = lora.num_trainable_parameters();
@@ -454,7 +459,7 @@ fn run(args: Args) -> Result<()> {
             "lora_r": args.lora_r, "bits": args.bits, "modules_to_save": args.modules_to_save,
             "keep_activations_layers": args.keep_activations_layers,
             "optim": args.optim.name(), "bf16_adapters": args.bf16_adapters,
-            "batched_dequant": args.batched_dequant,
+            "batched_dequant": args.batched_dequant, "causal_chunks": args.causal_chunks,
             "bf16_moments": args.bf16_moments, "bf16_grads": args.bf16_grads,
             "data": args.data, "packing": args.packing, "zipf": args.zipf,
             "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,

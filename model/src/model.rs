@@ -488,11 +488,19 @@ impl DeepSeekMoe {
     ) -> Result<ForwardContext> {
         let (cos, sin) = self.rotary.cos_sin(past, seq, self.dtype, &self.device)?;
         let mask = self::attention_mask(attention_mask, b, seq, past, self.dtype, &self.device)?;
+        // Query chunks only matter for long sequences; the check reads the mask's first column.
+        let causal_chunks = match attention_mask {
+            Some(am) if crate::ops::causal_chunk(seq) < seq => {
+                crate::layers::every_query_sees_a_key(am)?
+            }
+            _ => true,
+        };
         Ok(ForwardContext {
             cos,
             sin,
             mask,
             train,
+            causal_chunks,
         })
     }
 
@@ -503,11 +511,13 @@ impl DeepSeekMoe {
         let (_, seq) = segments.dims2()?;
         let (cos, sin) = self.rotary.cos_sin(0, seq, self.dtype, &self.device)?;
         let mask = crate::layers::segment_attention_mask(segments, self.dtype, &self.device)?;
+        // A packed row's padding sees itself (segment 0), so every query sees a key.
         Ok(ForwardContext {
             cos,
             sin,
             mask: Some(mask),
             train,
+            causal_chunks: true,
         })
     }
 

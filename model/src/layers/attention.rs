@@ -4,7 +4,7 @@ use candle_core::Tensor;
 
 use crate::config::DeepSeekMoeConfig;
 use crate::error::Result;
-use crate::ops::attention_core;
+use crate::ops::{attention_core, causal_attention_core};
 
 use super::{ForwardContext, LayerCache, Linear};
 
@@ -75,7 +75,15 @@ impl Attention {
         // Scores in the activation dtype, softmax with f32 accumulation in one fused kernel
         // (the reference upcasts to f32 and casts back; same result up to the scale's rounding).
         // The probabilities are recomputed in backward (see `attention_core`).
-        let y = attention_core(&q, &k, &v, ctx.mask.as_ref(), 1.0 / (d as f64).sqrt())?;
+        // The masks of a forward context are causal: long sequences take query chunks that
+        // skip the keys no query of the chunk may see (`causal_attention_core`), unless a row
+        // starts with padding (see `ForwardContext::causal_chunks`).
+        let scale = 1.0 / (d as f64).sqrt();
+        let y = match ctx.mask.as_ref() {
+            Some(m) if ctx.causal_chunks => causal_attention_core(&q, &k, &v, m, scale)?,
+            Some(m) => attention_core(&q, &k, &v, Some(m), scale)?,
+            None => attention_core(&q, &k, &v, None, scale)?,
+        };
         Ok(self.o_proj.forward_t(&merge_heads(&y)?, ctx.train)?)
     }
 }
@@ -205,6 +213,81 @@ mod tests {
             let d = max_diff(g.get(t).expect("hand"), r.get(t).expect("autograd"))?;
             assert!(d < 1e-5, "{what}: {d}");
         }
+        Ok(())
+    }
+
+    /// Query chunks that skip invisible keys equal the full square (values and the three
+    /// gradients, f32), with right padding, packed segments and cached past positions; a row
+    /// that starts with padding is flagged so that attention keeps the full square for it.
+    #[test]
+    fn causal_chunks_equal_the_full_square() -> Result<()> {
+        use crate::ops::causal_attention_core_chunked;
+        use candle_core::Var;
+        let dev = Device::Cpu;
+        let (b, h, sq, d) = (2, 3, 11, 4);
+        let right = Tensor::new(
+            &[
+                [1u32, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0],
+                [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+            ],
+            &dev,
+        )?;
+        let segments = Tensor::new(
+            &[
+                [1u32, 1, 1, 2, 2, 2, 2, 3, 3, 0, 0],
+                [1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 0],
+            ],
+            &dev,
+        )?;
+        let cases = [
+            (
+                "right padding, 3 cached positions",
+                3,
+                attention_mask(Some(&right), b, sq, 3, DType::F32, &dev)?.expect("mask"),
+            ),
+            (
+                "packed segments",
+                0,
+                crate::layers::segment_attention_mask(&segments, DType::F32, &dev)?,
+            ),
+        ];
+        for (what, past, mask) in cases {
+            let var = |s: usize| Var::from_tensor(&Tensor::randn(0f32, 1., (b, h, s, d), &dev)?);
+            let (q, k, v) = (var(sq)?, var(past + sq)?, var(past + sq)?);
+            let probe = Tensor::randn(0f32, 1., (b, h, sq, d), &dev)?;
+            let full = attention_core(
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                Some(&mask),
+                0.5,
+            )?;
+            let gf = (&full * &probe)?.sum_all()?.backward()?;
+            for chunk in [1, 3, 4, 10] {
+                let y = causal_attention_core_chunked(
+                    q.as_tensor(),
+                    k.as_tensor(),
+                    v.as_tensor(),
+                    &mask,
+                    0.5,
+                    chunk,
+                )?;
+                assert!(max_diff(&y, &full)? < 1e-6, "{what}, chunk {chunk}");
+                let g = (&y * &probe)?.sum_all()?.backward()?;
+                for (n, t) in [
+                    ("q", q.as_tensor()),
+                    ("k", k.as_tensor()),
+                    ("v", v.as_tensor()),
+                ] {
+                    let e = max_diff(g.get(t).expect("chunked"), gf.get(t).expect("full"))?;
+                    assert!(e < 1e-5, "{what}, chunk {chunk}, d{n}: {e}");
+                }
+            }
+        }
+        // A row starting with padding has a query that sees no key: flagged.
+        assert!(crate::layers::every_query_sees_a_key(&right)?);
+        let left = Tensor::new(&[[1u32, 1, 1], [0, 1, 1]], &dev)?;
+        assert!(!crate::layers::every_query_sees_a_key(&left)?);
         Ok(())
     }
 }

@@ -17,6 +17,23 @@ pub struct ForwardContext {
     pub mask: Option<Tensor>,
     /// Training mode (aux loss, adapter dropout).
     pub train: bool,
+    /// Attention may take long sequences in causal query chunks
+    /// ([`crate::ops::causal_attention_core`]): true unless some query sees no key at all (a
+    /// row that starts with padding), where skipping keys would change that row's uniform
+    /// softmax.
+    pub causal_chunks: bool,
+}
+
+/// Whether no query of `attention_mask` `(b, past + seq)` is left without a visible key under
+/// the causal + key-padding mask: true when every row's first position is a real token (right
+/// padding, or none). Reads the first column to the host.
+pub fn every_query_sees_a_key(attention_mask: &Tensor) -> Result<bool> {
+    let first = attention_mask
+        .narrow(1, 0, 1)?
+        .to_dtype(DType::U32)?
+        .flatten_all()?
+        .to_vec1::<u32>()?;
+    Ok(first.iter().all(|&x| x != 0))
 }
 
 /// The additive mask of packed rows: `segments` `(b, seq)` numbers the examples of each row

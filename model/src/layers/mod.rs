@@ -28,7 +28,7 @@ pub mod router;
 pub use attention::Attention;
 pub use cache::LayerCache;
 pub use decoder::{DecoderLayer, LayerOutput, MoeOrMlp};
-pub use mask::{attention_mask, segment_attention_mask, ForwardContext};
+pub use mask::{attention_mask, every_query_sees_a_key, segment_attention_mask, ForwardContext};
 pub use mlp::{Activation, Mlp};
 pub use moe::{Dispatch, ExpertsForward, ExpertsOutput, Moe};
 pub use norm::RmsNorm;
