@@ -374,8 +374,8 @@ fn run_settings(args: &Args, model_dir: Option<&Path>) -> serde_json::Value {
     });
     // Recorded only when not the default, so that checkpoints written before the flag existed
     // still match a default run.
-    if args.adapter_dtype != "float32" {
-        v["adapter_dtype"] = serde_json::json!(args.adapter_dtype);
+    if matches!(args.adapter_dtype.as_str(), "bfloat16" | "bf16") {
+        v["adapter_dtype"] = serde_json::json!("bfloat16");
     }
     v
 }

@@ -19,7 +19,10 @@
 //! the same update without the coding.
 //!
 //! bitsandbytes divides with `__fdividef` (approximate); here every division is correctly
-//! rounded, so the CPU twin and the CUDA kernel (`cuda/adam8bit.cu`) give the same bits.
+//! rounded, so the CPU twin and the CUDA kernel (`cuda/adam8bit.cu`) give the same bits for
+//! finite gradients. Gradients must be finite: bitsandbytes skips an element whose gradient is
+//! NaN or infinite, this update does not (the trainer stops before updating when the gradient
+//! norm is not finite).
 //!
 //! **bf16 parameters.** The new value is computed in f32 and stored in bf16 by stochastic
 //! rounding: the low 16 bits of the f32 are added to a uniform 16-bit draw and truncated,

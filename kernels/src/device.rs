@@ -270,8 +270,9 @@ impl MappedHost {
         })
     }
 
-    /// The address kernels use.
-    pub fn device_ptr(&self) -> u64 {
+    /// The address kernels use; `&mut self`, since a kernel may write the memory while a
+    /// [`Self::bytes`] slice of it would be borrowed.
+    pub fn device_ptr(&mut self) -> u64 {
         self.dev_ptr
     }
 

@@ -4,7 +4,8 @@
 //!
 //! With [`Optim::Adamw8bit`] / [`Optim::PagedAdamw8bit`] the moments are bitsandbytes' 8-bit
 //! blockwise states instead ([`moe_peft_kernels::adam8bit`]: one byte per element and moment
-//! plus an f32 scale per 256 elements, a quarter of bf16 moments); the paged variant keeps them
+//! plus an f32 scale per 256 elements, half of bf16 moments and a quarter of f32 ones); the
+//! paged variant keeps them
 //! in page-locked host memory that the update kernel reads and writes over the bus, so they
 //! take no device memory at all.
 //!
@@ -383,7 +384,8 @@ impl AdamW {
     }
 
     /// One update with learning rate `lr`; `grads[i]` belongs to `vars()[i]` (`None`: no
-    /// gradient this step, the variable and its moments are left alone, as torch does).
+    /// gradient this step; with dense moments the variable and its moments are left alone, as
+    /// torch does; the 8-bit optimizers count it as zeros, as [`Self::step_flat`] does).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64) -> Result<()> {
         self.step_scaled(grads, lr, 1.0)
     }
@@ -403,9 +405,9 @@ impl AdamW {
     /// [`clip_grad_norm`], without a separate pass over the gradients).
     ///
     /// With dense moments each variable takes three in-place kernels (first moment, second
-    /// moment, parameter) on its device; CPU and CUDA round identically. 8-bit moments need a
-    /// gradient for every variable; they are gathered into a flat buffer and updated as by
-    /// [`Self::step_flat`].
+    /// moment, parameter) on its device; CPU and CUDA round identically. With 8-bit moments the
+    /// gradients are gathered into a flat buffer (a missing one as zeros) and every variable is
+    /// updated as by [`Self::step_flat`].
     pub fn step_scaled(&mut self, grads: &[Option<Tensor>], lr: f64, clip: f64) -> Result<()> {
         if grads.len() != self.vars.len() {
             return Err(Error::InvalidTrainConfig(format!(
@@ -423,14 +425,9 @@ impl AdamW {
                 .collect();
             let flat = FlatGrads::new(&named, DType::F32)?;
             for (i, g) in grads.iter().enumerate() {
-                let g = g.as_ref().ok_or_else(|| {
-                    Error::InvalidTrainConfig(format!(
-                        "{} needs a gradient for every variable; `{}` has none",
-                        self.cfg.optim.name(),
-                        self.names[i]
-                    ))
-                })?;
-                flat.add(self.vars[i].as_tensor().id(), g)?;
+                if let Some(g) = g {
+                    flat.add(self.vars[i].as_tensor().id(), g)?;
+                }
             }
             return self.step_flat(&flat, lr, clip);
         }
@@ -551,13 +548,14 @@ impl AdamW {
                     }
                     #[cfg(feature = "cuda")]
                     BlockStore::Mapped(m) => {
+                        let [c1, c2, a1, a2, m32, v32] = &mut **m;
                         let p = moe_peft_kernels::StatePointers {
-                            codes1: m[0].device_ptr(),
-                            codes2: m[1].device_ptr(),
-                            absmax1: m[2].device_ptr(),
-                            absmax2: m[3].device_ptr(),
-                            m32: m[4].device_ptr(),
-                            v32: m[5].device_ptr(),
+                            codes1: c1.device_ptr(),
+                            codes2: c2.device_ptr(),
+                            absmax1: a1.device_ptr(),
+                            absmax2: a2.device_ptr(),
+                            m32: m32.device_ptr(),
+                            v32: v32.device_ptr(),
                         };
                         moe_peft_kernels::adam8bit_update_cuda(
                             &self.vars, grads, layout, &p, maps, &s,
@@ -713,7 +711,11 @@ impl AdamW {
                 path: file.clone(),
                 reason: "optimizer state lacks its step count".into(),
             })?;
-        self.step = step.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?[0] as usize;
+        let step = step.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?;
+        self.step = *step.first().ok_or_else(|| Error::Checkpoint {
+            path: file.clone(),
+            reason: "optimizer state has an empty step count".into(),
+        })? as usize;
         Ok(())
     }
 

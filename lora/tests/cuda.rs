@@ -141,8 +141,15 @@ fn eight_bit_adamw_matches_the_cpu_bit_for_bit() -> Result<()> {
     let Some(gpu) = gpu() else { return Ok(()) };
     // 8-bit with a partial last block (bf16 and f32 variables), whole blocks, and one variable
     // under min_8bit_size (f32 moments).
-    let shapes: [&[usize]; 4] = [&[3, 1001], &[16, 256], &[300], &[40, 70]];
-    let dtypes = [DType::BF16, DType::F32, DType::F32, DType::BF16];
+    // [40, 200]: 32 blocks, more than the 16 CTAs a variable gets, so they stride.
+    let shapes: [&[usize]; 5] = [&[3, 1001], &[16, 256], &[300], &[40, 70], &[40, 200]];
+    let dtypes = [
+        DType::BF16,
+        DType::F32,
+        DType::F32,
+        DType::BF16,
+        DType::BF16,
+    ];
     for optim in [Optim::Adamw8bit, Optim::PagedAdamw8bit] {
         for grad_dtype in [DType::F32, DType::BF16] {
             let cfg = AdamWConfig {

@@ -369,3 +369,39 @@ fn eight_bit_state_and_bf16_adapters_resume_exactly() -> Result<()> {
     assert!(e.contains("lora_") && e.contains("adamw_8bit"), "{e}");
     Ok(())
 }
+
+#[test]
+fn a_missing_gradient_counts_as_zeros_for_eight_bit_moments() -> Result<()> {
+    let dev = Device::Cpu;
+    let init = [
+        Tensor::randn(0f32, 1.0, (20, 300), &dev)?,
+        Tensor::randn(0f32, 1.0, (700,), &dev)?,
+    ];
+    let mk = || -> Result<Vec<(String, Var)>> {
+        init.iter()
+            .enumerate()
+            .map(|(i, t)| Ok((format!("v{i}"), Var::from_tensor(&t.copy()?)?)))
+            .collect()
+    };
+    let cfg = AdamWConfig {
+        weight_decay: 0.01,
+        optim: Optim::Adamw8bit,
+        min_8bit_size: 1000,
+        ..Default::default()
+    };
+    let (va, vb) = (mk()?, mk()?);
+    let mut a = AdamW::new(va.clone(), cfg.clone())?;
+    let mut b = AdamW::new(vb.clone(), cfg)?;
+    let g = Tensor::randn(0f32, 1.0, (700,), &dev)?;
+    a.step(&[None, Some(g.clone())], 1e-2)?;
+    let flat = FlatGrads::new(&vb, DType::F32)?;
+    flat.add(vb[1].1.as_tensor().id(), &g)?;
+    b.step_flat(&flat, 1e-2, 1.0)?;
+    for ((_, x), (_, y)) in va.iter().zip(&vb) {
+        assert_eq!(
+            x.as_tensor().flatten_all()?.to_vec1::<f32>()?,
+            y.as_tensor().flatten_all()?.to_vec1::<f32>()?
+        );
+    }
+    Ok(())
+}

@@ -184,8 +184,10 @@ pub fn causal_chunk(seq: usize) -> usize {
 /// crate builds): the queries are taken in chunks of [`causal_chunk`] and each chunk's scores
 /// are computed against the keys it can see only. With four chunks that is 10/16 of the score
 /// work and memory of the full square; the keys left out have probability exactly 0 (their
-/// additive mask is the dtype's lowest value), so the result equals the full computation up to
-/// summation order. The key and value gradients of the chunks are summed in f32.
+/// additive mask is the dtype's lowest value), so the output and the query gradient equal the
+/// full computation up to summation order. Each chunk's key and value gradients are rounded to
+/// the activation dtype, then summed over the chunks in f32 and rounded once more: in bf16 that
+/// is up to one more rounding than the single product of the full square.
 pub fn causal_attention_core(
     q: &Tensor,
     k: &Tensor,

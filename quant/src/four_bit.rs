@@ -371,7 +371,8 @@ impl FourBitTensor {
         // Each tensor's slice of the output must start 16-byte aligned: the kernel stores eight
         // values at a time with vector stores. Expert weights always qualify; other sizes take
         // the one-at-a-time path.
-        if !same_format || (first.numel() * dtype.size_in_bytes()) % 16 != 0 {
+        // One CTA row per tensor: CUDA allows 65,535.
+        if !same_format || (first.numel() * dtype.size_in_bytes()) % 16 != 0 || ts.len() > 65_535 {
             return Ok(None);
         }
         let addr = |t: &Tensor| -> Result<u64> { Ok(moe_peft_kernels::device_address(t)?.addr()) };
