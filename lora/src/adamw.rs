@@ -484,40 +484,27 @@ impl AdamW {
                 self.vars.len()
             )));
         }
+        if let Moments::Dense { .. } = self.moments {
+            self.check_f32()?;
+        }
+        self.step += 1;
+        let dense = self.kernel_step(lr, clip);
         match &mut self.moments {
             Moments::Dense { m_flat, v_flat, .. } => {
-                if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
-                    return Err(Error::InvalidTrainConfig(format!(
-                        "adamw_torch keeps f32 variables; `{}` is {:?}",
-                        self.names[bad],
-                        self.vars[bad].dtype()
-                    )));
-                }
-                self.step += 1;
-                let s = AdamWStep {
-                    beta1: self.cfg.beta1,
-                    beta2: self.cfg.beta2,
-                    eps: self.cfg.eps,
-                    weight_decay: self.cfg.weight_decay,
-                    lr,
-                    step: self.step,
-                    clip,
-                };
-                adamw_update_flat(&self.vars, &self.offsets, m_flat, v_flat, grads, &s)?;
+                adamw_update_flat(&self.vars, &self.offsets, m_flat, v_flat, grads, &dense)?;
             }
             Moments::Blockwise {
                 layout,
                 maps,
                 store,
             } => {
-                self.step += 1;
                 let s = Adam8bitStep {
-                    beta1: self.cfg.beta1,
-                    beta2: self.cfg.beta2,
-                    eps: self.cfg.eps,
-                    weight_decay: self.cfg.weight_decay,
+                    beta1: dense.beta1,
+                    beta2: dense.beta2,
+                    eps: dense.eps,
+                    weight_decay: dense.weight_decay,
                     lr,
-                    step: self.step,
+                    step: dense.step,
                     clip,
                     seed: self.cfg.seed,
                 };
