@@ -30,6 +30,25 @@ stage() { # name timeout cmd...
   tail -n 25 "$O/$name.log" | grep -v "^\s*$" | cut -c1-400
   return $rc
 }
+# One qlora-bench run at DeepSeekMoE-16B shapes: bench_run NAME BATCH SEQ FLAGS... (3 timed
+# steps after 1 warm-up, JSON in $O/NAME.json); the first run of a call also measures the
+# matmul probe. bench_summary KEYS... prints those keys of every $O/*x*_*.json.
+probe="--matmul_probe 8192"
+bench_run() {
+  local name=$1 b=$2 s=$3; shift 3
+  stage "$name" 200 "$B/qlora-bench" --preset 16b --batch_size "$b" --seq_len "$s" --steps 3 \
+    --warmup 1 "$@" $probe --json "$O/$name.json"
+  probe=""
+}
+bench_summary() {
+  for f in "$O"/*x*_*.json; do
+    python3 - "$f" "$@" <<'PY'
+import json, sys
+d = json.load(open(sys.argv[1]))
+print(sys.argv[1].split("/")[-1], {k: d.get(k) for k in sys.argv[2:]})
+PY
+  done
+}
 # The README walkthrough's QLoRA command (reference flags), output dir and data filled in.
 WALK=(--data_path "$DATA" --num_train_epochs 3 "${SHAPE[@]}"
   --per_device_eval_batch_size 1 --evaluation_strategy no --save_strategy steps --save_steps 100

@@ -5,23 +5,11 @@
 # Run from the repository root on the GPU machine; binaries in $B, results under $OUT.
 set -u
 . tools/gpu/common.sh nocheckpoint
-probe="--matmul_probe 8192"
-run() { # name batch seq flags...
-  local name=$1 b=$2 s=$3; shift 3
-  stage "$name" 150 "$B/qlora-bench" --preset 16b --batch_size "$b" --seq_len "$s" --steps 3 \
-    --warmup 1 --bf16_grads --bf16_adapters "$@" $probe --json "$O/$name.json"
-  probe=""
-}
+lean="--bf16_grads --bf16_adapters"
 for case in ${CASES:-16x1024 1x1024}; do
   b=${case%x*}; s=${case#*x}
-  run "${case}_8bit_batched" "$b" "$s" --optim adamw_8bit
-  run "${case}_8bit_single" "$b" "$s" --optim adamw_8bit --batched_dequant false
-  run "${case}_paged_batched" "$b" "$s" --optim paged_adamw_8bit
+  bench_run "${case}_8bit_batched" "$b" "$s" $lean --optim adamw_8bit
+  bench_run "${case}_8bit_single" "$b" "$s" $lean --optim adamw_8bit --batched_dequant false
+  bench_run "${case}_paged_batched" "$b" "$s" $lean --optim paged_adamw_8bit
 done
-for f in "$O"/*x*_*.json; do
-  python3 - "$f" <<'PY'
-import json, sys
-d = json.load(open(sys.argv[1]))
-print(sys.argv[1].split("/")[-1], {k: d.get(k) for k in ["optim", "batched_dequant", "tokens_per_s", "peak_mib", "median_step_s", "mfu", "matmul_probe_tflops"]})
-PY
-done
+bench_summary optim batched_dequant tokens_per_s peak_mib median_step_s mfu matmul_probe_tflops
