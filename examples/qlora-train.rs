@@ -403,8 +403,6 @@ fn checkpoint_settings(dir: &Path) -> Option<serde_json::Value> {
     v.get("extra")?.get("run").cloned()
 }
 
-/// Everything the flags alone decide, checked before the model loads and the data is tokenized
-/// (minutes at 16B), each error naming its flag.
 /// The trainer's settings from the flags.
 fn train_config(
     args: &Args,
@@ -437,6 +435,8 @@ fn train_config(
     }
 }
 
+/// Everything the flags alone decide, checked before the model loads and the data is tokenized
+/// (minutes at 16B), each error naming its flag.
 fn validate_flags(args: &Args) -> Result<()> {
     if args.keep_activations_layers > 0 && !args.gradient_checkpointing {
         bail!(

@@ -4,9 +4,10 @@
 //!
 //! **State.** A variable of at least `min_8bit_size` elements (bitsandbytes: 4096) keeps each
 //! moment as one byte per element plus one f32 `absmax` per block of [`BLOCK_SIZE`] elements
-//! of that variable (bitsandbytes ≥ 0.45 uses 256); the first moment is coded with the signed
-//! dynamic map, the second with the unsigned one (`create_dynamic_map(signed)`, passed in as
-//! [`Maps`]). Smaller variables keep f32 moments, as bitsandbytes does.
+//! of that variable (as bitsandbytes 0.50 does: its fixture has 20 blocks for 5,000
+//! elements); the first moment is coded with the signed dynamic map, the second with the
+//! unsigned one (`create_dynamic_map(signed)`, passed in as [`Maps`]). Smaller variables keep
+//! f32 moments, as bitsandbytes does.
 //!
 //! **Update** (bitsandbytes' `kOptimizerStatic8bit2StateBlockwise`, per element, every product
 //! and sum rounded on its own):

@@ -5,9 +5,8 @@
 //! With [`Optim::Adamw8bit`] / [`Optim::PagedAdamw8bit`] the moments are bitsandbytes' 8-bit
 //! blockwise states instead ([`moe_peft_kernels::adam8bit`]: one byte per element and moment
 //! plus an f32 scale per 256 elements, half of bf16 moments and a quarter of f32 ones); the
-//! paged variant keeps them
-//! in page-locked host memory that the update kernel reads and writes over the bus, so they
-//! take no device memory at all.
+//! paged variant keeps them in page-locked host memory that the update kernel reads and writes
+//! over the bus, so they take no device memory at all.
 //!
 //! candle-optimisers' `Adam` keeps its moments private (no checkpoint, so no exact resume) and
 //! folds the bias corrections differently from torch; this optimizer exposes its state so a
@@ -269,6 +268,19 @@ fn views(flat: &Tensor, vars: &[Var], offsets: &[usize]) -> Result<Vec<Tensor>> 
         .collect()
 }
 
+/// Refuses variables that are not f32, naming the first (dense AdamW keeps f32 master weights).
+fn require_f32(names: &[String], vars: &[Var]) -> Result<()> {
+    if let Some(bad) = vars.iter().position(|v| v.dtype() != DType::F32) {
+        return Err(Error::InvalidTrainConfig(format!(
+            "adamw_torch keeps f32 variables; `{}` is {:?} (bf16 variables take adamw_8bit or \
+             paged_adamw_8bit)",
+            names[bad],
+            vars[bad].dtype()
+        )));
+    }
+    Ok(())
+}
+
 /// bitsandbytes' two maps of the 8-bit optimizer states.
 fn bnb_maps() -> Maps {
     Maps {
@@ -295,15 +307,9 @@ impl AdamW {
             names.push(n);
             vs.push(var);
         }
+        // Before any state is allocated (4.8 GB at 16B).
         if !cfg.optim.is_8bit() {
-            if let Some(bad) = vs.iter().position(|v| v.dtype() != DType::F32) {
-                return Err(Error::InvalidTrainConfig(format!(
-                    "adamw_torch keeps f32 variables; `{}` is {:?} (bf16 variables take \
-                     adamw_8bit or paged_adamw_8bit)",
-                    names[bad],
-                    vs[bad].dtype()
-                )));
-            }
+            require_f32(&names, &vs)?;
         }
         let moments = if cfg.optim.is_8bit() {
             if cfg.bf16_moments {
@@ -446,15 +452,7 @@ impl AdamW {
 
     /// Refuses variables that are not f32 (AdamW keeps f32 master weights).
     fn check_f32(&self) -> Result<()> {
-        if let Some(bad) = self.vars.iter().position(|v| v.dtype() != DType::F32) {
-            return Err(Error::InvalidTrainConfig(format!(
-                "adamw_torch keeps f32 variables; `{}` is {:?} (bf16 variables take adamw_8bit \
-                 or paged_adamw_8bit)",
-                self.names[bad],
-                self.vars[bad].dtype()
-            )));
-        }
-        Ok(())
+        require_f32(&self.names, &self.vars)
     }
 
     /// The scalars of the kernel call for the step now counted.
@@ -578,7 +576,13 @@ impl AdamW {
                 layout,
                 maps,
                 store,
-            } => self.save_blockwise(path, layout, maps, &store.to_host()?),
+            } => match store {
+                // Host state is written as it is; device or mapped state through a host copy.
+                BlockStore::Host(h) => self.save_blockwise(path, layout, maps, h),
+                // Device and mapped state exist only with the `cuda` feature.
+                #[allow(unreachable_patterns)]
+                other => self.save_blockwise(path, layout, maps, &other.to_host()?),
+            },
         }
     }
 

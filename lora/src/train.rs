@@ -173,7 +173,6 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Checks the values.
     /// Checks the values; an error names the field
     /// ([`Error::InvalidTrainSetting`]).
     pub fn validate(&self) -> Result<()> {

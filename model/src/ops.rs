@@ -111,6 +111,26 @@ pub fn permute_rows(x: &Tensor, perm: &Tensor, inv: &Tensor) -> candle_core::Res
     attach_backward(x, y, move |g| gather_rows(&g.contiguous()?, &inv))
 }
 
+/// `softmax(qs·kᵀ + mask)` over the last dimension, f32-accumulated: [`attention_core`]'s and
+/// [`causal_attention_core`]'s probabilities (forward and recomputed in backward).
+fn attention_probs(qs: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let scores = qs.matmul(&k.t()?)?;
+    // One pass reading the mask in place when it has the usual (1 or b, 1, sq, c) layout.
+    let fits = |m: &Tensor| {
+        let (sd, md) = (scores.dims(), m.dims());
+        md.len() == 4
+            && sd.len() == 4
+            && md[1] == 1
+            && md[2..] == sd[2..]
+            && (md[0] == 1 || md[0] == sd[0])
+    };
+    match mask {
+        Some(m) if fits(m) => moe_peft_kernels::softmax::masked_softmax(&scores, Some(m)),
+        Some(m) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(m)?),
+        None => candle_nn::ops::softmax_last_dim(&scores),
+    }
+}
+
 /// `softmax(q·scale·kᵀ + mask)·v` over the last two dimensions (`q`, `k`, `v` of shape
 /// `(…, seq, head_dim)`, `mask` broadcast to the scores and never differentiated), with the
 /// probabilities recomputed in backward: the graph keeps the output only, not the two
@@ -124,30 +144,13 @@ pub fn attention_core(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> candle_core::Result<Tensor> {
-    fn probs(qs: &Tensor, k: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let scores = qs.matmul(&k.t()?)?;
-        // One pass reading the mask in place when it has the usual (1 or b, 1, sq, c) layout.
-        let fits = |m: &Tensor| {
-            let (sd, md) = (scores.dims(), m.dims());
-            md.len() == 4
-                && sd.len() == 4
-                && md[1] == 1
-                && md[2..] == sd[2..]
-                && (md[0] == 1 || md[0] == sd[0])
-        };
-        match mask {
-            Some(m) if fits(m) => moe_peft_kernels::softmax::masked_softmax(&scores, Some(m)),
-            Some(m) => candle_nn::ops::softmax_last_dim(&scores.broadcast_add(m)?),
-            None => candle_nn::ops::softmax_last_dim(&scores),
-        }
-    }
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach().contiguous()?);
-    let y = probs(&(&qd * scale)?, &kd, mask)?.matmul(&vd)?;
+    let y = attention_probs(&(&qd * scale)?, &kd, mask)?.matmul(&vd)?;
     let mask = mask.cloned();
     attach_backward3(q, k, v, y, move |gy| {
         let gy = gy.contiguous()?;
         let qs = (&qd * scale)?;
-        let p = probs(&qs, &kd, mask.as_ref())?;
+        let p = attention_probs(&qs, &kd, mask.as_ref())?;
         let dv = p.t()?.matmul(&gy)?;
         // Softmax backward dS = P ⊙ (dP − Σ dP ⊙ P) in one pass.
         let ds = moe_peft_kernels::softmax::softmax_backward(&p, &gy.matmul(&vd.t()?)?)?;
@@ -242,18 +245,10 @@ pub fn causal_attention_core_chunked(
         let mc = mask.narrow(2, a, len)?.narrow(3, 0, kend)?.contiguous()?;
         Ok((qs, kc, vc, mc))
     };
-    let probs = |qs: &Tensor, kc: &Tensor, mc: &Tensor| -> candle_core::Result<Tensor> {
-        let scores = qs.matmul(&kc.t()?)?;
-        if mc.dim(1)? == 1 && (mc.dim(0)? == 1 || mc.dim(0)? == scores.dim(0)?) {
-            moe_peft_kernels::softmax::masked_softmax(&scores, Some(mc))
-        } else {
-            candle_nn::ops::softmax_last_dim(&scores.broadcast_add(mc)?)
-        }
-    };
     let mut ys = Vec::with_capacity(spans.len());
     for &span in &spans {
         let (qs, kc, vc, mc) = parts(&qd, &kd, &vd, &mask, span)?;
-        ys.push(probs(&qs, &kc, &mc)?.matmul(&vc)?);
+        ys.push(attention_probs(&qs, &kc, Some(&mc))?.matmul(&vc)?);
     }
     let y = Tensor::cat(&ys, 2)?;
     drop(ys);
@@ -265,7 +260,7 @@ pub fn causal_attention_core_chunked(
         for &span in spans.iter().rev() {
             let (a, len, kend) = span;
             let (qs, kc, vc, mc) = parts(&qd, &kd, &vd, &mask, span)?;
-            let p = probs(&qs, &kc, &mc)?;
+            let p = attention_probs(&qs, &kc, Some(&mc))?;
             let g = gy.narrow(2, a, len)?;
             let dvc = p.t()?.matmul(&g)?.to_dtype(DType::F32)?;
             let ds = moe_peft_kernels::softmax::softmax_backward(&p, &g.matmul(&vc.t()?)?)?;
