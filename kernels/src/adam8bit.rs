@@ -588,6 +588,21 @@ mod tests {
     }
 
     #[test]
+    fn quantize_2d_decides_at_the_f32_midpoint_and_ties_go_to_the_even_code() {
+        let m = maps();
+        for (map, signed) in [(&m.signed, true), (&m.unsigned, false)] {
+            for k in 0..255 {
+                let mid = (map[k] + map[k + 1]) * 0.5;
+                let (below, above) = (mid.next_down(), mid.next_up());
+                assert_eq!(quantize_2d(map, below, signed) as usize, k, "{k} below");
+                assert_eq!(quantize_2d(map, above, signed) as usize, k + 1, "{k} above");
+                let even = if k % 2 == 0 { k } else { k + 1 };
+                assert_eq!(quantize_2d(map, mid, signed) as usize, even, "{k} on");
+            }
+        }
+    }
+
+    #[test]
     fn layout_splits_small_and_large_variables() {
         let l = BlockwiseLayout::new(&[100, 5000, 4096, 10], 4096);
         assert_eq!(l.eight_bit, vec![false, true, true, false]);

@@ -13,7 +13,7 @@ use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
 use moe_peft_quant::dynamic::create_dynamic_map;
 
 /// The oracle: bitsandbytes' 8-bit blockwise Adam as its kernel states it, written plainly
-/// (exhaustive nearest-entry search instead of the kernel's binary search).
+/// (the code counted from the map's midpoints instead of the kernel's binary search).
 struct Oracle {
     m: Vec<Vec<u8>>,
     v: Vec<Vec<u8>>,
@@ -23,14 +23,18 @@ struct Oracle {
     v32: Vec<Vec<f32>>,
 }
 
+/// The code `quantize_2D` gives `x` in a sorted map: the nearer of the two entries around `x`,
+/// decided against their midpoint rounded to f32 (not the exact distance, which differs when
+/// `x` lies within rounding of the midpoint); a value on the midpoint takes the even code,
+/// because the kernel's search always ends on an even index.
 fn nearest(map: &[f32; 256], x: f32) -> u8 {
-    let mut best = 0usize;
-    for k in 1..256 {
-        if (map[k] - x).abs() < (map[best] - x).abs() {
-            best = k;
-        }
-    }
-    best as u8
+    let passed = (0..255)
+        .filter(|&k| {
+            let mid = (map[k] + map[k + 1]) * 0.5;
+            x > mid || (x == mid && k % 2 == 1)
+        })
+        .count();
+    passed as u8
 }
 
 #[allow(clippy::too_many_arguments)]
