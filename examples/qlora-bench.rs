@@ -25,7 +25,7 @@ use moe_peft::data::{DataConfig, InstructionDataset, LoaderConfig, PreprocessCon
 use moe_peft::lora::{
     LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer, DEEPSEEK_TARGETS,
 };
-use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft::model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft::quant::QuantPolicy;
 use rand::{Rng, SeedableRng};
 use rand_distr::Distribution;
@@ -220,7 +220,7 @@ fn run(args: Args) -> Result<()> {
         device: device.clone(),
         quant,
     };
-    let model = DeepSeekMoe::random(cfg.clone(), &opts, 0)?;
+    let model = MoeModel::random(cfg.clone(), &opts, 0)?;
     device.synchronize()?;
     let build_s = t.elapsed().as_secs_f64();
     let lcfg = LoraConfig {
@@ -494,7 +494,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
     use moe_peft::model::MoeOrMlp;
     let model = lora.model();
     let (b, s) = (args.batch_size, args.seq_len);
-    let h = model.config().hidden_size;
+    let h = model.arch().hidden_size;
     let dt = model.dtype();
     let x = Tensor::randn(0f32, 1.0, (b, s, h), device)?.to_dtype(dt)?;
     let ms = |t: f64| format!("{:.3} ms", t * 1e3);
@@ -568,7 +568,7 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
     })?;
     println!("profile: router {}", ms(t));
     let t = time_it(device, 3, || {
-        let _ = moe.forward(&xn, true)?;
+        let _ = moe.forward(&xn, &ctx)?;
         Ok(())
     })?;
     // The MoE block piece by piece (as Moe::forward runs it).

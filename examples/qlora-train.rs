@@ -31,7 +31,7 @@ use moe_peft::lora::{
     latest_checkpoint, merge_checkpoint, ExportOptions, LoraConfig, LoraModel, MergeOptions, Optim,
     Schedule, TargetModules, TrainConfig, Trainer, DEEPSEEK_TARGETS,
 };
-use moe_peft::model::{DeepSeekMoe, LoadOptions};
+use moe_peft::model::{LoadOptions, MoeModel};
 use moe_peft::quant::QuantPolicy;
 
 use common::tensorboard::EventWriter;
@@ -697,10 +697,10 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     let mut load_seconds = 0.0;
     let mut summary = serde_json::json!({});
     let gpu_watch = common::MemoryWatch::start(device.is_cuda());
-    let (model, model_dir): (DeepSeekMoe, Option<PathBuf>) = if demo {
+    let (model, model_dir): (MoeModel, Option<PathBuf>) = if demo {
         let cfg = common::demo_config();
         // The dense base is written out so that evaluate/generate/merge-adapter can use it.
-        let dense = DeepSeekMoe::random(
+        let dense = MoeModel::random(
             cfg.clone(),
             &LoadOptions {
                 quant: QuantPolicy::None,
@@ -730,10 +730,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             cfg.n_shared_experts.unwrap_or(0),
             base_dir.display()
         );
-        (
-            DeepSeekMoe::from_pretrained(&base_dir, &opts)?,
-            Some(base_dir),
-        )
+        (MoeModel::from_pretrained(&base_dir, &opts)?, Some(base_dir))
     } else {
         let dir = args
             .model_name_or_path
@@ -777,7 +774,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     }
     println!(
         "model: {} parameters, dtype {:?}, base {}",
-        model.config().num_parameters(),
+        model.arch().num_parameters(),
         dtype,
         match &policy {
             QuantPolicy::None => "dense".to_string(),
@@ -787,11 +784,11 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
 
     // Tokenizer and data.
     let (tok, tok_dir) = common::load_tokenizer(model_dir.as_deref(), &out)?;
-    if tok.vocab_size() > model.config().vocab_size {
+    if tok.vocab_size() > model.arch().vocab_size {
         bail!(
             "the tokenizer has {} tokens but the model only {} embeddings",
             tok.vocab_size(),
-            model.config().vocab_size
+            model.arch().vocab_size
         );
     }
     let pre = PreprocessConfig {

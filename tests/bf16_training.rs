@@ -27,7 +27,7 @@ use moe_peft::lora::{
     LoraConfig, LoraModel, Schedule, TargetModules, TrainBatch, TrainConfig, Trainer,
 };
 use moe_peft::model::random::{write_random_checkpoint, RandomCheckpointOptions};
-use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft::model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft::quant::QuantPolicy;
 
 fn gpu() -> Option<Device> {
@@ -84,7 +84,7 @@ fn batch(step: usize, dev: &Device) -> Result<TrainBatch> {
 }
 
 fn trainer(dir: &std::path::Path, dev: &Device, dtype: DType) -> Result<Trainer> {
-    let base = DeepSeekMoe::from_pretrained(
+    let base = MoeModel::from_pretrained(
         dir,
         &LoadOptions {
             dtype,

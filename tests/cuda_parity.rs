@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use moe_peft::lora::{LoraModel, TrainBatch, TrainConfig, Trainer};
-use moe_peft::model::{DeepSeekMoe, LoadOptions};
+use moe_peft::model::{LoadOptions, MoeModel};
 use moe_peft::quant::QuantPolicy;
 
 fn fixtures() -> PathBuf {
@@ -43,7 +43,7 @@ fn trainer(dev: &Device, dtype: DType, quant: QuantPolicy) -> Result<Trainer> {
         device: dev.clone(),
         quant,
     };
-    let base = DeepSeekMoe::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
+    let base = MoeModel::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
     let lm = LoraModel::from_pretrained(base, &fixtures().join("lora/adapter"))?;
     Ok(Trainer::new(lm, TrainConfig::default())?)
 }
@@ -107,7 +107,7 @@ fn bf16_matches_f32_of_the_same_rounded_weights() -> Result<()> {
         dir.path().join("config.json"),
     )?;
     let load = |dev: &Device, dtype| {
-        DeepSeekMoe::from_pretrained(
+        MoeModel::from_pretrained(
             dir.path(),
             &LoadOptions {
                 dtype,

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use moe_peft::data::{Batch, TextTokenizer};
 use moe_peft::lora::TrainBatch;
-use moe_peft::model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft::model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft::quant::{FourBitConfig, QuantPolicy, QuantType};
 
 /// mimalloc instead of the system allocator: tokenizing the data allocates a small string per
@@ -111,7 +111,7 @@ pub fn quant_policy(bits: u32, quant_type: &str, double_quant: bool) -> Result<Q
 }
 
 /// Opens a local model directory (config.json + safetensors).
-pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<DeepSeekMoe> {
+pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<MoeModel> {
     if !path.is_dir() {
         bail!(
             "--model_name_or_path {}: not a local directory (nor a Hugging Face Hub name such as \
@@ -119,7 +119,7 @@ pub fn load_model(path: &Path, opts: &LoadOptions) -> Result<DeepSeekMoe> {
             path.display()
         );
     }
-    let model = DeepSeekMoe::from_pretrained(path, opts)
+    let model = MoeModel::from_pretrained(path, opts)
         .with_context(|| format!("loading {}", path.display()))?;
     let unused = model.unused_checkpoint_tensors();
     if !unused.is_empty() {
@@ -373,7 +373,7 @@ pub fn loss_svg(points: &[(usize, f64)], title: &str) -> Result<String> {
 /// Greedy answer of `model` to `instruction` under the reference template, cut at `<|EOT|>` or
 /// EOS, with the stop text removed (what `generate --template reference` prints).
 pub fn reference_answer(
-    model: &DeepSeekMoe,
+    model: &MoeModel,
     tok: &TextTokenizer,
     instruction: &str,
     max_new_tokens: usize,
@@ -401,14 +401,14 @@ pub fn reference_answer(
 /// A base model with, optionally, a PEFT adapter directory applied.
 pub enum Loaded {
     /// The base alone.
-    Base(Box<DeepSeekMoe>),
+    Base(Box<MoeModel>),
     /// Base + adapter.
     Adapted(Box<moe_peft::lora::LoraModel>),
 }
 
 impl Loaded {
     /// The model to run.
-    pub fn model(&self) -> &DeepSeekMoe {
+    pub fn model(&self) -> &MoeModel {
         match self {
             Self::Base(m) => m,
             Self::Adapted(l) => l.model(),

@@ -9,7 +9,7 @@ use moe_peft_model::io::{
     plan_shards, shard_file_names, torch_dtype_name, write_shard_index, SafetensorsWriter,
     TensorSpec,
 };
-use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig};
+use moe_peft_model::MoeModel;
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
@@ -97,7 +97,7 @@ impl LoraModel {
 
     /// Loads a PEFT adapter directory onto `model`: reads its config, injects adapters where
     /// it says, and fills them from `adapter_model.safetensors`. Every tensor must fit.
-    pub fn from_pretrained(model: DeepSeekMoe, dir: &Path) -> Result<Self> {
+    pub fn from_pretrained(model: MoeModel, dir: &Path) -> Result<Self> {
         let cfg = LoraConfig::from_file(dir.join(ADAPTER_CONFIG))?;
         let mut lm = Self::new(model, cfg, 0)?;
         lm.load_adapter_weights(&dir.join(ADAPTER_WEIGHTS))?;
@@ -182,7 +182,7 @@ impl Default for ExportOptions {
 /// `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json`. Shards are
 /// materialized one at a time (dequantizing/merging one weight at a time), so host memory
 /// stays near one shard.
-pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Result<Vec<PathBuf>> {
+pub fn export_hf(model: &MoeModel, dir: &Path, opts: &ExportOptions) -> Result<Vec<PathBuf>> {
     if !matches!(opts.dtype, DType::BF16 | DType::F32 | DType::F16) {
         return Err(Error::InvalidConfig(format!(
             "export dtype {:?} (bf16, f16 or f32)",
@@ -235,11 +235,10 @@ pub fn export_hf(model: &DeepSeekMoe, dir: &Path, opts: &ExportOptions) -> Resul
     if n > 1 {
         written.push(write_shard_index(dir, total, &weight_map)?);
     }
-    let mut cfg: DeepSeekMoeConfig = model.config().clone();
-    cfg.quantization_config = None;
-    cfg.torch_dtype = Some(torch_dtype_name(opts.dtype).into());
+    let mut cfg = model.config().clone();
+    cfg.set_saved_format(None, torch_dtype_name(opts.dtype));
     let p = dir.join("config.json");
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::json(&p, e))?;
+    let text = serde_json::to_string_pretty(&cfg.to_json()?).map_err(|e| Error::json(&p, e))?;
     write_atomic(&p, (text + "\n").as_bytes())?;
     written.push(p);
     for f in &opts.extra_files {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, TensorId, Var};
-use moe_peft_model::{DeepSeekMoe, Embedding, MoeOrMlp, RmsNorm};
+use moe_peft_model::{Embedding, MoeModel, MoeOrMlp};
 use moe_peft_quant::DenseLinear;
 use rand::{Rng, SeedableRng};
 
@@ -38,7 +38,7 @@ pub enum TrainMode {
 #[derive(Debug)]
 pub struct LoraModel {
     mode: TrainMode,
-    model: DeepSeekMoe,
+    model: MoeModel,
     config: LoraConfig,
     adapters: BTreeMap<String, Arc<LoraLinear>>,
     saved_modules: BTreeMap<String, Var>,
@@ -53,7 +53,7 @@ fn uniform(rng: &mut rand::rngs::StdRng, n: usize, bound: f32) -> Vec<f32> {
 impl LoraModel {
     /// Injects freshly initialized adapters (PEFT init: A kaiming-uniform(a=√5), B zeros).
     /// `seed` fixes the initialization and the dropout masks.
-    pub fn new(model: DeepSeekMoe, config: LoraConfig, seed: u64) -> Result<Self> {
+    pub fn new(model: MoeModel, config: LoraConfig, seed: u64) -> Result<Self> {
         Self::with_adapter_dtype(model, config, seed, DType::F32)
     }
 
@@ -62,7 +62,7 @@ impl LoraModel {
     /// rounded to nearest; train them with an 8-bit optimizer, which updates bf16 weights by
     /// stochastic rounding). `modules_to_save` stay f32.
     pub fn with_adapter_dtype(
-        mut model: DeepSeekMoe,
+        mut model: MoeModel,
         config: LoraConfig,
         seed: u64,
         dtype: DType,
@@ -228,7 +228,7 @@ impl LoraModel {
     /// Full fine-tuning: every weight of `model` becomes an f32 `Var` (projections, norms,
     /// routers, embeddings, `lm_head`). Sized for small models: it needs four f32 copies of
     /// the model (weights, gradients, two AdamW moments).
-    pub fn full_finetune(mut model: DeepSeekMoe, seed: u64) -> Result<Self> {
+    pub fn full_finetune(mut model: MoeModel, seed: u64) -> Result<Self> {
         let mut vars = BTreeMap::new();
         model.visit_sites_mut(&mut |name, slot| {
             let v = Var::from_tensor(&slot.dense_weight(DType::F32)?)?;
@@ -236,29 +236,14 @@ impl LoraModel {
             vars.insert(format!("{name}.weight"), v);
             Ok(())
         })?;
-        let var = |t: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&t.to_dtype(DType::F32)?)?) };
-        let embed = var(model.embed_tokens.weight())?;
-        model.embed_tokens = Embedding::new(embed.as_tensor().clone());
-        vars.insert("model.embed_tokens.weight".into(), embed.clone());
-        for l in &mut model.layers {
-            let p = format!("model.layers.{}", l.index);
-            let v = var(l.input_layernorm.weight())?;
-            l.input_layernorm = RmsNorm::new(v.as_tensor().clone(), l.input_layernorm.eps())?;
-            vars.insert(format!("{p}.input_layernorm.weight"), v);
-            let v = var(l.post_attention_layernorm.weight())?;
-            l.post_attention_layernorm =
-                RmsNorm::new(v.as_tensor().clone(), l.post_attention_layernorm.eps())?;
-            vars.insert(format!("{p}.post_attention_layernorm.weight"), v);
-            if let MoeOrMlp::Moe(m) = &mut l.mlp {
-                let v = var(m.gate.weight())?;
-                m.gate.set_weight(v.as_tensor().clone());
-                vars.insert(format!("{p}.mlp.gate.weight"), v);
-            }
-        }
-        let v = var(model.norm.weight())?;
-        model.norm = RmsNorm::new(v.as_tensor().clone(), model.norm.eps())?;
-        vars.insert("model.norm.weight".into(), v);
-        if model.config().tie_word_embeddings {
+        model.visit_tensors_mut(&mut |name, t| {
+            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            *t = v.as_tensor().clone();
+            vars.insert(name.to_string(), v);
+            Ok(())
+        })?;
+        let embed = vars["model.embed_tokens.weight"].clone();
+        if model.arch().tie_word_embeddings {
             model.lm_head = Arc::new(TrainableLinear::new(embed));
         } else {
             let v = Var::from_tensor(&model.lm_head.dense_weight(DType::F32)?)?;
@@ -282,7 +267,7 @@ impl LoraModel {
     }
 
     /// The wrapped model (adapters live inside its sites).
-    pub fn model(&self) -> &DeepSeekMoe {
+    pub fn model(&self) -> &MoeModel {
         &self.model
     }
 
@@ -376,7 +361,7 @@ impl LoraModel {
     /// Returns the base model with every adapter merged into a dense weight (`W + s·B·A`,
     /// dequantizing quantized bases) and the trained `modules_to_save` in place: a plain
     /// model that can be exported.
-    pub fn merge_and_unload(mut self) -> Result<DeepSeekMoe> {
+    pub fn merge_and_unload(mut self) -> Result<MoeModel> {
         if self.mode == TrainMode::Full {
             return Ok(self.model);
         }

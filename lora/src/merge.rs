@@ -20,7 +20,7 @@ use moe_peft_model::io::{
     plan_shards, shard_file_names, torch_dtype_name, write_shard_index, SafetensorsWriter,
     TensorSpec,
 };
-use moe_peft_model::{Checkpoint, DeepSeekMoeConfig};
+use moe_peft_model::{Checkpoint, ModelConfig};
 use moe_peft_quant::{FourBitConfig, FourBitTensor};
 
 use crate::config::LoraConfig;
@@ -108,7 +108,7 @@ pub fn merge_checkpoint(
         )));
     }
     let lcfg = LoraConfig::from_file(adapter_dir.join(ADAPTER_CONFIG))?;
-    let mut cfg = DeepSeekMoeConfig::from_file(base_dir.join("config.json"))?;
+    let mut cfg = ModelConfig::from_file(base_dir.join("config.json"))?;
     let base = Checkpoint::open_dir(base_dir)?;
     let adapter_file = adapter_dir.join(ADAPTER_WEIGHTS);
     let adapter = Checkpoint::open_files(std::slice::from_ref(&adapter_file))?;
@@ -289,10 +289,9 @@ pub fn merge_checkpoint(
             .files
             .push(write_shard_index(out_dir, report.bytes, &weight_map)?);
     }
-    cfg.quantization_config = None;
-    cfg.torch_dtype = Some(torch_dtype_name(opts.dtype).into());
+    cfg.set_saved_format(None, torch_dtype_name(opts.dtype));
     let p = out_dir.join("config.json");
-    let text = serde_json::to_string_pretty(&cfg).map_err(|e| Error::json(&p, e))?;
+    let text = serde_json::to_string_pretty(&cfg.to_json()?).map_err(|e| Error::json(&p, e))?;
     write_atomic(&p, (text + "\n").as_bytes())?;
     report.files.push(p);
     for f in &opts.extra_files {

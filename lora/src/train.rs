@@ -25,6 +25,7 @@ use crate::export::write_atomic;
 use crate::inject::LoraModel;
 use crate::schedule::Schedule;
 use moe_peft_kernels::FlatGrads;
+use moe_peft_model::RouterStats;
 
 /// One micro-batch on the model's device.
 #[derive(Debug, Clone)]
@@ -487,22 +488,19 @@ impl Trainer {
         let h0 = model.embed(&batch.input_ids)?;
         if !self.cfg.gradient_checkpointing {
             let mut h = h0;
-            let mut aux_sum: Option<Tensor> = None;
+            let mut outs = Vec::with_capacity(model.layers.len());
             for layer in &model.layers {
                 let out = layer.forward(&h, &ctx, None)?;
-                h = out.hidden;
-                if let Some(a) = out.aux_loss {
-                    aux_sum = Some(match aux_sum {
-                        Some(s) => (s + a)?,
-                        None => a,
-                    });
-                }
+                h = out.hidden.clone();
+                outs.push(out);
             }
+            let aux_terms = model.aux_losses(&outs.iter().collect::<Vec<_>>())?;
+            drop(outs);
             let loss = model.lm_loss(&h, &batch.labels)?;
             let mut obj = (&loss.loss * scale)?;
             let mut aux = 0.0;
-            if let Some(a) = aux_sum {
-                aux = a.to_scalar::<f32>()? as f64;
+            for a in aux_terms {
+                aux += a.to_scalar::<f32>()? as f64;
                 obj = (obj + a)?;
             }
             self.lap(&mut t, 0)?;
@@ -518,28 +516,40 @@ impl Trainer {
         }
         // Forward, keeping each layer's input only, except the last
         // `keep_activations_layers` layers, which keep their whole graph for backward.
+        // The Switch balancing loss (Qwen-MoE, Mixtral, OLMoE) pools every layer's routing:
+        // each layer's statistics are kept (detached) to weigh its term in backward.
         let n_layers = model.layers.len();
         let keep_from = n_layers.saturating_sub(self.cfg.keep_activations_layers);
         let mut saved: Vec<Saved> = Vec::with_capacity(n_layers);
+        let mut routers: Vec<RouterStats> = Vec::new();
         let mut h = h0.detach();
         let mut aux = 0.0;
         for (i, layer) in model.layers.iter().enumerate() {
-            if i >= keep_from {
+            let out = if i >= keep_from {
                 let xv = Var::from_tensor(&h)?;
                 let out = layer.forward(xv.as_tensor(), &ctx, None)?;
-                if let Some(a) = &out.aux_loss {
-                    aux += a.to_scalar::<f32>()? as f64;
-                }
                 h = out.hidden.detach();
-                saved.push(Saved::Graph(xv, out));
+                saved.push(Saved::Graph(xv, out.clone()));
+                out
             } else {
                 saved.push(Saved::Input(h.clone()));
                 let out = layer.forward(&h, &ctx, None)?;
-                if let Some(a) = &out.aux_loss {
-                    aux += a.to_scalar::<f32>()? as f64;
-                }
                 h = out.hidden.detach();
+                out
+            };
+            if let Some(a) = &out.aux_loss {
+                aux += a.to_scalar::<f32>()? as f64;
             }
+            if let Some(r) = &out.router {
+                let mut r = r.clone();
+                r.prob_sum = r.prob_sum.detach();
+                routers.push(r);
+            }
+        }
+        let switch = model.switch_aux(&routers.iter().collect::<Vec<_>>())?;
+        drop(routers);
+        if let Some(sw) = &switch {
+            aux += sw.value();
         }
         self.lap(&mut t, 0)?;
         let hv = Var::from_tensor(&h)?;
@@ -565,6 +575,9 @@ impl Trainer {
             let mut obj = moe_peft_model::ops::seed_gradient(&out.hidden, &g)?;
             if let Some(a) = out.aux_loss {
                 obj = (obj + a)?;
+            }
+            if let (Some(sw), Some(r)) = (&switch, &out.router) {
+                obj = (obj + sw.layer_term(r)?)?;
             }
             let gs = obj.backward()?;
             self.collect(&gs)?;

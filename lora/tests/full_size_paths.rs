@@ -11,7 +11,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use moe_peft_lora::{
     merge_checkpoint, AdamW, AdamWConfig, LoraConfig, LoraModel, MergeOptions, TargetModules,
 };
-use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft_quant::QuantPolicy;
 
 fn fixtures() -> PathBuf {
@@ -102,7 +102,7 @@ fn streaming_merge_of_4bit_bases_matches_the_in_memory_merge() -> Result<()> {
             },
         )?;
         let got = merged_tensors(out.path())?;
-        let model = DeepSeekMoe::from_pretrained(
+        let model = MoeModel::from_pretrained(
             fixtures().join(base),
             &LoadOptions {
                 quant: policy,
@@ -304,7 +304,7 @@ fn optimizer_state_round_trips_exactly_in_both_layouts() -> Result<()> {
 
 #[test]
 fn inference_under_no_grad_records_no_graph() -> Result<()> {
-    let model = DeepSeekMoe::random(
+    let model = MoeModel::random(
         DeepSeekMoeConfig::tiny(96),
         &LoadOptions {
             quant: QuantPolicy::qlora(),

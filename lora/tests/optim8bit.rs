@@ -9,7 +9,7 @@ use moe_peft_lora::{
     AdamW, AdamWConfig, LoraConfig, LoraModel, Optim, Schedule, TargetModules, TrainBatch,
     TrainConfig, Trainer,
 };
-use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft_quant::dynamic::create_dynamic_map;
 
 /// The oracle: bitsandbytes' 8-bit blockwise Adam as its kernel states it, written plainly
@@ -208,10 +208,10 @@ fn each_update_is_the_published_algorithm_element_by_element() -> Result<()> {
     Ok(())
 }
 
-fn base() -> Result<DeepSeekMoe> {
+fn base() -> Result<MoeModel> {
     let mut cfg = DeepSeekMoeConfig::tiny(128);
     cfg.max_position_embeddings = 64;
-    Ok(DeepSeekMoe::random(cfg, &LoadOptions::default(), 7)?)
+    Ok(MoeModel::random(cfg, &LoadOptions::default(), 7)?)
 }
 
 fn lora_cfg() -> LoraConfig {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use moe_peft_lora::{LoraModel, TrainBatch, TrainConfig, Trainer};
-use moe_peft_model::{causal_lm_loss, DeepSeekMoe, LoadOptions};
+use moe_peft_model::{causal_lm_loss, LoadOptions, MoeModel};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -44,7 +44,7 @@ fn lora_model(base_dir: &str, aux: bool) -> Result<LoraModel> {
         cfg.aux_loss_alpha = 0.0;
     }
     let ck = moe_peft_model::Checkpoint::open_dir(&dir)?;
-    let model = DeepSeekMoe::load(cfg, &ck, &LoadOptions::default())?;
+    let model = MoeModel::load(cfg, &ck, &LoadOptions::default())?;
     Ok(LoraModel::from_pretrained(
         model,
         &fixtures().join("lora/adapter"),
@@ -203,7 +203,7 @@ fn merge_matches_peft_merge_and_unload() -> Result<()> {
 fn qlora_on_the_bitsandbytes_nf4_base_matches() -> Result<()> {
     let q = load(&fixtures().join("nf4/qlora_outputs.safetensors"))?;
     let b = batch()?;
-    let base = DeepSeekMoe::from_pretrained(
+    let base = MoeModel::from_pretrained(
         fixtures().join("nf4/tiny_deepseek_moe_nf4"),
         &LoadOptions::default(),
     )?;

@@ -10,12 +10,12 @@ use moe_peft_lora::{
     latest_checkpoint, list_checkpoints, Error, LoraConfig, LoraModel, Schedule, TargetModules,
     TrainBatch, TrainConfig, Trainer,
 };
-use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
-fn base() -> Result<DeepSeekMoe> {
+fn base() -> Result<MoeModel> {
     let mut cfg = DeepSeekMoeConfig::tiny(128);
     cfg.max_position_embeddings = 64;
-    Ok(DeepSeekMoe::random(cfg, &LoadOptions::default(), 7)?)
+    Ok(MoeModel::random(cfg, &LoadOptions::default(), 7)?)
 }
 
 fn lora_cfg(dropout: f64) -> LoraConfig {
@@ -246,7 +246,7 @@ fn bad_adapters_and_configs_are_refused_clearly() -> Result<()> {
     wide.hidden_size = 96;
     wide.num_attention_heads = 6;
     wide.num_key_value_heads = Some(6);
-    let wide = DeepSeekMoe::random(wide, &LoadOptions::default(), 1)?;
+    let wide = MoeModel::random(wide, &LoadOptions::default(), 1)?;
     std::fs::write(
         &p,
         std::fs::read_to_string(&p)?.replace("\"r\": 4", "\"r\": 8"),
@@ -265,7 +265,7 @@ fn bad_adapters_and_configs_are_refused_clearly() -> Result<()> {
 fn full_finetune_trains_every_weight_and_resumes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let lm = LoraModel::full_finetune(base()?, 0)?;
-    let n_params = base()?.config().num_parameters();
+    let n_params = base()?.arch().num_parameters();
     assert_eq!(lm.num_trainable_parameters(), n_params);
     let cfg = TrainConfig {
         learning_rate: 1e-3,
@@ -280,8 +280,8 @@ fn full_finetune_trains_every_weight_and_resumes() -> Result<()> {
     let (mut r, _) = Trainer::resume(LoraModel::full_finetune(base()?, 0)?, cfg, &ck)?;
     assert_eq!(run(&mut r, 3, 6)?, losses[3..].to_vec());
     // The saved checkpoint is a loadable HF model.
-    let m = DeepSeekMoe::from_pretrained(&ck, &LoadOptions::default())?;
-    assert_eq!(m.config().num_parameters(), n_params);
+    let m = MoeModel::from_pretrained(&ck, &LoadOptions::default())?;
+    assert_eq!(m.arch().num_parameters(), n_params);
     Ok(())
 }
 
@@ -601,7 +601,7 @@ fn keeping_activations_of_some_layers_gives_the_same_gradient_bits() -> Result<(
             .collect::<candle_core::Result<Vec<_>>>()?;
         Ok((losses, params))
     };
-    let n_layers = base()?.config().num_hidden_layers;
+    let n_layers = base()?.arch().num_hidden_layers;
     let reference = run_with(0)?;
     for keep in 1..=n_layers + 1 {
         let got = run_with(keep)?;

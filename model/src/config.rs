@@ -8,7 +8,9 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::arch::{Arch, AuxLoss, Family, Naming, QkNorm, MLP_NAMES};
 use crate::error::{Error, Result};
+use crate::layers::Activation;
 
 /// The HF configuration of a DeepSeekMoE (v1) causal LM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -93,14 +95,41 @@ pub struct DeepSeekMoeConfig {
     pub transformers_version: Option<String>,
 }
 
-/// RoPE scaling of `configuration_deepseek.py`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// RoPE scaling: `{"type": "linear"|"dynamic", "factor": f}` (transformers also writes the kind
+/// as `rope_type`; either key is read, both are written).
+#[derive(Debug, Clone, PartialEq)]
 pub struct RopeScaling {
     /// `"linear"` or `"dynamic"` (NTK).
-    #[serde(rename = "type")]
     pub kind: String,
     /// Scaling factor (> 1).
     pub factor: f64,
+}
+
+impl Serialize for RopeScaling {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        serde_json::json!({"type": self.kind, "rope_type": self.kind, "factor": self.factor})
+            .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for RopeScaling {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            rope_type: Option<String>,
+            factor: Option<f64>,
+        }
+        let r = Raw::deserialize(d)?;
+        let kind = r.kind.or(r.rope_type).ok_or_else(|| {
+            serde::de::Error::custom("rope_scaling needs a \"type\" (or \"rope_type\")")
+        })?;
+        Ok(Self {
+            kind,
+            factor: r.factor.unwrap_or(1.0),
+        })
+    }
 }
 
 impl Default for DeepSeekMoeConfig {
@@ -268,6 +297,60 @@ impl DeepSeekMoeConfig {
             }
         }
         total
+    }
+
+    /// The architecture (DeepSeekMoE's blocks and names).
+    pub fn arch(&self) -> Result<Arch> {
+        let hidden_act =
+            Activation::from_name(&self.hidden_act).ok_or_else(|| Error::InvalidConfig {
+                field: "hidden_act",
+                reason: format!("is {:?}; supported: silu, gelu, relu", self.hidden_act),
+            })?;
+        Ok(Arch {
+            family: Family::DeepSeek,
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            num_key_value_heads: self.kv_heads(),
+            head_dim: self.head_dim(),
+            attention_bias: [false; 4],
+            qk_norm: QkNorm::None,
+            clip_qkv: None,
+            rope_theta: self.rope_theta,
+            rope_scaling: self.rope_scaling.clone(),
+            max_position_embeddings: self.max_position_embeddings,
+            sliding_window: None,
+            rms_norm_eps: self.rms_norm_eps,
+            hidden_act,
+            initializer_range: self.initializer_range,
+            tie_word_embeddings: self.tie_word_embeddings,
+            intermediate_size: self.intermediate_size,
+            moe_layers: (0..self.num_hidden_layers)
+                .map(|i| self.is_moe_layer(i))
+                .collect(),
+            num_experts: self.routed_experts(),
+            top_k: self.num_experts_per_tok.unwrap_or(0),
+            moe_intermediate_size: self.moe_intermediate_size,
+            shared_intermediate: self.shared_intermediate(),
+            shared_gate: false,
+            norm_topk: self.norm_topk_prob.then_some(1e-20),
+            aux: if self.aux_loss_alpha > 0.0 {
+                AuxLoss::DeepSeek {
+                    alpha: self.aux_loss_alpha,
+                    seq: self.seq_aux,
+                }
+            } else {
+                AuxLoss::None
+            },
+            naming: Naming {
+                moe: "mlp",
+                expert: MLP_NAMES,
+                shared: "shared_experts",
+            },
+            bos_token_id: self.bos_token_id,
+            eos_token_id: self.eos_token_id,
+        })
     }
 
     /// Checks every value the model relies on; the error names the field.

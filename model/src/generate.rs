@@ -4,7 +4,7 @@ use candle_core::{DType, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::error::{Error, Result};
-use crate::model::{DeepSeekMoe, KvCache};
+use crate::model::{KvCache, MoeModel};
 
 /// Sampling settings.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +99,7 @@ fn sample(logits: &[f32], opts: &GenerateOptions, rng: &mut rand::rngs::StdRng) 
     probs[kept - 1].0
 }
 
-impl DeepSeekMoe {
+impl MoeModel {
     /// Continues `prompt` (token ids, BOS included if wanted) and returns only the new tokens.
     /// Runs without recording a graph ([`crate::grad::no_grad`]).
     pub fn generate(&self, prompt: &[u32], opts: &GenerateOptions) -> Result<Vec<u32>> {

@@ -1,4 +1,5 @@
-//! `DeepSeekMoe`: the whole causal LM, its loading, forward passes and loss.
+//! [`MoeModel`]: the whole causal LM of any supported family, its loading, forward passes and
+//! loss.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,11 +8,13 @@ use candle_core::{DType, Device, Tensor};
 use moe_peft_quant::{DenseLinear, FourBitLinear, FourBitTensor, QuantPolicy};
 use rand::{Rng, SeedableRng};
 
-use crate::config::DeepSeekMoeConfig;
+use crate::arch::{Arch, AuxLoss, QkNorm, MLP_NAMES};
+use crate::aux::SwitchAux;
 use crate::error::{Error, Result};
+use crate::families::ModelConfig;
 use crate::layers::{
-    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, Linear, Mlp, Moe, MoeGate,
-    MoeOrMlp, RmsNorm, Rotary,
+    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, LayerOutput, Linear, Mlp,
+    Moe, MoeGate, MoeOrMlp, RmsNorm, Rotary, RouterStats, ATTENTION_PROJECTIONS,
 };
 use crate::ops::log_softmax_f32;
 use crate::weights::Checkpoint;
@@ -55,6 +58,11 @@ impl Embedding {
         &self.weight
     }
 
+    /// The matrix, to replace.
+    pub fn weight_mut(&mut self) -> &mut Tensor {
+        &mut self.weight
+    }
+
     /// Rows for `ids` of shape `(b, seq)` (u32).
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
@@ -70,7 +78,8 @@ impl Embedding {
 pub struct ModelOutput {
     /// Logits `(b, seq, vocab)` in the model dtype.
     pub logits: Tensor,
-    /// One balancing loss per MoE layer (training only).
+    /// The balancing losses (training only): one per MoE layer for DeepSeekMoE, one for the
+    /// whole pass for the families with transformers' Switch loss (already times its coef).
     pub aux_losses: Vec<Tensor>,
     /// Embedding output, each layer's output, and the final normed states (if asked for).
     pub hidden_states: Vec<Tensor>,
@@ -111,10 +120,12 @@ impl KvCache {
     }
 }
 
-/// DeepSeekMoE (v1) for causal language modelling.
+/// A MoE causal LM (DeepSeekMoE, Qwen2-MoE, Qwen3-MoE, Mixtral, OLMoE): the family's blocks,
+/// chosen from its config.
 #[derive(Debug, Clone)]
-pub struct DeepSeekMoe {
-    cfg: DeepSeekMoeConfig,
+pub struct MoeModel {
+    cfg: ModelConfig,
+    arch: Arch,
     /// `model.embed_tokens`.
     pub embed_tokens: Embedding,
     /// `model.layers.*`.
@@ -141,6 +152,7 @@ trait WeightSource {
 enum Init {
     Normal(f64),
     Ones,
+    Zeros,
     /// kaiming_uniform(a=√5): U(−1/√fan_in, 1/√fan_in).
     KaimingUniform,
 }
@@ -260,6 +272,7 @@ impl Random<'_> {
         let n: usize = shape.iter().product();
         let t = match init {
             Init::Ones => Tensor::ones(shape, DType::F32, dev)?,
+            Init::Zeros => Tensor::zeros(shape, DType::F32, dev)?,
             Init::Normal(std) if !dev.is_cpu() => Tensor::randn(0f32, std as f32, shape, dev)?,
             Init::Normal(std) => {
                 let d = rand_distr::Normal::new(0f32, std as f32)
@@ -294,18 +307,19 @@ impl WeightSource for Random<'_> {
     }
 }
 
-impl DeepSeekMoe {
+impl MoeModel {
     /// Loads a model directory: `config.json` plus `model.safetensors` or sharded safetensors.
     pub fn from_pretrained(dir: impl AsRef<Path>, opts: &LoadOptions) -> Result<Self> {
         let dir = dir.as_ref();
-        let cfg = DeepSeekMoeConfig::from_file(dir.join("config.json"))?;
+        let cfg = ModelConfig::from_file(dir.join("config.json"))?;
         let ck = Checkpoint::open_dir(dir)?;
         Self::load(cfg, &ck, opts)
     }
 
     /// Builds the model from an opened checkpoint, converting (and, per `opts.quant`,
     /// quantizing) one tensor at a time.
-    pub fn load(cfg: DeepSeekMoeConfig, ck: &Checkpoint, opts: &LoadOptions) -> Result<Self> {
+    pub fn load(cfg: impl Into<ModelConfig>, ck: &Checkpoint, opts: &LoadOptions) -> Result<Self> {
+        let cfg = cfg.into();
         cfg.validate()?;
         let mut src = FromCheckpoint {
             ck,
@@ -321,7 +335,8 @@ impl DeepSeekMoe {
 
     /// A model with random weights (HF's init: normal(0, `initializer_range`), router
     /// kaiming-uniform, norms 1), seeded; on a GPU the device's generator is used.
-    pub fn random(cfg: DeepSeekMoeConfig, opts: &LoadOptions, seed: u64) -> Result<Self> {
+    pub fn random(cfg: impl Into<ModelConfig>, opts: &LoadOptions, seed: u64) -> Result<Self> {
+        let cfg = cfg.into();
         cfg.validate()?;
         if !opts.device.is_cpu() {
             opts.device.set_seed(seed)?;
@@ -329,16 +344,12 @@ impl DeepSeekMoe {
         let mut src = Random {
             rng: rand::rngs::StdRng::seed_from_u64(seed),
             opts,
-            std: cfg.initializer_range,
+            std: cfg.arch()?.initializer_range,
         };
         Self::build(cfg, &mut src, opts)
     }
 
-    fn build(
-        cfg: DeepSeekMoeConfig,
-        src: &mut dyn WeightSource,
-        opts: &LoadOptions,
-    ) -> Result<Self> {
+    fn build(cfg: ModelConfig, src: &mut dyn WeightSource, opts: &LoadOptions) -> Result<Self> {
         if opts.device.is_cpu() && opts.dtype == DType::BF16 {
             return Err(Error::InvalidInput(
                 "bf16 compute needs a CUDA device: candle's CPU matmul has no bf16 kernel; use f32 on the CPU"
@@ -354,67 +365,110 @@ impl DeepSeekMoe {
                 opts.dtype
             )));
         }
-        let h = cfg.hidden_size;
-        let v = cfg.vocab_size;
-        let kv = cfg.kv_heads() * cfg.head_dim();
-        let std = cfg.initializer_range;
+        let a = cfg.arch()?;
+        let h = a.hidden_size;
+        let v = a.vocab_size;
+        let (qw, kv) = (a.q_width(), a.kv_width());
+        let std = a.initializer_range;
         let embed = src.tensor(
             "model.embed_tokens.weight",
             &[v, h],
             opts.dtype,
             Init::Normal(std),
         )?;
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
+        let norm = |src: &mut dyn WeightSource, name: &str, width: usize| -> Result<RmsNorm> {
+            RmsNorm::new(
+                src.tensor(name, &[width], DType::F32, Init::Ones)?,
+                a.rms_norm_eps,
+            )
+        };
+        let mut layers = Vec::with_capacity(a.num_hidden_layers);
+        for i in 0..a.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let norm = |src: &mut dyn WeightSource, n: &str| -> Result<RmsNorm> {
-                RmsNorm::new(
-                    src.tensor(&format!("{p}.{n}.weight"), &[h], DType::F32, Init::Ones)?,
-                    cfg.rms_norm_eps,
-                )
+            let input_layernorm = norm(src, &format!("{p}.input_layernorm.weight"), h)?;
+            let post_attention_layernorm =
+                norm(src, &format!("{p}.post_attention_layernorm.weight"), h)?;
+            let [qn, kn, vn, on] = ATTENTION_PROJECTIONS;
+            let q = src.linear(&format!("{p}.self_attn.{qn}"), qw, h)?;
+            let k = src.linear(&format!("{p}.self_attn.{kn}"), kv, h)?;
+            let vv = src.linear(&format!("{p}.self_attn.{vn}"), kv, h)?;
+            let o = src.linear(&format!("{p}.self_attn.{on}"), h, qw)?;
+            let mut self_attn = Attention::new(&a, q, k, vv, o);
+            for (j, width) in [qw, kv, kv, h].into_iter().enumerate() {
+                if a.attention_bias[j] {
+                    let name = format!("{p}.self_attn.{}.bias", ATTENTION_PROJECTIONS[j]);
+                    self_attn.biases[j] =
+                        Some(src.tensor(&name, &[width], opts.dtype, Init::Zeros)?);
+                }
+            }
+            let qk = match a.qk_norm {
+                QkNorm::None => None,
+                QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+                QkNorm::Whole => Some((qw, kv)),
             };
-            let input_layernorm = norm(src, "input_layernorm")?;
-            let post_attention_layernorm = norm(src, "post_attention_layernorm")?;
-            let q = src.linear(&format!("{p}.self_attn.q_proj"), h, h)?;
-            let k = src.linear(&format!("{p}.self_attn.k_proj"), kv, h)?;
-            let vv = src.linear(&format!("{p}.self_attn.v_proj"), kv, h)?;
-            let o = src.linear(&format!("{p}.self_attn.o_proj"), h, h)?;
-            let self_attn = Attention::new(&cfg, q, k, vv, o);
-            let mlp = |src: &mut dyn WeightSource, prefix: &str, width: usize| -> Result<Mlp> {
-                let g = src.linear(&format!("{prefix}.gate_proj"), width, h)?;
-                let u = src.linear(&format!("{prefix}.up_proj"), width, h)?;
-                let d = src.linear(&format!("{prefix}.down_proj"), h, width)?;
-                Ok(Mlp::new(&cfg, g, u, d))
+            if let Some((wq, wk)) = qk {
+                self_attn.q_norm = Some(norm(src, &format!("{p}.self_attn.q_norm.weight"), wq)?);
+                self_attn.k_norm = Some(norm(src, &format!("{p}.self_attn.k_norm.weight"), wk)?);
+            }
+            let mlp = |src: &mut dyn WeightSource,
+                       prefix: &str,
+                       names: [&'static str; 3],
+                       width: usize|
+             -> Result<Mlp> {
+                let [gn, un, dn] = names;
+                let g = src.linear(&format!("{prefix}.{gn}"), width, h)?;
+                let u = src.linear(&format!("{prefix}.{un}"), width, h)?;
+                let d = src.linear(&format!("{prefix}.{dn}"), h, width)?;
+                Ok(Mlp::new(a.hidden_act, names, g, u, d))
             };
-            let ffn = if cfg.is_moe_layer(i) {
-                let e = cfg.routed_experts();
+            let ffn = if a.is_moe_layer(i) {
+                let m = format!("{p}.{}", a.naming.moe);
+                let e = a.num_experts;
                 let gw = src.tensor(
-                    &format!("{p}.mlp.gate.weight"),
+                    &format!("{m}.gate.weight"),
                     &[e, h],
                     DType::F32,
                     Init::KaimingUniform,
                 )?;
-                let gate = MoeGate::new(&cfg, gw)?;
+                let gate = MoeGate::new(&a, gw)?;
                 let mut experts = Vec::with_capacity(e);
                 for j in 0..e {
                     experts.push(mlp(
                         src,
-                        &format!("{p}.mlp.experts.{j}"),
-                        cfg.moe_intermediate_size,
+                        &format!("{m}.experts.{j}"),
+                        a.naming.expert,
+                        a.moe_intermediate_size,
                     )?);
                 }
-                let shared_experts = match cfg.shared_intermediate() {
-                    Some(w) => Some(mlp(src, &format!("{p}.mlp.shared_experts"), w)?),
+                let shared = format!("{m}.{}", a.naming.shared);
+                let shared_experts = match a.shared_intermediate {
+                    Some(w) => Some(mlp(src, &shared, MLP_NAMES, w)?),
                     None => None,
+                };
+                let shared_expert_gate = if a.shared_gate && shared_experts.is_some() {
+                    Some(src.tensor(
+                        &format!("{shared}_gate.weight"),
+                        &[1, h],
+                        opts.dtype,
+                        Init::Normal(std),
+                    )?)
+                } else {
+                    None
                 };
                 MoeOrMlp::Moe(Moe {
                     gate,
                     experts,
                     shared_experts,
+                    shared_expert_gate,
                     experts_forward: None,
                 })
             } else {
-                MoeOrMlp::Mlp(mlp(src, &format!("{p}.mlp"), cfg.intermediate_size)?)
+                MoeOrMlp::Mlp(mlp(
+                    src,
+                    &format!("{p}.mlp"),
+                    MLP_NAMES,
+                    a.intermediate_size,
+                )?)
             };
             layers.push(DecoderLayer {
                 index: i,
@@ -422,21 +476,20 @@ impl DeepSeekMoe {
                 self_attn,
                 post_attention_layernorm,
                 mlp: ffn,
+                naming: a.naming,
             });
         }
-        let norm = RmsNorm::new(
-            src.tensor("model.norm.weight", &[h], DType::F32, Init::Ones)?,
-            cfg.rms_norm_eps,
-        )?;
-        let lm_head: Linear = if cfg.tie_word_embeddings {
+        let norm = norm(src, "model.norm.weight", h)?;
+        let lm_head: Linear = if a.tie_word_embeddings {
             Arc::new(DenseLinear::new(embed.clone()))
         } else {
             let w = src.tensor("lm_head.weight", &[v, h], opts.dtype, Init::Normal(std))?;
             Arc::new(DenseLinear::new(w))
         };
         Ok(Self {
-            rotary: Rotary::new(&cfg),
+            rotary: Rotary::new(&a),
             cfg,
+            arch: a,
             embed_tokens: Embedding::new(embed),
             layers,
             norm,
@@ -454,9 +507,14 @@ impl DeepSeekMoe {
         &self.unused
     }
 
-    /// The configuration.
-    pub fn config(&self) -> &DeepSeekMoeConfig {
+    /// The configuration (`config.json`).
+    pub fn config(&self) -> &ModelConfig {
         &self.cfg
+    }
+
+    /// The architecture the configuration describes.
+    pub fn arch(&self) -> &Arch {
+        &self.arch
     }
 
     /// Activation dtype.
@@ -486,8 +544,22 @@ impl DeepSeekMoe {
         attention_mask: Option<&Tensor>,
         train: bool,
     ) -> Result<ForwardContext> {
+        if let Some(w) = self.arch.sliding_window {
+            if past + seq > w {
+                return Err(Error::InvalidInput(format!(
+                    "{} positions exceed the model's sliding_window ({w}); sliding-window attention is not implemented, so passes are limited to the window",
+                    past + seq
+                )));
+            }
+        }
         let (cos, sin) = self.rotary.cos_sin(past, seq, self.dtype, &self.device)?;
         let mask = self::attention_mask(attention_mask, b, seq, past, self.dtype, &self.device)?;
+        let token_weights = match attention_mask {
+            Some(am) if train && matches!(self.arch.aux, AuxLoss::Switch { .. }) => {
+                Some(self.token_weights(&am.narrow(1, past, seq)?)?)
+            }
+            _ => None,
+        };
         // Query chunks only matter for long sequences; the check reads the mask's first column.
         let causal_chunks = match attention_mask {
             Some(am) if crate::ops::causal_chunk(seq) < seq => {
@@ -501,7 +573,49 @@ impl DeepSeekMoe {
             mask,
             train,
             causal_chunks,
+            token_weights,
         })
+    }
+
+    /// The Switch loss's token weights of a `(b, seq)` mask: 1 where it is nonzero.
+    fn token_weights(&self, mask: &Tensor) -> Result<(Arc<Vec<f32>>, Tensor)> {
+        let host: Vec<f32> = mask
+            .to_dtype(DType::U32)?
+            .flatten_all()?
+            .to_vec1::<u32>()?
+            .into_iter()
+            .map(|x| if x != 0 { 1.0 } else { 0.0 })
+            .collect();
+        let t = Tensor::from_slice(&host, host.len(), &self.device)?;
+        Ok((Arc::new(host), t))
+    }
+
+    /// The balancing losses of a pass from its layers' outputs: DeepSeekMoE's per-layer
+    /// losses, or one Switch loss over all MoE layers (see [`SwitchAux`]).
+    pub fn aux_losses(&self, outs: &[&LayerOutput]) -> Result<Vec<Tensor>> {
+        let mut v: Vec<Tensor> = outs.iter().filter_map(|o| o.aux_loss.clone()).collect();
+        let stats: Vec<&RouterStats> = outs.iter().filter_map(|o| o.router.as_ref()).collect();
+        if let Some(sw) = self.switch_aux(&stats)? {
+            let mut total: Option<Tensor> = None;
+            for s in stats {
+                let t = sw.layer_term(s)?;
+                total = Some(match total {
+                    Some(a) => (a + t)?,
+                    None => t,
+                });
+            }
+            v.extend(total);
+        }
+        Ok(v)
+    }
+
+    /// The Switch loss of a pass whose MoE layers gave `stats` (`None` for DeepSeekMoE,
+    /// without `output_router_logits`, or when no layer reported).
+    pub fn switch_aux(&self, stats: &[&RouterStats]) -> Result<Option<SwitchAux>> {
+        let AuxLoss::Switch { coef } = self.arch.aux else {
+            return Ok(None);
+        };
+        SwitchAux::new(coef, stats)
     }
 
     /// [`Self::context`] for packed rows: `segments` `(b, seq)` numbers the examples of each
@@ -512,12 +626,18 @@ impl DeepSeekMoe {
         let (cos, sin) = self.rotary.cos_sin(0, seq, self.dtype, &self.device)?;
         let mask = crate::layers::segment_attention_mask(segments, self.dtype, &self.device)?;
         // A packed row's padding sees itself (segment 0), so every query sees a key.
+        let token_weights = if train && matches!(self.arch.aux, AuxLoss::Switch { .. }) {
+            Some(self.token_weights(segments)?)
+        } else {
+            None
+        };
         Ok(ForwardContext {
             cos,
             sin,
             mask: Some(mask),
             train,
             causal_chunks: true,
+            token_weights,
         })
     }
 
@@ -533,7 +653,7 @@ impl DeepSeekMoe {
     /// value and gradients as [`causal_lm_loss`] on [`Self::head`].
     pub fn lm_loss(&self, h: &Tensor, labels: &Tensor) -> Result<LossOutput> {
         let (b, s, hd) = h.dims3()?;
-        let v = self.cfg.vocab_size;
+        let v = self.arch.vocab_size;
         if labels.dims() != [b, s] {
             return Err(Error::InvalidInput(format!(
                 "labels have shape {:?}, hidden states {:?}",
@@ -594,12 +714,13 @@ impl DeepSeekMoe {
         let (b, s) = self.check_ids(ids)?;
         let ctx = self.context(b, s, 0, attention_mask, train)?;
         let mut h = self.embed(ids)?;
-        let mut aux = Vec::new();
+        let mut outs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let out = layer.forward(&h, &ctx, None)?;
-            h = out.hidden;
-            aux.extend(out.aux_loss);
+            h = out.hidden.clone();
+            outs.push(out);
         }
+        let aux = self.aux_losses(&outs.iter().collect::<Vec<_>>())?;
         Ok((self.lm_loss(&h, labels)?, aux))
     }
 
@@ -620,10 +741,10 @@ impl DeepSeekMoe {
             )));
         }
         let max = ids.max_all()?.to_scalar::<u32>()? as usize;
-        if max >= self.cfg.vocab_size {
+        if max >= self.arch.vocab_size {
             return Err(Error::InvalidInput(format!(
                 "token id {max} is outside the vocabulary ({})",
-                self.cfg.vocab_size
+                self.arch.vocab_size
             )));
         }
         Ok((b, s))
@@ -661,15 +782,16 @@ impl DeepSeekMoe {
         let ctx = self.context(b, s, 0, attention_mask, train)?;
         let mut h = self.embed(ids)?;
         let mut hidden_states = Vec::new();
-        let mut aux_losses = Vec::new();
+        let mut outs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             if keep {
                 hidden_states.push(h.clone());
             }
             let out = layer.forward(&h, &ctx, None)?;
-            h = out.hidden;
-            aux_losses.extend(out.aux_loss);
+            h = out.hidden.clone();
+            outs.push(out);
         }
+        let aux_losses = self.aux_losses(&outs.iter().collect::<Vec<_>>())?;
         let x = self.norm.forward(&h)?;
         if keep {
             hidden_states.push(x.clone());
@@ -790,7 +912,7 @@ pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<LossOutput> {
     Ok(LossOutput { loss, n_tokens })
 }
 
-/// A parameter of the model as [`DeepSeekMoe::visit_weights`] hands it out: a plain tensor, or
+/// A parameter of the model as [`MoeModel::visit_weights`] hands it out: a plain tensor, or
 /// a projection whose dense weight is materialized only when asked for (dequantizing or
 /// merging one matrix at a time).
 #[derive(Debug, Clone, Copy)]
@@ -819,7 +941,7 @@ impl WeightRef<'_> {
     }
 }
 
-impl DeepSeekMoe {
+impl MoeModel {
     /// Visits every parameter under its HF `state_dict` name, in model order.
     pub fn visit_weights(
         &self,
@@ -830,27 +952,27 @@ impl DeepSeekMoe {
             WeightRef::Tensor(self.embed_tokens.weight()),
         )?;
         for l in &self.layers {
-            let p = format!("model.layers.{}", l.index);
-            f(
-                &format!("{p}.input_layernorm.weight"),
-                WeightRef::Tensor(l.input_layernorm.weight()),
-            )?;
-            f(
-                &format!("{p}.post_attention_layernorm.weight"),
-                WeightRef::Tensor(l.post_attention_layernorm.weight()),
-            )?;
-            if let MoeOrMlp::Moe(m) = &l.mlp {
-                f(
-                    &format!("{p}.mlp.gate.weight"),
-                    WeightRef::Tensor(m.gate.weight()),
-                )?;
-            }
+            l.visit_tensors(&mut |name, t| f(name, WeightRef::Tensor(t)))?;
             l.visit_sites(&mut |name, lin| f(&format!("{name}.weight"), WeightRef::Linear(lin)))?;
         }
         f("model.norm.weight", WeightRef::Tensor(self.norm.weight()))?;
-        if !self.cfg.tie_word_embeddings {
+        if !self.arch.tie_word_embeddings {
             f("lm_head.weight", WeightRef::Linear(&self.lm_head))?;
         }
         Ok(())
+    }
+
+    /// Visits every weight that is not a projection site or `lm_head` (embeddings, norms,
+    /// attention biases, q/k norms, routers, shared-expert gates) under its HF `state_dict`
+    /// name, to replace it (full fine-tuning makes each a `Var`).
+    pub fn visit_tensors_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        f("model.embed_tokens.weight", self.embed_tokens.weight_mut())?;
+        for l in &mut self.layers {
+            l.visit_tensors_mut(f)?;
+        }
+        f("model.norm.weight", self.norm.weight_mut())
     }
 }

@@ -1,5 +1,5 @@
 //! Saving a quantized base in the bitsandbytes `Linear4bit` layout, so that loading it again
-//! skips quantization (see [`DeepSeekMoe::save_quantized`]).
+//! skips quantization (see [`MoeModel::save_quantized`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use moe_peft_quant::{FourBitConfig, FourBitLinear, QuantType};
 
 use crate::error::{Error, Result};
 use crate::io::{plan_shards, save_tensors, shard_file_names, torch_dtype_name, write_shard_index};
-use crate::model::{DeepSeekMoe, WeightRef};
+use crate::model::{MoeModel, WeightRef};
 
 /// Bytes per device-to-host transfer while writing.
 const CHUNK_BYTES: usize = 256 << 20;
@@ -34,12 +34,12 @@ pub fn bnb_quantization_config(cfg: &FourBitConfig, compute_dtype: DType) -> ser
     })
 }
 
-impl DeepSeekMoe {
+impl MoeModel {
     /// Writes this model with its 4-bit projections in bitsandbytes' `Linear4bit` layout
     /// (`weight` packed codes, `absmax`, `quant_map`, `nested_*`, `quant_state.bitsandbytes__nf4`)
     /// and every other tensor as it is held (embeddings and `lm_head` in the model dtype, norms
     /// and router in f32): shards of at most `max_shard_bytes`, an index when there are several,
-    /// and `config.json` with a bitsandbytes `quantization_config`. [`DeepSeekMoe::from_pretrained`]
+    /// and `config.json` with a bitsandbytes `quantization_config`. [`MoeModel::from_pretrained`]
     /// on that directory loads the 4-bit weights as stored, skipping quantization.
     ///
     /// Fails if a projection is not 4-bit (a dense or int8 base has nothing to save here).
@@ -105,11 +105,13 @@ impl DeepSeekMoe {
             written.push(write_shard_index(dir, total, &weight_map)?);
         }
         let mut cfg = self.config().clone();
-        cfg.quantization_config = Some(bnb_quantization_config(
-            &nf4.unwrap_or_default(),
-            self.dtype(),
-        ));
-        cfg.torch_dtype = Some(torch_dtype_name(self.dtype()).into());
+        cfg.set_saved_format(
+            Some(bnb_quantization_config(
+                &nf4.unwrap_or_default(),
+                self.dtype(),
+            )),
+            torch_dtype_name(self.dtype()),
+        );
         let p = dir.join("config.json");
         cfg.to_file(&p)?;
         written.push(p);
@@ -137,7 +139,7 @@ mod tests {
                 quant: policy.clone(),
                 ..Default::default()
             };
-            let m = DeepSeekMoe::random(cfg.clone(), &opts, 5)?;
+            let m = MoeModel::random(cfg.clone(), &opts, 5)?;
             let out = dir
                 .path()
                 .join(format!("{policy:?}").replace(['(', ')', ' ', ':', ','], "_"));
@@ -149,14 +151,14 @@ mod tests {
                 "bitsandbytes"
             );
             // Loading with a dense policy still gives the stored 4-bit weights.
-            let back = DeepSeekMoe::from_pretrained(&out, &LoadOptions::default())?;
+            let back = MoeModel::from_pretrained(&out, &LoadOptions::default())?;
             let ids = Tensor::new(&[[1u32, 5, 9, 2, 7]], &Device::Cpu)?;
             let a = m.forward_t(&ids, None, false)?.logits;
             let b = back.forward_t(&ids, None, false)?.logits;
             let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert_eq!(d, 0.0, "{policy:?}");
         }
-        let dense = DeepSeekMoe::random(cfg, &LoadOptions::default(), 5)?;
+        let dense = MoeModel::random(cfg, &LoadOptions::default(), 5)?;
         let e = dense
             .save_quantized(&dir.path().join("x"), 1 << 30)
             .unwrap_err()

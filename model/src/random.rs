@@ -357,7 +357,7 @@ pub fn write_random_checkpoint(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{DeepSeekMoe, LoadOptions};
+    use crate::model::{LoadOptions, MoeModel};
 
     #[test]
     fn specs_are_the_models_weights() -> Result<()> {
@@ -368,7 +368,7 @@ mod tests {
             .map(|s| s.shape.iter().product::<usize>())
             .sum();
         assert_eq!(total, cfg.num_parameters());
-        let model = DeepSeekMoe::random(cfg, &LoadOptions::default(), 0)?;
+        let model = MoeModel::random(cfg, &LoadOptions::default(), 0)?;
         let mut seen = BTreeMap::new();
         model.visit_weights(&mut |name, w| {
             seen.insert(name.to_string(), w.shape());
@@ -428,7 +428,7 @@ mod tests {
         )?;
         assert!(rep.shards.len() > 1);
         assert_eq!(rep.bytes, 4 * cfg.num_parameters());
-        let m = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())?;
+        let m = MoeModel::from_pretrained(dir.path(), &LoadOptions::default())?;
         let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2]], &candle_core::Device::Cpu)?;
         let out = m.forward_t(&ids, None, false)?;
         let l = out.logits.flatten_all()?.to_vec1::<f32>()?;

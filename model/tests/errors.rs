@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tiny_deepseek_moe")
@@ -24,7 +24,7 @@ fn missing_tensor_is_named_with_its_file() -> Result<()> {
     t.remove("model.layers.2.mlp.experts.5.up_proj.weight");
     let dir = tempfile::tempdir()?;
     write_model(dir.path(), &t)?;
-    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())
+    let e = MoeModel::from_pretrained(dir.path(), &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(
@@ -45,7 +45,7 @@ fn wrong_shape_is_named_with_both_shapes() -> Result<()> {
     );
     let dir = tempfile::tempdir()?;
     write_model(dir.path(), &t)?;
-    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())
+    let e = MoeModel::from_pretrained(dir.path(), &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("model.layers.1.self_attn.k_proj.weight"), "{e}");
@@ -63,7 +63,7 @@ fn bad_config_value_names_the_field() -> Result<()> {
         fixture_dir().join("model.safetensors"),
         dir.path().join("model.safetensors"),
     )?;
-    let e = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())
+    let e = MoeModel::from_pretrained(dir.path(), &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("num_experts_per_tok"), "{e}");
@@ -79,7 +79,7 @@ fn bad_config_value_names_the_field() -> Result<()> {
         fixture_dir().join("config.json"),
         empty.path().join("config.json"),
     )?;
-    let e = DeepSeekMoe::from_pretrained(empty.path(), &LoadOptions::default())
+    let e = MoeModel::from_pretrained(empty.path(), &LoadOptions::default())
         .unwrap_err()
         .to_string();
     assert!(e.contains("safetensors"), "{e}");
@@ -88,7 +88,7 @@ fn bad_config_value_names_the_field() -> Result<()> {
 
 #[test]
 fn out_of_vocabulary_ids_are_rejected() -> Result<()> {
-    let model = DeepSeekMoe::from_pretrained(fixture_dir(), &LoadOptions::default())?;
+    let model = MoeModel::from_pretrained(fixture_dir(), &LoadOptions::default())?;
     let ids = Tensor::new(&[[1u32, 2, 600]], &Device::Cpu)?;
     let e = model.forward_t(&ids, None, false).unwrap_err().to_string();
     assert!(e.contains("600"), "{e}");
@@ -125,7 +125,7 @@ fn non_finite_weights_are_refused_by_name() -> Result<()> {
                 quant,
                 ..Default::default()
             };
-            let e = DeepSeekMoe::from_pretrained(dir.path(), &opts)
+            let e = MoeModel::from_pretrained(dir.path(), &opts)
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(name) && e.contains("NaN or infinite"), "{e}");
@@ -133,7 +133,7 @@ fn non_finite_weights_are_refused_by_name() -> Result<()> {
         }
     }
     // The clean fixture still loads.
-    DeepSeekMoe::from_pretrained(fixture_dir(), &LoadOptions::default())?;
+    MoeModel::from_pretrained(fixture_dir(), &LoadOptions::default())?;
     Ok(())
 }
 
@@ -149,15 +149,15 @@ fn unused_checkpoint_tensors_are_listed() -> Result<()> {
     );
     let dir = tempfile::tempdir()?;
     write_model(dir.path(), &t)?;
-    let m = DeepSeekMoe::from_pretrained(dir.path(), &LoadOptions::default())?;
+    let m = MoeModel::from_pretrained(dir.path(), &LoadOptions::default())?;
     assert_eq!(
         m.unused_checkpoint_tensors(),
         ["model.layers.1.mlp.extra_proj.weight".to_string()]
     );
-    let clean = DeepSeekMoe::from_pretrained(fixture_dir(), &LoadOptions::default())?;
+    let clean = MoeModel::from_pretrained(fixture_dir(), &LoadOptions::default())?;
     assert!(clean.unused_checkpoint_tensors().is_empty());
     let bnb = fixture_dir().join("../nf4/tiny_deepseek_moe_nf4");
-    let q = DeepSeekMoe::from_pretrained(&bnb, &LoadOptions::default())?;
+    let q = MoeModel::from_pretrained(&bnb, &LoadOptions::default())?;
     assert!(
         q.unused_checkpoint_tensors().is_empty(),
         "{:?}",

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
-use moe_peft_model::{causal_lm_loss, DeepSeekMoe, LinearLike, LoadOptions};
+use moe_peft_model::{causal_lm_loss, LinearLike, LoadOptions, MoeModel};
 
 /// `base(x) + x·Vᵀ` with a trainable `V`.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
 
-fn objective(model: &DeepSeekMoe, ids: &Tensor, mask: &Tensor, labels: &Tensor) -> Result<Tensor> {
+fn objective(model: &MoeModel, ids: &Tensor, mask: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let out = model.forward_t(ids, Some(mask), true)?;
     let mut obj = causal_lm_loss(&out.logits, labels)?.loss;
     for aux in &out.aux_losses {
@@ -61,7 +61,7 @@ fn every_layer_gets_a_gradient_that_matches_finite_differences() -> Result<()> {
     let ids = r["input_ids"].to_dtype(DType::U32)?;
     let mask = r["attention_mask"].to_dtype(DType::U32)?;
     let labels = r["labels"].clone();
-    let mut model = DeepSeekMoe::from_pretrained(
+    let mut model = MoeModel::from_pretrained(
         fixtures().join("tiny_deepseek_moe"),
         &LoadOptions::default(),
     )?;
@@ -157,7 +157,7 @@ fn fused_chunked_loss_equals_logits_loss_in_value_and_gradients() -> Result<()> 
     let ids = r["input_ids"].to_dtype(DType::U32)?;
     let mask = r["attention_mask"].to_dtype(DType::U32)?;
     let labels = r["labels"].clone();
-    let model = DeepSeekMoe::from_pretrained(
+    let model = MoeModel::from_pretrained(
         fixtures().join("tiny_deepseek_moe"),
         &LoadOptions::default(),
     )?;

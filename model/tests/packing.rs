@@ -3,9 +3,9 @@
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-use moe_peft_model::{DeepSeekMoe, DeepSeekMoeConfig, LoadOptions};
+use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
-fn packed_logits(m: &DeepSeekMoe, ids: &Tensor, segments: &Tensor) -> Result<Tensor> {
+fn packed_logits(m: &MoeModel, ids: &Tensor, segments: &Tensor) -> Result<Tensor> {
     let ctx = m.context_packed(segments, false)?;
     let mut h = m.embed(ids)?;
     for layer in &m.layers {
@@ -16,7 +16,7 @@ fn packed_logits(m: &DeepSeekMoe, ids: &Tensor, segments: &Tensor) -> Result<Ten
 
 #[test]
 fn packed_rows_equal_separate_sequences() -> Result<()> {
-    let m = DeepSeekMoe::random(DeepSeekMoeConfig::tiny(96), &LoadOptions::default(), 4)?;
+    let m = MoeModel::random(DeepSeekMoeConfig::tiny(96), &LoadOptions::default(), 4)?;
     let dev = Device::Cpu;
     let a: Vec<u32> = vec![1, 17, 33, 5, 60];
     let b: Vec<u32> = vec![2, 8, 90, 41, 7, 7, 12];

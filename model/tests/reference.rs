@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use moe_peft_model::{causal_lm_loss, DeepSeekMoe, LoadOptions, MoeOrMlp};
+use moe_peft_model::{causal_lm_loss, LoadOptions, MoeModel, MoeOrMlp};
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -42,8 +42,8 @@ fn batch(r: &HashMap<String, Tensor>) -> Result<Batch> {
     })
 }
 
-fn load(dir: &str) -> Result<DeepSeekMoe> {
-    Ok(DeepSeekMoe::from_pretrained(
+fn load(dir: &str) -> Result<MoeModel> {
+    Ok(MoeModel::from_pretrained(
         fixtures().join(dir),
         &LoadOptions::default(),
     )?)
@@ -172,7 +172,7 @@ fn loading_converts_dtypes() -> Result<()> {
         dtype: DType::F16,
         ..Default::default()
     };
-    let model = DeepSeekMoe::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
+    let model = MoeModel::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
     assert_eq!(model.embed_tokens.weight().dtype(), DType::F16);
     let mut n_f16 = 0;
     model.visit_weights(&mut |_, w| {
@@ -198,7 +198,7 @@ fn loading_converts_dtypes() -> Result<()> {
         dtype: DType::BF16,
         ..Default::default()
     };
-    let e = DeepSeekMoe::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts).unwrap_err();
+    let e = MoeModel::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts).unwrap_err();
     assert!(e.to_string().contains("bf16"), "{e}");
     Ok(())
 }
@@ -223,8 +223,8 @@ fn quantize_on_load_reproduces_the_bitsandbytes_model() -> Result<()> {
         quant: moe_peft_model::QuantPolicy::qlora(),
         ..Default::default()
     };
-    let model = DeepSeekMoe::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
-    let bnb = DeepSeekMoe::from_pretrained(
+    let model = MoeModel::from_pretrained(fixtures().join("tiny_deepseek_moe"), &opts)?;
+    let bnb = MoeModel::from_pretrained(
         fixtures().join("nf4/tiny_deepseek_moe_nf4"),
         &LoadOptions::default(),
     )?;

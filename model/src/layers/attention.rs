@@ -2,13 +2,15 @@
 
 use candle_core::Tensor;
 
-use crate::config::DeepSeekMoeConfig;
+use crate::arch::{Arch, QkNorm};
 use crate::error::Result;
 use crate::ops::{attention_core, causal_attention_core};
 
-use super::{ForwardContext, LayerCache, Linear};
+use super::{ForwardContext, LayerCache, Linear, RmsNorm};
 
-/// Causal multi-head attention with grouped key/value heads.
+/// Causal multi-head attention with grouped key/value heads, and the variants of the families:
+/// projection biases, RMSNorm on queries and keys (per head or over the whole projection), and
+/// a clamp of q, k and v.
 #[derive(Debug, Clone)]
 pub struct Attention {
     /// Query projection.
@@ -19,23 +21,72 @@ pub struct Attention {
     pub v_proj: Linear,
     /// Output projection.
     pub o_proj: Linear,
+    /// Biases of the q, k, v and o projections (`….bias`), where the family has them.
+    pub biases: [Option<Tensor>; 4],
+    /// `q_norm` (Qwen3-MoE: per head; OLMoE: over the whole projection).
+    pub q_norm: Option<RmsNorm>,
+    /// `k_norm`.
+    pub k_norm: Option<RmsNorm>,
+    qk_norm: QkNorm,
+    clip_qkv: Option<f64>,
     heads: usize,
     kv_heads: usize,
     head_dim: usize,
 }
 
+/// The names of the q, k, v and o projections under `self_attn`.
+pub const ATTENTION_PROJECTIONS: [&str; 4] = ["q_proj", "k_proj", "v_proj", "o_proj"];
+
 impl Attention {
-    /// From its four projections.
-    pub fn new(cfg: &DeepSeekMoeConfig, q: Linear, k: Linear, v: Linear, o: Linear) -> Self {
+    /// From its four projections; biases and q/k norms are set on the fields.
+    pub fn new(arch: &Arch, q: Linear, k: Linear, v: Linear, o: Linear) -> Self {
         Self {
             q_proj: q,
             k_proj: k,
             v_proj: v,
             o_proj: o,
-            heads: cfg.num_attention_heads,
-            kv_heads: cfg.kv_heads(),
-            head_dim: cfg.head_dim(),
+            biases: [None, None, None, None],
+            q_norm: None,
+            k_norm: None,
+            qk_norm: arch.qk_norm,
+            clip_qkv: arch.clip_qkv,
+            heads: arch.num_attention_heads,
+            kv_heads: arch.num_key_value_heads,
+            head_dim: arch.head_dim,
         }
+    }
+
+    /// `proj(x) + bias`.
+    fn project(&self, i: usize, x: &Tensor, train: bool) -> Result<Tensor> {
+        let l = [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj][i];
+        let y = l.forward_t(x, train)?;
+        Ok(match &self.biases[i] {
+            Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+            None => y,
+        })
+    }
+
+    /// The q/k norm of a projection output `(b, s, n·d)` (`n` heads).
+    fn norm(&self, norm: &Option<RmsNorm>, y: Tensor, n: usize) -> Result<Tensor> {
+        let Some(norm) = norm else {
+            return Ok(y);
+        };
+        Ok(match self.qk_norm {
+            QkNorm::None => y,
+            QkNorm::Whole => norm.forward(&y)?,
+            QkNorm::PerHead => {
+                let (b, s, _) = y.dims3()?;
+                norm.forward(&y.reshape((b, s, n, self.head_dim))?)?
+                    .reshape((b, s, n * self.head_dim))?
+            }
+        })
+    }
+
+    fn clip(&self, y: Tensor) -> Result<Tensor> {
+        Ok(match self.clip_qkv {
+            Some(c) => y.clamp(-c, c)?,
+            None => y,
+        })
     }
 
     fn repeat_kv(&self, x: Tensor) -> Result<Tensor> {
@@ -58,9 +109,10 @@ impl Attention {
     ) -> Result<Tensor> {
         x.dims3()?;
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q_proj.forward_t(x, ctx.train)?;
-        let k = self.k_proj.forward_t(x, ctx.train)?;
-        let v = self.v_proj.forward_t(x, ctx.train)?;
+        let q = self.norm(&self.q_norm, self.project(0, x, ctx.train)?, h)?;
+        let k = self.norm(&self.k_norm, self.project(1, x, ctx.train)?, kvh)?;
+        let v = self.project(2, x, ctx.train)?;
+        let (q, k, v) = (self.clip(q)?, self.clip(k)?, self.clip(v)?);
         // (b, s, heads·d) → (b, heads, s, d), RoPE on q and k: one graph op each.
         let rope = Some((&ctx.cos, &ctx.sin));
         let q = split_heads(&q, h, d, rope)?;
@@ -84,7 +136,7 @@ impl Attention {
             Some(m) => attention_core(&q, &k, &v, Some(m), scale)?,
             None => attention_core(&q, &k, &v, None, scale)?,
         };
-        Ok(self.o_proj.forward_t(&merge_heads(&y)?, ctx.train)?)
+        self.project(3, &merge_heads(&y)?, ctx.train)
     }
 }
 

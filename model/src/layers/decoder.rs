@@ -2,9 +2,11 @@
 
 use candle_core::Tensor;
 
+use crate::arch::Naming;
 use crate::error::Result;
 
-use super::{Attention, ForwardContext, LayerCache, Linear, Mlp, Moe, RmsNorm};
+use super::attention::ATTENTION_PROJECTIONS;
+use super::{Attention, ForwardContext, LayerCache, Linear, Mlp, Moe, RmsNorm, RouterStats};
 
 /// The feed-forward block of a decoder layer.
 #[derive(Debug, Clone)]
@@ -28,6 +30,8 @@ pub struct DecoderLayer {
     pub post_attention_layernorm: RmsNorm,
     /// Feed-forward block.
     pub mlp: MoeOrMlp,
+    /// The family's module names.
+    pub naming: Naming,
 }
 
 /// What a decoder layer returns.
@@ -35,8 +39,11 @@ pub struct DecoderLayer {
 pub struct LayerOutput {
     /// Hidden states `(b, seq, hidden)`.
     pub hidden: Tensor,
-    /// The MoE balancing loss (training, MoE layers, `aux_loss_alpha > 0`).
+    /// DeepSeekMoE's balancing loss (training, MoE layers, `aux_loss_alpha > 0`).
     pub aux_loss: Option<Tensor>,
+    /// The layer's share of the Switch balancing loss (training, MoE layers of the families
+    /// with `output_router_logits`; see [`crate::aux::SwitchAux`]).
+    pub router: Option<RouterStats>,
 }
 
 impl DecoderLayer {
@@ -51,14 +58,71 @@ impl DecoderLayer {
         let x = self.self_attn.forward(&x, ctx, cache)?;
         let h = (h + x)?;
         let x = self.post_attention_layernorm.forward(&h)?;
-        let (x, aux_loss) = match &self.mlp {
-            MoeOrMlp::Mlp(m) => (m.forward(&x, ctx.train)?, None),
-            MoeOrMlp::Moe(m) => m.forward(&x, ctx.train)?,
+        let (x, aux) = match &self.mlp {
+            MoeOrMlp::Mlp(m) => (m.forward(&x, ctx.train)?, Default::default()),
+            MoeOrMlp::Moe(m) => m.forward(&x, ctx)?,
         };
         Ok(LayerOutput {
             hidden: (h + x)?,
-            aux_loss,
+            aux_loss: aux.loss,
+            router: aux.router,
         })
+    }
+
+    /// The module path of the layer's feed-forward block (`model.layers.N.mlp`, or Mixtral's
+    /// `…block_sparse_moe`).
+    pub fn ffn_path(&self) -> String {
+        let p = format!("model.layers.{}", self.index);
+        match &self.mlp {
+            MoeOrMlp::Mlp(_) => format!("{p}.mlp"),
+            MoeOrMlp::Moe(_) => format!("{p}.{}", self.naming.moe),
+        }
+    }
+
+    /// Visits every weight of the layer that is not a projection site (norms, biases, q/k
+    /// norms, router, shared-expert gate) with its HF `state_dict` name.
+    pub fn visit_tensors_mut(
+        &mut self,
+        f: &mut dyn FnMut(&str, &mut Tensor) -> Result<()>,
+    ) -> Result<()> {
+        let p = format!("model.layers.{}", self.index);
+        let ffn = self.ffn_path();
+        f(
+            &format!("{p}.input_layernorm.weight"),
+            self.input_layernorm.weight_mut(),
+        )?;
+        f(
+            &format!("{p}.post_attention_layernorm.weight"),
+            self.post_attention_layernorm.weight_mut(),
+        )?;
+        let a = &mut self.self_attn;
+        for (i, b) in a.biases.iter_mut().enumerate() {
+            if let Some(b) = b {
+                f(
+                    &format!("{p}.self_attn.{}.bias", ATTENTION_PROJECTIONS[i]),
+                    b,
+                )?;
+            }
+        }
+        if let Some(n) = &mut a.q_norm {
+            f(&format!("{p}.self_attn.q_norm.weight"), n.weight_mut())?;
+        }
+        if let Some(n) = &mut a.k_norm {
+            f(&format!("{p}.self_attn.k_norm.weight"), n.weight_mut())?;
+        }
+        if let MoeOrMlp::Moe(m) = &mut self.mlp {
+            f(&format!("{ffn}.gate.weight"), m.gate.weight_mut())?;
+            if let Some(g) = &mut m.shared_expert_gate {
+                f(&format!("{ffn}.{}_gate.weight", self.naming.shared), g)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Read-only [`Self::visit_tensors_mut`].
+    pub fn visit_tensors(&self, f: &mut dyn FnMut(&str, &Tensor) -> Result<()>) -> Result<()> {
+        let mut me = self.clone();
+        me.visit_tensors_mut(&mut |name, t| f(name, t))
     }
 
     /// Visits every projection of the layer with its HF module path.
@@ -67,19 +131,21 @@ impl DecoderLayer {
         f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
     ) -> Result<()> {
         let p = format!("model.layers.{}", self.index);
+        let ffn = self.ffn_path();
         let a = &mut self.self_attn;
-        f(&format!("{p}.self_attn.q_proj"), &mut a.q_proj)?;
-        f(&format!("{p}.self_attn.k_proj"), &mut a.k_proj)?;
-        f(&format!("{p}.self_attn.v_proj"), &mut a.v_proj)?;
-        f(&format!("{p}.self_attn.o_proj"), &mut a.o_proj)?;
+        let [q, k, v, o] = ATTENTION_PROJECTIONS;
+        f(&format!("{p}.self_attn.{q}"), &mut a.q_proj)?;
+        f(&format!("{p}.self_attn.{k}"), &mut a.k_proj)?;
+        f(&format!("{p}.self_attn.{v}"), &mut a.v_proj)?;
+        f(&format!("{p}.self_attn.{o}"), &mut a.o_proj)?;
         match &mut self.mlp {
-            MoeOrMlp::Mlp(m) => m.sites_mut(&format!("{p}.mlp"), f),
+            MoeOrMlp::Mlp(m) => m.sites_mut(&ffn, f),
             MoeOrMlp::Moe(m) => {
                 for (e, x) in m.experts.iter_mut().enumerate() {
-                    x.sites_mut(&format!("{p}.mlp.experts.{e}"), f)?;
+                    x.sites_mut(&format!("{ffn}.experts.{e}"), f)?;
                 }
                 if let Some(sh) = &mut m.shared_experts {
-                    sh.sites_mut(&format!("{p}.mlp.shared_experts"), f)?;
+                    sh.sites_mut(&format!("{ffn}.{}", self.naming.shared), f)?;
                 }
                 Ok(())
             }
@@ -89,19 +155,21 @@ impl DecoderLayer {
     /// Visits every projection of the layer (read-only).
     pub fn visit_sites(&self, f: &mut dyn FnMut(&str, &Linear) -> Result<()>) -> Result<()> {
         let p = format!("model.layers.{}", self.index);
+        let ffn = self.ffn_path();
         let a = &self.self_attn;
-        f(&format!("{p}.self_attn.q_proj"), &a.q_proj)?;
-        f(&format!("{p}.self_attn.k_proj"), &a.k_proj)?;
-        f(&format!("{p}.self_attn.v_proj"), &a.v_proj)?;
-        f(&format!("{p}.self_attn.o_proj"), &a.o_proj)?;
+        let [q, k, v, o] = ATTENTION_PROJECTIONS;
+        f(&format!("{p}.self_attn.{q}"), &a.q_proj)?;
+        f(&format!("{p}.self_attn.{k}"), &a.k_proj)?;
+        f(&format!("{p}.self_attn.{v}"), &a.v_proj)?;
+        f(&format!("{p}.self_attn.{o}"), &a.o_proj)?;
         match &self.mlp {
-            MoeOrMlp::Mlp(m) => m.sites(&format!("{p}.mlp"), f),
+            MoeOrMlp::Mlp(m) => m.sites(&ffn, f),
             MoeOrMlp::Moe(m) => {
                 for (e, x) in m.experts.iter().enumerate() {
-                    x.sites(&format!("{p}.mlp.experts.{e}"), f)?;
+                    x.sites(&format!("{ffn}.experts.{e}"), f)?;
                 }
                 if let Some(sh) = &m.shared_experts {
-                    sh.sites(&format!("{p}.mlp.shared_experts"), f)?;
+                    sh.sites(&format!("{ffn}.{}", self.naming.shared), f)?;
                 }
                 Ok(())
             }

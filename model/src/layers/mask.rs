@@ -22,6 +22,9 @@ pub struct ForwardContext {
     /// row that starts with padding), where skipping keys would change that row's uniform
     /// softmax.
     pub causal_chunks: bool,
+    /// Per-token weights of the Switch balancing loss `(b·seq)`: 1 for a real token, 0 for
+    /// padding, on the host and as an f32 tensor (`None`: every token counts).
+    pub token_weights: Option<(std::sync::Arc<Vec<f32>>, Tensor)>,
 }
 
 /// Whether no query of `attention_mask` `(b, past + seq)` is left without a visible key under

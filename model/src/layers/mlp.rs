@@ -2,7 +2,6 @@
 
 use candle_core::Tensor;
 
-use crate::config::DeepSeekMoeConfig;
 use crate::error::Result;
 
 use super::Linear;
@@ -19,11 +18,13 @@ pub enum Activation {
 }
 
 impl Activation {
-    fn from_name(name: &str) -> Self {
+    /// The activation of a `hidden_act` name (`silu`, `gelu`, `relu`).
+    pub fn from_name(name: &str) -> Option<Self> {
         match name {
-            "gelu" => Self::Gelu,
-            "relu" => Self::Relu,
-            _ => Self::Silu,
+            "silu" => Some(Self::Silu),
+            "gelu" => Some(Self::Gelu),
+            "relu" => Some(Self::Relu),
+            _ => None,
         }
     }
 
@@ -66,17 +67,31 @@ pub struct Mlp {
     /// Down projection.
     pub down_proj: Linear,
     act: Activation,
+    names: [&'static str; 3],
 }
 
 impl Mlp {
-    /// From its three projections.
-    pub fn new(cfg: &DeepSeekMoeConfig, gate: Linear, up: Linear, down: Linear) -> Self {
+    /// From its three projections, named `names` (gate, up, down: `gate_proj/up_proj/down_proj`,
+    /// or Mixtral's `w1/w3/w2`) under the module's path.
+    pub fn new(
+        act: Activation,
+        names: [&'static str; 3],
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    ) -> Self {
         Self {
             gate_proj: gate,
             up_proj: up,
             down_proj: down,
-            act: Activation::from_name(&cfg.hidden_act),
+            act,
+            names,
         }
+    }
+
+    /// The projections' names (gate, up, down).
+    pub fn names(&self) -> [&'static str; 3] {
+        self.names
     }
 
     /// The activation.
@@ -108,9 +123,10 @@ impl Mlp {
         prefix: &str,
         f: &mut dyn FnMut(&str, &mut Linear) -> Result<()>,
     ) -> Result<()> {
-        f(&format!("{prefix}.gate_proj"), &mut self.gate_proj)?;
-        f(&format!("{prefix}.up_proj"), &mut self.up_proj)?;
-        f(&format!("{prefix}.down_proj"), &mut self.down_proj)
+        let [g, u, d] = self.names;
+        f(&format!("{prefix}.{g}"), &mut self.gate_proj)?;
+        f(&format!("{prefix}.{u}"), &mut self.up_proj)?;
+        f(&format!("{prefix}.{d}"), &mut self.down_proj)
     }
 
     pub(crate) fn sites(
@@ -118,8 +134,9 @@ impl Mlp {
         prefix: &str,
         f: &mut dyn FnMut(&str, &Linear) -> Result<()>,
     ) -> Result<()> {
-        f(&format!("{prefix}.gate_proj"), &self.gate_proj)?;
-        f(&format!("{prefix}.up_proj"), &self.up_proj)?;
-        f(&format!("{prefix}.down_proj"), &self.down_proj)
+        let [g, u, d] = self.names;
+        f(&format!("{prefix}.{g}"), &self.gate_proj)?;
+        f(&format!("{prefix}.{u}"), &self.up_proj)?;
+        f(&format!("{prefix}.{d}"), &self.down_proj)
     }
 }

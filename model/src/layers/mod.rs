@@ -25,15 +25,15 @@ pub mod norm;
 pub mod rope;
 pub mod router;
 
-pub use attention::Attention;
+pub use attention::{Attention, ATTENTION_PROJECTIONS};
 pub use cache::LayerCache;
 pub use decoder::{DecoderLayer, LayerOutput, MoeOrMlp};
 pub use mask::{attention_mask, every_query_sees_a_key, segment_attention_mask, ForwardContext};
 pub use mlp::{Activation, Mlp};
-pub use moe::{Dispatch, ExpertsForward, ExpertsOutput, Moe};
+pub use moe::{Dispatch, ExpertsForward, ExpertsOutput, Moe, MoeAux};
 pub use norm::RmsNorm;
 pub use rope::Rotary;
-pub use router::{MoeGate, Routing};
+pub use router::{MoeGate, RouterStats, Routing};
 
 /// A projection slot: a frozen base or an adapter wrapping one.
 pub type Linear = Arc<dyn LinearLike>;

@@ -7,7 +7,7 @@ use candle_core::Tensor;
 use crate::error::{Error, Result};
 use crate::ops::{combine_rows, dispatch_rows};
 
-use super::{Mlp, MoeGate};
+use super::{ForwardContext, Mlp, MoeGate, RouterStats};
 
 /// What an [`ExpertsForward`] made of a layer's routed experts.
 #[derive(Debug, Clone)]
@@ -41,8 +41,12 @@ pub struct Moe {
     pub gate: MoeGate,
     /// Routed experts.
     pub experts: Vec<Mlp>,
-    /// Shared experts (one MLP of width `n_shared · moe_intermediate_size`).
+    /// Shared experts (one MLP of width `n_shared · moe_intermediate_size`; Qwen2-MoE's
+    /// `shared_expert`).
     pub shared_experts: Option<Mlp>,
+    /// Qwen2-MoE's `shared_expert_gate` `(1, hidden)`: the shared output is scaled by
+    /// `sigmoid(x·gᵀ)` per token.
+    pub shared_expert_gate: Option<Tensor>,
     /// An optional replacement of the per-expert loop.
     pub experts_forward: Option<Arc<dyn ExpertsForward>>,
 }
@@ -94,10 +98,20 @@ impl Dispatch {
     }
 }
 
+/// What a MoE layer returns besides its output (training only).
+#[derive(Debug, Clone, Default)]
+pub struct MoeAux {
+    /// DeepSeekMoE's per-layer balancing loss.
+    pub loss: Option<Tensor>,
+    /// The layer's share of the Switch balancing loss (Qwen-MoE, Mixtral, OLMoE).
+    pub router: Option<RouterStats>,
+}
+
 impl Moe {
     /// Applies the layer to `x` of shape `(b, seq, hidden)`; returns the output and, in
-    /// training, the layer's aux loss.
-    pub fn forward(&self, x: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
+    /// training, what the layer adds to the balancing loss.
+    pub fn forward(&self, x: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, MoeAux)> {
+        let train = ctx.train;
         let (b, s, h) = x.dims3()?;
         let n = b * s;
         let k = self.gate.top_k();
@@ -137,13 +151,21 @@ impl Moe {
         // (`combine_rows` keeps only its output in the graph.)
         let mut y = combine_rows(&ys, &r.topk_weight, &inverse, &order)?;
         if let Some(sh) = &self.shared_experts {
-            y = (y + sh.forward(&x2, train)?)?;
+            let mut ys = sh.forward(&x2, train)?;
+            if let Some(g) = &self.shared_expert_gate {
+                let gate = x2.matmul(&g.to_dtype(x2.dtype())?.t()?)?;
+                ys = ys.broadcast_mul(&candle_nn::ops::sigmoid(&gate)?)?;
+            }
+            y = (y + ys)?;
         }
-        let aux = if train {
-            self.gate.aux_loss(&r, &d.flat, b, s)?
-        } else {
-            None
-        };
+        let mut aux = MoeAux::default();
+        if train {
+            aux.loss = self.gate.aux_loss(&r, &d.flat, b, s)?;
+            if let crate::arch::AuxLoss::Switch { .. } = self.gate.aux_kind() {
+                let w = ctx.token_weights.as_ref().map(|(h, t)| (h.as_slice(), t));
+                aux.router = Some(self.gate.router_stats(&r, &d.flat, w)?);
+            }
+        }
         Ok((y.reshape((b, s, h))?, aux))
     }
 }

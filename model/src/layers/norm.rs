@@ -25,6 +25,11 @@ impl RmsNorm {
         &self.weight
     }
 
+    /// The weight, to replace (a `Var`'s tensor makes it trainable).
+    pub fn weight_mut(&mut self) -> &mut Tensor {
+        &mut self.weight
+    }
+
     /// Epsilon.
     pub fn eps(&self) -> f64 {
         self.eps

@@ -2,7 +2,8 @@
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::config::{DeepSeekMoeConfig, RopeScaling};
+use crate::arch::Arch;
+use crate::config::RopeScaling;
 use crate::error::Result;
 
 /// Rotary position embedding (non-interleaved `rotate_half` layout).
@@ -15,13 +16,13 @@ pub struct Rotary {
 }
 
 impl Rotary {
-    /// From the model config.
-    pub fn new(cfg: &DeepSeekMoeConfig) -> Self {
+    /// From the architecture.
+    pub fn new(arch: &Arch) -> Self {
         Self {
-            head_dim: cfg.head_dim(),
-            base: cfg.rope_theta,
-            max_positions: cfg.max_position_embeddings,
-            scaling: cfg.rope_scaling.clone(),
+            head_dim: arch.head_dim,
+            base: arch.rope_theta,
+            max_positions: arch.max_position_embeddings,
+            scaling: arch.rope_scaling.clone(),
         }
     }
 

@@ -1,0 +1,138 @@
+//! PEFT LoRA on Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE against PEFT 0.17.1 on transformers
+//! 4.56.2 (fixtures/families, tools/fixtures/moe_families.py): PEFT's adapter files load under
+//! each family's module names (Mixtral's `block_sparse_moe.experts.N.w1`, Qwen2-MoE's
+//! `shared_expert`), give PEFT's logits, and our gradients of `ce + coef·aux` equal PEFT's,
+//! with and without gradient checkpointing.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use moe_peft_lora::{LoraModel, TrainBatch, TrainConfig, Trainer};
+use moe_peft_model::{AuxLoss, LoadOptions, MoeModel};
+
+const FAMILIES: [(&str, usize); 4] = [
+    ("qwen2_moe", 69),
+    ("qwen3_moe", 63),
+    ("mixtral", 84),
+    ("olmoe", 84),
+];
+
+fn dir(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/families")
+        .join(family)
+}
+
+fn load(family: &str, file: &str) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(
+        dir(family).join(file),
+        &Device::Cpu,
+    )?)
+}
+
+fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?[0])
+}
+
+fn lora(family: &str) -> Result<LoraModel> {
+    let model = MoeModel::from_pretrained(dir(family), &LoadOptions::default())?;
+    Ok(LoraModel::from_pretrained(
+        model,
+        &dir(family).join("adapter"),
+    )?)
+}
+
+#[test]
+fn peft_adapters_load_and_give_peft_logits() -> Result<()> {
+    for (family, n) in FAMILIES {
+        let r = load(family, "forward.safetensors")?;
+        let lm = lora(family)?;
+        assert_eq!(lm.adapters().len(), n, "{family}");
+        let ids = r["input_ids"].to_dtype(DType::U32)?;
+        let mask = r["attention_mask"].to_dtype(DType::U32)?;
+        let o = lm.model().forward_t(&ids, Some(&mask), false)?;
+        let d = (&o.logits - &r["lora.logits"])?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d <= 2e-5, "{family}: logits differ by {d}");
+    }
+    Ok(())
+}
+
+#[test]
+fn lora_gradients_match_peft_for_every_family() -> Result<()> {
+    for (family, _) in FAMILIES {
+        let r = load(family, "forward.safetensors")?;
+        let want = load(family, "lora_grads.safetensors")?;
+        let b = TrainBatch {
+            input_ids: r["input_ids"].to_dtype(DType::U32)?,
+            attention_mask: r["attention_mask"].to_dtype(DType::U32)?,
+            labels: r["labels"].clone(),
+            packed: false,
+        };
+        let mut per_mode = Vec::new();
+        for ckpt in [true, false] {
+            let lm = lora(family)?;
+            let AuxLoss::Switch { coef } = lm.model().arch().aux else {
+                panic!("{family}: the fixture turns output_router_logits on");
+            };
+            let t = Trainer::new(
+                lm,
+                TrainConfig {
+                    gradient_checkpointing: ckpt,
+                    ..Default::default()
+                },
+            )?;
+            let mg = t.micro_gradients(&b, 1.0)?;
+            let ce = scalar(&r["lora.ce"])?;
+            assert!(
+                (mg.loss as f32 - ce).abs() <= 1e-5,
+                "{family}: ce {}",
+                mg.loss
+            );
+            let aux = coef * scalar(&r["lora.aux"])? as f64;
+            assert!(
+                ((mg.aux_loss - aux) / aux).abs() <= 1e-4,
+                "{family}: coef·aux {} vs {aux}",
+                mg.aux_loss
+            );
+            assert_eq!(want.len(), t.vars().len(), "{family}");
+            let mut worst = 0f32;
+            for ((name, v), g) in t.vars().iter().zip(&mg.grads) {
+                let w = &want[name];
+                let g = match g {
+                    Some(g) => g.clone(),
+                    // An expert no token chose: PEFT has no gradient either (zeros).
+                    None => v.zeros_like()?,
+                };
+                let excess = ((&g - w)?.abs()? - (w.abs()? * 1e-4)?)?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?;
+                worst = worst.max(excess);
+                assert!(
+                    excess <= 1e-6,
+                    "{family} {name}: off by {excess} beyond 1e-4·|ref|"
+                );
+            }
+            eprintln!("{family} (checkpointing {ckpt}): worst excess {worst:e}");
+            per_mode.push(mg.grads);
+        }
+        for (a, b) in per_mode[0].iter().zip(&per_mode[1]) {
+            if let (Some(a), Some(b)) = (a, b) {
+                let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                assert!(
+                    d <= 1e-7,
+                    "{family}: checkpointing changes a gradient by {d}"
+                );
+            } else {
+                assert!(a.is_none() && b.is_none(), "{family}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! Qwen2-MoE, Qwen3-MoE, Mixtral and OLMoE against transformers 4.56.2's own implementations on
+//! tiny configs (fixtures/families, written by tools/fixtures/moe_families.py): logits,
+//! cross-entropy, the Switch balancing loss and the total loss, in training and eval mode.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+use moe_peft_model::{causal_lm_loss, AuxLoss, Family, LoadOptions, ModelConfig, MoeModel};
+
+const FAMILIES: [&str; 4] = ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe"];
+
+fn dir(family: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/families")
+        .join(family)
+}
+
+fn reference(family: &str) -> Result<HashMap<String, Tensor>> {
+    Ok(candle_core::safetensors::load(
+        dir(family).join("forward.safetensors"),
+        &Device::Cpu,
+    )?)
+}
+
+fn scalar(t: &Tensor) -> Result<f32> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?[0])
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+#[test]
+fn every_family_gives_transformers_logits_and_losses() -> Result<()> {
+    for family in FAMILIES {
+        let r = reference(family)?;
+        let model = MoeModel::from_pretrained(dir(family), &LoadOptions::default())?;
+        assert_eq!(model.arch().family.model_type(), family);
+        assert!(
+            model.unused_checkpoint_tensors().is_empty(),
+            "{family}: unused {:?}",
+            model.unused_checkpoint_tensors()
+        );
+        let ids = r["input_ids"].to_dtype(DType::U32)?;
+        let mask = r["attention_mask"].to_dtype(DType::U32)?;
+        let labels = &r["labels"];
+        let AuxLoss::Switch { coef } = model.arch().aux else {
+            panic!("{family}: the fixture turns output_router_logits on");
+        };
+        for train in [false, true] {
+            let o = model.forward_t(&ids, Some(&mask), train)?;
+            let d = max_abs(&o.logits, &r["logits"])?;
+            assert!(d <= 2e-5, "{family} (train {train}): logits differ by {d}");
+            let ce = causal_lm_loss(&o.logits, labels)?.loss.to_scalar::<f32>()?;
+            let want = scalar(&r["ce"])?;
+            assert!((ce - want).abs() <= 1e-5, "{family}: ce {ce} vs {want}");
+            if !train {
+                assert!(o.aux_losses.is_empty());
+                continue;
+            }
+            // One Switch loss for the pass, already times its coefficient.
+            assert_eq!(o.aux_losses.len(), 1, "{family}");
+            let aux = o.aux_losses[0].to_scalar::<f32>()? as f64;
+            let want = coef * scalar(&r["aux"])? as f64;
+            assert!(
+                ((aux - want) / want).abs() <= 1e-4,
+                "{family}: coef·aux {aux} vs {want}"
+            );
+            // transformers' loss is ce + coef·aux.
+            let (lo, aux) = model.loss(&ids, Some(&mask), labels, true)?;
+            let total = lo.loss.to_scalar::<f32>()? + aux[0].to_scalar::<f32>()?;
+            let want = scalar(&r["loss"])?;
+            assert!(
+                (total - want).abs() <= 1e-5,
+                "{family}: loss {total} vs {want}"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn configs_pick_the_family_round_trip_and_name_bad_fields() -> Result<()> {
+    for family in FAMILIES {
+        let cfg = ModelConfig::from_file(dir(family).join("config.json"))?;
+        assert_eq!(cfg.family(), Family::from_model_type(family).unwrap());
+        let text = serde_json::to_string(&cfg.to_json()?)?;
+        let again = ModelConfig::from_json(&text, "round trip")?;
+        assert_eq!(again, cfg, "{family}");
+        // Keys the model does not read survive (transformers 4.56 writes `dtype`).
+        assert!(text.contains("\"dtype\""), "{family}: {text}");
+    }
+    let bad = |json: &str| {
+        ModelConfig::from_json(json, "config.json")
+            .unwrap_err()
+            .to_string()
+    };
+    let e = bad(r#"{"model_type": "llama"}"#);
+    assert!(e.contains("model_type") && e.contains("qwen3_moe"), "{e}");
+    let e = bad(r#"{"model_type": "mixtral", "router_jitter_noise": 0.1}"#);
+    assert!(e.contains("router_jitter_noise"), "{e}");
+    let e = bad(r#"{"model_type": "qwen2_moe", "use_sliding_window": true}"#);
+    assert!(e.contains("use_sliding_window"), "{e}");
+    let e = bad(r#"{"model_type": "qwen3_moe", "num_hidden_layers": 2, "mlp_only_layers": [30]}"#);
+    assert!(e.contains("mlp_only_layers"), "{e}");
+    let e = bad(r#"{"model_type": "olmoe", "num_experts_per_tok": 65}"#);
+    assert!(e.contains("num_experts_per_tok"), "{e}");
+    let e = bad(r#"{"model_type": "olmoe", "hidden_act": "swish"}"#);
+    assert!(e.contains("hidden_act"), "{e}");
+    // A list of eos ids (as some configs have) is read; the first is used.
+    let c = ModelConfig::from_json(
+        r#"{"model_type": "qwen3_moe", "eos_token_id": [7, 8]}"#,
+        "config.json",
+    )?;
+    assert_eq!(c.arch()?.eos_token_id, Some(7));
+    Ok(())
+}
+
+#[test]
+fn mixtral_refuses_passes_longer_than_its_window() -> Result<()> {
+    let mut cfg = match ModelConfig::from_file(dir("mixtral").join("config.json"))? {
+        ModelConfig::Mixtral(c) => c,
+        other => panic!("{:?}", other.family()),
+    };
+    cfg.sliding_window = Some(8);
+    let model = MoeModel::random(cfg, &LoadOptions::default(), 0)?;
+    let ids = Tensor::zeros((1, 9), DType::U32, &Device::Cpu)?;
+    let e = model.forward_t(&ids, None, false).unwrap_err().to_string();
+    assert!(e.contains("sliding_window"), "{e}");
+    let ids = Tensor::zeros((1, 8), DType::U32, &Device::Cpu)?;
+    model.forward_t(&ids, None, false)?;
+    Ok(())
+}
