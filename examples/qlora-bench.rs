@@ -22,10 +22,11 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use clap::Parser;
 use moe_peft::data::{DataConfig, InstructionDataset, LoaderConfig, PreprocessConfig};
-use moe_peft::lora::{
-    LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer, DEEPSEEK_TARGETS,
+use moe_peft::lora::{LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer};
+use moe_peft::model::{
+    DeepSeekMoeConfig, LoadOptions, MixtralConfig, ModelConfig, MoeModel, OlmoeConfig,
+    Qwen2MoeConfig, Qwen3MoeConfig,
 };
-use moe_peft::model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft::quant::QuantPolicy;
 use rand::{Rng, SeedableRng};
 use rand_distr::Distribution;
@@ -39,7 +40,8 @@ use common::parse_bool;
     rename_all = "snake_case"
 )]
 struct Args {
-    /// 16b or tiny (default: 16b on a GPU, tiny on the CPU).
+    /// 16b, tiny, or another family's shapes: qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b,
+    /// olmoe-1b-7b (default: 16b on a GPU, tiny on the CPU).
     #[arg(long)]
     preset: Option<String>,
     /// A config.json instead of a preset.
@@ -157,19 +159,27 @@ fn run(args: Args) -> Result<()> {
             "16b".into()
         }
     });
-    let cfg = match (&args.config, preset.as_str()) {
+    let cfg: ModelConfig = match (&args.config, preset.as_str()) {
         (Some(p), _) => {
-            DeepSeekMoeConfig::from_file(p).with_context(|| format!("--config {}", p.display()))?
+            ModelConfig::from_file(p).with_context(|| format!("--config {}", p.display()))?
         }
-        (None, "16b") => DeepSeekMoeConfig::deepseek_moe_16b(),
+        (None, "16b") => DeepSeekMoeConfig::deepseek_moe_16b().into(),
         (None, "tiny") => {
             // With --data, DeepSeek's vocabulary, so that every token id has an embedding.
             let mut c = DeepSeekMoeConfig::tiny(if args.data.is_some() { 102_400 } else { 1024 });
             c.max_position_embeddings = 4096;
-            c
+            c.into()
         }
-        (None, p) => bail!("--preset {p}: expected 16b or tiny"),
+        (None, "qwen1.5-moe-a2.7b") => Qwen2MoeConfig::qwen1_5_moe_a2_7b().into(),
+        (None, "qwen3-30b-a3b") => Qwen3MoeConfig::qwen3_30b_a3b().into(),
+        (None, "mixtral-8x7b") => MixtralConfig::mixtral_8x7b().into(),
+        (None, "olmoe-1b-7b") => OlmoeConfig::olmoe_1b_7b().into(),
+        (None, p) => bail!(
+            "--preset {p}: expected 16b, tiny, qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b or olmoe-1b-7b"
+        ),
     };
+    let arch = cfg.arch()?;
+    let targets = arch.family.default_targets();
     if args.batch_size == 0 || args.seq_len < 2 || args.steps == 0 {
         bail!("--batch_size ≥ 1, --seq_len ≥ 2 and --steps ≥ 1 are needed");
     }
@@ -183,7 +193,7 @@ fn run(args: Args) -> Result<()> {
         args.seq_len,
         args.lora_r,
         args.lora_alpha,
-        DEEPSEEK_TARGETS,
+        targets,
         match &quant {
             QuantPolicy::None => "dense".to_string(),
             q => format!("{q:?}"),
@@ -228,7 +238,7 @@ fn run(args: Args) -> Result<()> {
         lora_alpha: args.lora_alpha,
         lora_dropout: 0.1,
         target_modules: Some(TargetModules::List(
-            DEEPSEEK_TARGETS.iter().map(|s| s.to_string()).collect(),
+            targets.iter().map(|s| s.to_string()).collect(),
         )),
         modules_to_save: args
             .modules_to_save
@@ -247,7 +257,7 @@ fn run(args: Args) -> Result<()> {
     let n_lora = lora.num_trainable_parameters();
     println!(
         "built in {build_s:.1}s: {} parameters, {} trainable, {} adapters",
-        cfg.num_parameters(),
+        arch.num_parameters(),
         n_lora,
         lora.adapters().len()
     );
@@ -278,16 +288,16 @@ fn run(args: Args) -> Result<()> {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
     let n = args.batch_size * args.seq_len;
-    let vocab = cfg.vocab_size as u32;
+    let vocab = arch.vocab_size as u32;
     let mut loader = match &args.data {
         Some(path) => {
             let scratch = std::env::temp_dir().join("qlora-bench");
             let (tok, _) = common::load_tokenizer(args.tokenizer.as_deref(), &scratch)?;
-            if tok.vocab_size() > cfg.vocab_size {
+            if tok.vocab_size() > arch.vocab_size {
                 bail!(
                     "--data: the tokenizer has {} tokens but the model only {} embeddings",
                     tok.vocab_size(),
-                    cfg.vocab_size
+                    arch.vocab_size
                 );
             }
             let data = DataConfig {
@@ -413,29 +423,29 @@ fn run(args: Args) -> Result<()> {
     rates.sort_by(f64::total_cmp);
     let tps = rates[rates.len() / 2];
     // FLOPs per token.
-    let h = cfg.hidden_size as f64;
-    let kv = (cfg.kv_heads() * cfg.head_dim()) as f64;
-    let mut fwd = 2.0 * cfg.vocab_size as f64 * h; // lm_head
+    let h = arch.hidden_size as f64;
+    let (q, kv) = (arch.q_width() as f64, arch.kv_width() as f64);
+    let mut fwd = 2.0 * arch.vocab_size as f64 * h; // lm_head
     let mut lora_fwd = 0.0;
     let r = args.lora_r as f64;
-    for i in 0..cfg.num_hidden_layers {
-        let attn = 2.0 * h * h + 2.0 * h * kv;
-        fwd += 2.0 * attn + 4.0 * args.seq_len as f64 * h;
-        lora_fwd += 2.0 * r * (2.0 * (h + h) + 2.0 * (h + kv));
+    for i in 0..arch.num_hidden_layers {
+        let attn = 2.0 * h * q + 2.0 * h * kv;
+        fwd += 2.0 * attn + 4.0 * args.seq_len as f64 * q;
+        lora_fwd += 2.0 * r * (2.0 * (h + q) + 2.0 * (h + kv));
         let mlp = |w: f64| 3.0 * h * w;
         let lora_mlp = |w: f64| 2.0 * r * 3.0 * (h + w);
-        if cfg.is_moe_layer(i) {
-            let k = cfg.num_experts_per_tok.unwrap_or(0) as f64;
-            let e = cfg.moe_intermediate_size as f64;
-            fwd += 2.0 * (k * mlp(e) + cfg.routed_experts() as f64 * h);
+        if arch.is_moe_layer(i) {
+            let k = arch.top_k as f64;
+            let e = arch.moe_intermediate_size as f64;
+            fwd += 2.0 * (k * mlp(e) + arch.num_experts as f64 * h);
             lora_fwd += k * lora_mlp(e);
-            if let Some(w) = cfg.shared_intermediate() {
+            if let Some(w) = arch.shared_intermediate {
                 fwd += 2.0 * mlp(w as f64);
                 lora_fwd += lora_mlp(w as f64);
             }
         } else {
-            fwd += 2.0 * mlp(cfg.intermediate_size as f64);
-            lora_fwd += lora_mlp(cfg.intermediate_size as f64);
+            fwd += 2.0 * mlp(arch.intermediate_size as f64);
+            lora_fwd += lora_mlp(arch.intermediate_size as f64);
         }
     }
     let per_token = 3.0 * (fwd + lora_fwd) + lora_fwd;

@@ -29,9 +29,9 @@ use moe_peft::data::{
 use moe_peft::hub::RepoKind;
 use moe_peft::lora::{
     latest_checkpoint, merge_checkpoint, ExportOptions, LoraConfig, LoraModel, MergeOptions, Optim,
-    Schedule, TargetModules, TrainConfig, Trainer, DEEPSEEK_TARGETS,
+    Schedule, TargetModules, TrainConfig, Trainer,
 };
-use moe_peft::model::{LoadOptions, MoeModel};
+use moe_peft::model::{Family, LoadOptions, MoeModel};
 use moe_peft::quant::QuantPolicy;
 
 use common::tensorboard::EventWriter;
@@ -141,12 +141,17 @@ struct Args {
     /// LoRA dropout.
     #[arg(long = "lora_dropout", default_value_t = 0.1)]
     lora_dropout: f64,
-    /// Comma-separated target modules.
+    /// Comma-separated target modules. Not given: every projection of the model's family
+    /// (attention and every MLP, routed experts included: `q_proj,k_proj,v_proj,o_proj` plus
+    /// `gate_proj,up_proj,down_proj`, or Mixtral's `w1,w2,w3`).
     #[arg(
         long = "trainable",
         default_value = "q_proj,v_proj,k_proj,o_proj,gate_proj,down_proj,up_proj"
     )]
     trainable: String,
+    /// Whether `--trainable` was given (else the family's projections are targeted).
+    #[arg(skip)]
+    trainable_given: bool,
     /// Comma-separated modules trained in full (`none` for none).
     #[arg(long = "modules_to_save", default_value = "embed_tokens,lm_head")]
     modules_to_save: String,
@@ -291,6 +296,8 @@ fn main() {
         Ok(a) => a,
         Err(e) => e.exit(),
     };
+    args.trainable_given =
+        matches.value_source("trainable") == Some(clap::parser::ValueSource::CommandLine);
     let demo = args.model_name_or_path.is_none() && args.data_path.is_none();
     if demo {
         args.apply_demo_defaults(&matches);
@@ -488,11 +495,20 @@ fn validate_flags(args: &Args) -> Result<()> {
             .filter(|x| !x.is_empty())
         {
             let last = name.rsplit('.').next().unwrap_or(name);
-            if name != "all-linear" && !DEEPSEEK_TARGETS.contains(&last) {
+            let known: Vec<&str> = Family::ALL
+                .iter()
+                .flat_map(|f| f.default_targets().iter().copied())
+                .fold(Vec::new(), |mut v, n| {
+                    if !v.contains(&n) {
+                        v.push(n);
+                    }
+                    v
+                });
+            if name != "all-linear" && !known.contains(&last) {
                 bail!(
-                    "--trainable {name}: not a projection of DeepSeekMoE (expected a comma list of \
-                     {}, or all-linear)",
-                    DEEPSEEK_TARGETS.join(", ")
+                    "--trainable {name}: not a projection of a supported model (expected a comma \
+                     list of {}, or all-linear)",
+                    known.join(", ")
                 );
             }
         }
@@ -847,11 +863,17 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                 .collect()
         };
         let mts = to_list(&args.modules_to_save);
+        let targets = if args.trainable_given {
+            to_list(&args.trainable)
+        } else {
+            let f = model.arch().family;
+            f.default_targets().iter().map(|s| s.to_string()).collect()
+        };
         let cfg = LoraConfig {
             r: args.lora_r,
             lora_alpha: args.lora_alpha,
             lora_dropout: args.lora_dropout,
-            target_modules: Some(TargetModules::List(to_list(&args.trainable))),
+            target_modules: Some(TargetModules::List(targets)),
             modules_to_save: if mts.is_empty() || mts == ["none"] {
                 None
             } else {

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use moe_peft::data::{Batch, TextTokenizer};
 use moe_peft::lora::TrainBatch;
-use moe_peft::model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
+use moe_peft::model::{DeepSeekMoeConfig, LoadOptions, ModelConfig, MoeModel};
 use moe_peft::quant::{FourBitConfig, QuantPolicy, QuantType};
 
 /// mimalloc instead of the system allocator: tokenizing the data allocates a small string per
@@ -178,7 +178,8 @@ pub fn model_tokenizer(
     let (tok, from) = load_tokenizer(dir, scratch)?;
     let config = model.join("config.json");
     if config.exists() {
-        let cfg = DeepSeekMoeConfig::from_file(&config)
+        let cfg = ModelConfig::from_file(&config)
+            .and_then(|c| c.arch())
             .with_context(|| format!("--model_name_or_path {}", model.display()))?;
         if tok.vocab_size() > cfg.vocab_size {
             bail!(

@@ -136,3 +136,91 @@ fn lora_gradients_match_peft_for_every_family() -> Result<()> {
     }
     Ok(())
 }
+
+/// An adapter trained here, saved in PEFT's format and loaded again, gives the logits it had.
+/// With `MOE_PEFT_ROUNDTRIP_DIR` set, each family's adapter and logits are kept there for
+/// `tools/fixtures/peft_roundtrip.py`, which loads them with `PeftModel.from_pretrained` on
+/// the transformers model (recorded in fixtures/README.md).
+#[test]
+fn adapters_trained_here_reload_with_their_logits() -> Result<()> {
+    let keep = std::env::var_os("MOE_PEFT_ROUNDTRIP_DIR").map(PathBuf::from);
+    let tmp = tempfile::tempdir()?;
+    for (family, _) in FAMILIES {
+        let r = load(family, "forward.safetensors")?;
+        let model = MoeModel::from_pretrained(dir(family), &LoadOptions::default())?;
+        let lm = LoraModel::new(
+            model,
+            moe_peft_lora::LoraConfig {
+                r: 4,
+                lora_alpha: 8.0,
+                lora_dropout: 0.0,
+                target_modules: Some(moe_peft_lora::TargetModules::List(
+                    moe_peft_model::Family::from_model_type(family)
+                        .expect("family")
+                        .default_targets()
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                )),
+                ..Default::default()
+            },
+            7,
+        )?;
+        let b = TrainBatch {
+            input_ids: r["input_ids"].to_dtype(DType::U32)?,
+            attention_mask: r["attention_mask"].to_dtype(DType::U32)?,
+            labels: r["labels"].clone(),
+            packed: false,
+        };
+        let mut t = Trainer::new(
+            lm,
+            TrainConfig {
+                learning_rate: 1e-2,
+                warmup_ratio: 0.0,
+                ..Default::default()
+            },
+        )?;
+        let first = t.step(std::slice::from_ref(&b))?.loss;
+        let mut last = first;
+        for _ in 0..4 {
+            last = t.step(std::slice::from_ref(&b))?.loss;
+        }
+        assert!(last < first, "{family}: loss {first} → {last}");
+        let lm = t.into_lora();
+        let out = keep
+            .as_ref()
+            .map(|k| k.join(family))
+            .unwrap_or_else(|| tmp.path().join(family));
+        std::fs::create_dir_all(&out)?;
+        lm.save_adapter(&out.join("adapter"), DType::F32)?;
+        let logits = lm
+            .model()
+            .forward_t(&b.input_ids, Some(&b.attention_mask), false)?
+            .logits;
+        candle_core::safetensors::save(
+            &HashMap::from([
+                ("input_ids".to_string(), r["input_ids"].clone()),
+                ("attention_mask".to_string(), r["attention_mask"].clone()),
+                ("logits".to_string(), logits.clone()),
+            ]),
+            out.join("logits.safetensors"),
+        )?;
+        let again = lora_from(family, &out.join("adapter"))?;
+        let l2 = again
+            .model()
+            .forward_t(&b.input_ids, Some(&b.attention_mask), false)?
+            .logits;
+        let d = (&l2 - &logits)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        assert!(d <= 1e-6, "{family}: reloaded logits differ by {d}");
+    }
+    Ok(())
+}
+
+fn lora_from(family: &str, adapter: &std::path::Path) -> Result<LoraModel> {
+    let model = MoeModel::from_pretrained(dir(family), &LoadOptions::default())?;
+    Ok(LoraModel::from_pretrained(model, adapter)?)
+}

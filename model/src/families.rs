@@ -330,6 +330,20 @@ impl Default for Qwen2MoeConfig {
 }
 
 impl Qwen2MoeConfig {
+    /// The shapes of `Qwen/Qwen1.5-MoE-A2.7B` (14.3B parameters, 60 experts top-4 plus a
+    /// gated shared expert).
+    pub fn qwen1_5_moe_a2_7b() -> Self {
+        Self {
+            architectures: Some(vec!["Qwen2MoeForCausalLM".into()]),
+            max_position_embeddings: 8192,
+            rope_theta: 1e6,
+            bos_token_id: Some(TokenIds::One(151643)),
+            eos_token_id: Some(TokenIds::One(151643)),
+            torch_dtype: Some("bfloat16".into()),
+            ..Self::default()
+        }
+    }
+
     /// The architecture.
     pub fn arch(&self) -> Result<Arch> {
         let head_dim = head_dim_of(&self.extra, self.hidden_size, self.num_attention_heads);
@@ -536,6 +550,25 @@ impl Default for Qwen3MoeConfig {
 }
 
 impl Qwen3MoeConfig {
+    /// The shapes of `Qwen/Qwen3-30B-A3B` (30.5B parameters, 48 layers, 128 experts top-8,
+    /// GQA 32/4 with head_dim 128).
+    pub fn qwen3_30b_a3b() -> Self {
+        Self {
+            architectures: Some(vec!["Qwen3MoeForCausalLM".into()]),
+            num_hidden_layers: 48,
+            num_attention_heads: 32,
+            num_key_value_heads: 4,
+            head_dim: Some(128),
+            max_position_embeddings: 40960,
+            rope_theta: 1e6,
+            norm_topk_prob: true,
+            bos_token_id: Some(TokenIds::One(151643)),
+            eos_token_id: Some(TokenIds::One(151645)),
+            torch_dtype: Some("bfloat16".into()),
+            ..Self::default()
+        }
+    }
+
     /// The architecture.
     pub fn arch(&self) -> Result<Arch> {
         let b = self.attention_bias;
@@ -705,6 +738,16 @@ impl Default for MixtralConfig {
 }
 
 impl MixtralConfig {
+    /// The shapes of `mistralai/Mixtral-8x7B-v0.1` (46.7B parameters, 8 experts top-2).
+    pub fn mixtral_8x7b() -> Self {
+        Self {
+            architectures: Some(vec!["MixtralForCausalLM".into()]),
+            max_position_embeddings: 32768,
+            torch_dtype: Some("bfloat16".into()),
+            ..Self::default()
+        }
+    }
+
     /// The architecture.
     pub fn arch(&self) -> Result<Arch> {
         let heads = self.num_attention_heads;
@@ -880,6 +923,16 @@ impl Default for OlmoeConfig {
 }
 
 impl OlmoeConfig {
+    /// The shapes of `allenai/OLMoE-1B-7B-0924` (6.9B parameters, 64 experts top-8).
+    pub fn olmoe_1b_7b() -> Self {
+        Self {
+            architectures: Some(vec!["OlmoeForCausalLM".into()]),
+            intermediate_size: 1024,
+            torch_dtype: Some("bfloat16".into()),
+            ..Self::default()
+        }
+    }
+
     /// The architecture.
     pub fn arch(&self) -> Result<Arch> {
         let heads = self.num_attention_heads;
@@ -1106,5 +1159,28 @@ impl ModelConfig {
             Self::Mixtral(c) => c.quantization_config.as_ref(),
             Self::Olmoe(c) => c.quantization_config.as_ref(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets_have_the_published_parameter_counts() -> Result<()> {
+        // Mixtral-8x7B's exact count; the others to the precision their model cards give.
+        let m = ModelConfig::from(MixtralConfig::mixtral_8x7b());
+        m.validate()?;
+        assert_eq!(m.arch()?.num_parameters(), 46_702_792_704);
+        for (cfg, billions) in [
+            (ModelConfig::from(Qwen2MoeConfig::qwen1_5_moe_a2_7b()), 14.3),
+            (ModelConfig::from(Qwen3MoeConfig::qwen3_30b_a3b()), 30.5),
+            (ModelConfig::from(OlmoeConfig::olmoe_1b_7b()), 6.9),
+        ] {
+            cfg.validate()?;
+            let n = cfg.arch()?.num_parameters() as f64 / 1e9;
+            assert!((n - billions).abs() < 0.05, "{:?}: {n}", cfg.family());
+        }
+        Ok(())
     }
 }
