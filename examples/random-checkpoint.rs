@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
 use moe_peft::model::random::{write_random_checkpoint, RandomCheckpointOptions};
-use moe_peft::model::DeepSeekMoeConfig;
+use moe_peft::model::{DeepSeekMoeConfig, ModelConfig};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -58,10 +58,10 @@ fn run(args: Args) -> Result<()> {
     let cfg = match (&args.config, args.preset.as_deref()) {
         (Some(_), Some(_)) => bail!("give --preset or --config, not both"),
         (Some(p), None) => {
-            DeepSeekMoeConfig::from_file(p).with_context(|| format!("--config {}", p.display()))?
+            ModelConfig::from_file(p).with_context(|| format!("--config {}", p.display()))?
         }
-        (None, Some("deepseek-moe-16b")) => DeepSeekMoeConfig::deepseek_moe_16b(),
-        (None, Some("tiny")) => common::demo_config(),
+        (None, Some("deepseek-moe-16b")) => DeepSeekMoeConfig::deepseek_moe_16b().into(),
+        (None, Some("tiny")) => common::demo_config().into(),
         (None, Some(p)) => bail!("--preset {p}: expected deepseek-moe-16b or tiny"),
         (None, None) => bail!("--preset deepseek-moe-16b|tiny or --config FILE is required"),
     };

@@ -17,12 +17,14 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use rayon::prelude::*;
 
-use crate::config::DeepSeekMoeConfig;
+use crate::arch::{Arch, QkNorm, MLP_NAMES};
 use crate::error::{Error, Result};
+use crate::families::ModelConfig;
 use crate::io::{
     plan_shards, shard_file_names, st_dtype_name, torch_dtype_name, write_shard_index,
     SafetensorsWriter, TensorSpec,
 };
+use crate::layers::ATTENTION_PROJECTIONS;
 
 /// Elements generated per independent random stream.
 pub const BLOCK: usize = 1 << 16;
@@ -49,73 +51,91 @@ pub struct ParamSpec {
     pub init: ParamInit,
 }
 
-/// Every parameter of `cfg` in `state_dict` order (embedding, layers, final norm, lm_head).
-pub fn parameter_specs(cfg: &DeepSeekMoeConfig) -> Vec<ParamSpec> {
-    let h = cfg.hidden_size;
-    let kv = cfg.kv_heads() * cfg.head_dim();
-    let normal = ParamInit::Normal(cfg.initializer_range);
+/// Every parameter of a model of architecture `a` in `state_dict` order (embedding, layers,
+/// final norm, lm_head), named as the family names them.
+pub fn parameter_specs(a: &Arch) -> Vec<ParamSpec> {
+    let h = a.hidden_size;
+    let (q, kv) = (a.q_width(), a.kv_width());
+    let normal = ParamInit::Normal(a.initializer_range);
     let spec = |name: String, shape: Vec<usize>, init: ParamInit| ParamSpec { name, shape, init };
-    let mlp = |out: &mut Vec<ParamSpec>, prefix: String, width: usize| {
-        out.push(spec(
-            format!("{prefix}.gate_proj.weight"),
-            vec![width, h],
-            normal,
-        ));
-        out.push(spec(
-            format!("{prefix}.up_proj.weight"),
-            vec![width, h],
-            normal,
-        ));
-        out.push(spec(
-            format!("{prefix}.down_proj.weight"),
-            vec![h, width],
-            normal,
-        ));
+    let mlp = |out: &mut Vec<ParamSpec>, prefix: String, names: [&str; 3], width: usize| {
+        let [g, u, d] = names;
+        out.push(spec(format!("{prefix}.{g}.weight"), vec![width, h], normal));
+        out.push(spec(format!("{prefix}.{u}.weight"), vec![width, h], normal));
+        out.push(spec(format!("{prefix}.{d}.weight"), vec![h, width], normal));
     };
     let mut out = vec![spec(
         "model.embed_tokens.weight".into(),
-        vec![cfg.vocab_size, h],
+        vec![a.vocab_size, h],
         normal,
     )];
-    for i in 0..cfg.num_hidden_layers {
+    for i in 0..a.num_hidden_layers {
         let p = format!("model.layers.{i}");
-        for (n, o) in [("q_proj", h), ("k_proj", kv), ("v_proj", kv), ("o_proj", h)] {
+        let shapes = [(q, h), (kv, h), (kv, h), (h, q)];
+        for (k, n) in ATTENTION_PROJECTIONS.iter().enumerate() {
+            let (o, inp) = shapes[k];
             out.push(spec(
                 format!("{p}.self_attn.{n}.weight"),
-                vec![o, h],
+                vec![o, inp],
                 normal,
             ));
+            if a.attention_bias[k] {
+                out.push(spec(
+                    format!("{p}.self_attn.{n}.bias"),
+                    vec![o],
+                    ParamInit::Normal(0.0),
+                ));
+            }
         }
-        if cfg.is_moe_layer(i) {
-            for j in 0..cfg.routed_experts() {
+        let norms = match a.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+            QkNorm::Whole => Some((q, kv)),
+        };
+        if let Some((wq, wk)) = norms {
+            out.push(spec(
+                format!("{p}.self_attn.q_norm.weight"),
+                vec![wq],
+                ParamInit::Ones,
+            ));
+            out.push(spec(
+                format!("{p}.self_attn.k_norm.weight"),
+                vec![wk],
+                ParamInit::Ones,
+            ));
+        }
+        if a.is_moe_layer(i) {
+            let m = format!("{p}.{}", a.naming.moe);
+            for j in 0..a.num_experts {
                 mlp(
                     &mut out,
-                    format!("{p}.mlp.experts.{j}"),
-                    cfg.moe_intermediate_size,
+                    format!("{m}.experts.{j}"),
+                    a.naming.expert,
+                    a.moe_intermediate_size,
                 );
             }
             out.push(spec(
-                format!("{p}.mlp.gate.weight"),
-                vec![cfg.routed_experts(), h],
+                format!("{m}.gate.weight"),
+                vec![a.num_experts, h],
                 ParamInit::Uniform(1.0 / (h as f64).sqrt()),
             ));
-            if let Some(w) = cfg.shared_intermediate() {
-                mlp(&mut out, format!("{p}.mlp.shared_experts"), w);
+            if let Some(w) = a.shared_intermediate {
+                let sh = format!("{m}.{}", a.naming.shared);
+                mlp(&mut out, sh.clone(), MLP_NAMES, w);
+                if a.shared_gate {
+                    out.push(spec(format!("{sh}_gate.weight"), vec![1, h], normal));
+                }
             }
         } else {
-            mlp(&mut out, format!("{p}.mlp"), cfg.intermediate_size);
+            mlp(&mut out, format!("{p}.mlp"), MLP_NAMES, a.intermediate_size);
         }
         for n in ["input_layernorm", "post_attention_layernorm"] {
             out.push(spec(format!("{p}.{n}.weight"), vec![h], ParamInit::Ones));
         }
     }
     out.push(spec("model.norm.weight".into(), vec![h], ParamInit::Ones));
-    if !cfg.tie_word_embeddings {
-        out.push(spec(
-            "lm_head.weight".into(),
-            vec![cfg.vocab_size, h],
-            normal,
-        ));
+    if !a.tie_word_embeddings {
+        out.push(spec("lm_head.weight".into(), vec![a.vocab_size, h], normal));
     }
     out
 }
@@ -248,11 +268,12 @@ pub fn random_param_bytes(spec: &ParamSpec, seed: u64, dtype: DType) -> Result<V
 
 /// Writes a random checkpoint of `cfg` into `dir` (see the module docs). A generator thread
 /// produces the next tensor while the current one is written.
-pub fn write_random_checkpoint(
-    cfg: &DeepSeekMoeConfig,
+pub fn write_random_checkpoint<C: Into<ModelConfig> + Clone>(
+    cfg: &C,
     dir: &Path,
     opts: &RandomCheckpointOptions,
 ) -> Result<RandomCheckpointReport> {
+    let cfg: ModelConfig = cfg.clone().into();
     cfg.validate()?;
     st_dtype_name(opts.dtype)?;
     if !matches!(opts.dtype, DType::BF16 | DType::F16 | DType::F32) {
@@ -270,7 +291,7 @@ pub fn write_random_checkpoint(
         path: dir.display().to_string(),
         source,
     })?;
-    let specs = parameter_specs(cfg);
+    let specs = parameter_specs(&cfg.arch()?);
     let esz = opts.dtype.size_in_bytes();
     let sizes: Vec<usize> = specs
         .iter()
@@ -341,8 +362,7 @@ pub fn write_random_checkpoint(
         write_shard_index(dir, total, &weight_map)?;
     }
     let mut c = cfg.clone();
-    c.torch_dtype = Some(torch_dtype_name(opts.dtype).into());
-    c.quantization_config = None;
+    c.set_saved_format(None, torch_dtype_name(opts.dtype));
     c.to_file(dir.join("config.json"))?;
     Ok(RandomCheckpointReport {
         shards,
@@ -359,26 +379,90 @@ mod tests {
     use super::*;
     use crate::model::{LoadOptions, MoeModel};
 
+    /// Tiny configs of every family, each with its variants switched on.
+    fn tiny_configs() -> Vec<ModelConfig> {
+        use crate::config::DeepSeekMoeConfig;
+        use crate::families::*;
+        vec![
+            DeepSeekMoeConfig::tiny(96).into(),
+            Qwen2MoeConfig {
+                vocab_size: 96,
+                hidden_size: 32,
+                intermediate_size: 48,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                moe_intermediate_size: 16,
+                shared_expert_intermediate_size: 24,
+                num_experts: 4,
+                num_experts_per_tok: 2,
+                mlp_only_layers: vec![0],
+                ..Default::default()
+            }
+            .into(),
+            Qwen3MoeConfig {
+                vocab_size: 96,
+                hidden_size: 32,
+                intermediate_size: 48,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                head_dim: Some(16),
+                moe_intermediate_size: 16,
+                num_experts: 4,
+                num_experts_per_tok: 2,
+                attention_bias: true,
+                ..Default::default()
+            }
+            .into(),
+            MixtralConfig {
+                vocab_size: 96,
+                hidden_size: 32,
+                intermediate_size: 16,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: Some(2),
+                num_local_experts: 4,
+                ..Default::default()
+            }
+            .into(),
+            OlmoeConfig {
+                vocab_size: 96,
+                hidden_size: 32,
+                intermediate_size: 16,
+                num_hidden_layers: 2,
+                num_attention_heads: 4,
+                num_key_value_heads: Some(2),
+                num_experts: 4,
+                num_experts_per_tok: 2,
+                ..Default::default()
+            }
+            .into(),
+        ]
+    }
+
     #[test]
     fn specs_are_the_models_weights() -> Result<()> {
-        let cfg = DeepSeekMoeConfig::tiny(96);
-        let specs = parameter_specs(&cfg);
-        let total: usize = specs
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum();
-        assert_eq!(total, cfg.num_parameters());
-        let model = MoeModel::random(cfg, &LoadOptions::default(), 0)?;
-        let mut seen = BTreeMap::new();
-        model.visit_weights(&mut |name, w| {
-            seen.insert(name.to_string(), w.shape());
-            Ok(())
-        })?;
-        let mine: BTreeMap<String, Vec<usize>> = specs
-            .iter()
-            .map(|s| (s.name.clone(), s.shape.clone()))
-            .collect();
-        assert_eq!(mine, seen);
+        for cfg in tiny_configs() {
+            let arch = cfg.arch()?;
+            let specs = parameter_specs(&arch);
+            let total: usize = specs
+                .iter()
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum();
+            assert_eq!(total, arch.num_parameters(), "{:?}", arch.family);
+            let model = MoeModel::random(cfg, &LoadOptions::default(), 0)?;
+            let mut seen = BTreeMap::new();
+            model.visit_weights(&mut |name, w| {
+                seen.insert(name.to_string(), w.shape());
+                Ok(())
+            })?;
+            let mine: BTreeMap<String, Vec<usize>> = specs
+                .iter()
+                .map(|s| (s.name.clone(), s.shape.clone()))
+                .collect();
+            assert_eq!(mine, seen, "{:?}", arch.family);
+        }
         Ok(())
     }
 
@@ -416,23 +500,29 @@ mod tests {
             path: "tempdir".into(),
             source,
         })?;
-        let cfg = DeepSeekMoeConfig::tiny(96);
-        let rep = write_random_checkpoint(
-            &cfg,
-            dir.path(),
-            &RandomCheckpointOptions {
-                seed: 3,
-                dtype: DType::F32,
-                max_shard_bytes: 200_000,
-            },
-        )?;
-        assert!(rep.shards.len() > 1);
-        assert_eq!(rep.bytes, 4 * cfg.num_parameters());
-        let m = MoeModel::from_pretrained(dir.path(), &LoadOptions::default())?;
-        let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2]], &candle_core::Device::Cpu)?;
-        let out = m.forward_t(&ids, None, false)?;
-        let l = out.logits.flatten_all()?.to_vec1::<f32>()?;
-        assert!(l.iter().all(|x| x.is_finite()));
+        for (k, cfg) in tiny_configs().into_iter().enumerate() {
+            let out = dir.path().join(k.to_string());
+            let rep = write_random_checkpoint(
+                &cfg,
+                &out,
+                &RandomCheckpointOptions {
+                    seed: 3,
+                    dtype: DType::F32,
+                    max_shard_bytes: 40_000,
+                },
+            )?;
+            assert!(rep.shards.len() > 1);
+            assert_eq!(rep.bytes, 4 * cfg.arch()?.num_parameters());
+            let m = MoeModel::from_pretrained(&out, &LoadOptions::default())?;
+            let mut want = cfg.clone();
+            want.set_saved_format(None, "float32");
+            assert_eq!(m.config(), &want);
+            assert!(m.unused_checkpoint_tensors().is_empty());
+            let ids = candle_core::Tensor::new(&[[1u32, 5, 9, 2]], &candle_core::Device::Cpu)?;
+            let out = m.forward_t(&ids, None, false)?;
+            let l = out.logits.flatten_all()?.to_vec1::<f32>()?;
+            assert!(l.iter().all(|x| x.is_finite()));
+        }
         Ok(())
     }
 }
