@@ -229,6 +229,13 @@ struct Args {
     /// `bfloat16` (half the memory; needs an 8-bit --optim, which rounds stochastically).
     #[arg(long = "adapter_dtype", default_value = "float32")]
     adapter_dtype: String,
+    /// Add transformers' balancing loss of the router to the loss (Qwen-MoE, Mixtral, OLMoE;
+    /// as setting `model.config.output_router_logits`). Default: the config.json's value.
+    #[arg(long = "output_router_logits", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
+    output_router_logits: Option<bool>,
+    /// Weight of that loss. Default: the config.json's `router_aux_loss_coef`.
+    #[arg(long = "router_aux_loss_coef")]
+    router_aux_loss_coef: Option<f64>,
     /// Accepted for compatibility; attention is computed as the reference's eager path.
     #[arg(long = "attn_implementation")]
     attn_implementation: Option<String>,
@@ -384,6 +391,12 @@ fn run_settings(args: &Args, model_dir: Option<&Path>) -> serde_json::Value {
     if matches!(args.adapter_dtype.as_str(), "bfloat16" | "bf16") {
         v["adapter_dtype"] = serde_json::json!("bfloat16");
     }
+    if let Some(o) = args.output_router_logits {
+        v["output_router_logits"] = serde_json::json!(o);
+    }
+    if let Some(c) = args.router_aux_loss_coef {
+        v["router_aux_loss_coef"] = serde_json::json!(c);
+    }
     v
 }
 
@@ -476,6 +489,11 @@ fn validate_flags(args: &Args) -> Result<()> {
             "--num_train_epochs {}: must be > 0 (or give --max_steps)",
             args.num_train_epochs
         );
+    }
+    if let Some(c) = args.router_aux_loss_coef {
+        if !(0.0..=1.0).contains(&c) {
+            bail!("--router_aux_loss_coef {c}: must be in [0, 1]");
+        }
     }
     if args.use_lora && args.init_adapter.is_none() {
         if args.lora_r == 0 {
@@ -788,9 +806,25 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         );
         summary["save_quantized"] = serde_json::json!({"seconds": secs, "bytes": bytes});
     }
+    let mut model = model;
+    if args.output_router_logits.is_some() || args.router_aux_loss_coef.is_some() {
+        model
+            .set_switch_aux(args.output_router_logits, args.router_aux_loss_coef)
+            .context("--output_router_logits / --router_aux_loss_coef")?;
+    }
     println!(
-        "model: {} parameters, dtype {:?}, base {}",
+        "model: {} {} parameters ({}), dtype {:?}, base {}",
+        model.arch().family.model_type(),
         model.arch().num_parameters(),
+        match model.arch().aux {
+            moe_peft::model::AuxLoss::None => "no balancing loss".to_string(),
+            moe_peft::model::AuxLoss::DeepSeek { alpha, .. } => {
+                format!("DeepSeekMoE balancing loss, alpha {alpha}")
+            }
+            moe_peft::model::AuxLoss::Switch { coef } => {
+                format!("router balancing loss, coef {coef}")
+            }
+        },
         dtype,
         match &policy {
             QuantPolicy::None => "dense".to_string(),

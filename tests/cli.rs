@@ -1171,34 +1171,46 @@ fn other_families_train_from_their_config_json() {
             ],
         );
         let out = tmp.path().join(format!("{family}-out"));
-        let log = ok(
-            "qlora-train",
-            &[
-                "--model_name_or_path",
-                s(&ck),
-                "--data_path",
-                data,
-                "--output_dir",
-                s(&out),
-                "--use_lora",
-                "True",
-                "--bits",
-                "4",
-                "--lora_r",
-                "4",
-                "--max_steps",
-                "2",
-                "--per_device_train_batch_size",
-                "2",
-                "--model_max_length",
-                "64",
-                "--modules_to_save",
-                "none",
-                "--report_to",
-                "none",
-            ],
-        );
+        // The fixture configs turn output_router_logits on; one run sets the weight, one turns
+        // the loss off.
+        let aux: &[&str] = match family {
+            "mixtral" => &["--router_aux_loss_coef", "0.02"],
+            "olmoe" => &["--output_router_logits", "false"],
+            _ => &[],
+        };
+        let mut argv = vec![
+            "--model_name_or_path",
+            s(&ck),
+            "--data_path",
+            data,
+            "--output_dir",
+            s(&out),
+            "--use_lora",
+            "True",
+            "--bits",
+            "4",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--model_max_length",
+            "64",
+            "--modules_to_save",
+            "none",
+            "--report_to",
+            "none",
+        ];
+        argv.extend(aux);
+        let log = ok("qlora-train", &argv);
         assert!(log.contains("step"), "{family}: {log}");
+        let want = match family {
+            "mixtral" => "router balancing loss, coef 0.02",
+            "olmoe" => "no balancing loss",
+            _ => "router balancing loss, coef 0.05",
+        };
+        assert!(log.contains(want), "{family}: {log}");
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
         )

@@ -517,6 +517,42 @@ impl MoeModel {
         &self.arch
     }
 
+    /// Turns transformers' Switch balancing loss on or off and sets its weight, as setting
+    /// `output_router_logits` / `router_aux_loss_coef` on the config before training (each
+    /// `None` keeps the config's value). Refused for DeepSeekMoE, whose loss is its own
+    /// (`aux_loss_alpha` in `config.json`).
+    pub fn set_switch_aux(&mut self, on: Option<bool>, coef: Option<f64>) -> Result<()> {
+        let (cfg_on, cfg_coef) = match &self.cfg {
+            ModelConfig::DeepSeek(_) => {
+                return Err(Error::InvalidInput(
+                    "DeepSeekMoE's balancing loss is set by aux_loss_alpha in its config.json, not by output_router_logits / router_aux_loss_coef".into(),
+                ))
+            }
+            ModelConfig::Qwen2Moe(c) => (c.output_router_logits, c.router_aux_loss_coef),
+            ModelConfig::Qwen3Moe(c) => (c.output_router_logits, c.router_aux_loss_coef),
+            ModelConfig::Mixtral(c) => (c.output_router_logits, c.router_aux_loss_coef),
+            ModelConfig::Olmoe(c) => (c.output_router_logits, c.router_aux_loss_coef),
+        };
+        let coef = coef.unwrap_or(cfg_coef);
+        if !(0.0..=1.0).contains(&coef) {
+            return Err(Error::InvalidInput(format!(
+                "router_aux_loss_coef {coef} must be in [0, 1]"
+            )));
+        }
+        let aux = if on.unwrap_or(cfg_on) && coef > 0.0 {
+            AuxLoss::Switch { coef }
+        } else {
+            AuxLoss::None
+        };
+        self.arch.aux = aux;
+        for l in &mut self.layers {
+            if let MoeOrMlp::Moe(m) = &mut l.mlp {
+                m.gate.set_aux_kind(aux);
+            }
+        }
+        Ok(())
+    }
+
     /// Activation dtype.
     pub fn dtype(&self) -> DType {
         self.dtype

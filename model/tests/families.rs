@@ -133,3 +133,36 @@ fn mixtral_refuses_passes_longer_than_its_window() -> Result<()> {
     model.forward_t(&ids, None, false)?;
     Ok(())
 }
+
+#[test]
+fn the_switch_loss_can_be_turned_off_or_reweighted() -> Result<()> {
+    let r = reference("olmoe")?;
+    let ids = r["input_ids"].to_dtype(DType::U32)?;
+    let mask = r["attention_mask"].to_dtype(DType::U32)?;
+    let mut model = MoeModel::from_pretrained(dir("olmoe"), &LoadOptions::default())?;
+    let aux = |m: &MoeModel| -> Result<Vec<f32>> {
+        m.forward_t(&ids, Some(&mask), true)?
+            .aux_losses
+            .iter()
+            .map(|t| Ok(t.to_scalar::<f32>()?))
+            .collect()
+    };
+    let want = scalar(&r["aux"])?;
+    model.set_switch_aux(None, Some(0.5))?;
+    let got = aux(&model)?;
+    assert!(
+        ((got[0] - 0.5 * want) / want).abs() <= 1e-4,
+        "{got:?} vs {want}"
+    );
+    model.set_switch_aux(Some(false), None)?;
+    assert!(aux(&model)?.is_empty());
+    assert!(model.set_switch_aux(None, Some(2.0)).is_err());
+    let mut ds = MoeModel::random(
+        moe_peft_model::DeepSeekMoeConfig::tiny(64),
+        &LoadOptions::default(),
+        0,
+    )?;
+    let e = ds.set_switch_aux(Some(true), None).unwrap_err().to_string();
+    assert!(e.contains("aux_loss_alpha"), "{e}");
+    Ok(())
+}

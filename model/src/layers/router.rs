@@ -59,6 +59,11 @@ impl MoeGate {
         self.aux
     }
 
+    /// Sets the layer's load-balancing loss kind.
+    pub fn set_aux_kind(&mut self, aux: AuxLoss) {
+        self.aux = aux;
+    }
+
     /// The router weight `(experts, hidden)`, f32.
     pub fn weight(&self) -> &Tensor {
         &self.weight
