@@ -136,3 +136,70 @@ fn bf16_matches_f32_of_the_same_rounded_weights() -> Result<()> {
     assert!(((la - lb) / la).abs() < 1e-2, "bf16 loss {lb} vs {la}");
     Ok(())
 }
+
+/// The other families on CUDA against the CPU (fixtures/families, PEFT adapters): logits, the
+/// Switch balancing loss, the loss and every LoRA gradient, in f32, dense and NF4 bases.
+#[test]
+fn other_families_match_the_cpu() -> Result<()> {
+    let Some(gpu) = gpu() else { return Ok(()) };
+    for family in ["qwen2_moe", "qwen3_moe", "mixtral", "olmoe"] {
+        let dir = fixtures().join("families").join(family);
+        for quant in [QuantPolicy::None, QuantPolicy::qlora()] {
+            let make = |dev: &Device| -> Result<Trainer> {
+                let opts = LoadOptions {
+                    dtype: DType::F32,
+                    device: dev.clone(),
+                    quant: quant.clone(),
+                };
+                let base = MoeModel::from_pretrained(&dir, &opts)?;
+                let lm = LoraModel::from_pretrained(base, &dir.join("adapter"))?;
+                Ok(Trainer::new(lm, TrainConfig::default())?)
+            };
+            let (ct, gt) = (make(&Device::Cpu)?, make(&gpu)?);
+            let r = candle_core::safetensors::load(dir.join("forward.safetensors"), &Device::Cpu)?;
+            let b = |dev: &Device| -> Result<TrainBatch> {
+                Ok(TrainBatch {
+                    input_ids: r["input_ids"].to_dtype(DType::U32)?.to_device(dev)?,
+                    attention_mask: r["attention_mask"].to_dtype(DType::U32)?.to_device(dev)?,
+                    labels: r["labels"].to_device(dev)?,
+                    packed: false,
+                })
+            };
+            let (bc, bg) = (b(&Device::Cpu)?, b(&gpu)?);
+            let lc = ct
+                .lora()
+                .model()
+                .forward_t(&bc.input_ids, Some(&bc.attention_mask), true)?;
+            let lg = gt
+                .lora()
+                .model()
+                .forward_t(&bg.input_ids, Some(&bg.attention_mask), true)?;
+            let d = rel(&lg.logits, &lc.logits)?;
+            println!("{family} {quant:?}: logits rel-norm diff {d:e}");
+            assert!(d < 1e-5, "{family}: logits {d}");
+            let gc = ct.micro_gradients(&bc, 1.0)?;
+            let gg = gt.micro_gradients(&bg, 1.0)?;
+            assert!((gc.loss - gg.loss).abs() < 1e-5, "{family}: loss");
+            assert!(
+                ((gc.aux_loss - gg.aux_loss) / gc.aux_loss).abs() < 1e-4,
+                "{family}: aux {} vs {}",
+                gg.aux_loss,
+                gc.aux_loss
+            );
+            let mut worst = 0f32;
+            for ((name, _), (a, b)) in ct.vars().iter().zip(gc.grads.iter().zip(&gg.grads)) {
+                match (a, b) {
+                    (Some(a), Some(b)) => {
+                        let d = rel(b, a)?;
+                        worst = worst.max(d);
+                        assert!(d < 1e-4, "{family} {name}: gradient rel-norm diff {d}");
+                    }
+                    (None, None) => {}
+                    _ => panic!("{family} {name}: a gradient on one device only"),
+                }
+            }
+            println!("{family} {quant:?}: worst LoRA gradient rel-norm diff {worst:e}");
+        }
+    }
+    Ok(())
+}
