@@ -630,7 +630,8 @@ fn profile_layer(lora: &LoraModel, args: &Args, device: &Device) -> Result<()> {
         }
     }
     println!(
-        "profile: MoE block forward (router, dispatch, 64 experts, combine, shared) {}",
+        "profile: MoE block forward (router, dispatch, {} experts, combine, shared) {}",
+        moe.experts.len(),
         ms(t)
     );
     let t = time_it(device, 3, || {

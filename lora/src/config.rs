@@ -18,7 +18,10 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum TargetModules {
-    /// Names such as `q_proj` or `mlp.experts.0.up_proj`. `all-linear` means every projection.
+    /// Names such as `q_proj` or `mlp.experts.0.up_proj`. `all-linear` means every projection
+    /// site (attention and every MLP). PEFT's `all-linear` also takes the routers where they
+    /// are `nn.Linear` (Qwen-MoE, Mixtral, OLMoE, and Qwen2-MoE's `shared_expert_gate`); routers
+    /// stay frozen here.
     List(Vec<String>),
     /// A regex that must match the full module path.
     Regex(String),
@@ -60,8 +63,9 @@ pub struct LoraConfig {
     /// Projections excluded even if targeted (written only when set: PEFT < 0.14 rejects it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exclude_modules: Option<TargetModules>,
-    /// `"none"`, `"all"` or `"lora_only"` (DeepSeekMoE projections have no bias, so all three
-    /// train the same parameters).
+    /// `"none"`, `"all"` or `"lora_only"`. Biases are not trained: a model whose targeted
+    /// projections have biases (Qwen2-MoE's q/k/v, `attention_bias` models) refuses anything
+    /// but `"none"`; on the others all three train the same parameters.
     pub bias: String,
     /// rsLoRA scaling `lora_alpha / √r`.
     pub use_rslora: bool,
@@ -224,7 +228,7 @@ impl LoraConfig {
             return bad("`use_dora` is not supported".into());
         }
         if self.fan_in_fan_out {
-            return bad("`fan_in_fan_out` must be false: DeepSeekMoE weights are (out, in)".into());
+            return bad("`fan_in_fan_out` must be false: the models' weights are (out, in)".into());
         }
         if self.peft_type != "LORA" {
             return bad(format!(

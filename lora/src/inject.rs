@@ -74,6 +74,27 @@ impl LoraModel {
         }
         config.validate()?;
         let sites = model.site_names();
+        if config.bias != "none" {
+            // PEFT would train the biases of the targeted projections; they stay frozen here.
+            let a = model.arch();
+            let biased: Vec<&String> = sites
+                .iter()
+                .filter(|n| config.targets(n))
+                .filter(|n| {
+                    moe_peft_model::ATTENTION_PROJECTIONS
+                        .iter()
+                        .zip(a.attention_bias)
+                        .any(|(p, b)| b && n.ends_with(&format!("self_attn.{p}")))
+                })
+                .collect();
+            if let Some(first) = biased.first() {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "`bias` is {:?}, but {} targeted projections have a bias ({first}, …) that PEFT would train; biases are not trained here: use bias \"none\"",
+                    config.bias,
+                    biased.len()
+                )));
+            }
+        }
         let missing = config.unmatched_targets(&sites);
         if !missing.is_empty() {
             return Err(Error::UnknownTargetModule {

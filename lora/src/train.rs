@@ -4,7 +4,11 @@
 //!
 //! Loss scaling follows the reference (HF Trainer + `modeling_deepseek.py`): each micro-batch's
 //! mean cross-entropy is divided by the accumulation count, while every MoE layer's balancing
-//! loss enters the gradient with weight 1 (its `AddAuxiliaryLoss` ignores the scaling).
+//! loss enters the gradient with weight 1 (its `AddAuxiliaryLoss` ignores the scaling). The
+//! Switch balancing loss of Qwen-MoE, Mixtral and OLMoE (`coef · aux`, with
+//! `output_router_logits`) likewise enters once per micro-batch, unscaled, as in transformers'
+//! Trainer for these models (their forward takes `num_items_in_batch`, so the Trainer does not
+//! divide their loss); the logged aux is the mean over the micro-batches.
 //!
 //! Gradient checkpointing: candle has none, so the forward runs layer by layer keeping only
 //! each layer's (detached) input; the backward recomputes one layer at a time from a fresh

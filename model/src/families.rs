@@ -63,7 +63,7 @@ pub(crate) fn check_arch(a: &Arch, rope_kinds: &[&str]) -> Result<()> {
         return bad(
             "head_dim",
             format!(
-                "is {}; RoPE needs a positive even head width (set num_attention_heads or head_dim)",
+                "is {} (hidden_size / num_attention_heads unless the family's config sets head_dim); RoPE needs a positive even head width",
                 a.head_dim
             ),
         );
@@ -130,11 +130,13 @@ pub(crate) fn check_arch(a: &Arch, rope_kinds: &[&str]) -> Result<()> {
         }
     }
     match a.aux {
-        AuxLoss::DeepSeek { alpha: c, .. } | AuxLoss::Switch { coef: c }
-            if !(0.0..=1.0).contains(&c) =>
-        {
-            bad("router_aux_loss_coef", format!("({c}) must be in [0, 1]"))
+        AuxLoss::DeepSeek { alpha, .. } if !(0.0..=1.0).contains(&alpha) => {
+            bad("aux_loss_alpha", format!("({alpha}) must be in [0, 1]"))
         }
+        AuxLoss::Switch { coef } if !(0.0..=1.0).contains(&coef) => bad(
+            "router_aux_loss_coef",
+            format!("({coef}) must be in [0, 1]"),
+        ),
         _ => Ok(()),
     }
 }
@@ -675,6 +677,9 @@ pub struct MixtralConfig {
     pub tie_word_embeddings: bool,
     /// RoPE base.
     pub rope_theta: f64,
+    /// RoPE scaling (`linear` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<RopeScaling>,
     /// Sliding attention window (`null`: off); passes longer than it are refused.
     pub sliding_window: Option<usize>,
     /// Must be 0.
@@ -723,6 +728,7 @@ impl Default for MixtralConfig {
             eos_token_id: Some(TokenIds::One(2)),
             tie_word_embeddings: false,
             rope_theta: 1e6,
+            rope_scaling: None,
             sliding_window: None,
             attention_dropout: 0.0,
             num_experts_per_tok: 2,
@@ -766,7 +772,7 @@ impl MixtralConfig {
             qk_norm: QkNorm::None,
             clip_qkv: None,
             rope_theta: self.rope_theta,
-            rope_scaling: None,
+            rope_scaling: self.rope_scaling.clone(),
             max_position_embeddings: self.max_position_embeddings,
             sliding_window: self.sliding_window,
             rms_norm_eps: self.rms_norm_eps,
@@ -810,7 +816,7 @@ impl MixtralConfig {
         if self.sliding_window == Some(0) {
             return bad("sliding_window", "must be null or at least 1");
         }
-        check_arch(&self.arch()?, &[])
+        check_arch(&self.arch()?, &["linear"])
     }
 }
 
@@ -1061,7 +1067,13 @@ impl ModelConfig {
             Family::Mixtral => Self::Mixtral(serde_json::from_value(v).map_err(json_err)?),
             Family::Olmoe => Self::Olmoe(serde_json::from_value(v).map_err(json_err)?),
         };
-        cfg.validate()?;
+        cfg.validate().map_err(|e| match e {
+            Error::InvalidConfig { field, reason } => Error::InvalidConfig {
+                field,
+                reason: format!("{reason} (in {source})"),
+            },
+            other => other,
+        })?;
         Ok(cfg)
     }
 
@@ -1075,7 +1087,8 @@ impl ModelConfig {
         Self::from_json(&text, &path.display().to_string())
     }
 
-    /// The JSON of the family's config.
+    /// The JSON of the family's config (serializing a config cannot fail in practice; the
+    /// error names the family).
     pub fn to_json(&self) -> Result<Value> {
         let r = match self {
             Self::DeepSeek(c) => serde_json::to_value(c),
@@ -1085,7 +1098,7 @@ impl ModelConfig {
             Self::Olmoe(c) => serde_json::to_value(c),
         };
         r.map_err(|source| Error::Json {
-            path: "config.json".into(),
+            path: format!("the {} config", self.family().model_type()),
             source,
         })
     }
@@ -1137,17 +1150,39 @@ impl ModelConfig {
         }
     }
 
-    /// Sets (or clears) the bitsandbytes `quantization_config` and the saved dtype.
+    /// Sets (or clears) the bitsandbytes `quantization_config` and the saved dtype (both
+    /// `torch_dtype` and, where the file has it, transformers 4.56's `dtype`, which wins there).
     pub fn set_saved_format(&mut self, quantization_config: Option<Value>, torch_dtype: &str) {
-        let (q, d) = match self {
-            Self::DeepSeek(c) => (&mut c.quantization_config, &mut c.torch_dtype),
-            Self::Qwen2Moe(c) => (&mut c.quantization_config, &mut c.torch_dtype),
-            Self::Qwen3Moe(c) => (&mut c.quantization_config, &mut c.torch_dtype),
-            Self::Mixtral(c) => (&mut c.quantization_config, &mut c.torch_dtype),
-            Self::Olmoe(c) => (&mut c.quantization_config, &mut c.torch_dtype),
+        let (q, d, extra) = match self {
+            Self::DeepSeek(c) => (&mut c.quantization_config, &mut c.torch_dtype, None),
+            Self::Qwen2Moe(c) => (
+                &mut c.quantization_config,
+                &mut c.torch_dtype,
+                Some(&mut c.extra),
+            ),
+            Self::Qwen3Moe(c) => (
+                &mut c.quantization_config,
+                &mut c.torch_dtype,
+                Some(&mut c.extra),
+            ),
+            Self::Mixtral(c) => (
+                &mut c.quantization_config,
+                &mut c.torch_dtype,
+                Some(&mut c.extra),
+            ),
+            Self::Olmoe(c) => (
+                &mut c.quantization_config,
+                &mut c.torch_dtype,
+                Some(&mut c.extra),
+            ),
         };
         *q = quantization_config;
         *d = Some(torch_dtype.to_string());
+        if let Some(e) = extra {
+            if e.contains_key("dtype") {
+                e.insert("dtype".into(), Value::from(torch_dtype));
+            }
+        }
     }
 
     /// The bitsandbytes `quantization_config`, if any.

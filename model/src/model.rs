@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use moe_peft_quant::{DenseLinear, FourBitLinear, FourBitTensor, QuantPolicy};
 use rand::{Rng, SeedableRng};
 
-use crate::arch::{Arch, AuxLoss, QkNorm, MLP_NAMES};
+use crate::arch::{Arch, AuxLoss, Family, QkNorm, MLP_NAMES};
 use crate::aux::SwitchAux;
 use crate::error::{Error, Result};
 use crate::families::ModelConfig;
@@ -254,6 +254,31 @@ impl WeightSource for FromCheckpoint<'_> {
     }
 
     fn tensor(&mut self, name: &str, shape: &[usize], dtype: DType, _: Init) -> Result<Tensor> {
+        // transformers quantizes every `nn.Linear` but `lm_head` unless told otherwise, routers
+        // included: such a weight is dequantized here.
+        if let Some(prefix) = name.strip_suffix(".weight") {
+            for kind in ["nf4", "fp4"] {
+                if self
+                    .ck
+                    .contains(&format!("{name}.quant_state.bitsandbytes__{kind}"))
+                {
+                    let file = self.ck.file_of(name);
+                    let dev = &self.opts.device;
+                    let get = |key: &str| self.ck.get_raw(key, dev).ok();
+                    let q = FourBitTensor::from_bnb_tensors(prefix, &get, Some(&file))?;
+                    if q.dims() != shape {
+                        return Err(Error::ShapeMismatch {
+                            name: name.to_string(),
+                            file,
+                            expected: shape.to_vec(),
+                            got: q.dims().to_vec(),
+                        });
+                    }
+                    self.used.insert(name.to_string());
+                    return Ok(q.dequantize(dtype)?);
+                }
+            }
+        }
         let t = self.ck.get(name, shape, dtype, &self.opts.device)?;
         self.watch(name, &t)?;
         Ok(t)
@@ -424,12 +449,14 @@ impl MoeModel {
             let ffn = if a.is_moe_layer(i) {
                 let m = format!("{p}.{}", a.naming.moe);
                 let e = a.num_experts;
-                let gw = src.tensor(
-                    &format!("{m}.gate.weight"),
-                    &[e, h],
-                    DType::F32,
-                    Init::KaimingUniform,
-                )?;
+                // DeepSeekMoE's MoEGate is kaiming-uniform; the others' routers are `nn.Linear`,
+                // which transformers' `_init_weights` draws from normal(0, initializer_range).
+                let init = if a.family == Family::DeepSeek {
+                    Init::KaimingUniform
+                } else {
+                    Init::Normal(std)
+                };
+                let gw = src.tensor(&format!("{m}.gate.weight"), &[e, h], DType::F32, init)?;
                 let gate = MoeGate::new(&a, gw)?;
                 let mut experts = Vec::with_capacity(e);
                 for j in 0..e {
@@ -659,6 +686,13 @@ impl MoeModel {
     /// [`crate::layers::segment_attention_mask`]).
     pub fn context_packed(&self, segments: &Tensor, train: bool) -> Result<ForwardContext> {
         let (_, seq) = segments.dims2()?;
+        if let Some(w) = self.arch.sliding_window {
+            if seq > w {
+                return Err(Error::InvalidInput(format!(
+                    "packed rows of {seq} positions exceed the model's sliding_window ({w}); sliding-window attention is not implemented, so rows are limited to the window"
+                )));
+            }
+        }
         let (cos, sin) = self.rotary.cos_sin(0, seq, self.dtype, &self.device)?;
         let mask = crate::layers::segment_attention_mask(segments, self.dtype, &self.device)?;
         // A packed row's padding sees itself (segment 0), so every query sees a key.

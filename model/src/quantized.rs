@@ -105,13 +105,15 @@ impl MoeModel {
             written.push(write_shard_index(dir, total, &weight_map)?);
         }
         let mut cfg = self.config().clone();
-        cfg.set_saved_format(
-            Some(bnb_quantization_config(
-                &nf4.unwrap_or_default(),
-                self.dtype(),
-            )),
-            torch_dtype_name(self.dtype()),
-        );
+        let mut q = bnb_quantization_config(&nf4.unwrap_or_default(), self.dtype());
+        if self.arch().family != crate::arch::Family::DeepSeek {
+            // The routers (and Qwen2-MoE's shared-expert gate) are `nn.Linear` there, which
+            // transformers would expect in 4-bit: they are kept dense, by module name, as
+            // `llm_int8_skip_modules` tells its loader.
+            q["llm_int8_skip_modules"] =
+                serde_json::json!(["lm_head", "gate", "shared_expert_gate"]);
+        }
+        cfg.set_saved_format(Some(q), torch_dtype_name(self.dtype()));
         let p = dir.join("config.json");
         cfg.to_file(&p)?;
         written.push(p);

@@ -3,9 +3,10 @@
 //! [`write_random_checkpoint`] writes `config.json`, shards of at most `max_shard_bytes`
 //! (`model-0000i-of-0000n.safetensors`) and `model.safetensors.index.json`, in the layout and
 //! parameter order of a `save_pretrained` of `DeepseekForCausalLM`. Weights follow HF's
-//! `_init_weights`: projections and embeddings normal(0, `initializer_range`), RMSNorm weights 1,
-//! and the router kaiming-uniform (bound 1/√hidden) as `MoEGate.reset_parameters`, so the
-//! routing is spread over the experts as in a freshly initialised model.
+//! `_init_weights`: projections, embeddings and (except DeepSeekMoE's) routers normal(0,
+//! `initializer_range`), RMSNorm weights 1, biases 0, and DeepSeekMoE's router kaiming-uniform
+//! (bound 1/√hidden) as `MoEGate.reset_parameters`, so the routing is spread over the experts
+//! as in a freshly initialised model.
 //!
 //! Every tensor is generated from `(seed, tensor name, block)` alone, in parallel blocks of
 //! [`BLOCK`] elements, so the bytes do not depend on the thread count, and host memory holds
@@ -17,7 +18,7 @@ use std::path::{Path, PathBuf};
 use candle_core::DType;
 use rayon::prelude::*;
 
-use crate::arch::{Arch, QkNorm, MLP_NAMES};
+use crate::arch::{Arch, Family, QkNorm, MLP_NAMES};
 use crate::error::{Error, Result};
 use crate::families::ModelConfig;
 use crate::io::{
@@ -114,10 +115,15 @@ pub fn parameter_specs(a: &Arch) -> Vec<ParamSpec> {
                     a.moe_intermediate_size,
                 );
             }
+            let router = if a.family == Family::DeepSeek {
+                ParamInit::Uniform(1.0 / (h as f64).sqrt())
+            } else {
+                normal
+            };
             out.push(spec(
                 format!("{m}.gate.weight"),
                 vec![a.num_experts, h],
-                ParamInit::Uniform(1.0 / (h as f64).sqrt()),
+                router,
             ));
             if let Some(w) = a.shared_intermediate {
                 let sh = format!("{m}.{}", a.naming.shared);

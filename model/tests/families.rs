@@ -109,6 +109,18 @@ fn configs_pick_the_family_round_trip_and_name_bad_fields() -> Result<()> {
     assert!(e.contains("num_experts_per_tok"), "{e}");
     let e = bad(r#"{"model_type": "olmoe", "hidden_act": "swish"}"#);
     assert!(e.contains("hidden_act"), "{e}");
+    // Mixtral's rope_scaling is read (linear only).
+    let e =
+        bad(r#"{"model_type": "mixtral", "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}"#);
+    assert!(
+        e.contains("rope_scaling") && e.contains("config.json"),
+        "{e}"
+    );
+    let c = ModelConfig::from_json(
+        r#"{"model_type": "mixtral", "rope_scaling": {"type": "linear", "factor": 2.0}}"#,
+        "config.json",
+    )?;
+    assert_eq!(c.arch()?.rope_scaling.map(|r| r.factor), Some(2.0));
     // A list of eos ids (as some configs have) is read; the first is used.
     let c = ModelConfig::from_json(
         r#"{"model_type": "qwen3_moe", "eos_token_id": [7, 8]}"#,
@@ -164,5 +176,93 @@ fn the_switch_loss_can_be_turned_off_or_reweighted() -> Result<()> {
     )?;
     let e = ds.set_switch_aux(Some(true), None).unwrap_err().to_string();
     assert!(e.contains("aux_loss_alpha"), "{e}");
+    Ok(())
+}
+
+/// transformers quantizes the routers of these families too (they are `nn.Linear`): a 4-bit
+/// router in a checkpoint is dequantized on load, giving the logits of its dequantized value.
+/// And a 4-bit base saved here keeps its routers dense, saying so in `llm_int8_skip_modules`.
+#[test]
+fn four_bit_routers_load_and_saved_bases_skip_them() -> Result<()> {
+    use moe_peft_quant::{FourBitConfig, FourBitTensor, QuantPolicy};
+    let tmp = tempfile::tempdir()?;
+    let src = dir("olmoe");
+    let mut w = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu)?;
+    let name = "model.layers.1.mlp.gate";
+    let q = FourBitTensor::quantize(&w[&format!("{name}.weight")], &FourBitConfig::default())?;
+    let mut dense = w.clone();
+    dense.insert(format!("{name}.weight"), q.dequantize(DType::F32)?);
+    w.remove(&format!("{name}.weight"));
+    for (k, t) in q.to_bnb_tensors(name)? {
+        w.insert(k, t);
+    }
+    for (d, weights) in [("packed", &w), ("dense", &dense)] {
+        std::fs::create_dir_all(tmp.path().join(d))?;
+        candle_core::safetensors::save(weights, tmp.path().join(d).join("model.safetensors"))?;
+        std::fs::copy(
+            src.join("config.json"),
+            tmp.path().join(d).join("config.json"),
+        )?;
+    }
+    let r = reference("olmoe")?;
+    let ids = r["input_ids"].to_dtype(DType::U32)?;
+    let logits = |d: &str| -> Result<Tensor> {
+        let m = MoeModel::from_pretrained(tmp.path().join(d), &LoadOptions::default())?;
+        assert!(m.unused_checkpoint_tensors().is_empty(), "{d}");
+        Ok(m.forward_t(&ids, None, false)?.logits)
+    };
+    let d = max_abs(&logits("packed")?, &logits("dense")?)?;
+    assert!(
+        d <= 1e-6,
+        "a 4-bit router differs from its dequantized value by {d}"
+    );
+    // Saved 4-bit: routers dense, named in llm_int8_skip_modules, and the base reloads.
+    let m = MoeModel::from_pretrained(
+        src,
+        &LoadOptions {
+            quant: QuantPolicy::qlora(),
+            ..Default::default()
+        },
+    )?;
+    let out = tmp.path().join("saved");
+    m.save_quantized(&out, 1 << 30)?;
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json"))?)?;
+    assert_eq!(
+        cfg["quantization_config"]["llm_int8_skip_modules"],
+        serde_json::json!(["lm_head", "gate", "shared_expert_gate"])
+    );
+    assert_eq!(cfg["dtype"], "float32");
+    let again = MoeModel::from_pretrained(&out, &LoadOptions::default())?;
+    let d = max_abs(
+        &again.forward_t(&ids, None, false)?.logits,
+        &m.forward_t(&ids, None, false)?.logits,
+    )?;
+    assert!(d <= 1e-6, "reloaded 4-bit base differs by {d}");
+    Ok(())
+}
+
+/// Mixtral and the others divide the top-k weights by their sum even for top-1 (DeepSeekMoE
+/// only for top-k > 1), so one expert per token gets weight 1.
+#[test]
+fn top_one_routing_is_renormalized_outside_deepseek() -> Result<()> {
+    let mut cfg = match ModelConfig::from_file(dir("mixtral").join("config.json"))? {
+        ModelConfig::Mixtral(c) => c,
+        other => panic!("{:?}", other.family()),
+    };
+    cfg.num_experts_per_tok = 1;
+    let model = MoeModel::random(cfg, &LoadOptions::default(), 0)?;
+    let moe = match &model.layers[0].mlp {
+        moe_peft_model::MoeOrMlp::Moe(m) => m,
+        _ => panic!("Mixtral layers are MoE"),
+    };
+    let x = Tensor::randn(0f32, 1.0, (5, 32), &Device::Cpu)?;
+    let w = moe
+        .gate
+        .route(&x)?
+        .topk_weight
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    assert!(w.iter().all(|&v| (v - 1.0).abs() < 1e-6), "{w:?}");
     Ok(())
 }

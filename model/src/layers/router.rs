@@ -100,8 +100,9 @@ impl MoeGate {
             .narrow(1, 0, self.top_k)?
             .contiguous()?;
         let mut w = scores.gather(&idx, 1)?;
+        // DeepSeekMoE renormalizes only for top-k > 1 (and adds eps); the others always divide.
         if let Some(eps) = self.norm_topk {
-            if self.top_k > 1 {
+            if eps == 0.0 || self.top_k > 1 {
                 let mut denom = w.sum_keepdim(1)?;
                 if eps > 0.0 {
                     denom = (denom + eps)?;
