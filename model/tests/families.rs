@@ -266,3 +266,24 @@ fn top_one_routing_is_renormalized_outside_deepseek() -> Result<()> {
     assert!(w.iter().all(|&v| (v - 1.0).abs() < 1e-6), "{w:?}");
     Ok(())
 }
+
+/// Generation's KV-cached passes (prefill, then one token at a time) give the logits of one
+/// full pass, for every family (GQA, q/k norms, biases, clamps with cached keys).
+#[test]
+fn cached_passes_equal_one_full_pass() -> Result<()> {
+    for family in FAMILIES {
+        let r = reference(family)?;
+        let model = MoeModel::from_pretrained(dir(family), &LoadOptions::default())?;
+        let ids = r["input_ids"].to_dtype(DType::U32)?.narrow(0, 0, 1)?;
+        let full = model.forward_t(&ids, None, false)?.logits;
+        let mut cache = moe_peft_model::KvCache::new(model.layers.len());
+        let mut parts = vec![model.forward_cached(&ids.narrow(1, 0, 5)?, None, &mut cache)?];
+        for t in 5..ids.dim(1)? {
+            parts.push(model.forward_cached(&ids.narrow(1, t, 1)?, None, &mut cache)?);
+        }
+        let cached = Tensor::cat(&parts, 1)?;
+        let d = max_abs(&cached, &full)?;
+        assert!(d <= 1e-5, "{family}: cached logits differ by {d}");
+    }
+    Ok(())
+}
