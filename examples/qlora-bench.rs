@@ -1,13 +1,14 @@
-//! `qlora-bench`: times QLoRA training steps of DeepSeekMoE at full size (random weights built
+//! `qlora-bench`: times QLoRA training steps of a MoE model at full size (random weights built
 //! directly on the device, NF4 + double quantization, LoRA r=64/α=16 on all seven projection
 //! types including every expert, AdamW, clipping 0.3, gradient checkpointing) and prints step
 //! time, tokens/s, peak device memory, per-phase times and MFU.
 //!
 //! `--preset 16b` (default on a GPU) is DeepSeekMoE-16B; `--preset tiny` (default on the CPU)
-//! is the small layout CI runs; `--config config.json` takes any DeepSeekMoE config.
+//! is the small layout CI runs; `qwen1.5-moe-a2.7b`, `qwen3-30b-a3b`, `mixtral-8x7b` and
+//! `olmoe-1b-7b` are those models' shapes; `--config config.json` takes any supported config.
 //!
 //! FLOPs counted per token (and printed): matmul FLOPs of the forward, 2·(active projection
-//! parameters + lm_head) + 4·layers·seq·hidden for attention scores and values (the full
+//! parameters + lm_head) + 4·layers·seq·(heads·head_dim) for attention scores and values (the full
 //! square, as eager attention computes it); a training step is counted as three forwards
 //! (forward, recompute, input-gradient backward) plus the LoRA weight gradients
 //! (2·r·(in+out) per adapter and token). MFU divides by the device's dense bf16 peak

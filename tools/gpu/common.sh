@@ -30,14 +30,15 @@ stage() { # name timeout cmd...
   tail -n 25 "$O/$name.log" | grep -v "^\s*$" | cut -c1-400
   return $rc
 }
-# One qlora-bench run at DeepSeekMoE-16B shapes: bench_run NAME BATCH SEQ FLAGS... (3 timed
+# One qlora-bench run at DeepSeekMoE-16B shapes (or BENCH_PRESET's, within BENCH_TIMEOUT
+# seconds): bench_run NAME BATCH SEQ FLAGS... (3 timed
 # steps after 1 warm-up, JSON in $O/NAME.json); the first run of a call also measures the
 # matmul probe. bench_summary KEYS... prints those keys of every $O/*x*_*.json.
 probe="--matmul_probe 8192"
 bench_run() {
   local name=$1 b=$2 s=$3; shift 3
-  stage "$name" 200 "$B/qlora-bench" --preset 16b --batch_size "$b" --seq_len "$s" --steps 3 \
-    --warmup 1 "$@" $probe --json "$O/$name.json"
+  stage "$name" "${BENCH_TIMEOUT:-200}" "$B/qlora-bench" --preset "${BENCH_PRESET:-16b}" \
+    --batch_size "$b" --seq_len "$s" --steps 3 --warmup 1 "$@" $probe --json "$O/$name.json"
   probe=""
 }
 bench_summary() {
