@@ -225,8 +225,9 @@ struct Args {
     /// same, kept in host memory).
     #[arg(long = "optim", default_value = "adamw_torch")]
     optim: String,
-    /// Dtype of the adapter weights the optimizer updates: `float32` (PEFT's default) or
-    /// `bfloat16` (half the memory; needs an 8-bit --optim, which rounds stochastically).
+    /// Dtype of the weights the optimizer updates (the LoRA adapters, or with --use_lora False
+    /// the projections, embeddings and lm_head): `float32` (PEFT's default) or `bfloat16` (half
+    /// the memory; needs an 8-bit --optim, which rounds stochastically).
     #[arg(long = "adapter_dtype", default_value = "float32")]
     adapter_dtype: String,
     /// Add transformers' balancing loss of the router to the loss (Qwen-MoE, Mixtral, OLMoE;
@@ -586,9 +587,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             args.optim
         );
     }
-    if adapter_dtype == DType::BF16 && !args.use_lora {
-        bail!("--adapter_dtype applies to LoRA adapters; full fine-tuning keeps f32 weights");
-    }
+
     if optim.is_8bit() && args.moments_dtype.is_some() {
         bail!(
             "--moments_dtype: {} keeps 8-bit moments (leave the flag out)",
@@ -923,9 +922,14 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         LoraModel::with_adapter_dtype(model, cfg, args.seed, adapter_dtype)?
     } else {
         println!(
-            "full fine-tuning (--use_lora False, the reference's default): every weight is trained"
+            "full fine-tuning (--use_lora False, the reference's default): every weight is trained{}",
+            if adapter_dtype == DType::BF16 {
+                " (projections, embeddings and lm_head in bf16, updated with stochastic rounding)"
+            } else {
+                ""
+            }
         );
-        LoraModel::full_finetune(model, args.seed)?
+        LoraModel::full_finetune_in(model, args.seed, adapter_dtype)?
     };
     println!(
         "trainable: {} parameters in {} adapters{}",
@@ -1179,15 +1183,20 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     lora.save_trainable(&out)?;
     {
         let secs = t.elapsed().as_secs_f64();
-        let bytes = [
-            "adapter_model.safetensors",
-            "adapter_config.json",
-            "model.safetensors",
-        ]
-        .iter()
-        .filter_map(|f| std::fs::metadata(out.join(f)).ok())
-        .map(|m| m.len())
-        .sum::<u64>();
+        // The adapter files, or the model's (one file or shards and their index).
+        let bytes = std::fs::read_dir(&out)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        n.starts_with("adapter_") || n.starts_with("model")
+                    })
+                    .filter_map(|e| e.metadata().ok())
+                    .filter(|m| m.is_file())
+                    .map(|m| m.len())
+                    .sum::<u64>()
+            })
+            .unwrap_or(0);
         println!(
             "wrote the final {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
             if lora.mode() == moe_peft::lora::TrainMode::Lora {
@@ -1261,7 +1270,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         if lora.mode() == moe_peft::lora::TrainMode::Lora {
             "adapter_model.safetensors + adapter_config.json"
         } else {
-            "model.safetensors + config.json"
+            "the model's safetensors + config.json"
         },
         out.display()
     );

@@ -1255,3 +1255,83 @@ fn other_families_train_from_their_config_json() {
         assert!(eval.contains("loss"), "{family}: {eval}");
     }
 }
+
+/// Full fine-tuning with bf16 weights and 8-bit AdamW: checkpoints hold the projections in bf16
+/// and the norms in f32, the run resumes from one, and the final model is a HF checkpoint.
+#[test]
+fn full_finetuning_with_bf16_weights_checkpoints_and_resumes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    ok(
+        "random-checkpoint",
+        &["--preset", "tiny", "--output_dir", s(&ck), "--dtype", "f32"],
+    );
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.parquet"
+    );
+    let out = tmp.path().join("out");
+    let args = |extra: &[&'static str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--model_name_or_path",
+            s(&ck),
+            "--data_path",
+            data,
+            "--output_dir",
+            s(&out),
+            "--use_lora",
+            "False",
+            "--bits",
+            "16",
+            "--optim",
+            "adamw_8bit",
+            "--adapter_dtype",
+            "bfloat16",
+            "--learning_rate",
+            "1e-4",
+            "--per_device_train_batch_size",
+            "2",
+            "--model_max_length",
+            "64",
+            "--save_steps",
+            "2",
+            "--report_to",
+            "none",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        a.extend(extra.iter().map(|x| x.to_string()));
+        a
+    };
+    let a = args(&["--max_steps", "2"]);
+    let log = ok(
+        "qlora-train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(log.contains("stochastic rounding"), "{log}");
+    let ckpt = out.join("checkpoint-2");
+    let st =
+        candle_core::safetensors::load(ckpt.join("model.safetensors"), &candle_core::Device::Cpu)
+            .unwrap();
+    assert_eq!(
+        st["model.layers.1.mlp.experts.3.up_proj.weight"].dtype(),
+        candle_core::DType::BF16
+    );
+    assert_eq!(
+        st["model.layers.1.input_layernorm.weight"].dtype(),
+        candle_core::DType::F32
+    );
+    assert_eq!(
+        st["model.layers.1.mlp.gate.weight"].dtype(),
+        candle_core::DType::F32
+    );
+    // Two more steps from the checkpoint; the final model is written.
+    let a = args(&["--max_steps", "4", "--resume_from_checkpoint", "True"]);
+    let log = ok(
+        "qlora-train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(log.contains("resum"), "{log}");
+    assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
+}

@@ -9,11 +9,12 @@ use moe_peft_model::io::{
     plan_shards, shard_file_names, torch_dtype_name, write_shard_index, SafetensorsWriter,
     TensorSpec,
 };
-use moe_peft_model::MoeModel;
+use moe_peft_model::{MoeModel, WeightRef};
 
 use crate::config::LoraConfig;
 use crate::error::{Error, Result};
 use crate::inject::{LoraModel, TrainMode, PEFT_PREFIX};
+use crate::layer::TrainableLinear;
 
 /// File name of PEFT adapter weights.
 pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
@@ -50,15 +51,23 @@ pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Resu
 
 impl LoraModel {
     /// Saves what training changes into `dir`: the PEFT adapter for LoRA, or for full
-    /// fine-tuning a HF checkpoint (`model.safetensors` + `config.json`, f32).
+    /// fine-tuning a HF checkpoint (shards of at most 5 GB + `config.json`), every weight in the
+    /// dtype it is trained in (f32, or bf16 for the large ones with bf16 weights), so that a
+    /// resumed run continues from exactly these values.
     pub fn save_trainable(&self, dir: &Path) -> Result<()> {
         match self.mode() {
             TrainMode::Lora => self.save_adapter(dir, DType::F32),
             TrainMode::Full => {
+                let dtype = self
+                    .model()
+                    .lm_head
+                    .as_any()
+                    .downcast_ref::<TrainableLinear>()
+                    .map_or(DType::F32, |t| t.var().dtype());
                 let opts = ExportOptions {
-                    dtype: DType::F32,
-                    max_shard_bytes: usize::MAX,
-                    extra_files: vec![],
+                    dtype,
+                    native_dtypes: true,
+                    ..Default::default()
                 };
                 export_hf(self.model(), dir, &opts).map(|_| ())
             }
@@ -69,7 +78,14 @@ impl LoraModel {
     pub fn load_trainable(&mut self, dir: &Path) -> Result<()> {
         match self.mode() {
             TrainMode::Lora => self.load_adapter_weights(&dir.join(ADAPTER_WEIGHTS)),
-            TrainMode::Full => self.load_adapter_weights(&dir.join("model.safetensors")),
+            TrainMode::Full => {
+                let ck =
+                    moe_peft_model::Checkpoint::open_dir(dir).map_err(|e| Error::SafeTensors {
+                        path: dir.display().to_string(),
+                        reason: e.to_string(),
+                    })?;
+                self.load_vars(&ck, &dir.display().to_string())
+            }
         }
     }
 
@@ -108,7 +124,6 @@ impl LoraModel {
     /// `.default` are accepted). Missing, unexpected or mis-shaped tensors are errors.
     pub fn load_adapter_weights(&mut self, path: &Path) -> Result<()> {
         let file = path.display().to_string();
-        let dev = self.model().device().clone();
         // Read one tensor at a time (positioned reads): host memory stays near one tensor.
         let ck = moe_peft_model::Checkpoint::open_files(&[path.to_path_buf()]).map_err(|e| {
             Error::SafeTensors {
@@ -116,6 +131,13 @@ impl LoraModel {
                 reason: e.to_string(),
             }
         })?;
+        self.load_vars(&ck, &file)
+    }
+
+    /// Fills every trainable variable from `ck` (named `file` in errors).
+    fn load_vars(&mut self, ck: &moe_peft_model::Checkpoint, file: &str) -> Result<()> {
+        let file = file.to_string();
+        let dev = self.model().device().clone();
         let mut loaded: HashMap<String, String> = ck
             .names()
             .into_iter()
@@ -162,6 +184,9 @@ impl LoraModel {
 pub struct ExportOptions {
     /// dtype of the written weights (bf16 or f32; norms and router too).
     pub dtype: DType,
+    /// Write each stored tensor (norms, routers, embeddings, …) in the dtype it is held in, and
+    /// only the projections and `lm_head` in `dtype` (full fine-tuning checkpoints).
+    pub native_dtypes: bool,
     /// Largest shard in bytes (transformers' default is 5 GB).
     pub max_shard_bytes: usize,
     /// Files copied next to the weights (tokenizer.json, tokenizer_config.json, …).
@@ -172,6 +197,7 @@ impl Default for ExportOptions {
     fn default() -> Self {
         Self {
             dtype: DType::BF16,
+            native_dtypes: false,
             max_shard_bytes: 5_000_000_000,
             extra_files: Vec::new(),
         }
@@ -190,12 +216,16 @@ pub fn export_hf(model: &MoeModel, dir: &Path, opts: &ExportOptions) -> Result<V
         )));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let elem = opts.dtype.size_in_bytes();
+    // The dtype each weight is written in.
+    let dtype_of = |w: &WeightRef<'_>| match w {
+        WeightRef::Tensor(t) if opts.native_dtypes => t.dtype(),
+        _ => opts.dtype,
+    };
     let mut all: Vec<String> = Vec::new();
     let mut sizes = Vec::new();
     model.visit_weights(&mut |name, w| {
         all.push(name.to_string());
-        sizes.push(w.shape().iter().product::<usize>() * elem);
+        sizes.push(w.shape().iter().product::<usize>() * dtype_of(&w).size_in_bytes());
         Ok(())
     })?;
     let total: usize = sizes.iter().sum();
@@ -212,7 +242,7 @@ pub fn export_hf(model: &MoeModel, dir: &Path, opts: &ExportOptions) -> Result<V
         let mut specs = Vec::with_capacity(shard.len());
         model.visit_weights(&mut |name, w| {
             if wanted.contains(&name.to_string()) {
-                specs.push(TensorSpec::new(name, opts.dtype, &w.shape()));
+                specs.push(TensorSpec::new(name, dtype_of(&w), &w.shape()));
             }
             Ok(())
         })?;
@@ -221,7 +251,7 @@ pub fn export_hf(model: &MoeModel, dir: &Path, opts: &ExportOptions) -> Result<V
         // One weight at a time: materialized (dequantized, merged) on its device, written, dropped.
         model.visit_weights(&mut |name, w| {
             if wanted.contains(&name.to_string()) {
-                let t = w.materialize(opts.dtype)?;
+                let t = w.materialize(dtype_of(&w))?;
                 writer.write_tensor(&t)?;
             }
             Ok(())

@@ -1,5 +1,5 @@
-//! The routed experts of a MoE layer with their LoRA adapters, forward and backward written by
-//! hand across the experts of a layer.
+//! The routed experts of a MoE layer with their LoRA adapters (or, in full fine-tuning, their
+//! trained weights), forward and backward written by hand across the experts of a layer.
 //!
 //! Through autograd, each expert's slice of the grouped input is a `narrow` of one tracked
 //! tensor, and candle's backward of `narrow` allocates a zero tensor the size of the whole
@@ -8,7 +8,8 @@
 //! the LoRA gradients go to a gradient sink (straight into the trainer's flat gradient buffer,
 //! or to [`crate::LoraModel::backward`], which returns them with candle's). Per projection `y = W x + s·B A drop(x)`:
 //! `dx = Wᵀ dy + s·drop(Aᵀ (Bᵀ dy))`, `dB = s·dy (A drop(x))ᵀ`, `dA = s·(Bᵀ dy) drop(x)ᵀ`
-//! (rows are tokens), and the gated MLP `down(act(gate x) ⊙ up x)` chains them. The forward
+//! (rows are tokens), and the gated MLP `down(act(gate x) ⊙ up x)` chains them. A trained
+//! weight (full fine-tuning) gets `dW = dyᵀ x`, one grouped GEMM per projection type. The forward
 //! keeps the two pre-activations and each adapter's `A drop(x)` for the backward (the dense
 //! weights are dequantized again there, not kept).
 //!
@@ -107,11 +108,13 @@ impl GradSink {
     }
 }
 
-/// One projection as the fused path sees it: a frozen base and maybe an adapter.
+/// One projection as the fused path sees it: a frozen base and maybe an adapter, or a trained
+/// weight (full fine-tuning), whose gradient `dyᵀ x` goes to the sink.
 #[derive(Clone)]
 struct Proj {
     base: Linear,
     lora: Option<LoraParts>,
+    trained: Option<candle_core::Var>,
 }
 
 #[derive(Clone)]
@@ -151,6 +154,7 @@ impl Proj {
             };
             return Ok(Some(Self {
                 base: l.base().clone(),
+                trained: None,
                 lora: Some(LoraParts {
                     a: l.lora_a().clone(),
                     b: l.lora_b().clone(),
@@ -162,15 +166,28 @@ impl Proj {
                 }),
             }));
         }
-        // A trainable base (full fine-tuning) needs autograd: decline.
-        if slot.as_any().downcast_ref::<TrainableLinear>().is_some() {
-            return Ok(None);
+        // A trained weight (full fine-tuning): its gradient is written out like an adapter's.
+        if let Some(t) = slot.as_any().downcast_ref::<TrainableLinear>() {
+            return Ok(Some(Self {
+                base: slot.clone(),
+                lora: None,
+                trained: Some(t.var().clone()),
+            }));
         }
         // A frozen base without adapter (dense, NF4 or int8): forward and dense_weight suffice.
         Ok(Some(Self {
             base: slot.clone(),
             lora: None,
+            trained: None,
         }))
+    }
+
+    /// The base weight in `dtype`, outside the graph.
+    fn weight(&self, dtype: DType) -> candle_core::Result<Tensor> {
+        match &self.trained {
+            Some(v) => v.as_tensor().detach().to_dtype(dtype),
+            None => self.base.dense_weight(dtype),
+        }
     }
 
     fn drop_x(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -182,7 +199,10 @@ impl Proj {
 
     /// `W x + s·B A drop(x)` on a detached `x`; also returns `A drop(x)` for the backward.
     fn forward(&self, x: &Tensor) -> candle_core::Result<(Tensor, Option<Tensor>)> {
-        let y = self.base.forward_t(x, false)?;
+        let y = match &self.trained {
+            Some(_) => matmul_t(x, &self.weight(x.dtype())?)?,
+            None => self.base.forward_t(x, false)?,
+        };
         let Some(l) = &self.lora else {
             return Ok((y, None));
         };
@@ -200,8 +220,11 @@ impl Proj {
         sink: &GradSink,
     ) -> candle_core::Result<Tensor> {
         let dt = dy.dtype();
-        let w = self.base.dense_weight(dt)?;
+        let w = self.weight(dt)?;
         let mut dx = dy.matmul(&w)?;
+        if let Some(v) = &self.trained {
+            sink.add(v.as_tensor().id(), dy.t()?.matmul(x)?)?;
+        }
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (dy.matmul(&l.b_c)? * l.scaling)?; // (rows, r) = s·dy B
             let db = (dy.t()?.matmul(xa)? * l.scaling)?; // (out, r)
@@ -333,6 +356,8 @@ pub fn set_batched_dequantization(on: bool) {
 struct GroupProj {
     bases: Vec<Linear>,
     lora: Option<GroupLora>,
+    /// Every expert's trained weight (full fine-tuning), or none.
+    trained: Option<Vec<candle_core::Var>>,
 }
 
 struct GroupLora {
@@ -349,6 +374,16 @@ impl GroupProj {
     fn of(projs: Vec<&Proj>) -> Option<Self> {
         let bases = projs.iter().map(|p| p.base.clone()).collect();
         let first = projs.first()?;
+        let trained = match &first.trained {
+            Some(_) => Some(
+                projs
+                    .iter()
+                    .map(|p| p.trained.clone())
+                    .collect::<Option<Vec<_>>>()?,
+            ),
+            None if projs.iter().any(|p| p.trained.is_some()) => return None,
+            None => None,
+        };
         let lora = match &first.lora {
             None => {
                 if projs.iter().any(|p| p.lora.is_some()) {
@@ -383,12 +418,22 @@ impl GroupProj {
                 Some(g)
             }
         };
-        Some(Self { bases, lora })
+        Some(Self {
+            bases,
+            lora,
+            trained,
+        })
     }
 
     /// Every expert's dense base weight in `dtype`. 4-bit bases of one format are dequantized
     /// together (one launch on CUDA) into one stacked tensor, returned as views of it.
     fn weights(&self, dtype: DType) -> candle_core::Result<Vec<Tensor>> {
+        if let Some(vars) = &self.trained {
+            return vars
+                .iter()
+                .map(|v| v.as_tensor().detach().to_dtype(dtype))
+                .collect();
+        }
         let four: Option<Vec<&moe_peft_quant::FourBitTensor>> = self
             .bases
             .iter()
@@ -454,6 +499,13 @@ impl GroupProj {
         };
         drop(wr);
         drop(w);
+        if let Some(vars) = &self.trained {
+            // Every expert's weight gradient `dyᵀ x` in one grouped GEMM.
+            let dw = grouped_matmul_tn(dy, x, counts)?;
+            for (i, v) in vars.iter().enumerate() {
+                sink.add(v.as_tensor().id(), dw.get(i)?)?;
+            }
+        }
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
                 * l.scaling)?;

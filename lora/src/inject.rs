@@ -248,17 +248,37 @@ impl LoraModel {
 
     /// Full fine-tuning: every weight of `model` becomes an f32 `Var` (projections, norms,
     /// routers, embeddings, `lm_head`). Sized for small models: it needs four f32 copies of
-    /// the model (weights, gradients, two AdamW moments).
-    pub fn full_finetune(mut model: MoeModel, seed: u64) -> Result<Self> {
+    /// the model (weights, gradients, two AdamW moments). See [`Self::full_finetune_in`].
+    pub fn full_finetune(model: MoeModel, seed: u64) -> Result<Self> {
+        Self::full_finetune_in(model, seed, DType::F32)
+    }
+
+    /// Full fine-tuning with the large weights (projections, embeddings, `lm_head`) kept in
+    /// `dtype`: f32, or bf16 to halve them and their gradients (train those with an 8-bit
+    /// optimizer: it updates bf16 weights by stochastic rounding, so updates far below a bf16
+    /// step still move them on average). Norms, routers, biases and the other small weights
+    /// stay f32. The routed experts' weight gradients come from grouped GEMMs across the
+    /// experts of each layer.
+    pub fn full_finetune_in(mut model: MoeModel, seed: u64, dtype: DType) -> Result<Self> {
+        if !matches!(dtype, DType::F32 | DType::BF16) {
+            return Err(Error::InvalidTrainConfig(format!(
+                "fully trained weights are kept in f32 or bf16, not {dtype:?}"
+            )));
+        }
         let mut vars = BTreeMap::new();
         model.visit_sites_mut(&mut |name, slot| {
-            let v = Var::from_tensor(&slot.dense_weight(DType::F32)?)?;
+            let v = Var::from_tensor(&slot.dense_weight(dtype)?)?;
             *slot = Arc::new(TrainableLinear::new(v.clone()));
             vars.insert(format!("{name}.weight"), v);
             Ok(())
         })?;
         model.visit_tensors_mut(&mut |name, t| {
-            let v = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let dt = if name == "model.embed_tokens.weight" {
+                dtype
+            } else {
+                DType::F32
+            };
+            let v = Var::from_tensor(&t.to_dtype(dt)?)?;
             *t = v.as_tensor().clone();
             vars.insert(name.to_string(), v);
             Ok(())
@@ -267,11 +287,11 @@ impl LoraModel {
         if model.arch().tie_word_embeddings {
             model.lm_head = Arc::new(TrainableLinear::new(embed));
         } else {
-            let v = Var::from_tensor(&model.lm_head.dense_weight(DType::F32)?)?;
+            let v = Var::from_tensor(&model.lm_head.dense_weight(dtype)?)?;
             model.lm_head = Arc::new(TrainableLinear::new(v.clone()));
             vars.insert("lm_head.weight".into(), v);
         }
-        Ok(Self {
+        let mut lm = Self {
             mode: TrainMode::Full,
             model,
             config: LoraConfig::default(),
@@ -279,7 +299,9 @@ impl LoraModel {
             saved_modules: vars,
             dropout: Arc::new(DropoutState::new(seed)),
             sink: Arc::new(GradSink::default()),
-        })
+        };
+        lm.set_fused_experts(true);
+        Ok(lm)
     }
 
     /// What is trained.
