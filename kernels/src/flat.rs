@@ -127,6 +127,26 @@ impl FlatGrads {
         Ok(())
     }
 
+    /// Which variables got a gradient since the last [`Self::zero`].
+    pub fn touched(&self) -> Result<Vec<bool>> {
+        Ok(self.touched_mut()?.clone())
+    }
+
+    /// Sets which variables count as having a gradient (after a sum over data-parallel ranks,
+    /// a variable one rank touched has one on every rank).
+    pub fn set_touched(&self, touched: Vec<bool>) -> Result<()> {
+        let mut t = self.touched_mut()?;
+        if touched.len() != t.len() {
+            return Err(Error::InvalidInput(format!(
+                "{} touched flags for {} variables",
+                touched.len(),
+                t.len()
+            )));
+        }
+        *t = touched;
+        Ok(())
+    }
+
     /// The gradient of variable `index` as a view of the buffer (its variable's shape).
     pub fn view(&self, index: usize) -> Result<Tensor> {
         let shape = self

@@ -16,6 +16,8 @@
 //! | [`adamw`] | the AdamW update, per variable or all at once from a [`FlatGrads`] |
 //! | [`flat`] | [`FlatGrads`], every trainable gradient in one buffer |
 //! | [`cast`] | many tensors cast in one launch |
+//! | [`comm`] | collectives between data-parallel ranks (one process, threads, NCCL) and how work is split |
+//! | [`rendezvous`] | the start of a multi-process group: torchrun's environment, the NCCL id over TCP |
 //! | [`autograd`] | attaching a hand-written backward to a value computed outside the graph |
 //! | [`device`] | the device memory pool, profiler control, raw device addresses |
 //!
@@ -27,12 +29,14 @@ pub mod adam8bit;
 pub mod adamw;
 pub mod autograd;
 pub mod cast;
+pub mod comm;
 pub mod device;
 pub mod dropout;
 pub mod error;
 pub mod flat;
 pub mod grouped;
 pub mod norm;
+pub mod rendezvous;
 pub mod rows;
 pub mod softmax;
 pub mod swiglu;
@@ -56,6 +60,7 @@ pub use adam8bit::{
 pub use adamw::{adamw_update, adamw_update_flat, AdamWStep};
 pub use autograd::{attach_backward, attach_backward2, attach_backward3};
 pub use cast::{bit_patterns, cast_many};
+pub use comm::{Communicator, SingleProcess, ThreadGroup};
 pub use device::{
     cuda_device_or_skip, cuda_profiler, pool_memory, reset_pool_peaks, retain_freed_device_memory,
     PoolMemory,
@@ -66,4 +71,5 @@ pub use dropout::{hash_dropout, segmented_dropout, segmented_dropout_add};
 pub use error::{Error, Result};
 pub use flat::FlatGrads;
 pub use grouped::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn};
+pub use rendezvous::LaunchEnv;
 pub use rows::gather_rows;

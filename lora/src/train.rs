@@ -28,7 +28,10 @@ use crate::error::{Error, Result};
 use crate::export::write_atomic;
 use crate::inject::LoraModel;
 use crate::schedule::Schedule;
-use moe_peft_kernels::FlatGrads;
+use moe_peft_kernels::{Communicator, FlatGrads, SingleProcess};
+
+/// Elements per gradient all-reduce of a data-parallel step (64 Mi: 256 MB in f32).
+const BUCKET_ELEMS: usize = 64 << 20;
 use moe_peft_model::RouterStats;
 
 /// One micro-batch on the model's device.
@@ -362,6 +365,7 @@ pub struct Trainer {
     grads: Arc<FlatGrads>,
     global_step: usize,
     micro_step: u64,
+    comm: Arc<dyn Communicator>,
 }
 
 impl Trainer {
@@ -400,6 +404,7 @@ impl Trainer {
             vars,
             global_step: 0,
             micro_step: 0,
+            comm: Arc::new(SingleProcess),
         })
     }
 
@@ -604,8 +609,25 @@ impl Trainer {
         })
     }
 
-    /// One optimizer step over `micro` (normally `gradient_accumulation_steps` batches).
-    /// A non-finite loss or gradient norm stops with [`Error::NonFinite`] before any update.
+    /// Trains as one rank of a data-parallel group: each [`Self::step`] then sums the
+    /// gradients of every rank's micro-batches (the whole buffer, in buckets of whole
+    /// variables) before clipping and the update, which every rank then does alike, so the
+    /// ranks keep identical weights. Rank `r`'s `i`-th micro-batch of a step stands for the
+    /// `(i·world + r)`-th of one process accumulating `world` times as many (the same dropout
+    /// masks; the same result up to the order of the sums).
+    pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) {
+        self.comm = comm;
+    }
+
+    /// The group this trainer is a rank of ([`SingleProcess`] unless set).
+    pub fn communicator(&self) -> &Arc<dyn Communicator> {
+        &self.comm
+    }
+
+    /// One optimizer step over `micro` (normally `gradient_accumulation_steps` batches; in a
+    /// data-parallel group, this rank's share of the step).
+    /// A non-finite loss or gradient norm stops with [`Error::NonFinite`] before any update
+    /// (on every rank of a group alike).
     pub fn step(&mut self, micro: &[TrainBatch]) -> Result<StepMetrics> {
         if micro.is_empty() {
             return Err(Error::InvalidTrainConfig(
@@ -617,23 +639,61 @@ impl Trainer {
         if self.cfg.profile {
             moe_peft_kernels::reset_pool_peaks(self.lora.model().device())?;
         }
-        let scale = 1.0 / micro.len() as f64;
+        let (world, rank) = (self.comm.world_size(), self.comm.rank());
+        let scale = 1.0 / (micro.len() * world) as f64;
         self.grads.zero()?;
+        let base = self.micro_step;
         let (mut loss, mut aux, mut tokens, mut targets, mut padded) = (0.0, 0.0, 0, 0, 0);
-        for batch in micro {
+        let mut finite = true;
+        for (i, batch) in micro.iter().enumerate() {
+            self.micro_step = base + (i * world + rank) as u64;
             let mg = self.accumulate(batch, scale)?;
-            self.micro_step += 1;
             if !mg.loss.is_finite() {
-                return Err(Error::NonFinite {
-                    what: "loss",
-                    step: self.global_step + 1,
-                });
+                finite = false;
+                if world == 1 {
+                    break;
+                }
             }
             loss += mg.loss * scale;
             aux += mg.aux_loss * scale;
             targets += mg.target_tokens;
             tokens += batch.tokens()?;
             padded += batch.padded_tokens();
+        }
+        self.micro_step = base + (micro.len() * world) as u64;
+        if world > 1 {
+            // Every rank's sums: the gradients, which variables got one, and the metrics.
+            for r in moe_peft_kernels::comm::buckets(self.grads.lens(), BUCKET_ELEMS) {
+                let b = self.grads.buffer().narrow(0, r.start, r.len())?;
+                self.comm.all_reduce_sum(&b)?;
+            }
+            let mut touched: Vec<f64> = self
+                .grads
+                .touched()?
+                .iter()
+                .map(|&t| if t { 1.0 } else { 0.0 })
+                .collect();
+            self.comm.all_reduce_host(&mut touched)?;
+            self.grads
+                .set_touched(touched.iter().map(|&t| t > 0.0).collect())?;
+            let mut m = [
+                loss,
+                aux,
+                tokens as f64,
+                targets as f64,
+                padded as f64,
+                if finite { 0.0 } else { 1.0 },
+            ];
+            self.comm.all_reduce_host(&mut m)?;
+            (loss, aux) = (m[0], m[1]);
+            (tokens, targets, padded) = (m[2] as usize, m[3] as usize, m[4] as usize);
+            finite = m[5] == 0.0;
+        }
+        if !finite {
+            return Err(Error::NonFinite {
+                what: "loss",
+                step: self.global_step + 1,
+            });
         }
         let mut t = Instant::now();
         let grad_norm = self.grads.norm()?;
