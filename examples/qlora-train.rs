@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::DType;
+use candle_core::{DType, Device};
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 use moe_peft::data::{
@@ -237,6 +237,16 @@ struct Args {
     /// Weight of that loss. Default: the config.json's `router_aux_loss_coef`.
     #[arg(long = "router_aux_loss_coef")]
     router_aux_loss_coef: Option<f64>,
+    /// Start this many processes, one per GPU of this host, as the ranks of one data-parallel
+    /// group (as torchrun does; each rank trains on its own share of every step's
+    /// micro-batches). A process started by torchrun (RANK, WORLD_SIZE, LOCAL_RANK,
+    /// MASTER_ADDR, MASTER_PORT set) joins that group instead. Several ranks need a build with
+    /// `--features nccl`.
+    #[arg(long = "nproc_per_node", default_value_t = 1)]
+    nproc_per_node: usize,
+    /// Port of rank 0's rendezvous for --nproc_per_node.
+    #[arg(long = "master_port", default_value_t = 29500)]
+    master_port: u16,
     /// Accepted for compatibility; attention is computed as the reference's eager path.
     #[arg(long = "attn_implementation")]
     attn_implementation: Option<String>,
@@ -310,6 +320,15 @@ fn main() {
     if demo {
         args.apply_demo_defaults(&matches);
     }
+    if args.nproc_per_node > 1 && std::env::var_os("RANK").is_none() {
+        std::process::exit(match launch_group(args.nproc_per_node, args.master_port) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("error: {}", common::error_text(&e));
+                1
+            }
+        });
+    }
     // An output directory this run creates is removed again if the run fails before writing
     // anything of value (a scratch tokenizer is not).
     let created = args.output_dir.clone().filter(|o| !o.exists());
@@ -325,10 +344,58 @@ fn main() {
     }
 }
 
+/// `--nproc_per_node n`: runs this program `n` times with the same arguments, as ranks
+/// `0..n` of one group on this host (torchrun's environment variables), and returns the first
+/// failing rank's exit code (the others are stopped), or 0.
+fn launch_group(n: usize, port: u16) -> Result<i32> {
+    let exe = std::env::current_exe().context("finding this program to start its ranks")?;
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    println!("qlora-train: starting {n} ranks (rendezvous at 127.0.0.1:{port})");
+    let mut children = Vec::with_capacity(n);
+    for r in 0..n {
+        let child = std::process::Command::new(&exe)
+            .args(&argv)
+            .env("RANK", r.to_string())
+            .env("LOCAL_RANK", r.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {r}"))?;
+        children.push(child);
+    }
+    let mut code = 0;
+    loop {
+        let mut running = 0;
+        for (r, c) in children.iter_mut().enumerate() {
+            match c
+                .try_wait()
+                .with_context(|| format!("waiting for rank {r}"))?
+            {
+                Some(st) if !st.success() && code == 0 => {
+                    code = st.code().unwrap_or(1);
+                    eprintln!("rank {r} failed ({st}); stopping the others");
+                }
+                Some(_) => {}
+                None => running += 1,
+            }
+        }
+        if running == 0 {
+            return Ok(code);
+        }
+        if code != 0 {
+            for c in children.iter_mut() {
+                let _ = c.kill();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// Removes `dir` when it holds nothing but what a run writes before training (the scratch
 /// tokenizer, the writability probe); leaves it alone otherwise.
 fn remove_if_only_scratch(dir: &std::path::Path) {
-    let scratch = ["tokenizer", ".write-test"];
+    let scratch = ["tokenizer", ".write-test-0"];
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -338,7 +405,7 @@ fn remove_if_only_scratch(dir: &std::path::Path) {
         .collect();
     if names.iter().all(|n| scratch.contains(&n.as_str())) {
         let _ = std::fs::remove_dir_all(dir.join("tokenizer"));
-        let _ = std::fs::remove_file(dir.join(".write-test"));
+        let _ = std::fs::remove_file(dir.join(".write-test-0"));
         let _ = std::fs::remove_dir(dir);
     }
 }
@@ -547,11 +614,36 @@ fn every(value: f64, total: usize) -> usize {
 
 fn run(mut args: Args, demo: bool) -> Result<i32> {
     let t0 = Instant::now();
-    let device = common::select_device(args.cpu);
+    let launch = moe_peft::kernels::LaunchEnv::from_env(&|k| std::env::var(k).ok())?;
+    let (rank, world) = launch.as_ref().map_or((0, 1), |e| (e.rank, e.world_size));
+    if world > 1 && !cfg!(feature = "nccl") {
+        bail!("WORLD_SIZE={world}: training over several processes needs a build with --features nccl (NCCL)");
+    }
+    if world > 1 && demo {
+        bail!("the built-in demo runs in one process; give --model_name_or_path and --data_path to train as a group");
+    }
+    let device = match &launch {
+        Some(e) if world > 1 => Device::new_cuda(e.local_rank)
+            .with_context(|| format!("rank {rank}: CUDA device {}", e.local_rank))?,
+        _ => common::select_device(args.cpu),
+    };
+    if world > 1 {
+        println!("qlora-train: rank {rank} of {world}");
+    }
     println!("qlora-train: device {}", common::device_name(&device));
     if let Some(d) = &args.deepspeed {
+        // The ZeRO stage the config asks for, if the file is there to read.
+        let stage = std::fs::read_to_string(d)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["zero_optimization"]["stage"].as_u64())
+            .map_or("its ZeRO stage unread".to_string(), |s| {
+                format!("ZeRO stage {s}")
+            });
         println!(
-            "note: --deepspeed {d} accepted and ignored (single-process training, no DeepSpeed)"
+            "note: --deepspeed {d} ({stage}) accepted and mapped to data parallelism over {world} \
+             rank(s) in which every rank holds the whole optimizer state (stage 0); DeepSpeed \
+             itself is not used"
         );
     }
     if let Some(s) = &args.evaluation_strategy {
@@ -698,10 +790,19 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     }
     std::fs::create_dir_all(&out)
         .with_context(|| format!("--output_dir {}: cannot create", out.display()))?;
-    let probe = out.join(".write-test");
+    let probe = out.join(format!(".write-test-{rank}"));
     std::fs::write(&probe, b"")
         .with_context(|| format!("--output_dir {}: not writable", out.display()))?;
     let _ = std::fs::remove_file(&probe);
+    // Rank 0 writes the run's files; the other ranks keep theirs (scratch tokenizer, metrics,
+    // events) apart and write no checkpoint or model.
+    let lead = rank == 0;
+    let wout = if lead {
+        out.clone()
+    } else {
+        out.join(format!(".rank-{rank}"))
+    };
+    std::fs::create_dir_all(&wout).with_context(|| format!("creating {}", wout.display()))?;
 
     // Data paths are checked before the (possibly long) model load.
     let data_paths: Vec<PathBuf> = match (&args.data_path, demo) {
@@ -832,7 +933,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     );
 
     // Tokenizer and data.
-    let (tok, tok_dir) = common::load_tokenizer(model_dir.as_deref(), &out)?;
+    let (tok, tok_dir) = common::load_tokenizer(model_dir.as_deref(), &wout)?;
     if tok.vocab_size() > model.arch().vocab_size {
         bail!(
             "the tokenizer has {} tokens but the model only {} embeddings",
@@ -870,7 +971,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         .group_by_length(args.group_by_length)
         .packing(args.packing.then_some(args.model_max_length));
     let mut loader = dataset.loader(loader_cfg)?;
-    let updates_per_epoch = (loader.steps_per_epoch() / args.gradient_accumulation_steps).max(1);
+    let updates_per_epoch =
+        (loader.steps_per_epoch() / (args.gradient_accumulation_steps * world)).max(1);
     let total = if args.max_steps > 0 {
         args.max_steps as usize
     } else {
@@ -978,7 +1080,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
         None => {
             let old = moe_peft::lora::list_checkpoints(&out);
-            if args.overwrite_output_dir {
+            if args.overwrite_output_dir && lead {
                 for (_, d) in &old {
                     std::fs::remove_dir_all(d).with_context(|| {
                         format!("--overwrite_output_dir: removing {}", d.display())
@@ -1016,6 +1118,16 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
         None => Trainer::new(lora, tcfg)?,
     };
+    #[cfg(feature = "nccl")]
+    if let Some(e) = launch.as_ref().filter(|_| world > 1) {
+        let comm = moe_peft::kernels::comm::nccl::Nccl::new(
+            &device,
+            e,
+            std::time::Duration::from_secs(600),
+        )?;
+        trainer.set_communicator(Arc::new(comm));
+    }
+
     println!(
         "training: {} steps × {} micro-batches of {} (lr {:e}, {} schedule, warm-up {}, clip {})",
         total,
@@ -1033,12 +1145,12 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         let _ = ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst));
     }
     // A resumed run redoes the steps after its checkpoint: their old rows go.
-    common::drop_rows_after_step(&out.join("metrics.jsonl"), trainer.global_step())?;
+    common::drop_rows_after_step(&wout.join("metrics.jsonl"), trainer.global_step())?;
     // No `completed` until this run has finished (a crash must leave a resumable directory).
-    let _ = std::fs::remove_file(out.join("completed"));
-    let mut metrics = JsonLines::open(&out.join("metrics.jsonl"))?;
+    let _ = std::fs::remove_file(wout.join("completed"));
+    let mut metrics = JsonLines::open(&wout.join("metrics.jsonl"))?;
     let mut tb = if report_tb {
-        Some(EventWriter::create(&out.join("runs"))?)
+        Some(EventWriter::create(&wout.join("runs"))?)
     } else {
         None
     };
@@ -1075,10 +1187,14 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         })
     };
     while trainer.global_step() < total {
+        // Every rank reads the whole step's micro-batches and keeps its share (the j-th goes to
+        // rank j mod world), so the data position is the same on every rank.
         let mut micro = Vec::with_capacity(args.gradient_accumulation_steps);
-        for _ in 0..args.gradient_accumulation_steps {
+        for j in 0..args.gradient_accumulation_steps * world {
             let b = loader.next_batch().context("the data loader ran dry")?;
-            micro.push(common::to_train_batch(&b, &device)?);
+            if j % world == rank {
+                micro.push(common::to_train_batch(&b, &device)?);
+            }
         }
         let epoch_before = loader.epoch();
         let m = match trainer.step(&micro) {
@@ -1136,7 +1252,19 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             "epoch" => epoch_end,
             _ => false,
         };
-        if save_now || interrupted.load(Ordering::SeqCst) {
+        if world > 1 {
+            // Every rank stops at the same step: one rank's Ctrl-C stops them all.
+            let mut stop = [if interrupted.load(Ordering::SeqCst) {
+                1.0
+            } else {
+                0.0
+            }];
+            trainer.communicator().all_reduce_host(&mut stop)?;
+            if stop[0] > 0.0 {
+                interrupted.store(true, Ordering::SeqCst);
+            }
+        }
+        if lead && (save_now || interrupted.load(Ordering::SeqCst)) {
             let t = Instant::now();
             let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
             let secs = t.elapsed().as_secs_f64();
@@ -1163,6 +1291,11 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
     }
     bar.finish();
+    if !lead {
+        // The other ranks are done: rank 0 writes the model.
+        let _ = std::fs::remove_dir_all(&wout);
+        return Ok(0);
+    }
     if last_saved != trainer.global_step() && save_strategy != "no" {
         let t = Instant::now();
         let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;

@@ -325,7 +325,7 @@ fn train_resume_evaluate_merge_generate() {
         ],
     );
     assert!(
-        out.contains("--deepspeed") && out.contains("ignored"),
+        out.contains("--deepspeed") && out.contains("(stage 0)"),
         "{out}"
     );
     let cfg: serde_json::Value =
@@ -1334,4 +1334,79 @@ fn full_finetuning_with_bf16_weights_checkpoints_and_resumes() {
     );
     assert!(log.contains("resum"), "{log}");
     assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
+}
+
+/// Started as rank 0 of a group of one (torchrun's variables), a run writes the same adapter
+/// as a plain run; several ranks need the NCCL build, and say so; a malformed variable is named.
+#[test]
+fn a_group_of_one_is_a_plain_run_and_bigger_groups_need_nccl() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = tmp.path().join("ck");
+    ok(
+        "random-checkpoint",
+        &["--preset", "tiny", "--output_dir", s(&ck), "--dtype", "f32"],
+    );
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.parquet"
+    );
+    let args = |out: &Path| -> Vec<String> {
+        [
+            "--model_name_or_path",
+            s(&ck),
+            "--data_path",
+            data,
+            "--output_dir",
+            s(out),
+            "--use_lora",
+            "True",
+            "--lora_r",
+            "4",
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "2",
+            "--model_max_length",
+            "64",
+            "--report_to",
+            "none",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect()
+    };
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let aa = args(&a);
+    ok(
+        "qlora-train",
+        &aa.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let o = Command::new(example("qlora-train"))
+        .args(args(&b))
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "1")
+        .output()
+        .expect("spawn");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read(a.join("adapter_model.safetensors")).unwrap(),
+        std::fs::read(b.join("adapter_model.safetensors")).unwrap()
+    );
+    let o = Command::new(example("qlora-train"))
+        .args(args(&tmp.path().join("c")))
+        .env("RANK", "one")
+        .env("WORLD_SIZE", "2")
+        .output()
+        .expect("spawn");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("RANK"), "{err}");
+    if !cfg!(feature = "nccl") {
+        let mut c = args(&tmp.path().join("d"));
+        c.extend(["--nproc_per_node".to_string(), "2".to_string()]);
+        fails(
+            "qlora-train",
+            &c.iter().map(String::as_str).collect::<Vec<_>>(),
+            "--features nccl",
+        );
+    }
 }

@@ -191,6 +191,7 @@ impl candle_core::InplaceOp2 for CopyInto {
             candle_core::bail!("copy-into: strided operand")
         };
         let n = d1 - d0;
+        use candle_core::backend::BackendStorage;
         let dev = dst.device.clone();
         let stream = dev.cuda_stream();
         macro_rules! copy {
@@ -395,5 +396,176 @@ mod tests {
         assert_eq!(t.to_vec1::<f32>()?, vec![1.0, 2.0]);
         assert!(SingleProcess.broadcast(&t, 1).is_err());
         Ok(())
+    }
+}
+
+/// NCCL: one process per GPU (`nccl` feature; needs `libnccl.so.2` when the program starts).
+#[cfg(feature = "nccl")]
+pub mod nccl {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+    use candle_core::{CpuStorage, CudaStorage, DType, Device, Layout, Tensor};
+
+    use super::Communicator;
+    use crate::error::{Error, Result};
+    use crate::rendezvous::{exchange, LaunchEnv};
+
+    /// A communicator is used by one thread at a time (the Mutex); NCCL allows that from any
+    /// thread.
+    #[derive(Debug)]
+    struct Owned(Comm);
+    // SAFETY: an NCCL communicator is a handle that may be used from any thread, one call at
+    // a time; the Mutex around it serializes the calls.
+    unsafe impl Send for Owned {}
+
+    /// One rank of an NCCL group, on the stream of its candle device.
+    #[derive(Debug)]
+    pub struct Nccl {
+        comm: Mutex<Owned>,
+        rank: usize,
+        world: usize,
+        device: Device,
+    }
+
+    fn nccl_err(what: &str, e: impl std::fmt::Debug) -> Error {
+        Error::InvalidInput(format!("NCCL {what}: {e:?}"))
+    }
+
+    impl Nccl {
+        /// Joins the group `env` describes on `device` (a CUDA device): rank 0 makes the
+        /// unique id and sends it over [`exchange`]; every rank then initializes NCCL.
+        pub fn new(device: &Device, env: &LaunchEnv, timeout: Duration) -> Result<Self> {
+            let cuda = match device {
+                Device::Cuda(c) => c.clone(),
+                _ => {
+                    return Err(Error::InvalidInput(
+                        "NCCL needs a CUDA device for each rank".into(),
+                    ))
+                }
+            };
+            let mine = if env.rank == 0 {
+                let id = Id::new().map_err(|e| nccl_err("unique id", e))?;
+                id.internal().iter().map(|&c| c as u8).collect()
+            } else {
+                Vec::new()
+            };
+            let bytes = exchange(env, &mine, timeout)?;
+            if bytes.len() != 128 {
+                return Err(Error::InvalidInput(format!(
+                    "NCCL unique id of {} bytes from rank 0",
+                    bytes.len()
+                )));
+            }
+            let mut internal = [0 as std::ffi::c_char; 128];
+            for (d, s) in internal.iter_mut().zip(&bytes) {
+                *d = *s as std::ffi::c_char;
+            }
+            let comm = Comm::from_rank(
+                cuda.cuda_stream(),
+                env.rank,
+                env.world_size,
+                Id::uninit(internal),
+            )
+            .map_err(|e| nccl_err("init", e))?;
+            Ok(Self {
+                comm: Mutex::new(Owned(comm)),
+                rank: env.rank,
+                world: env.world_size,
+                device: device.clone(),
+            })
+        }
+
+        fn with<T>(&self, f: impl FnOnce(&Comm) -> Result<T>) -> Result<T> {
+            let g = self
+                .comm
+                .lock()
+                .map_err(|_| Error::InvalidInput("NCCL communicator lock poisoned".into()))?;
+            f(&g.0)
+        }
+    }
+
+    /// An NCCL collective on a tensor's own storage, in place.
+    struct InPlace<'a> {
+        comm: &'a Comm,
+        /// `None`: all-reduce (sum); `Some(root)`: broadcast from `root`.
+        root: Option<usize>,
+    }
+
+    impl candle_core::InplaceOp1 for InPlace<'_> {
+        fn name(&self) -> &'static str {
+            "nccl"
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            candle_core::bail!("NCCL collectives need tensors on the GPU")
+        }
+        fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+            use candle_core::backend::BackendStorage;
+            let Some((a, b)) = l.contiguous_offsets() else {
+                candle_core::bail!("NCCL collectives need contiguous tensors")
+            };
+            macro_rules! run {
+                ($t:ty) => {{
+                    let slice = s.as_cuda_slice_mut::<$t>()?;
+                    let mut view = slice.slice_mut(a..b);
+                    match self.root {
+                        None => self
+                            .comm
+                            .all_reduce_in_place(&mut view, &ReduceOp::Sum)
+                            .map(|_| ()),
+                        Some(r) => self
+                            .comm
+                            .broadcast_in_place(&mut view, r as i32)
+                            .map(|_| ()),
+                    }
+                    .map_err(|e| candle_core::Error::Msg(format!("NCCL: {e:?}")))?
+                }};
+            }
+            match s.dtype() {
+                DType::F32 => run!(f32),
+                DType::F64 => run!(f64),
+                DType::BF16 => run!(half::bf16),
+                DType::F16 => run!(half::f16),
+                d => candle_core::bail!("NCCL collective on {d:?}"),
+            }
+            Ok(())
+        }
+    }
+
+    impl Communicator for Nccl {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.world
+        }
+        fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
+            self.with(|c| {
+                Ok(t.inplace_op1(&InPlace {
+                    comm: c,
+                    root: None,
+                })?)
+            })
+        }
+        fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
+            super::check_root(root, self.world)?;
+            self.with(|c| {
+                Ok(t.inplace_op1(&InPlace {
+                    comm: c,
+                    root: Some(root),
+                })?)
+            })
+        }
+        fn all_reduce_host(&self, v: &mut [f64]) -> Result<()> {
+            let t = Tensor::from_slice(v, v.len(), &self.device)?;
+            self.all_reduce_sum(&t)?;
+            v.copy_from_slice(&t.to_vec1::<f64>()?);
+            Ok(())
+        }
+        fn barrier(&self) -> Result<()> {
+            let mut one = [1.0];
+            self.all_reduce_host(&mut one)
+        }
     }
 }
