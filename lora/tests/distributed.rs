@@ -4,18 +4,16 @@
 
 use std::sync::Arc;
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{DType, Device};
 use moe_peft_kernels::{Communicator, SingleProcess, ThreadGroup};
 use moe_peft_lora::{LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer};
-use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
 fn lora() -> Result<LoraModel> {
-    let mut cfg = DeepSeekMoeConfig::tiny(128);
-    cfg.max_position_embeddings = 64;
-    let model = MoeModel::random(cfg, &LoadOptions::default(), 7)?;
     Ok(LoraModel::new(
-        model,
+        common::tiny_base()?,
         LoraConfig {
             r: 4,
             lora_alpha: 8.0,

@@ -3,39 +3,12 @@
 //! nearest would not; the routed experts' weight gradients from grouped GEMMs equal autograd's;
 //! checkpoints (each weight in its own dtype, sharded) resume bit for bit.
 
+mod common;
+
 use anyhow::Result;
-use candle_core::{DType, Device, Var};
-use moe_peft_lora::{LoraModel, Optim, Schedule, TrainBatch, TrainConfig, Trainer};
-use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
-
-fn base() -> Result<MoeModel> {
-    let mut cfg = DeepSeekMoeConfig::tiny(128);
-    cfg.max_position_embeddings = 64;
-    Ok(MoeModel::random(cfg, &LoadOptions::default(), 7)?)
-}
-
-/// Counting sequences: each next token is predictable.
-fn batch(step: usize) -> Result<TrainBatch> {
-    let (b, s) = (2usize, 12usize);
-    let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-    for row in 0..b {
-        let start = (step * 37 + row * 61) % 128;
-        for t in 0..s {
-            let id = ((start + t) % 128) as u32;
-            ids.push(id);
-            mask.push(1);
-            labels.push(if t < 3 { -100 } else { id as i64 });
-        }
-    }
-    Ok(TrainBatch::from_host(
-        &ids,
-        &mask,
-        &labels,
-        b,
-        s,
-        &Device::Cpu,
-    )?)
-}
+use candle_core::{DType, Var};
+use common::{counting_batch as batch, tiny_base as base};
+use moe_peft_lora::{LoraModel, Optim, Schedule, TrainConfig, Trainer};
 
 /// The reference's full fine-tuning settings, with a learning rate the tiny model learns at.
 fn train_cfg(steps: usize, optim: Optim, lr: f64) -> TrainConfig {

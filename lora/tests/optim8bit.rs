@@ -2,14 +2,15 @@
 //! each update equals the published bitsandbytes algorithm element by element; training the
 //! tiny model with them follows f32 AdamW; checkpoints resume bit for bit.
 
+mod common;
+
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
+use common::{counting_batch as batch, tiny_base as base};
 use moe_peft_kernels::FlatGrads;
 use moe_peft_lora::{
-    AdamW, AdamWConfig, LoraConfig, LoraModel, Optim, Schedule, TargetModules, TrainBatch,
-    TrainConfig, Trainer,
+    AdamW, AdamWConfig, LoraConfig, LoraModel, Optim, Schedule, TargetModules, TrainConfig, Trainer,
 };
-use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 use moe_peft_quant::dynamic::create_dynamic_map;
 
 /// The oracle: bitsandbytes' 8-bit blockwise Adam as its kernel states it, written plainly
@@ -208,12 +209,6 @@ fn each_update_is_the_published_algorithm_element_by_element() -> Result<()> {
     Ok(())
 }
 
-fn base() -> Result<MoeModel> {
-    let mut cfg = DeepSeekMoeConfig::tiny(128);
-    cfg.max_position_embeddings = 64;
-    Ok(MoeModel::random(cfg, &LoadOptions::default(), 7)?)
-}
-
 fn lora_cfg() -> LoraConfig {
     LoraConfig {
         r: 8,
@@ -227,31 +222,6 @@ fn lora_cfg() -> LoraConfig {
         )),
         ..Default::default()
     }
-}
-
-/// Counting sequences: each next token is predictable (as in training.rs).
-fn batch(step: usize) -> Result<TrainBatch> {
-    let (b, s) = (2usize, 12usize);
-    let mut ids = Vec::new();
-    let mut mask = Vec::new();
-    let mut labels = Vec::new();
-    for row in 0..b {
-        let start = (step * 37 + row * 61) % 128;
-        for t in 0..s {
-            let id = ((start + t) % 128) as u32;
-            ids.push(id);
-            mask.push(1);
-            labels.push(if t < 3 { -100 } else { id as i64 });
-        }
-    }
-    Ok(TrainBatch::from_host(
-        &ids,
-        &mask,
-        &labels,
-        b,
-        s,
-        &Device::Cpu,
-    )?)
 }
 
 fn train_cfg(steps: usize, optim: Optim) -> TrainConfig {

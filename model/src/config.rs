@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::arch::{Arch, AuxLoss, Family, Naming, QkNorm, MLP_NAMES};
 use crate::error::{Error, Result};
-use crate::layers::Activation;
 
 /// The HF configuration of a DeepSeekMoE (v1) causal LM.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -301,11 +300,7 @@ impl DeepSeekMoeConfig {
 
     /// The architecture (DeepSeekMoE's blocks and names).
     pub fn arch(&self) -> Result<Arch> {
-        let hidden_act =
-            Activation::from_name(&self.hidden_act).ok_or_else(|| Error::InvalidConfig {
-                field: "hidden_act",
-                reason: format!("is {:?}; supported: silu, gelu, relu", self.hidden_act),
-            })?;
+        let hidden_act = crate::families::activation(&self.hidden_act)?;
         Ok(Arch {
             family: Family::DeepSeek,
             vocab_size: self.vocab_size,

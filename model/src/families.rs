@@ -141,7 +141,8 @@ pub(crate) fn check_arch(a: &Arch, rope_kinds: &[&str]) -> Result<()> {
     }
 }
 
-fn activation(field: &str) -> Result<Activation> {
+/// The activation of a `hidden_act` value; the error names the field.
+pub(crate) fn activation(field: &str) -> Result<Activation> {
     Activation::from_name(field).ok_or_else(|| Error::InvalidConfig {
         field: "hidden_act",
         reason: format!("is {field:?}; supported: silu, gelu, relu"),
