@@ -30,6 +30,15 @@ use crate::inject::LoraModel;
 use crate::schedule::Schedule;
 use moe_peft_kernels::{Communicator, FlatGrads, SingleProcess};
 
+/// `t · w`, or `t` itself when `w` is 1 (no extra op in the graph of a single process).
+fn weighted(t: Tensor, w: f64) -> candle_core::Result<Tensor> {
+    if w == 1.0 {
+        Ok(t)
+    } else {
+        t * w
+    }
+}
+
 /// Elements per gradient all-reduce of a data-parallel step (64 Mi: 256 MB in f32).
 const BUCKET_ELEMS: usize = 64 << 20;
 use moe_peft_model::RouterStats;
@@ -486,6 +495,9 @@ impl Trainer {
     /// (the returned `grads` is empty).
     fn accumulate(&self, batch: &TrainBatch, scale: f64) -> Result<MicroGrads> {
         let model = self.lora.model();
+        // In a data-parallel group the ranks' gradients are summed: the balancing losses are
+        // weighted 1/world so that they enter as under DDP / DeepSpeed, which average them.
+        let aux_w = 1.0 / self.comm.world_size() as f64;
         self.lora.dropout_state().set_step(self.micro_step);
         let (b, s) = batch.input_ids.dims2()?;
         let mut t = Instant::now();
@@ -510,7 +522,7 @@ impl Trainer {
             let mut aux = 0.0;
             for a in aux_terms {
                 aux += a.to_scalar::<f32>()? as f64;
-                obj = (obj + a)?;
+                obj = (obj + weighted(a, aux_w)?)?;
             }
             self.lap(&mut t, 0)?;
             let gs = obj.backward()?;
@@ -583,10 +595,10 @@ impl Trainer {
             };
             let mut obj = moe_peft_model::ops::seed_gradient(&out.hidden, &g)?;
             if let Some(a) = out.aux_loss {
-                obj = (obj + a)?;
+                obj = (obj + weighted(a, aux_w)?)?;
             }
             if let (Some(sw), Some(r)) = (&switch, &out.router) {
-                obj = (obj + sw.layer_term(r)?)?;
+                obj = (obj + weighted(sw.layer_term(r)?, aux_w)?)?;
             }
             let gs = obj.backward()?;
             self.collect(&gs)?;
@@ -614,7 +626,8 @@ impl Trainer {
     /// variables) before clipping and the update, which every rank then does alike, so the
     /// ranks keep identical weights. Rank `r`'s `i`-th micro-batch of a step stands for the
     /// `(i·world + r)`-th of one process accumulating `world` times as many (the same dropout
-    /// masks; the same result up to the order of the sums).
+    /// masks; the same result up to the order of the sums), except that the balancing losses
+    /// enter with weight `1/world`, as when DDP or DeepSpeed average the ranks' gradients.
     pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) {
         self.comm = comm;
     }
@@ -645,9 +658,18 @@ impl Trainer {
         let base = self.micro_step;
         let (mut loss, mut aux, mut tokens, mut targets, mut padded) = (0.0, 0.0, 0, 0, 0);
         let mut finite = true;
+        let mut failed: Option<Error> = None;
         for (i, batch) in micro.iter().enumerate() {
             self.micro_step = base + (i * world + rank) as u64;
-            let mg = self.accumulate(batch, scale)?;
+            let mg = match self.accumulate(batch, scale) {
+                Ok(mg) => mg,
+                Err(e) if world > 1 => {
+                    // The other ranks are told before anyone enters the gradient sums.
+                    failed = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             if !mg.loss.is_finite() {
                 finite = false;
                 if world == 1 {
@@ -662,6 +684,18 @@ impl Trainer {
         }
         self.micro_step = base + (micro.len() * world) as u64;
         if world > 1 {
+            let mut bad = [if failed.is_some() { 1.0 } else { 0.0 }];
+            self.comm.all_reduce_host(&mut bad)?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            if bad[0] > 0.0 {
+                return Err(Error::InvalidTrainConfig(format!(
+                    "step {}: {} other rank(s) of the group failed",
+                    self.global_step + 1,
+                    bad[0] as usize
+                )));
+            }
             // Every rank's sums: the gradients, which variables got one, and the metrics.
             for r in moe_peft_kernels::comm::buckets(self.grads.lens(), BUCKET_ELEMS) {
                 let b = self.grads.buffer().narrow(0, r.start, r.len())?;

@@ -11,9 +11,19 @@ use candle_core::{DType, Device};
 use moe_peft_kernels::{Communicator, SingleProcess, ThreadGroup};
 use moe_peft_lora::{LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer};
 
-fn lora() -> Result<LoraModel> {
+/// The tiny model with adapters; `aux_scale` multiplies its balancing-loss weight.
+fn lora_with(aux_scale: f64) -> Result<LoraModel> {
+    let mut base = common::tiny_base()?;
+    let mut cfg = match base.config().clone() {
+        moe_peft_model::ModelConfig::DeepSeek(c) => c,
+        other => panic!("{:?}", other.family()),
+    };
+    if aux_scale != 1.0 {
+        cfg.aux_loss_alpha *= aux_scale;
+        base = moe_peft_model::MoeModel::random(cfg, &moe_peft_model::LoadOptions::default(), 7)?;
+    }
     Ok(LoraModel::new(
-        common::tiny_base()?,
+        base,
         LoraConfig {
             r: 4,
             lora_alpha: 8.0,
@@ -28,6 +38,10 @@ fn lora() -> Result<LoraModel> {
         },
         3,
     )?)
+}
+
+fn lora() -> Result<LoraModel> {
+    lora_with(1.0)
 }
 
 fn batch(k: usize) -> Result<TrainBatch> {
@@ -63,6 +77,9 @@ fn cfg() -> TrainConfig {
     }
 }
 
+/// A rank's losses, gradient norms and final weights.
+type RankRun = (Vec<f64>, Vec<f64>, Vec<Vec<f32>>);
+
 fn flat(t: &Trainer) -> Result<Vec<Vec<f32>>> {
     t.vars()
         .iter()
@@ -90,20 +107,14 @@ fn world_size_one_is_bit_identical_to_no_group() -> Result<()> {
     Ok(())
 }
 
-/// A rank's losses, gradient norms and final weights.
-type RankRun = (Vec<f64>, Vec<f64>, Vec<Vec<f32>>);
-
-#[test]
-fn two_ranks_train_like_one_process_accumulating_both() -> Result<()> {
-    let steps = 4;
-    // One process, accumulation 2: micro-batches 2s (rank 0's) and 2s+1 (rank 1's).
-    let mut single = Trainer::new(lora()?, cfg())?;
-    let mut want = Vec::new();
-    for s in 0..steps {
-        want.push(single.step(&[batch(2 * s)?, batch(2 * s + 1)?])?);
-    }
-    let group = ThreadGroup::new(2)?;
-    let ranks: Vec<RankRun> = std::thread::scope(|sc| {
+/// Runs `world` ranks as threads, rank `r` stepping on `micro(step, r)` each step.
+fn run_group(
+    world: usize,
+    steps: usize,
+    micro: &(dyn Fn(usize, usize) -> Result<Vec<TrainBatch>> + Sync),
+) -> Result<Vec<Result<RankRun>>> {
+    let group = ThreadGroup::new(world)?;
+    Ok(std::thread::scope(|sc| {
         let joins: Vec<_> = group
             .into_iter()
             .map(|g| {
@@ -113,7 +124,7 @@ fn two_ranks_train_like_one_process_accumulating_both() -> Result<()> {
                     t.set_communicator(Arc::new(g));
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for s in 0..steps {
-                        let m = t.step(&[batch(2 * s + rank)?])?;
+                        let m = t.step(&micro(s, rank)?)?;
                         losses.push(m.loss);
                         norms.push(m.grad_norm);
                     }
@@ -124,12 +135,33 @@ fn two_ranks_train_like_one_process_accumulating_both() -> Result<()> {
         joins
             .into_iter()
             .map(|j| j.join().expect("rank thread"))
-            .collect::<Result<Vec<_>>>()
-    })?;
-    // The ranks agree bit for bit.
-    assert_eq!(ranks[0], ranks[1]);
-    // And match the accumulating process up to the order of the sums (f32 gradients summed
-    // per rank, then across ranks, instead of in one running sum).
+            .collect()
+    }))
+}
+
+/// `world` ranks of `per_rank` micro-batches each against one process accumulating all of
+/// them (its balancing loss weighted 1/world, as the group weighs it).
+fn group_equals_one_accumulating_process(world: usize, per_rank: usize) -> Result<()> {
+    let steps = 3;
+    let n = world * per_rank;
+    let mut single = Trainer::new(lora_with(1.0 / world as f64)?, cfg())?;
+    let mut want = Vec::new();
+    for s in 0..steps {
+        let m: Vec<TrainBatch> = (0..n).map(|j| batch(s * n + j)).collect::<Result<_>>()?;
+        want.push(single.step(&m)?);
+    }
+    // Rank r's i-th micro-batch is the (i·world + r)-th of the process's step.
+    let ranks = run_group(world, steps, &|s, r| {
+        (0..per_rank)
+            .map(|i| batch(s * n + i * world + r))
+            .collect()
+    })?
+    .into_iter()
+    .collect::<Result<Vec<_>>>()?;
+    for r in &ranks[1..] {
+        assert_eq!(r, &ranks[0], "the ranks disagree");
+    }
+    // Equal up to the order of the sums (f32 gradients summed per rank, then across ranks).
     let (losses, norms, params) = &ranks[0];
     for (s, w) in want.iter().enumerate() {
         assert!(
@@ -151,7 +183,38 @@ fn two_ranks_train_like_one_process_accumulating_both() -> Result<()> {
             worst = worst.max((x - y).abs());
         }
     }
-    eprintln!("two ranks vs one accumulating process: largest weight difference {worst:e}");
+    eprintln!(
+        "{world} ranks × {per_rank} vs one process × {n}: largest weight difference {worst:e}"
+    );
     assert!(worst <= 1e-6, "weights differ by {worst}");
+    Ok(())
+}
+
+#[test]
+fn two_ranks_train_like_one_process_accumulating_both() -> Result<()> {
+    group_equals_one_accumulating_process(2, 1)
+}
+
+#[test]
+fn ranks_with_accumulation_map_onto_one_process() -> Result<()> {
+    group_equals_one_accumulating_process(2, 2)?;
+    group_equals_one_accumulating_process(3, 2)
+}
+
+#[test]
+fn a_failing_rank_stops_every_rank_without_a_hang() -> Result<()> {
+    let out = run_group(2, 1, &|s, r| {
+        let mut b = batch(s + r)?;
+        if r == 1 {
+            // A label outside the vocabulary: rank 1's loss fails.
+            let l: Vec<i64> = vec![500; 20];
+            b.labels = candle_core::Tensor::from_vec(l, (2, 10), &Device::Cpu)?;
+        }
+        Ok(vec![b])
+    })?;
+    let e1 = out[1].as_ref().unwrap_err().to_string();
+    assert!(e1.contains("500"), "{e1}");
+    let e0 = out[0].as_ref().unwrap_err().to_string();
+    assert!(e0.contains("other rank"), "{e0}");
     Ok(())
 }
