@@ -320,6 +320,10 @@ fn main() {
     if demo {
         args.apply_demo_defaults(&matches);
     }
+    if args.nproc_per_node == 0 {
+        eprintln!("error: --nproc_per_node 0: at least one process is needed");
+        std::process::exit(2);
+    }
     if args.nproc_per_node > 1 && std::env::var_os("RANK").is_none() {
         std::process::exit(match launch_group(args.nproc_per_node, args.master_port) {
             Ok(code) => code,
@@ -348,6 +352,12 @@ fn main() {
 /// `0..n` of one group on this host (torchrun's environment variables), and returns the first
 /// failing rank's exit code (the others are stopped), or 0.
 fn launch_group(n: usize, port: u16) -> Result<i32> {
+    if !cfg!(feature = "nccl") {
+        bail!("--nproc_per_node {n}: training over several processes needs a build with --features nccl (NCCL)");
+    }
+    // Ctrl-C reaches every rank (same process group); this process keeps waiting for them
+    // to save and stop.
+    let _ = ctrlc::set_handler(|| {});
     let exe = std::env::current_exe().context("finding this program to start its ranks")?;
     let argv: Vec<String> = std::env::args().skip(1).collect();
     println!("qlora-train: starting {n} ranks (rendezvous at 127.0.0.1:{port})");
@@ -627,6 +637,27 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             .with_context(|| format!("rank {rank}: CUDA device {}", e.local_rank))?,
         _ => common::select_device(args.cpu),
     };
+    if world > 1 && args.cpu {
+        bail!("--cpu: the ranks of a group ({world}) train on GPUs");
+    }
+    // The group's communicator, made first: the ranks agree on the run's start through it.
+    let comm: Arc<dyn moe_peft::kernels::Communicator> = match &launch {
+        #[cfg(feature = "nccl")]
+        Some(e) if world > 1 => Arc::new(
+            moe_peft::kernels::comm::nccl::Nccl::new(
+                &device,
+                e,
+                std::time::Duration::from_secs(600),
+            )
+            .with_context(|| {
+                format!(
+                    "rank {rank} (LOCAL_RANK {}): joining the group",
+                    e.local_rank
+                )
+            })?,
+        ),
+        _ => Arc::new(moe_peft::kernels::SingleProcess),
+    };
     if world > 1 {
         println!("qlora-train: rank {rank} of {world}");
     }
@@ -882,7 +913,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         );
         (m, Some(dir))
     };
-    if let Some(q) = &args.save_quantized {
+    if let Some(q) = args.save_quantized.as_ref().filter(|_| lead) {
         let t = Instant::now();
         let files = model
             .save_quantized(q, 5_000_000_000)
@@ -1062,6 +1093,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         None if out.join("completed").exists() => None,
         None => latest_checkpoint(&out),
     };
+    // Every rank has decided from the same directory before rank 0 changes it.
+    comm.barrier()?;
     let settings = run_settings(&args, model_dir.as_deref());
     match &resume {
         Some(dir) => {
@@ -1080,14 +1113,16 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
         None => {
             let old = moe_peft::lora::list_checkpoints(&out);
-            if args.overwrite_output_dir && lead {
-                for (_, d) in &old {
-                    std::fs::remove_dir_all(d).with_context(|| {
-                        format!("--overwrite_output_dir: removing {}", d.display())
-                    })?;
+            if args.overwrite_output_dir {
+                if lead {
+                    for (_, d) in &old {
+                        std::fs::remove_dir_all(d).with_context(|| {
+                            format!("--overwrite_output_dir: removing {}", d.display())
+                        })?;
+                    }
+                    let _ = std::fs::remove_file(out.join("metrics.jsonl"));
+                    let _ = std::fs::remove_file(out.join("completed"));
                 }
-                let _ = std::fs::remove_file(out.join("metrics.jsonl"));
-                let _ = std::fs::remove_file(out.join("completed"));
             } else if let Some((_, latest)) = old.last() {
                 let diff = match checkpoint_settings(latest) {
                     Some(then) => settings_diff(&then, &settings),
@@ -1109,6 +1144,18 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         Some(dir) => {
             println!("resuming from {}", dir.display());
             let (t, extra) = Trainer::resume(lora, tcfg, dir)?;
+            let then = extra
+                .get("world_size")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(1) as usize;
+            if then != world && lead {
+                println!(
+                    "note: {} was written by a group of {then}, this run has {world}: each step \
+                     now takes {} micro-batches (the learning-rate schedule keeps its steps)",
+                    dir.display(),
+                    args.gradient_accumulation_steps * world
+                );
+            }
             if let Some(state) = extra.get("loader") {
                 let state: LoaderState = serde_json::from_value(state.clone())
                     .with_context(|| format!("{}: bad data position", dir.display()))?;
@@ -1118,14 +1165,18 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
         None => Trainer::new(lora, tcfg)?,
     };
-    #[cfg(feature = "nccl")]
-    if let Some(e) = launch.as_ref().filter(|_| world > 1) {
-        let comm = moe_peft::kernels::comm::nccl::Nccl::new(
-            &device,
-            e,
-            std::time::Duration::from_secs(600),
-        )?;
-        trainer.set_communicator(Arc::new(comm));
+    trainer.set_communicator(comm.clone());
+    if world > 1 {
+        // Every rank resumed the same step.
+        let mut v = [trainer.global_step() as f64];
+        comm.all_reduce_host(&mut v)?;
+        if v[0] != (trainer.global_step() * world) as f64 {
+            bail!(
+                "rank {rank} resumed at step {} but the group does not agree: the ranks saw different checkpoints in {}",
+                trainer.global_step(),
+                out.display()
+            );
+        }
     }
 
     println!(
@@ -1156,7 +1207,11 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     };
     let save_every = every(args.save_steps, total);
     let log_every = every(args.logging_steps, total).max(1);
-    let bar = ProgressBar::new(total as u64);
+    let bar = if lead {
+        ProgressBar::new(total as u64)
+    } else {
+        ProgressBar::hidden()
+    };
     bar.set_style(
         ProgressStyle::with_template(
             "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
@@ -1182,6 +1237,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     let extra = |loader: &moe_peft::data::Loader| {
         serde_json::json!({
             "run": settings,
+            "world_size": world,
             "loader": loader.state(),
             "epoch": loader.state().steps as f64 / loader.steps_per_epoch().max(1) as f64,
         })
@@ -1252,19 +1308,15 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             "epoch" => epoch_end,
             _ => false,
         };
+        // Whether to stop after this step, decided once: in a group every rank takes the same
+        // decision (one rank's Ctrl-C stops them all; a signal arriving later counts next step).
+        let mut stop = interrupted.load(Ordering::SeqCst);
         if world > 1 {
-            // Every rank stops at the same step: one rank's Ctrl-C stops them all.
-            let mut stop = [if interrupted.load(Ordering::SeqCst) {
-                1.0
-            } else {
-                0.0
-            }];
-            trainer.communicator().all_reduce_host(&mut stop)?;
-            if stop[0] > 0.0 {
-                interrupted.store(true, Ordering::SeqCst);
-            }
+            let mut v = [if stop { 1.0 } else { 0.0 }];
+            trainer.communicator().all_reduce_host(&mut v)?;
+            stop = v[0] > 0.0;
         }
-        if lead && (save_now || interrupted.load(Ordering::SeqCst)) {
+        if lead && (save_now || stop) {
             let t = Instant::now();
             let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
             let secs = t.elapsed().as_secs_f64();
@@ -1281,8 +1333,11 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             );
             saves.push(serde_json::json!({"step": m.step, "seconds": secs, "bytes": bytes}));
         }
-        if interrupted.load(Ordering::SeqCst) {
+        if stop {
             bar.abandon();
+            if !lead {
+                let _ = std::fs::remove_dir_all(&wout);
+            }
             println!(
                 "interrupted at step {}: checkpoint saved; run the same command again to resume",
                 m.step

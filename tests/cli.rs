@@ -1332,7 +1332,16 @@ fn full_finetuning_with_bf16_weights_checkpoints_and_resumes() {
         "qlora-train",
         &a.iter().map(String::as_str).collect::<Vec<_>>(),
     );
-    assert!(log.contains("resum"), "{log}");
+    assert!(
+        log.contains(&format!("resuming from {}", ckpt.display())),
+        "{log}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(out.join("checkpoint-4").join("trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["global_step"], 4, "{state}");
+    assert!(out.join("checkpoint-4").join("model.safetensors").exists());
     assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
 }
 

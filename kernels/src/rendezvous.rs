@@ -1,6 +1,7 @@
-//! The start of a multi-process group: rank 0 listens on `MASTER_ADDR:MASTER_PORT` (as torchrun
-//! sets them), every other rank connects and says who it is, and rank 0 sends each the same
-//! payload (the NCCL unique id). Plain TCP on the host; nothing else goes over it.
+//! The start of a multi-process group: rank 0 listens on `MASTER_ADDR` at the rendezvous port
+//! (`MASTER_PORT + 1`, since torchrun's own store listens on `MASTER_PORT`; or
+//! `MOE_PEFT_RENDEZVOUS_PORT`), every other rank connects and says who it is, and rank 0 sends
+//! each the same payload (the NCCL unique id). Plain TCP on the host; nothing else goes over it.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
@@ -21,6 +22,8 @@ pub struct LaunchEnv {
     pub master_addr: String,
     /// `MASTER_PORT`.
     pub master_port: u16,
+    /// Where rank 0 listens for the others: `MOE_PEFT_RENDEZVOUS_PORT`, else `MASTER_PORT + 1`.
+    pub rendezvous_port: u16,
 }
 
 impl LaunchEnv {
@@ -54,22 +57,37 @@ impl LaunchEnv {
         let master_port = num("MASTER_PORT", Some(29500))?;
         let master_port = u16::try_from(master_port)
             .map_err(|_| Error::InvalidInput(format!("MASTER_PORT={master_port} is not a port")))?;
+        let rendezvous_port = match get("MOE_PEFT_RENDEZVOUS_PORT") {
+            Some(_) => {
+                let p = num("MOE_PEFT_RENDEZVOUS_PORT", None)?;
+                u16::try_from(p).map_err(|_| {
+                    Error::InvalidInput(format!("MOE_PEFT_RENDEZVOUS_PORT={p} is not a port"))
+                })?
+            }
+            None => master_port.checked_add(1).ok_or_else(|| {
+                Error::InvalidInput(
+                    "MASTER_PORT=65535 leaves no port for the rendezvous (MASTER_PORT + 1); set MOE_PEFT_RENDEZVOUS_PORT".into(),
+                )
+            })?,
+        };
         Ok(Some(Self {
             rank,
             world_size,
             local_rank,
             master_addr: get("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
             master_port,
+            rendezvous_port,
         }))
     }
 }
 
 const HELLO: &[u8; 8] = b"moepeft1";
 
-/// Rank 0: accepts `world − 1` ranks on `addr:port` and sends each `payload`. Other ranks:
+/// Rank 0: accepts `world − 1` ranks on `MASTER_ADDR:rendezvous_port` and sends each
+/// `payload`. Other ranks:
 /// connect (retrying until `timeout`), announce their rank, and return the payload.
 pub fn exchange(env: &LaunchEnv, payload: &[u8], timeout: Duration) -> Result<Vec<u8>> {
-    let where_ = format!("{}:{}", env.master_addr, env.master_port);
+    let where_ = format!("{}:{}", env.master_addr, env.rendezvous_port);
     let io = |what: &str, e: std::io::Error| {
         Error::InvalidInput(format!("rendezvous at {where_} ({what}): {e}"))
     };
@@ -211,7 +229,8 @@ mod tests {
                             world_size: world,
                             local_rank: rank,
                             master_addr: "127.0.0.1".into(),
-                            master_port: port,
+                            master_port: port.saturating_sub(1),
+                            rendezvous_port: port,
                         };
                         let mine = if rank == 0 { payload } else { Vec::new() };
                         exchange(&env, &mine, Duration::from_secs(20))
@@ -234,7 +253,8 @@ mod tests {
             world_size: 2,
             local_rank: 0,
             master_addr: "127.0.0.1".into(),
-            master_port: port,
+            master_port: port.saturating_sub(1),
+            rendezvous_port: port,
         };
         let e = exchange(&env, b"x", Duration::from_millis(200))
             .unwrap_err()

@@ -69,6 +69,17 @@ impl LoraModel {
                     native_dtypes: true,
                     ..Default::default()
                 };
+                // A model written here before, with another number of shards, must not be
+                // read back beside this one.
+                if let Ok(entries) = std::fs::read_dir(dir) {
+                    for e in entries.flatten() {
+                        let n = e.file_name().to_string_lossy().to_string();
+                        if n.starts_with("model") && n.contains(".safetensors") {
+                            std::fs::remove_file(e.path())
+                                .map_err(|err| Error::io(&e.path(), err))?;
+                        }
+                    }
+                }
                 export_hf(self.model(), dir, &opts).map(|_| ())
             }
         }

@@ -174,3 +174,41 @@ fn bf16_full_finetuning_checkpoints_resume_exactly() -> Result<()> {
     assert!(e.contains("adamw_8bit"), "{e}");
     Ok(())
 }
+
+#[test]
+fn a_sharded_full_checkpoint_loads_back_in_each_weights_dtype() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let lm = LoraModel::full_finetune_in(base()?, 1, DType::BF16)?;
+    // Moved away from the base, so that loading shows.
+    for (_, v) in lm.trainable_vars() {
+        v.set(&(v.as_tensor() * 1.5)?)?;
+    }
+    moe_peft_lora::export_hf(
+        lm.model(),
+        dir.path(),
+        &moe_peft_lora::ExportOptions {
+            dtype: DType::BF16,
+            native_dtypes: true,
+            max_shard_bytes: 100_000,
+            ..Default::default()
+        },
+    )?;
+    assert!(dir.path().join("model.safetensors.index.json").exists());
+    let mut again = LoraModel::full_finetune_in(base()?, 1, DType::BF16)?;
+    again.load_trainable(dir.path())?;
+    for ((n, a), (_, b)) in lm.trainable_vars().iter().zip(again.trainable_vars()) {
+        assert_eq!(a.dtype(), b.dtype(), "{n}");
+        assert_eq!(
+            a.as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            b.as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+            "{n}"
+        );
+    }
+    Ok(())
+}
