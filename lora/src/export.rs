@@ -76,7 +76,7 @@ impl LoraModel {
                         let n = e.file_name().to_string_lossy().to_string();
                         if n.starts_with("model") && n.contains(".safetensors") {
                             std::fs::remove_file(e.path())
-                                .map_err(|err| Error::io(&e.path(), err))?;
+                                .map_err(|err| Error::io(e.path(), err))?;
                         }
                     }
                 }
