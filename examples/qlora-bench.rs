@@ -102,6 +102,10 @@ struct Args {
     /// Keep the adapter weights in bf16 (needs an 8-bit --optim: stochastic rounding).
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     bf16_adapters: bool,
+    /// Full fine-tuning instead of LoRA: every weight trained (the reference's `--use_lora
+    /// False`; needs --bits 16), in bf16 with --bf16_adapters (then an 8-bit --optim).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
+    full: bool,
     /// Dense bf16 peak of the device in TFLOP/s, for MFU.
     #[arg(long, default_value_t = 989.0)]
     peak_tflops: f64,
@@ -253,7 +257,14 @@ fn run(args: Args) -> Result<()> {
     };
     moe_peft::lora::set_batched_dequantization(args.batched_dequant);
     moe_peft::model::ops::set_causal_attention_chunks(args.causal_chunks);
-    let mut lora = LoraModel::with_adapter_dtype(model, lcfg.clone(), 0, adapter_dtype)?;
+    let mut lora = if args.full {
+        if args.bits != 16 {
+            bail!("--full trains every weight: it needs --bits 16 (a quantized base is frozen)");
+        }
+        LoraModel::full_finetune_in(model, 0, adapter_dtype)?
+    } else {
+        LoraModel::with_adapter_dtype(model, lcfg.clone(), 0, adapter_dtype)?
+    };
     lora.set_fused_experts(args.fused_experts);
     let n_lora = lora.num_trainable_parameters();
     println!(
@@ -449,7 +460,12 @@ fn run(args: Args) -> Result<()> {
             lora_fwd += lora_mlp(arch.intermediate_size as f64);
         }
     }
-    let per_token = 3.0 * (fwd + lora_fwd) + lora_fwd;
+    // Full fine-tuning: every projection's weight gradient too (one more forward's worth).
+    let per_token = if args.full {
+        4.0 * fwd
+    } else {
+        3.0 * (fwd + lora_fwd) + lora_fwd
+    };
     let tflops = per_token * tps / 1e12;
     let mfu = tflops / args.peak_tflops;
     println!(
@@ -469,7 +485,7 @@ fn run(args: Args) -> Result<()> {
             "preset": preset, "batch_size": args.batch_size, "seq_len": args.seq_len,
             "lora_r": args.lora_r, "bits": args.bits, "modules_to_save": args.modules_to_save,
             "keep_activations_layers": args.keep_activations_layers,
-            "optim": args.optim.name(), "bf16_adapters": args.bf16_adapters,
+            "optim": args.optim.name(), "bf16_adapters": args.bf16_adapters, "full": args.full,
             "batched_dequant": args.batched_dequant, "causal_chunks": args.causal_chunks,
             "bf16_moments": args.bf16_moments, "bf16_grads": args.bf16_grads,
             "data": args.data, "packing": args.packing, "zipf": args.zipf,

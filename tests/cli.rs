@@ -679,6 +679,39 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
         &["--preset", "tiny", "--cpu", "--zipf", "1.1", "--data", data],
         "it does not apply to --data",
     );
+    // Full fine-tuning (bf16 weights, 8-bit AdamW): every weight trained.
+    let json = tmp.path().join("bench-full.json");
+    let out = ok(
+        "qlora-bench",
+        &[
+            "--preset",
+            "tiny",
+            "--batch_size",
+            "2",
+            "--seq_len",
+            "32",
+            "--steps",
+            "1",
+            "--cpu",
+            "--bits",
+            "16",
+            "--full",
+            "--bf16_adapters",
+            "--optim",
+            "adamw_8bit",
+            "--json",
+            s(&json),
+        ],
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["full"], true, "{out}");
+    assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
+    fails(
+        "qlora-bench",
+        &["--preset", "tiny", "--cpu", "--full"],
+        "--bits 16",
+    );
 }
 
 /// Starts the demo run into `out`, sends `signal` (`INT`, `TERM`) after its first logged step

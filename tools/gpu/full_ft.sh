@@ -11,6 +11,9 @@ FULL=(--data_path "$DATA" --num_train_epochs 3 "${SHAPE[@]}" --gradient_accumula
   --learning_rate 2e-5 --warmup_steps 10 --logging_steps 1 --lr_scheduler_type cosine
   --gradient_checkpointing True --report_to none --bf16 True --use_lora False --bits 16
   --max_grad_norm 1.0 --optim adamw_8bit --adapter_dtype bfloat16 --grads_dtype bfloat16)
+# The step alone first (random weights built on the device, no checkpoint on disk).
+bench_run full_16x1024 16 1024 --full --bits 16 --bf16_adapters --optim adamw_8bit --bf16_grads
+bench_summary tokens_per_s peak_mib median_step_s mfu matmul_probe_tflops
 rm -rf "$WORK/full"
 stage full_ft 580 "$B/qlora-train" --model_name_or_path "$CK" --output_dir "$WORK/full" \
   "${FULL[@]}" --max_steps 20 --save_strategy no --summary_json "$O/full.json"
