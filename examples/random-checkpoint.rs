@@ -19,15 +19,20 @@ use anyhow::{bail, Context, Result};
 use candle_core::DType;
 use clap::Parser;
 use moe_peft::model::random::{write_random_checkpoint, RandomCheckpointOptions};
-use moe_peft::model::{DeepSeekMoeConfig, ModelConfig};
+use moe_peft::model::{
+    DeepSeekMoeConfig, MixtralConfig, ModelConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig,
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "random-checkpoint",
-    about = "Write a random DeepSeekMoE checkpoint in Hugging Face layout"
+    about = "Write a random MoE checkpoint (DeepSeekMoE, Qwen-MoE, Mixtral, OLMoE) in Hugging Face layout"
 )]
 struct Args {
-    /// `deepseek-moe-16b` (the released config) or `tiny` (the demo layout, DeepSeek's vocabulary).
+    /// `deepseek-moe-16b` (the released config), `tiny` (the demo layout, DeepSeek's
+    /// vocabulary), or another family's released shapes: `qwen1.5-moe-a2.7b`, `qwen3-30b-a3b`,
+    /// `mixtral-8x7b`, `olmoe-1b-7b` (DeepSeek's tokenizer is written beside every checkpoint;
+    /// train those with their own, --tokenizer).
     #[arg(long = "preset")]
     preset: Option<String>,
     /// A config.json instead of a preset.
@@ -62,8 +67,14 @@ fn run(args: Args) -> Result<()> {
         }
         (None, Some("deepseek-moe-16b")) => DeepSeekMoeConfig::deepseek_moe_16b().into(),
         (None, Some("tiny")) => common::demo_config().into(),
-        (None, Some(p)) => bail!("--preset {p}: expected deepseek-moe-16b or tiny"),
-        (None, None) => bail!("--preset deepseek-moe-16b|tiny or --config FILE is required"),
+        (None, Some("qwen1.5-moe-a2.7b")) => Qwen2MoeConfig::qwen1_5_moe_a2_7b().into(),
+        (None, Some("qwen3-30b-a3b")) => Qwen3MoeConfig::qwen3_30b_a3b().into(),
+        (None, Some("mixtral-8x7b")) => MixtralConfig::mixtral_8x7b().into(),
+        (None, Some("olmoe-1b-7b")) => OlmoeConfig::olmoe_1b_7b().into(),
+        (None, Some(p)) => bail!(
+            "--preset {p}: expected deepseek-moe-16b, tiny, qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b or olmoe-1b-7b"
+        ),
+        (None, None) => bail!("--preset NAME (deepseek-moe-16b, tiny, qwen1.5-moe-a2.7b, qwen3-30b-a3b, mixtral-8x7b, olmoe-1b-7b) or --config FILE is required"),
     };
     let dtype = match args.dtype.as_str() {
         "bf16" | "bfloat16" => DType::BF16,
