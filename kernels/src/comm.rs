@@ -8,9 +8,7 @@
 //! the same bits), and `Nccl` (`nccl` feature: one process per GPU over NCCL, the engine
 //! DeepSpeed and torchrun use), whose unique id travels over [`crate::rendezvous`].
 //!
-//! [`buckets`] cuts a flat buffer into collective-sized pieces along variable boundaries;
-//! [`partition`] assigns whole variables to ranks, balanced by size (the owner of a variable
-//! keeps its optimizer state and updates it, ZeRO-2 style).
+//! [`buckets`] cuts a flat buffer into collective-sized pieces along variable boundaries.
 
 use std::fmt::Debug;
 use std::ops::Range;
@@ -288,23 +286,6 @@ pub fn buckets(lens: &[usize], max_elems: usize) -> Vec<Range<usize>> {
     out
 }
 
-/// The owning rank of each variable of `lens` elements: the largest first, each to the rank
-/// holding the fewest elements so far (ties to the lowest rank), so that every rank's share of
-/// the optimizer state is near `Σ lens / world`. Deterministic: every rank computes the same.
-pub fn partition(lens: &[usize], world: usize) -> Vec<usize> {
-    let world = world.max(1);
-    let mut order: Vec<usize> = (0..lens.len()).collect();
-    order.sort_by(|&a, &b| lens[b].cmp(&lens[a]).then(a.cmp(&b)));
-    let mut load = vec![0usize; world];
-    let mut owner = vec![0usize; lens.len()];
-    for i in order {
-        let r = (0..world).min_by_key(|&r| (load[r], r)).unwrap_or(0);
-        owner[i] = r;
-        load[r] += lens[i];
-    }
-    owner
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -324,30 +305,6 @@ mod tests {
         assert_eq!(b.first().map(|r| r.start), Some(0));
         assert_eq!(b.last().map(|r| r.end), Some(lens.iter().sum()));
         assert!(b.windows(2).all(|w| w[0].end == w[1].start));
-    }
-
-    #[test]
-    fn partition_balances_and_agrees() {
-        let lens = [100, 90, 10, 10, 50, 40, 5];
-        let own = partition(&lens, 2);
-        let load = |r: usize| -> usize {
-            own.iter()
-                .zip(&lens)
-                .filter(|(o, _)| **o == r)
-                .map(|(_, n)| n)
-                .sum()
-        };
-        assert_eq!(load(0) + load(1), 305);
-        assert!(
-            load(0).abs_diff(load(1)) <= 10,
-            "{} vs {}",
-            load(0),
-            load(1)
-        );
-        assert_eq!(own, partition(&lens, 2));
-        assert!(partition(&lens, 1).iter().all(|&r| r == 0));
-        // More ranks than variables: some ranks own nothing, none is out of range.
-        assert!(partition(&[3, 2], 4).iter().all(|&r| r < 4));
     }
 
     #[test]

@@ -138,15 +138,7 @@ impl Default for LoraConfig {
 }
 
 /// The projection names of DeepSeekMoE that the reference recipe targets.
-pub const DEEPSEEK_TARGETS: [&str; 7] = [
-    "q_proj",
-    "v_proj",
-    "k_proj",
-    "o_proj",
-    "gate_proj",
-    "down_proj",
-    "up_proj",
-];
+pub const DEEPSEEK_TARGETS: [&str; 7] = moe_peft_model::arch::PROJECTION_TARGETS;
 
 impl LoraConfig {
     /// The reference recipe's QLoRA adapter: r=64, alpha=16, dropout 0.1, all seven

@@ -509,14 +509,14 @@ impl Trainer {
         let h0 = model.embed(&batch.input_ids)?;
         if !self.cfg.gradient_checkpointing {
             let mut h = h0;
-            let mut outs = Vec::with_capacity(model.layers.len());
+            let (mut losses, mut routers) = (Vec::new(), Vec::new());
             for layer in &model.layers {
                 let out = layer.forward(&h, &ctx, None)?;
-                h = out.hidden.clone();
-                outs.push(out);
+                h = out.hidden;
+                losses.extend(out.aux_loss);
+                routers.extend(out.router);
             }
-            let aux_terms = model.aux_losses(&outs.iter().collect::<Vec<_>>())?;
-            drop(outs);
+            let aux_terms = model.aux_losses(losses, &routers)?;
             let loss = model.lm_loss(&h, &batch.labels)?;
             let mut obj = (&loss.loss * scale)?;
             let mut aux = 0.0;
@@ -567,7 +567,7 @@ impl Trainer {
                 routers.push(r);
             }
         }
-        let switch = model.switch_aux(&routers.iter().collect::<Vec<_>>())?;
+        let switch = model.switch_aux(&routers)?;
         drop(routers);
         if let Some(sw) = &switch {
             aux += sw.value();

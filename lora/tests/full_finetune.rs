@@ -134,39 +134,16 @@ fn expert_weight_gradients_from_grouped_gemms_equal_autograd() -> Result<()> {
 
 #[test]
 fn bf16_full_finetuning_checkpoints_resume_exactly() -> Result<()> {
-    let dir = tempfile::tempdir()?;
     let cfg = train_cfg(8, Optim::Adamw8bit, 1e-4);
-    let lm = || LoraModel::full_finetune_in(base().unwrap(), 3, DType::BF16);
-    let mut full = Trainer::new(lm()?, cfg.clone())?;
-    let mut l = Vec::new();
-    for s in 0..4 {
-        l.push(full.step(&[batch(s)?])?.loss);
-    }
-    let ck = full.save_checkpoint(dir.path(), serde_json::json!({}), None)?;
-    for s in 4..8 {
-        l.push(full.step(&[batch(s)?])?.loss);
-    }
-    let (mut r, _) = Trainer::resume(lm()?, cfg, &ck)?;
-    for (s, want) in l.iter().enumerate().skip(4) {
-        assert_eq!(r.step(&[batch(s)?])?.loss, *want, "step {s}");
-    }
-    for ((n, a), (_, b)) in full.vars().iter().zip(r.vars()) {
+    let lm = || Ok(LoraModel::full_finetune_in(base()?, 3, DType::BF16)?);
+    let (full, resumed) = common::train_checkpoint_resume(&lm, cfg, 4, 8)?;
+    for (n, v) in full.vars() {
         let big = n.ends_with("_proj.weight")
             || n == "model.embed_tokens.weight"
             || n == "lm_head.weight";
-        assert_eq!(a.dtype(), if big { DType::BF16 } else { DType::F32 }, "{n}");
-        assert_eq!(
-            a.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            b.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            "{n}"
-        );
+        assert_eq!(v.dtype(), if big { DType::BF16 } else { DType::F32 }, "{n}");
     }
+    common::assert_same_vars(full.vars(), resumed.vars())?;
     // adamw_torch refuses bf16 weights, naming one.
     let e = Trainer::new(lm()?, train_cfg(2, Optim::AdamwTorch, 1e-4))
         .unwrap_err()
@@ -196,19 +173,5 @@ fn a_sharded_full_checkpoint_loads_back_in_each_weights_dtype() -> Result<()> {
     assert!(dir.path().join("model.safetensors.index.json").exists());
     let mut again = LoraModel::full_finetune_in(base()?, 1, DType::BF16)?;
     again.load_trainable(dir.path())?;
-    for ((n, a), (_, b)) in lm.trainable_vars().iter().zip(again.trainable_vars()) {
-        assert_eq!(a.dtype(), b.dtype(), "{n}");
-        assert_eq!(
-            a.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            b.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            "{n}"
-        );
-    }
-    Ok(())
+    common::assert_same_vars(&lm.trainable_vars(), &again.trainable_vars())
 }

@@ -299,43 +299,25 @@ fn eight_bit_adamw_and_bf16_adapters_train_like_f32_adamw() -> Result<()> {
 
 #[test]
 fn eight_bit_state_and_bf16_adapters_resume_exactly() -> Result<()> {
-    let dir = tempfile::tempdir()?;
     let cfg = train_cfg(8, Optim::PagedAdamw8bit);
-    let lm = || LoraModel::with_adapter_dtype(base().unwrap(), lora_cfg(), 3, DType::BF16);
-    let mut full = Trainer::new(lm()?, cfg.clone())?;
-    let mut l = Vec::new();
-    for s in 0..4 {
-        l.push(full.step(&[batch(s)?])?.loss);
+    let lm = || {
+        Ok(LoraModel::with_adapter_dtype(
+            base()?,
+            lora_cfg(),
+            3,
+            DType::BF16,
+        )?)
+    };
+    let (full, resumed) = common::train_checkpoint_resume(&lm, cfg, 4, 8)?;
+    for (n, v) in full.vars() {
+        let want = if n.contains("lora_") {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        assert_eq!(v.dtype(), want, "{n}");
     }
-    let ck = full.save_checkpoint(dir.path(), serde_json::json!({}), None)?;
-    for s in 4..8 {
-        l.push(full.step(&[batch(s)?])?.loss);
-    }
-    let (mut r, _) = Trainer::resume(lm()?, cfg, &ck)?;
-    for (s, want) in l.iter().enumerate().skip(4) {
-        assert_eq!(r.step(&[batch(s)?])?.loss, *want, "step {s}");
-    }
-    for ((n, a), (_, b)) in full.vars().iter().zip(r.vars()) {
-        assert_eq!(
-            a.dtype(),
-            if n.contains("lora_") {
-                DType::BF16
-            } else {
-                DType::F32
-            }
-        );
-        let (a, b) = (
-            a.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-            b.as_tensor()
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
-        );
-        assert_eq!(a, b, "{n}");
-    }
+    common::assert_same_vars(full.vars(), resumed.vars())?;
     // adamw_torch refuses bf16 adapters, naming the variable.
     let e = Trainer::new(lm()?, train_cfg(2, Optim::AdamwTorch))
         .unwrap_err()

@@ -50,16 +50,8 @@ impl Family {
     /// (attention and every MLP, routed experts included; routers and `lm_head` excluded).
     pub fn default_targets(self) -> &'static [&'static str] {
         match self {
-            Self::Mixtral => &["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
-            _ => &[
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ],
+            Self::Mixtral => &["q_proj", "v_proj", "k_proj", "o_proj", "w1", "w2", "w3"],
+            _ => &PROJECTION_TARGETS,
         }
     }
 }
@@ -108,6 +100,18 @@ pub struct Naming {
     /// The shared experts' module: `shared_experts` (DeepSeekMoE) or `shared_expert` (Qwen2-MoE).
     pub shared: &'static str,
 }
+
+/// Every projection of a layer with gate/up/down MLPs, in the order of the DeepSeekMoE
+/// recipe's `--trainable` (`lora_target_modules`).
+pub const PROJECTION_TARGETS: [&str; 7] = [
+    "q_proj",
+    "v_proj",
+    "k_proj",
+    "o_proj",
+    "gate_proj",
+    "down_proj",
+    "up_proj",
+];
 
 /// The gated MLP projections of dense layers and shared experts.
 pub const MLP_NAMES: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];

@@ -25,7 +25,7 @@ pub struct SwitchAux {
 impl SwitchAux {
     /// The loss of a pass whose MoE layers gave `stats` (in any order), times `coef`. `None`
     /// when there are no MoE layers or no counted token.
-    pub fn new(coef: f64, stats: &[&RouterStats]) -> Result<Option<Self>> {
+    pub fn new(coef: f64, stats: &[RouterStats]) -> Result<Option<Self>> {
         let Some(first) = stats.first() else {
             return Ok(None);
         };

@@ -1185,17 +1185,6 @@ impl ModelConfig {
             }
         }
     }
-
-    /// The bitsandbytes `quantization_config`, if any.
-    pub fn quantization_config(&self) -> Option<&Value> {
-        match self {
-            Self::DeepSeek(c) => c.quantization_config.as_ref(),
-            Self::Qwen2Moe(c) => c.quantization_config.as_ref(),
-            Self::Qwen3Moe(c) => c.quantization_config.as_ref(),
-            Self::Mixtral(c) => c.quantization_config.as_ref(),
-            Self::Olmoe(c) => c.quantization_config.as_ref(),
-        }
-    }
 }
 
 #[cfg(test)]

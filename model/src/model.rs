@@ -13,8 +13,8 @@ use crate::aux::SwitchAux;
 use crate::error::{Error, Result};
 use crate::families::ModelConfig;
 use crate::layers::{
-    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, LayerOutput, Linear, Mlp,
-    Moe, MoeGate, MoeOrMlp, RmsNorm, Rotary, RouterStats, ATTENTION_PROJECTIONS,
+    attention_mask, Attention, DecoderLayer, ForwardContext, LayerCache, Linear, Mlp, Moe, MoeGate,
+    MoeOrMlp, RmsNorm, Rotary, RouterStats, ATTENTION_PROJECTIONS,
 };
 use crate::ops::log_softmax_f32;
 use crate::weights::Checkpoint;
@@ -653,28 +653,31 @@ impl MoeModel {
         Ok((Arc::new(host), t))
     }
 
-    /// The balancing losses of a pass from its layers' outputs: DeepSeekMoE's per-layer
-    /// losses, or one Switch loss over all MoE layers (see [`SwitchAux`]).
-    pub fn aux_losses(&self, outs: &[&LayerOutput]) -> Result<Vec<Tensor>> {
-        let mut v: Vec<Tensor> = outs.iter().filter_map(|o| o.aux_loss.clone()).collect();
-        let stats: Vec<&RouterStats> = outs.iter().filter_map(|o| o.router.as_ref()).collect();
-        if let Some(sw) = self.switch_aux(&stats)? {
+    /// The balancing losses of a pass from what its layers returned (`losses`: DeepSeekMoE's
+    /// per-layer ones; `routers`: the MoE layers' shares of a Switch loss): the former as they
+    /// are, or one Switch loss over all MoE layers (see [`SwitchAux`]).
+    pub fn aux_losses(
+        &self,
+        mut losses: Vec<Tensor>,
+        routers: &[RouterStats],
+    ) -> Result<Vec<Tensor>> {
+        if let Some(sw) = self.switch_aux(routers)? {
             let mut total: Option<Tensor> = None;
-            for s in stats {
+            for s in routers {
                 let t = sw.layer_term(s)?;
                 total = Some(match total {
                     Some(a) => (a + t)?,
                     None => t,
                 });
             }
-            v.extend(total);
+            losses.extend(total);
         }
-        Ok(v)
+        Ok(losses)
     }
 
     /// The Switch loss of a pass whose MoE layers gave `stats` (`None` for DeepSeekMoE,
     /// without `output_router_logits`, or when no layer reported).
-    pub fn switch_aux(&self, stats: &[&RouterStats]) -> Result<Option<SwitchAux>> {
+    pub fn switch_aux(&self, stats: &[RouterStats]) -> Result<Option<SwitchAux>> {
         let AuxLoss::Switch { coef } = self.arch.aux else {
             return Ok(None);
         };
@@ -784,13 +787,14 @@ impl MoeModel {
         let (b, s) = self.check_ids(ids)?;
         let ctx = self.context(b, s, 0, attention_mask, train)?;
         let mut h = self.embed(ids)?;
-        let mut outs = Vec::with_capacity(self.layers.len());
+        let (mut losses, mut routers) = (Vec::new(), Vec::new());
         for layer in &self.layers {
             let out = layer.forward(&h, &ctx, None)?;
-            h = out.hidden.clone();
-            outs.push(out);
+            h = out.hidden;
+            losses.extend(out.aux_loss);
+            routers.extend(out.router);
         }
-        let aux = self.aux_losses(&outs.iter().collect::<Vec<_>>())?;
+        let aux = self.aux_losses(losses, &routers)?;
         Ok((self.lm_loss(&h, labels)?, aux))
     }
 
@@ -852,16 +856,17 @@ impl MoeModel {
         let ctx = self.context(b, s, 0, attention_mask, train)?;
         let mut h = self.embed(ids)?;
         let mut hidden_states = Vec::new();
-        let mut outs = Vec::with_capacity(self.layers.len());
+        let (mut losses, mut routers) = (Vec::new(), Vec::new());
         for layer in &self.layers {
             if keep {
                 hidden_states.push(h.clone());
             }
             let out = layer.forward(&h, &ctx, None)?;
-            h = out.hidden.clone();
-            outs.push(out);
+            h = out.hidden;
+            losses.extend(out.aux_loss);
+            routers.extend(out.router);
         }
-        let aux_losses = self.aux_losses(&outs.iter().collect::<Vec<_>>())?;
+        let aux_losses = self.aux_losses(losses, &routers)?;
         let x = self.norm.forward(&h)?;
         if keep {
             hidden_states.push(x.clone());

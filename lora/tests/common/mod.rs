@@ -1,10 +1,10 @@
 #![allow(dead_code)]
-//! What several integration tests train on: the tiny DeepSeekMoE with random weights and
-//! counting sequences (each next token predictable).
+//! What several integration tests train on (the tiny DeepSeekMoE with random weights and
+//! counting sequences, each next token predictable) and how they check a resumed run.
 
 use anyhow::Result;
-use candle_core::Device;
-use moe_peft_lora::TrainBatch;
+use candle_core::{DType, Device, Var};
+use moe_peft_lora::{LoraModel, TrainBatch, TrainConfig, Trainer};
 use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
 /// The tiny DeepSeekMoE (vocabulary 128, 64 positions), random weights of seed 7.
@@ -35,4 +35,47 @@ pub fn counting_batch(step: usize) -> Result<TrainBatch> {
         s,
         &Device::Cpu,
     )?)
+}
+
+/// Trains `lm()` for `steps` steps of counting batches, saving a checkpoint after `at`, then
+/// resumes a fresh `lm()` from that checkpoint to the same step: returns (uninterrupted,
+/// resumed), having checked that every resumed step's loss equals the uninterrupted one's.
+pub fn train_checkpoint_resume(
+    lm: &dyn Fn() -> Result<LoraModel>,
+    cfg: TrainConfig,
+    at: usize,
+    steps: usize,
+) -> Result<(Trainer, Trainer)> {
+    let dir = tempfile::tempdir()?;
+    let mut full = Trainer::new(lm()?, cfg.clone())?;
+    let mut losses = Vec::new();
+    for s in 0..at {
+        losses.push(full.step(&[counting_batch(s)?])?.loss);
+    }
+    let ck = full.save_checkpoint(dir.path(), serde_json::json!({}), None)?;
+    for s in at..steps {
+        losses.push(full.step(&[counting_batch(s)?])?.loss);
+    }
+    let (mut resumed, _) = Trainer::resume(lm()?, cfg, &ck)?;
+    for (s, want) in losses.iter().enumerate().skip(at) {
+        assert_eq!(resumed.step(&[counting_batch(s)?])?.loss, *want, "step {s}");
+    }
+    Ok((full, resumed))
+}
+
+/// Asserts that two lists of variables hold the same values in the same dtypes, by name.
+pub fn assert_same_vars(a: &[(String, Var)], b: &[(String, Var)]) -> Result<()> {
+    assert_eq!(a.len(), b.len());
+    for ((n, x), (m, y)) in a.iter().zip(b) {
+        assert_eq!(n, m);
+        assert_eq!(x.dtype(), y.dtype(), "{n}");
+        let v = |t: &Var| -> Result<Vec<f32>> {
+            Ok(t.as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        assert_eq!(v(x)?, v(y)?, "{n}");
+    }
+    Ok(())
 }
