@@ -1221,6 +1221,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     bar.set_position(trainer.global_step() as u64);
     let mut curve: Vec<(usize, f64)> = Vec::new();
     let mut last_saved = trainer.global_step();
+    // The checkpoint written at `last_saved` by this run, if any.
+    let mut last_checkpoint: Option<PathBuf> = None;
     let first_step_from = trainer.global_step();
     let mut steps_log: Vec<serde_json::Value> = Vec::new();
     let mut saves: Vec<serde_json::Value> = Vec::new();
@@ -1322,6 +1324,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             let secs = t.elapsed().as_secs_f64();
             let bytes = common::dir_bytes(&p);
             last_saved = m.step;
+            last_checkpoint = Some(p.clone());
             say(
                 &bar,
                 format!(
@@ -1354,6 +1357,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     if last_saved != trainer.global_step() && save_strategy != "no" {
         let t = Instant::now();
         let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+        last_saved = trainer.global_step();
+        last_checkpoint = Some(p.clone());
         let secs = t.elapsed().as_secs_f64();
         let bytes = common::dir_bytes(&p);
         println!(
@@ -1366,9 +1371,14 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             serde_json::json!({"step": trainer.global_step(), "seconds": secs, "bytes": bytes}),
         );
     }
+    let final_checkpoint = last_checkpoint.filter(|_| last_saved == trainer.global_step());
     let lora = trainer.into_lora();
     let t = Instant::now();
-    lora.save_trainable(&out)?;
+    // With a checkpoint of this very step, its files are the final ones: linked, not rewritten.
+    match &final_checkpoint {
+        Some(ck) => lora.link_trainable(ck, &out)?,
+        None => lora.save_trainable(&out)?,
+    }
     {
         let secs = t.elapsed().as_secs_f64();
         // The adapter files, or the model's (one file or shards and their index).
@@ -1385,17 +1395,27 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                     .sum::<u64>()
             })
             .unwrap_or(0);
-        println!(
-            "wrote the final {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
-            if lora.mode() == moe_peft::lora::TrainMode::Lora {
-                "adapter"
-            } else {
-                "model"
-            },
-            bytes as f64 / 1e9,
-            bytes as f64 / 1e9 / secs.max(1e-9)
-        );
-        summary["final_save"] = serde_json::json!({"seconds": secs, "bytes": bytes});
+        let what = if lora.mode() == moe_peft::lora::TrainMode::Lora {
+            "adapter"
+        } else {
+            "model"
+        };
+        match &final_checkpoint {
+            Some(ck) => println!(
+                "wrote the final {what} ({:.2} GB, linked to the files of {} in {secs:.1}s)",
+                bytes as f64 / 1e9,
+                ck.display()
+            ),
+            None => println!(
+                "wrote the final {what} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
+                bytes as f64 / 1e9,
+                bytes as f64 / 1e9 / secs.max(1e-9)
+            ),
+        }
+        summary["final_save"] = serde_json::json!({
+            "seconds": secs, "bytes": bytes,
+            "linked_from": final_checkpoint.as_ref().map(|p| p.display().to_string()),
+        });
     }
     let gpu_peak = gpu_watch.finish();
     let padding = 1.0 - real_total as f64 / padded_total.max(1) as f64;

@@ -87,7 +87,9 @@ impl FlatGrads {
 
     /// Sets every gradient to zero.
     pub fn zero(&self) -> Result<()> {
-        self.buf.zero_set()?;
+        // Not `zero_set`: candle's fill kernel indexes with 32 bits and never ends on a buffer
+        // of 2³² elements or more (a 16B model's gradients); a memset has no such limit.
+        self.buf.inplace_op1(&Zero)?;
         self.touched_mut()?.iter_mut().for_each(|t| *t = false);
         Ok(())
     }
@@ -215,6 +217,41 @@ impl FlatGrads {
     }
 }
 
+/// `buf ← 0` over the tensor's own elements, in place (a memset on CUDA).
+struct Zero;
+
+impl candle_core::InplaceOp1 for Zero {
+    fn name(&self) -> &'static str {
+        "flat-grad-zero"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s: &mut candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as C;
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-zero: buffer must be contiguous")
+        };
+        match s {
+            C::F32(v) => v[a..b].fill(0.0),
+            C::BF16(v) => v[a..b].fill(half::bf16::ZERO),
+            _ => candle_core::bail!("flat-grad-zero: f32 or bf16 only"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &mut candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        cuda::zero(s, l)
+    }
+}
+
 /// `buf[offset..offset + n] += g`, in place (f32 or bf16 on either side, summed in f32).
 struct AddAt {
     offset: usize,
@@ -338,6 +375,26 @@ pub(crate) mod cuda {
             (DType::F32, DType::BF16) => go!(f32, half::bf16),
             (DType::BF16, DType::F32) => go!(half::bf16, f32),
             _ => go!(half::bf16, half::bf16),
+        }
+        Ok(())
+    }
+
+    /// Zeroes a contiguous f32/bf16 buffer's elements with a memset (64-bit sizes).
+    pub(super) fn zero(s: &mut CudaStorage, l: &Layout) -> candle_core::Result<()> {
+        let Some((a, b)) = l.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-zero: buffer must be contiguous")
+        };
+        let stream = s.device().cuda_stream();
+        match s.dtype() {
+            DType::F32 => {
+                let mut v = s.as_cuda_slice_mut::<f32>()?.slice_mut(a..b);
+                stream.memset_zeros(&mut v).w()?;
+            }
+            DType::BF16 => {
+                let mut v = s.as_cuda_slice_mut::<half::bf16>()?.slice_mut(a..b);
+                stream.memset_zeros(&mut v).w()?;
+            }
+            d => candle_core::bail!("flat-grad-zero: f32 or bf16 only, not {d:?}"),
         }
         Ok(())
     }

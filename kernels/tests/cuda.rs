@@ -413,3 +413,109 @@ fn grouped_gemms_match_the_cpu() -> Result<()> {
     }
     Ok(())
 }
+
+/// Rank `r`'s buffer in the collective tests: `(i + 1) · (r + 1)` at position `i`.
+fn rank_values(r: usize, n: usize, dev: &Device) -> Result<Tensor> {
+    Ok((Tensor::arange(1f32, n as f32 + 1., dev)? * (r as f64 + 1.))?)
+}
+
+/// What a sum over `world` ranks of [`rank_values`] gives at `i`, in `dtype` (each rank's
+/// value rounded to `dtype` first, the sum rounded once more).
+fn summed(world: usize, i: usize, dtype: DType) -> Result<f32> {
+    let round = |x: f32| -> Result<f32> {
+        Ok(Tensor::new(&[x], &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?[0])
+    };
+    let mut s = 0f32;
+    for r in 0..world {
+        s += round((i as f32 + 1.) * (r as f32 + 1.))?;
+    }
+    round(s)
+}
+
+#[test]
+fn collectives_on_gpu_tensors_write_in_place() -> Result<()> {
+    use moe_peft_kernels::comm::{Communicator, ThreadGroup};
+    let Some(dev) = gpu() else { return Ok(()) };
+    let world = 3;
+    let (n, off, len) = (1000usize, 7usize, 501usize);
+    let outs = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadGroup::new(world)?
+            .into_iter()
+            .map(|c| {
+                let dev = dev.clone();
+                s.spawn(move || -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+                    let r = c.rank();
+                    // A view at an odd offset of a larger buffer: only the view changes.
+                    let full = rank_values(r, n, &dev)?;
+                    c.all_reduce_sum(&full.narrow(0, off, len)?)?;
+                    let half = rank_values(r, 64, &dev)?.to_dtype(DType::BF16)?;
+                    c.all_reduce_sum(&half.narrow(0, 3, 50)?)?;
+                    let b = rank_values(r, 33, &dev)?;
+                    c.broadcast(&b, 2)?;
+                    let f = |t: &Tensor| -> Result<Vec<f32>> {
+                        Ok(t.to_dtype(DType::F32)?.to_vec1::<f32>()?)
+                    };
+                    Ok((f(&full)?, f(&half)?, f(&b)?))
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().expect("a rank panicked"))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    for (r, (full, half, b)) in outs.iter().enumerate() {
+        for (i, v) in full.iter().enumerate() {
+            let want = if (off..off + len).contains(&i) {
+                summed(world, i, DType::F32)?
+            } else {
+                (i as f32 + 1.) * (r as f32 + 1.)
+            };
+            assert_eq!(*v, want, "rank {r} f32 [{i}]");
+        }
+        for (i, v) in half.iter().enumerate() {
+            let want = if (3..53).contains(&i) {
+                summed(world, i, DType::BF16)?
+            } else {
+                summed(1, i, DType::BF16)? * (r as f32 + 1.)
+            };
+            assert_eq!(*v, want, "rank {r} bf16 [{i}]");
+        }
+        for (i, v) in b.iter().enumerate() {
+            assert_eq!(*v, (i as f32 + 1.) * 3., "rank {r} broadcast [{i}]");
+        }
+    }
+    Ok(())
+}
+
+/// A gradient buffer of more than 2³² elements (a 16B model's, in bf16): gradients added past
+/// element 2³², the norm over all of it, and zeroing all of it (candle's fill kernel counts
+/// with 32 bits and never returns on such a buffer; the script's per-test timeout ends it).
+#[test]
+fn flat_gradients_beyond_two_to_the_32_elements() -> Result<()> {
+    use moe_peft_kernels::FlatGrads;
+    let Some(dev) = gpu() else { return Ok(()) };
+    let big = (1usize << 31) + 5;
+    let mk =
+        |n: usize| -> Result<Var> { Ok(Var::from_tensor(&Tensor::zeros(n, DType::U8, &dev)?)?) };
+    let vars = vec![
+        ("a".to_string(), mk(big)?),
+        ("b".to_string(), mk(big)?),
+        ("c".to_string(), mk(1000)?),
+    ];
+    let f = FlatGrads::new(&vars, DType::BF16)?;
+    assert!(f.offsets()[2] > 1 << 32);
+    let g = (Tensor::ones(1000, DType::BF16, &dev)? * 3.)?;
+    f.add(vars[2].1.as_tensor().id(), &g)?;
+    assert_eq!(
+        f.view(2)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        vec![3f32; 1000]
+    );
+    assert!((f.norm()? - (9000f64).sqrt()).abs() < 1e-9);
+    f.zero()?;
+    assert_eq!(f.norm()?, 0.0);
+    assert!(f.to_vec()?.iter().all(|g| g.is_none()));
+    Ok(())
+}

@@ -201,38 +201,6 @@ impl BlockStore {
         }
     }
 
-    /// A host copy of the state.
-    fn to_host(&self) -> Result<HostState> {
-        match self {
-            BlockStore::Host(h) => Ok(h.clone()),
-            #[cfg(feature = "cuda")]
-            BlockStore::Device(t) => Ok(HostState {
-                codes1: t[0].to_vec1::<u8>()?,
-                codes2: t[1].to_vec1::<u8>()?,
-                absmax1: t[2].to_vec1::<f32>()?,
-                absmax2: t[3].to_vec1::<f32>()?,
-                m32: t[4].to_vec1::<f32>()?,
-                v32: t[5].to_vec1::<f32>()?,
-            }),
-            #[cfg(feature = "cuda")]
-            BlockStore::Mapped(m) => {
-                let f = |b: &[u8]| -> Vec<f32> {
-                    b.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect()
-                };
-                Ok(HostState {
-                    codes1: m[0].bytes()?.to_vec(),
-                    codes2: m[1].bytes()?.to_vec(),
-                    absmax1: f(m[2].bytes()?),
-                    absmax2: f(m[3].bytes()?),
-                    m32: f(m[4].bytes()?),
-                    v32: f(m[5].bytes()?),
-                })
-            }
-        }
-    }
-
     /// Bytes of device memory the state takes.
     fn device_bytes(&self) -> usize {
         match self {
@@ -576,13 +544,7 @@ impl AdamW {
                 layout,
                 maps,
                 store,
-            } => match store {
-                // Host state is written as it is; device or mapped state through a host copy.
-                BlockStore::Host(h) => self.save_blockwise(path, layout, maps, h),
-                // Device and mapped state exist only with the `cuda` feature.
-                #[allow(unreachable_patterns)]
-                other => self.save_blockwise(path, layout, maps, &other.to_host()?),
-            },
+            } => self.save_blockwise(path, layout, maps, store),
         }
     }
 
@@ -612,7 +574,7 @@ impl AdamW {
         path: &Path,
         layout: &BlockwiseLayout,
         maps: &Maps,
-        h: &HostState,
+        store: &BlockStore,
     ) -> Result<()> {
         let q: Vec<usize> = (0..self.vars.len())
             .filter(|&i| layout.eight_bit[i])
@@ -657,12 +619,35 @@ impl AdamW {
         let mut w = SafetensorsWriter::create(path, specs, None)?;
         let le = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
         // Each buffer holds its variables in order, so writing it whole follows the specs.
-        w.write_bytes(&h.codes1)?;
-        w.write_bytes(&h.codes2)?;
-        w.write_bytes(&le(&h.absmax1))?;
-        w.write_bytes(&le(&h.absmax2))?;
-        w.write_bytes(&le(&h.m32))?;
-        w.write_bytes(&le(&h.v32))?;
+        match store {
+            BlockStore::Host(h) => {
+                w.write_bytes(&h.codes1)?;
+                w.write_bytes(&h.codes2)?;
+                w.write_bytes(&le(&h.absmax1))?;
+                w.write_bytes(&le(&h.absmax2))?;
+                w.write_bytes(&le(&h.m32))?;
+                w.write_bytes(&le(&h.v32))?;
+            }
+            // Device buffers reach the host a chunk at a time (a 16B model's codes are 33 GB).
+            #[cfg(feature = "cuda")]
+            BlockStore::Device(ts) => {
+                for t in ts.iter() {
+                    let chunk = HOST_CHUNK_BYTES / t.dtype().size_in_bytes();
+                    for c in HostChunks::new(t, 0, t.elem_count(), chunk) {
+                        w.write_host(c?)?;
+                    }
+                }
+            }
+            // Mapped buffers are host memory already, in the file's byte order.
+            #[cfg(feature = "cuda")]
+            BlockStore::Mapped(m) => {
+                for b in m.iter() {
+                    for c in b.bytes()?.chunks(HOST_CHUNK_BYTES) {
+                        w.write_bytes(c)?;
+                    }
+                }
+            }
+        }
         w.write_bytes(&le(&maps.signed))?;
         w.write_bytes(&le(&maps.unsigned))?;
         w.write_bytes(&(self.step as u32).to_le_bytes())?;

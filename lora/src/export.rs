@@ -85,6 +85,54 @@ impl LoraModel {
         }
     }
 
+    /// Puts into `dir` what [`Self::save_trainable`] wrote into `checkpoint` (a checkpoint of
+    /// this model's current state): hard links where both are on one file system, else
+    /// copies. A final save right after a checkpoint of the same step then costs no second
+    /// write of the weights. Model files of another shard count in `dir` are removed first.
+    pub fn link_trainable(&self, checkpoint: &Path, dir: &Path) -> Result<()> {
+        let wanted = |n: &str| match self.mode() {
+            TrainMode::Lora => n == ADAPTER_WEIGHTS || n == ADAPTER_CONFIG,
+            TrainMode::Full => {
+                (n.starts_with("model") && n.contains(".safetensors")) || n == "config.json"
+            }
+        };
+        let mut files: Vec<String> = std::fs::read_dir(checkpoint)
+            .map_err(|e| Error::io(checkpoint, e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .filter(|n| wanted(n))
+            .collect();
+        files.sort();
+        let complete = match self.mode() {
+            TrainMode::Lora => files.len() == 2,
+            TrainMode::Full => {
+                files.iter().any(|n| n == "config.json") && files.iter().any(|n| n != "config.json")
+            }
+        };
+        if !complete {
+            return Err(Error::Checkpoint {
+                path: checkpoint.display().to_string(),
+                reason: "holds no saved adapter or model to take the final files from".into(),
+            });
+        }
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        if self.mode() == TrainMode::Full {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for e in entries.flatten() {
+                    let n = e.file_name().to_string_lossy().to_string();
+                    if n.starts_with("model") && n.contains(".safetensors") && !files.contains(&n) {
+                        std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+                    }
+                }
+            }
+        }
+        for n in &files {
+            let (src, dst) = (checkpoint.join(n), dir.join(n));
+            moe_peft_model::io::link_or_copy_file(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+        }
+        Ok(())
+    }
+
     /// Restores what [`Self::save_trainable`] wrote.
     pub fn load_trainable(&mut self, dir: &Path) -> Result<()> {
         match self.mode() {

@@ -175,3 +175,71 @@ fn a_sharded_full_checkpoint_loads_back_in_each_weights_dtype() -> Result<()> {
     again.load_trainable(dir.path())?;
     common::assert_same_vars(&lm.trainable_vars(), &again.trainable_vars())
 }
+
+#[test]
+fn the_final_save_links_the_last_checkpoints_files() -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir()?;
+    let (out, direct) = (tmp.path().join("out"), tmp.path().join("direct"));
+    let lm = || Ok(LoraModel::full_finetune_in(base()?, 3, DType::BF16)?);
+    let lora = || {
+        let cfg = moe_peft_lora::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            ..moe_peft_lora::LoraConfig::deepseek_recipe()
+        };
+        Ok(LoraModel::new(base()?, cfg, 3)?)
+    };
+    for (what, make) in [
+        ("full", &lm as &dyn Fn() -> Result<LoraModel>),
+        ("lora", &lora),
+    ] {
+        let mut t = Trainer::new(make()?, train_cfg(2, Optim::Adamw8bit, 1e-3))?;
+        for s in 0..2 {
+            t.step(&[common::counting_batch(s)?])?;
+        }
+        let ck = t.save_checkpoint(&out, serde_json::json!({}), None)?;
+        // A model of another shard count written here before must not stay beside this one.
+        if what == "full" {
+            std::fs::write(out.join("model-00001-of-00002.safetensors"), b"stale")?;
+        }
+        let lm = t.into_lora();
+        lm.link_trainable(&ck, &out)?;
+        lm.save_trainable(&direct)?;
+        let names = |d: &std::path::Path| -> Result<Vec<String>> {
+            let mut v: Vec<String> = std::fs::read_dir(d)?
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .filter(|n| !n.starts_with("checkpoint-"))
+                .collect();
+            v.sort();
+            Ok(v)
+        };
+        assert_eq!(names(&out)?, names(&direct)?, "{what}");
+        for n in names(&direct)? {
+            assert_eq!(
+                std::fs::read(out.join(&n))?,
+                std::fs::read(direct.join(&n))?,
+                "{what}: {n}"
+            );
+            // The weights are the checkpoint's own file, not a second copy.
+            assert_eq!(
+                std::fs::metadata(out.join(&n))?.ino(),
+                std::fs::metadata(ck.join(&n))?.ino(),
+                "{what}: {n}"
+            );
+        }
+        let mut again = make()?;
+        again.load_trainable(&out)?;
+        common::assert_same_vars(&lm.trainable_vars(), &again.trainable_vars())?;
+        std::fs::remove_dir_all(&out)?;
+        std::fs::remove_dir_all(&direct)?;
+    }
+    // A directory without saved weights is named in the error.
+    let e = lm()?
+        .link_trainable(tmp.path(), &out)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(&tmp.path().display().to_string()), "{e}");
+    Ok(())
+}

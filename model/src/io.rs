@@ -144,6 +144,23 @@ pub fn copy_file(src: &Path, dst: &Path) -> std::io::Result<()> {
     std::fs::rename(&tmp, dst)
 }
 
+/// Puts `src`'s contents at `dst` (replacing it atomically): a hard link where both are on one
+/// file system, else a copy. Files written here are only ever replaced by a rename, never
+/// rewritten in place, so a linked file keeps its contents.
+pub fn link_or_copy_file(src: &Path, dst: &Path) -> std::io::Result<()> {
+    if same_path(src, dst) {
+        return Ok(());
+    }
+    let tmp = tmp_path(dst);
+    if tmp.exists() {
+        std::fs::remove_file(&tmp)?;
+    }
+    if std::fs::hard_link(src, &tmp).is_err() {
+        std::fs::copy(src, &tmp)?;
+    }
+    std::fs::rename(&tmp, dst)
+}
+
 /// Pieces that may wait for the write thread.
 pub const WRITE_QUEUE: usize = 2;
 
