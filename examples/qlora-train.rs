@@ -208,6 +208,11 @@ struct Args {
     /// Run on the CPU even when a GPU is available.
     #[arg(long = "cpu", default_value_t = false)]
     cpu: bool,
+    /// In a group of several GPUs, each rank keeps the optimizer state of its share of the
+    /// trained weights only (ZeRO stage 1: the state's memory divided by the group size),
+    /// updates those, and broadcasts them. 8-bit optimizers only; default: on with one.
+    #[arg(long = "shard_optimizer_state", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
+    shard_optimizer_state: Option<bool>,
     /// Accepted for compatibility; DeepSpeed is not used.
     #[arg(long = "deepspeed")]
     deepspeed: Option<String>,
@@ -662,21 +667,6 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         println!("qlora-train: rank {rank} of {world}");
     }
     println!("qlora-train: device {}", common::device_name(&device));
-    if let Some(d) = &args.deepspeed {
-        // The ZeRO stage the config asks for, if the file is there to read.
-        let stage = std::fs::read_to_string(d)
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .and_then(|v| v["zero_optimization"]["stage"].as_u64())
-            .map_or("its ZeRO stage unread".to_string(), |s| {
-                format!("ZeRO stage {s}")
-            });
-        println!(
-            "note: --deepspeed {d} ({stage}) accepted and mapped to data parallelism over {world} \
-             rank(s) in which every rank holds the whole optimizer state (stage 0); DeepSpeed \
-             itself is not used"
-        );
-    }
     if let Some(s) = &args.evaluation_strategy {
         println!(
             "note: --evaluation_strategy {s} accepted and ignored (no evaluation during training)"
@@ -698,6 +688,33 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             ),
         },
     };
+    let shard_state = match args.shard_optimizer_state {
+        Some(true) if !optim.is_8bit() => bail!(
+            "--shard_optimizer_state True needs --optim adamw_8bit or paged_adamw_8bit (not {})",
+            args.optim
+        ),
+        Some(s) => s,
+        None => optim.is_8bit(),
+    } && world > 1;
+    if let Some(d) = &args.deepspeed {
+        // The ZeRO stage the config asks for, if the file is there to read.
+        let stage = std::fs::read_to_string(d)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["zero_optimization"]["stage"].as_u64())
+            .map_or("its ZeRO stage unread".to_string(), |s| {
+                format!("ZeRO stage {s}")
+            });
+        println!(
+            "note: --deepspeed {d} ({stage}) accepted and mapped to data parallelism over {world} \
+             rank(s) {}; DeepSpeed itself is not used",
+            if shard_state {
+                "with the optimizer state sharded over the ranks (stage 1)"
+            } else {
+                "in which every rank holds the whole optimizer state (stage 0)"
+            }
+        );
+    }
     let adapter_dtype = match args.adapter_dtype.as_str() {
         "float32" | "fp32" | "f32" => DType::F32,
         "bfloat16" | "bf16" => DType::BF16,
@@ -1143,7 +1160,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     let mut trainer = match &resume {
         Some(dir) => {
             println!("resuming from {}", dir.display());
-            let (t, extra) = Trainer::resume(lora, tcfg, dir)?;
+            let (t, extra) = Trainer::resume_in_group(lora, tcfg, dir, comm.clone(), shard_state)?;
             let then = extra
                 .get("world_size")
                 .and_then(|v| v.as_u64())
@@ -1163,9 +1180,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             }
             t
         }
-        None => Trainer::new(lora, tcfg)?,
+        None => Trainer::new_in_group(lora, tcfg, comm.clone(), shard_state)?,
     };
-    trainer.set_communicator(comm.clone());
     if world > 1 {
         // Every rank resumed the same step.
         let mut v = [trainer.global_step() as f64];
@@ -1318,6 +1334,11 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             trainer.communicator().all_reduce_host(&mut v)?;
             stop = v[0] > 0.0;
         }
+        // With sharded optimizer state every rank writes its share (rank 0 the rest).
+        if !lead && shard_state && (save_now || stop) {
+            trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+            last_saved = m.step;
+        }
         if lead && (save_now || stop) {
             let t = Instant::now();
             let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
@@ -1349,6 +1370,9 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
     }
     bar.finish();
+    if !lead && shard_state && last_saved != trainer.global_step() && save_strategy != "no" {
+        trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+    }
     if !lead {
         // The other ranks are done: rank 0 writes the model.
         let _ = std::fs::remove_dir_all(&wout);

@@ -341,6 +341,9 @@ pub fn adam8bit_update_host(
     let gbuf = grads.buffer().to_dtype(DType::F32)?.to_vec1::<f32>()?;
     for (t, var) in vars.iter().enumerate() {
         let n = layout.lens[t];
+        if n == 0 {
+            continue;
+        }
         let goff = grads.offsets()[t];
         let g = &gbuf[goff..goff + n];
         let dtype = var.dtype();
@@ -393,7 +396,15 @@ pub fn adam8bit_update_host(
 }
 
 fn check_vars(vars: &[Var], grads: &FlatGrads, layout: &BlockwiseLayout) -> Result<()> {
-    if grads.lens() != layout.lens.as_slice() || vars.len() != layout.lens.len() {
+    // A variable of length 0 in the layout is another rank's (its state is sharded away).
+    let fits = grads.lens().len() == layout.lens.len()
+        && vars.len() == layout.lens.len()
+        && grads
+            .lens()
+            .iter()
+            .zip(&layout.lens)
+            .all(|(&g, &l)| l == g || l == 0);
+    if !fits {
         return Err(Error::InvalidInput(format!(
             "a gradient buffer of {} variables for an 8-bit optimizer of {}",
             grads.lens().len(),

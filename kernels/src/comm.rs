@@ -286,9 +286,64 @@ pub fn buckets(lens: &[usize], max_elems: usize) -> Vec<Range<usize>> {
     out
 }
 
+/// The rank that owns each variable when `world` ranks split the optimizer state of variables
+/// of `lens` elements: consecutive runs of variables, a variable going to the rank whose equal
+/// share of all elements holds its midpoint (so each rank's load is its share give or take
+/// half of one variable at either end). Non-decreasing in the variable index.
+pub fn owners(lens: &[usize], world: usize) -> Vec<usize> {
+    let world = world.max(1);
+    let total: u128 = lens.iter().map(|&n| n as u128).sum();
+    let mut start = 0u128;
+    lens.iter()
+        .map(|&n| {
+            let mid2 = 2 * start + n as u128;
+            start += n as u128;
+            if total == 0 {
+                return 0;
+            }
+            ((mid2 * world as u128) / (2 * total)).min(world as u128 - 1) as usize
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn owners_split_elements_evenly_in_runs() {
+        // Equal variables split exactly.
+        assert_eq!(owners(&[5; 8], 4), vec![0, 0, 1, 1, 2, 2, 3, 3]);
+        assert_eq!(owners(&[5; 3], 1), vec![0, 0, 0]);
+        // More ranks than variables: some own nothing.
+        assert_eq!(owners(&[7, 7], 4), vec![1, 3]);
+        assert_eq!(owners(&[], 3), Vec::<usize>::new());
+        assert_eq!(owners(&[0, 0], 2), vec![0, 0]);
+        // Uneven sizes, as in a model (embeddings, then many small weights): each rank's load
+        // is its share within one variable, and the runs are consecutive.
+        let mut lens = vec![1000usize];
+        lens.extend((0..300).map(|i| 10 + (i * 37) % 90));
+        lens.push(1000);
+        for world in [2, 3, 4, 8] {
+            let o = owners(&lens, world);
+            assert!(o.windows(2).all(|w| w[0] <= w[1]), "runs");
+            assert!(o.iter().all(|&r| r < world));
+            let total: usize = lens.iter().sum();
+            let biggest = *lens.iter().max().unwrap();
+            for r in 0..world {
+                let load: usize = lens
+                    .iter()
+                    .zip(&o)
+                    .filter(|(_, &x)| x == r)
+                    .map(|(n, _)| n)
+                    .sum();
+                assert!(
+                    load.abs_diff(total / world) <= biggest,
+                    "world {world} rank {r}: {load}"
+                );
+            }
+        }
+    }
     use candle_core::Device;
 
     #[test]

@@ -125,6 +125,8 @@ pub struct AdamW {
     vars: Vec<Var>,
     moments: Moments,
     offsets: Vec<usize>,
+    /// Variables whose state this optimizer holds (all, unless sharded over ranks).
+    owned: Vec<bool>,
     step: usize,
 }
 
@@ -261,6 +263,33 @@ impl AdamW {
     /// Zero moments for `vars` (f32, bf16 with `cfg.bf16_moments`, or 8-bit with an 8-bit
     /// `cfg.optim`).
     pub fn new(vars: Vec<(String, Var)>, cfg: AdamWConfig) -> Result<Self> {
+        let all = vec![true; vars.len()];
+        Self::new_sharded(vars, cfg, all)
+    }
+
+    /// Like [`Self::new`], but holding state only for the variables with `owned[i]` set (this
+    /// rank's share of a data-parallel group's optimizer state, as ZeRO stage 1 splits it):
+    /// [`Self::step_flat`] updates those alone, and [`Self::save`] writes their state alone.
+    /// Only the 8-bit optimizers shard (their kernels skip a variable with no state).
+    pub fn new_sharded(
+        vars: Vec<(String, Var)>,
+        cfg: AdamWConfig,
+        owned: Vec<bool>,
+    ) -> Result<Self> {
+        if owned.len() != vars.len() {
+            return Err(Error::InvalidTrainConfig(format!(
+                "{} ownership flags for {} variables",
+                owned.len(),
+                vars.len()
+            )));
+        }
+        if owned.iter().any(|o| !o) && !cfg.optim.is_8bit() {
+            return Err(Error::InvalidTrainConfig(format!(
+                "sharded optimizer state needs an 8-bit optimizer (adamw_8bit or \
+                 paged_adamw_8bit), not {}",
+                cfg.optim.name()
+            )));
+        }
         let mut names = Vec::with_capacity(vars.len());
         let mut vs = Vec::with_capacity(vars.len());
         let mut offsets = Vec::with_capacity(vars.len());
@@ -286,7 +315,12 @@ impl AdamW {
                     cfg.optim.name()
                 )));
             }
-            let lens: Vec<usize> = vs.iter().map(|v| v.elem_count()).collect();
+            // Another rank's variable takes no state (length 0 in the layout).
+            let lens: Vec<usize> = vs
+                .iter()
+                .zip(&owned)
+                .map(|(v, &o)| if o { v.elem_count() } else { 0 })
+                .collect();
             let layout = BlockwiseLayout::new(&lens, cfg.min_8bit_size);
             let store = BlockStore::place(
                 HostState::zeros(&layout),
@@ -319,8 +353,14 @@ impl AdamW {
             vars: vs,
             moments,
             offsets,
+            owned,
             step: 0,
         })
+    }
+
+    /// Which variables this optimizer holds state for and updates (all unless sharded).
+    pub fn owned(&self) -> &[bool] {
+        &self.owned
     }
 
     /// Steps taken.
@@ -577,10 +617,10 @@ impl AdamW {
         store: &BlockStore,
     ) -> Result<()> {
         let q: Vec<usize> = (0..self.vars.len())
-            .filter(|&i| layout.eight_bit[i])
+            .filter(|&i| self.owned[i] && layout.eight_bit[i])
             .collect();
         let f: Vec<usize> = (0..self.vars.len())
-            .filter(|&i| !layout.eight_bit[i])
+            .filter(|&i| self.owned[i] && !layout.eight_bit[i])
             .collect();
         let mut specs = Vec::new();
         for suffix in ["state1", "state2"] {
@@ -659,8 +699,22 @@ impl AdamW {
     /// variable must be present with its shape, and the kind of state (dense or 8-bit) must be
     /// this optimizer's.
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let ck = Checkpoint::open_files(&[path.to_path_buf()])?;
-        let file = path.display().to_string();
+        self.load_files(&[path.to_path_buf()])
+    }
+
+    /// [`Self::load`] from the state split over several files (the shards a group with
+    /// sharded state wrote, one per rank): each variable's state is taken from the file that
+    /// holds it, so a run of any group size resumes from them.
+    pub fn load_files(&mut self, paths: &[std::path::PathBuf]) -> Result<()> {
+        let ck = Checkpoint::open_files(paths)?;
+        let file = match paths {
+            [one] => one.display().to_string(),
+            _ => paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        };
         let eight = ck.entry("__qmap1__").is_some();
         if eight != self.cfg.optim.is_8bit() {
             return Err(Error::Checkpoint {
@@ -719,6 +773,9 @@ impl AdamW {
                 .flatten_all()?)
         };
         for (i, (n, v)) in self.names.iter().zip(&self.vars).enumerate() {
+            if !self.owned[i] {
+                continue;
+            }
             let so = layout.state_offsets[i];
             let len = layout.lens[i];
             if layout.eight_bit[i] {

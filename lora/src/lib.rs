@@ -39,6 +39,7 @@ pub use layer::{DropoutState, LoraLinear, TrainableLinear};
 pub use merge::{merge_checkpoint, MergeOptions, MergeReport};
 pub use schedule::Schedule;
 pub use train::{
-    latest_checkpoint, list_checkpoints, MicroGrads, PhaseTimes, StepMetrics, TrainBatch,
-    TrainConfig, Trainer, TrainerState, OPTIMIZER_STATE, TRAINER_STATE,
+    latest_checkpoint, list_checkpoints, optimizer_files, optimizer_shard_name, MicroGrads,
+    PhaseTimes, StepMetrics, TrainBatch, TrainConfig, Trainer, TrainerState, OPTIMIZER_STATE,
+    TRAINER_STATE,
 };

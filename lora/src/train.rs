@@ -363,6 +363,39 @@ pub const TRAINER_STATE: &str = "trainer_state.json";
 /// File of the optimizer moments in a checkpoint.
 pub const OPTIMIZER_STATE: &str = "optimizer.safetensors";
 
+/// File of rank `rank`'s share of a sharded optimizer state in a checkpoint of a group of
+/// `world`: `optimizer-00001-of-00002.safetensors`, numbered from 1 like model shards.
+pub fn optimizer_shard_name(rank: usize, world: usize) -> String {
+    format!("optimizer-{:05}-of-{world:05}.safetensors", rank + 1)
+}
+
+/// The optimizer state files of checkpoint `dir`: [`OPTIMIZER_STATE`], or else every rank's
+/// shard.
+pub fn optimizer_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let whole = dir.join(OPTIMIZER_STATE);
+    if whole.exists() {
+        return Ok(vec![whole]);
+    }
+    let mut shards: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("optimizer-") && n.ends_with(".safetensors"))
+        })
+        .collect();
+    shards.sort();
+    if shards.is_empty() {
+        return Err(Error::Checkpoint {
+            path: dir.display().to_string(),
+            reason: format!("holds no {OPTIMIZER_STATE} and no optimizer shards"),
+        });
+    }
+    Ok(shards)
+}
+
 /// Trains a [`LoraModel`].
 #[derive(Debug)]
 pub struct Trainer {
@@ -375,14 +408,42 @@ pub struct Trainer {
     global_step: usize,
     micro_step: u64,
     comm: Arc<dyn Communicator>,
+    /// The rank owning each variable's optimizer state, when it is sharded over the group.
+    owners: Option<Vec<usize>>,
 }
 
 impl Trainer {
     /// A trainer with fresh optimizer state.
     pub fn new(lora: LoraModel, cfg: TrainConfig) -> Result<Self> {
+        Self::new_in_group(lora, cfg, Arc::new(SingleProcess), false)
+    }
+
+    /// A trainer that is one rank of `comm`'s group from the start (see
+    /// [`Self::set_communicator`]). With `shard_state` in a group of several, each rank holds
+    /// the optimizer state of its share of the variables only
+    /// ([`moe_peft_kernels::comm::owners`]: runs of consecutive variables, equal shares of
+    /// elements; ZeRO stage 1): a step sums the gradients as before, each rank updates the
+    /// variables it owns, and each variable is then broadcast from its owner, so that every
+    /// rank holds the same weights, the ones a single process would compute. 8-bit optimizers
+    /// only.
+    pub fn new_in_group(
+        lora: LoraModel,
+        cfg: TrainConfig,
+        comm: Arc<dyn Communicator>,
+        shard_state: bool,
+    ) -> Result<Self> {
         cfg.validate()?;
         let vars = lora.trainable_vars();
-        let opt = AdamW::new(
+        let world = comm.world_size();
+        let owners = (shard_state && world > 1).then(|| {
+            let lens: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
+            moe_peft_kernels::comm::owners(&lens, world)
+        });
+        let owned = match &owners {
+            Some(o) => o.iter().map(|&r| r == comm.rank()).collect(),
+            None => vec![true; vars.len()],
+        };
+        let opt = AdamW::new_sharded(
             vars.clone(),
             AdamWConfig {
                 beta1: cfg.adam_beta1,
@@ -394,6 +455,7 @@ impl Trainer {
                 seed: cfg.seed,
                 min_8bit_size: cfg.min_8bit_size,
             },
+            owned,
         )?;
         let grads = Arc::new(FlatGrads::new(
             &vars,
@@ -413,8 +475,14 @@ impl Trainer {
             vars,
             global_step: 0,
             micro_step: 0,
-            comm: Arc::new(SingleProcess),
+            comm,
+            owners,
         })
+    }
+
+    /// Whether the optimizer state is sharded over the group (each rank holds its share).
+    pub fn shards_optimizer_state(&self) -> bool {
+        self.owners.is_some()
     }
 
     /// The model being trained.
@@ -431,6 +499,11 @@ impl Trainer {
     /// The configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
+    }
+
+    /// The optimizer (its state, and which variables it owns when sharded).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.opt
     }
 
     /// Trainable variables with their PEFT keys, in optimizer order.
@@ -628,8 +701,19 @@ impl Trainer {
     /// `(i·world + r)`-th of one process accumulating `world` times as many (the same dropout
     /// masks; the same result up to the order of the sums), except that the balancing losses
     /// enter with weight `1/world`, as when DDP or DeepSpeed average the ranks' gradients.
-    pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) {
+    ///
+    /// A trainer whose optimizer state is sharded keeps the group it was made with
+    /// ([`Self::new_in_group`]); giving it another is an error.
+    pub fn set_communicator(&mut self, comm: Arc<dyn Communicator>) -> Result<()> {
+        if self.owners.is_some() {
+            return Err(Error::InvalidTrainConfig(
+                "the optimizer state is sharded over the group this trainer was made with; \
+                 it cannot join another"
+                    .into(),
+            ));
+        }
         self.comm = comm;
+        Ok(())
     }
 
     /// The group this trainer is a rank of ([`SingleProcess`] unless set).
@@ -740,6 +824,12 @@ impl Trainer {
         let lr = self.cfg.lr_at(self.global_step);
         let clip = crate::clip::clip_coefficient(grad_norm, self.cfg.max_grad_norm);
         self.opt.step_flat(&self.grads, lr, clip)?;
+        if let Some(owners) = &self.owners {
+            // Each rank updated its own variables: every rank takes each from its owner.
+            for ((_, v), &r) in self.vars.iter().zip(owners) {
+                self.comm.broadcast(v.as_tensor(), r)?;
+            }
+        }
         self.lap(&mut t, 3)?;
         self.global_step += 1;
         let seconds = start.elapsed().as_secs_f64();
@@ -793,26 +883,71 @@ impl Trainer {
         limit: Option<usize>,
         before_commit: &dyn Fn(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
-        std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
         let name = format!("checkpoint-{}", self.global_step);
         let fin = output_dir.join(&name);
         let tmp = output_dir.join(format!(".{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        let (rank, world) = (self.comm.rank(), self.comm.world_size());
+        let sharded = self.owners.is_some();
+        // With sharded state every rank of the group calls this: rank 0 makes the directory
+        // and commits it, each rank writes its share of the optimizer state into it, and the
+        // ranks agree on each phase (a failure anywhere leaves earlier checkpoints untouched).
+        let agree = |failed: bool, what: &str| -> Result<()> {
+            if !sharded {
+                return Ok(());
+            }
+            let mut v = [if failed { 1.0 } else { 0.0 }];
+            self.comm.all_reduce_host(&mut v)?;
+            if v[0] > 0.0 && !failed {
+                return Err(Error::Checkpoint {
+                    path: tmp.display().to_string(),
+                    reason: format!("{} rank(s) of the group failed {what}", v[0] as usize),
+                });
+            }
+            Ok(())
+        };
+        // Without sharding the caller (a group's rank 0) writes everything.
+        let lead = !sharded || rank == 0;
+        let made = if lead {
+            (|| {
+                std::fs::create_dir_all(output_dir).map_err(|e| Error::io(output_dir, e))?;
+                if tmp.exists() {
+                    std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+                }
+                std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))
+            })()
+        } else {
+            Ok(())
+        };
+        agree(made.is_err(), "to make the checkpoint directory")?;
+        made?;
+        let state_file = if sharded {
+            tmp.join(optimizer_shard_name(rank, world))
+        } else {
+            tmp.join(OPTIMIZER_STATE)
+        };
+        if !lead {
+            let o = self.opt.save(&state_file);
+            agree(o.is_err(), "to write their optimizer state")?;
+            o?;
+            return Ok(fin);
         }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
         // The adapter and the optimizer state are written side by side: each file's device
         // transfers overlap the other's disk writes.
         let (lora, opt) = (&self.lora, &self.opt);
         let (a, o) = std::thread::scope(|s| {
             let adapter = s.spawn(|| lora.save_trainable(&tmp));
-            let moments = opt.save(&tmp.join(OPTIMIZER_STATE));
+            let moments = opt.save(&state_file);
             (adapter.join(), moments)
         });
-        a.map_err(|_| Error::Checkpoint {
+        let a = a.map_err(|_| Error::Checkpoint {
             path: tmp.display().to_string(),
             reason: "the adapter writer panicked".into(),
-        })??;
+        });
+        agree(
+            !matches!(a, Ok(Ok(()))) || o.is_err(),
+            "to write their optimizer state",
+        )?;
+        a??;
         o?;
         let state = TrainerState {
             global_step: self.global_step,
@@ -851,13 +986,25 @@ impl Trainer {
         cfg: TrainConfig,
         dir: &Path,
     ) -> Result<(Self, serde_json::Value)> {
+        Self::resume_in_group(lora, cfg, dir, Arc::new(SingleProcess), false)
+    }
+
+    /// [`Self::resume`] as one rank of `comm`'s group, as [`Self::new_in_group`] makes it:
+    /// the checkpoint's optimizer state may be whole or sharded by a group of any size.
+    pub fn resume_in_group(
+        lora: LoraModel,
+        cfg: TrainConfig,
+        dir: &Path,
+        comm: Arc<dyn Communicator>,
+        shard_state: bool,
+    ) -> Result<(Self, serde_json::Value)> {
         let p = dir.join(TRAINER_STATE);
         let text = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         let state: TrainerState = serde_json::from_str(&text).map_err(|e| Error::json(&p, e))?;
         let mut lora = lora;
         lora.load_trainable(dir)?;
-        let mut t = Self::new(lora, cfg)?;
-        t.opt.load(&dir.join(OPTIMIZER_STATE))?;
+        let mut t = Self::new_in_group(lora, cfg, comm, shard_state)?;
+        t.opt.load_files(&optimizer_files(dir)?)?;
         if t.opt.step_count() != state.global_step {
             return Err(Error::Checkpoint {
                 path: dir.display().to_string(),

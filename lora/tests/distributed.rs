@@ -105,7 +105,7 @@ fn run_group(
                 sc.spawn(move || -> Result<RankRun> {
                     let rank = g.rank();
                     let mut t = Trainer::new(lora()?, cfg())?;
-                    t.set_communicator(Arc::new(g));
+                    t.set_communicator(Arc::new(g))?;
                     let (mut losses, mut norms) = (Vec::new(), Vec::new());
                     for s in 0..steps {
                         let m = t.step(&micro(s, rank)?)?;
@@ -200,5 +200,131 @@ fn a_failing_rank_stops_every_rank_without_a_hang() -> Result<()> {
     assert!(e1.contains("500"), "{e1}");
     let e0 = out[0].as_ref().unwrap_err().to_string();
     assert!(e0.contains("other rank"), "{e0}");
+    Ok(())
+}
+
+/// Runs `f` on `world` ranks (threads of one group) and returns each rank's result.
+fn on_ranks<T: Send>(
+    world: usize,
+    f: &(dyn Fn(ThreadGroup) -> Result<T> + Sync),
+) -> Result<Vec<T>> {
+    let group = ThreadGroup::new(world)?;
+    std::thread::scope(|sc| {
+        let joins: Vec<_> = group.into_iter().map(|g| sc.spawn(move || f(g))).collect();
+        joins
+            .into_iter()
+            .map(|j| j.join().expect("rank thread"))
+            .collect()
+    })
+}
+
+/// Every weight trained in bf16 with 8-bit AdamW (stochastic rounding), the state of every
+/// variable of at least 64 elements in 8 bits.
+fn full_ft() -> Result<(LoraModel, TrainConfig)> {
+    let lm = LoraModel::full_finetune_in(common::tiny_base()?, 3, DType::BF16)?;
+    let cfg = TrainConfig {
+        optim: moe_peft_lora::Optim::Adamw8bit,
+        min_8bit_size: 64,
+        max_grad_norm: 1.0,
+        ..cfg()
+    };
+    Ok((lm, cfg))
+}
+
+/// The optimizer state a single process loads from checkpoint `dir` (whole or sharded),
+/// written whole again: the bytes of its `optimizer.safetensors`.
+fn whole_state(dir: &std::path::Path) -> Result<Vec<u8>> {
+    let (lm, cfg) = full_ft()?;
+    let (t, _) = Trainer::resume(lm, cfg, dir)?;
+    let out = tempfile::tempdir()?;
+    let ck = t.save_checkpoint(out.path(), serde_json::json!({}), None)?;
+    Ok(std::fs::read(ck.join(moe_peft_lora::OPTIMIZER_STATE))?)
+}
+
+#[test]
+fn sharded_optimizer_state_trains_alike_and_resumes_on_any_group_size() -> Result<()> {
+    let (steps, at) = (4usize, 2usize);
+    let dirs = [tempfile::tempdir()?, tempfile::tempdir()?];
+    // Two ranks with the whole state and two with half each: the same bits throughout.
+    let mut runs = Vec::new();
+    for (shard, dir) in [false, true].into_iter().zip(&dirs) {
+        let ranks = on_ranks(2, &|g| -> Result<(Vec<f64>, Vec<Vec<f32>>, Vec<bool>)> {
+            let r = g.rank();
+            let (lm, cfg) = full_ft()?;
+            let mut t = Trainer::new_in_group(lm, cfg, Arc::new(g), shard)?;
+            assert_eq!(t.shards_optimizer_state(), shard);
+            let mut losses = Vec::new();
+            for s in 0..steps {
+                losses.push(t.step(&[batch(s * 2 + r)?])?.loss);
+                // Sharded, every rank writes its share; else rank 0 writes it all.
+                if s + 1 == at && (shard || r == 0) {
+                    t.save_checkpoint(dir.path(), serde_json::json!({}), None)?;
+                }
+            }
+            Ok((losses, flat(&t)?, t.optimizer().owned().to_vec()))
+        })?;
+        assert_eq!(ranks[0].0, ranks[1].0);
+        assert_eq!(ranks[0].1, ranks[1].1, "the ranks' weights differ");
+        if shard {
+            // Each variable's state is on exactly one rank, and both ranks hold some.
+            let (o0, o1) = (&ranks[0].2, &ranks[1].2);
+            assert!(o0.iter().zip(o1).all(|(a, b)| a != b));
+            assert!(o0.iter().any(|&x| x) && o1.iter().any(|&x| x));
+        }
+        runs.push(ranks.into_iter().next().expect("rank 0"));
+    }
+    assert_eq!(runs[0].0, runs[1].0, "losses with sharded state");
+    assert_eq!(runs[0].1, runs[1].1, "weights with sharded state");
+    // The sharded checkpoint holds one state file per rank, and together they are the whole
+    // state: a single process loads the same from either checkpoint.
+    let ck = dirs[1].path().join(format!("checkpoint-{at}"));
+    let files = moe_peft_lora::optimizer_files(&ck)?;
+    let names: Vec<String> = files
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "optimizer-00001-of-00002.safetensors",
+            "optimizer-00002-of-00002.safetensors"
+        ]
+    );
+    let whole = whole_state(&dirs[0].path().join(format!("checkpoint-{at}")))?;
+    assert_eq!(whole_state(&ck)?, whole);
+    // Resumed by two sharded ranks: the uninterrupted run's losses, bit for bit.
+    let resumed = on_ranks(2, &|g| -> Result<Vec<f64>> {
+        let r = g.rank();
+        let (lm, cfg) = full_ft()?;
+        let (mut t, _) = Trainer::resume_in_group(lm, cfg, &ck, Arc::new(g), true)?;
+        (at..steps)
+            .map(|s| Ok(t.step(&[batch(s * 2 + r)?])?.loss))
+            .collect()
+    })?;
+    assert_eq!(resumed[0], runs[1].0[at..]);
+    // Resumed by three ranks (another split of the state) and saved again: still the same
+    // state.
+    let again = tempfile::tempdir()?;
+    on_ranks(3, &|g| -> Result<()> {
+        let (lm, cfg) = full_ft()?;
+        let (t, _) = Trainer::resume_in_group(lm, cfg, &ck, Arc::new(g), true)?;
+        t.save_checkpoint(again.path(), serde_json::json!({}), None)?;
+        Ok(())
+    })?;
+    let ck3 = again.path().join(format!("checkpoint-{at}"));
+    assert_eq!(moe_peft_lora::optimizer_files(&ck3)?.len(), 3);
+    assert_eq!(whole_state(&ck3)?, whole);
+    // Sharding needs an 8-bit optimizer.
+    let e = on_ranks(2, &|g| -> Result<String> {
+        let c = TrainConfig {
+            optim: moe_peft_lora::Optim::AdamwTorch,
+            ..cfg()
+        };
+        Ok(Trainer::new_in_group(lora()?, c, Arc::new(g), true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default())
+    })?;
+    assert!(e[0].contains("8-bit"), "{}", e[0]);
     Ok(())
 }
