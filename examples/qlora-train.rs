@@ -210,7 +210,9 @@ struct Args {
     cpu: bool,
     /// In a group of several GPUs, each rank keeps the optimizer state of its share of the
     /// trained weights only (ZeRO stage 1: the state's memory divided by the group size),
-    /// updates those, and broadcasts them. 8-bit optimizers only; default: on with one.
+    /// updates those, and broadcasts them. 8-bit optimizers only; default: on with one. Every
+    /// rank then writes its share of each checkpoint into --output_dir, which must be one
+    /// directory that all ranks see.
     #[arg(long = "shard_optimizer_state", value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true")]
     shard_optimizer_state: Option<bool>,
     /// Accepted for compatibility; DeepSpeed is not used.
@@ -1182,6 +1184,28 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
         None => Trainer::new_in_group(lora, tcfg, comm.clone(), shard_state)?,
     };
+    if lead && save_strategy != "no" {
+        // A checkpoint that cannot fit would fail at every save: say so before training.
+        let need = trainer.checkpoint_bytes();
+        if let Ok(free) = fs2::available_space(&out) {
+            if free < need {
+                bail!(
+                    "--output_dir {}: {:.2} GB free, but each checkpoint takes about {:.2} GB \
+                     (trained weights and optimizer state); free some space, choose another \
+                     --output_dir, or pass --save_strategy no (the final {} is then the only \
+                     save)",
+                    out.display(),
+                    free as f64 / 1e9,
+                    need as f64 / 1e9,
+                    if trainer.lora().mode() == moe_peft::lora::TrainMode::Lora {
+                        "adapter"
+                    } else {
+                        "model"
+                    }
+                );
+            }
+        }
+    }
     if world > 1 {
         // Every rank resumed the same step.
         let mut v = [trainer.global_step() as f64];
@@ -1242,6 +1266,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     let first_step_from = trainer.global_step();
     let mut steps_log: Vec<serde_json::Value> = Vec::new();
     let mut saves: Vec<serde_json::Value> = Vec::new();
+    // Checkpoints that could not be written (training went on).
+    let mut failed_saves: Vec<serde_json::Value> = Vec::new();
     let (mut real_total, mut padded_total) = (0usize, 0usize);
     println!(
         "ready to train after {:.1}s (host RSS {:.2} GB, peak {:.2} GB{})",
@@ -1334,33 +1360,62 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
             trainer.communicator().all_reduce_host(&mut v)?;
             stop = v[0] > 0.0;
         }
-        // With sharded optimizer state every rank writes its share (rank 0 the rest).
+        // With sharded optimizer state every rank writes its share (rank 0 the rest). A
+        // checkpoint that fails (a full disk, …) is reported and training goes on: the next
+        // save tries again, and the trained weights are not lost.
+        let mut failed_save: Option<String> = None;
         if !lead && shard_state && (save_now || stop) {
-            trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
-            last_saved = m.step;
+            match trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit) {
+                Ok(_) => last_saved = m.step,
+                Err(e) => failed_save = Some(e.to_string()),
+            }
         }
         if lead && (save_now || stop) {
             let t = Instant::now();
-            let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
-            let secs = t.elapsed().as_secs_f64();
-            let bytes = common::dir_bytes(&p);
-            last_saved = m.step;
-            last_checkpoint = Some(p.clone());
-            say(
-                &bar,
-                format!(
-                    "saved {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
-                    p.display(),
-                    bytes as f64 / 1e9,
-                    bytes as f64 / 1e9 / secs.max(1e-9)
-                ),
-            );
-            saves.push(serde_json::json!({"step": m.step, "seconds": secs, "bytes": bytes}));
+            match trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit) {
+                Ok(p) => {
+                    let secs = t.elapsed().as_secs_f64();
+                    let bytes = common::dir_bytes(&p);
+                    last_saved = m.step;
+                    last_checkpoint = Some(p.clone());
+                    say(
+                        &bar,
+                        format!(
+                            "saved {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
+                            p.display(),
+                            bytes as f64 / 1e9,
+                            bytes as f64 / 1e9 / secs.max(1e-9)
+                        ),
+                    );
+                    saves
+                        .push(serde_json::json!({"step": m.step, "seconds": secs, "bytes": bytes}));
+                }
+                Err(e) => {
+                    say(
+                        &bar,
+                        format!(
+                            "warning: the checkpoint of step {} failed: {e}; training goes on \
+                             and the next save tries again",
+                            m.step
+                        ),
+                    );
+                    failed_saves.push(serde_json::json!({"step": m.step, "error": e.to_string()}));
+                    failed_save = Some(e.to_string());
+                }
+            }
         }
         if stop {
             bar.abandon();
             if !lead {
                 let _ = std::fs::remove_dir_all(&wout);
+            }
+            if let Some(e) = failed_save {
+                bail!(
+                    "interrupted at step {}, but its checkpoint failed ({e}); the newest earlier \
+                     checkpoint in {} is where the same command resumes",
+                    m.step,
+                    out.display()
+                );
             }
             println!(
                 "interrupted at step {}: checkpoint saved; run the same command again to resume",
@@ -1371,7 +1426,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     }
     bar.finish();
     if !lead && shard_state && last_saved != trainer.global_step() && save_strategy != "no" {
-        trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
+        // A failure is rank 0's to report; the model is written either way.
+        let _ = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit);
     }
     if !lead {
         // The other ranks are done: rank 0 writes the model.
@@ -1380,29 +1436,58 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     }
     if last_saved != trainer.global_step() && save_strategy != "no" {
         let t = Instant::now();
-        let p = trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit)?;
-        last_saved = trainer.global_step();
-        last_checkpoint = Some(p.clone());
-        let secs = t.elapsed().as_secs_f64();
-        let bytes = common::dir_bytes(&p);
-        println!(
-            "saved {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
-            p.display(),
-            bytes as f64 / 1e9,
-            bytes as f64 / 1e9 / secs.max(1e-9)
-        );
-        saves.push(
-            serde_json::json!({"step": trainer.global_step(), "seconds": secs, "bytes": bytes}),
-        );
+        match trainer.save_checkpoint(&out, extra(&loader), args.save_total_limit) {
+            Ok(p) => {
+                last_saved = trainer.global_step();
+                last_checkpoint = Some(p.clone());
+                let secs = t.elapsed().as_secs_f64();
+                let bytes = common::dir_bytes(&p);
+                println!(
+                    "saved {} ({:.2} GB in {secs:.1}s, {:.2} GB/s)",
+                    p.display(),
+                    bytes as f64 / 1e9,
+                    bytes as f64 / 1e9 / secs.max(1e-9)
+                );
+                saves.push(serde_json::json!(
+                    {"step": trainer.global_step(), "seconds": secs, "bytes": bytes}
+                ));
+            }
+            Err(e) => {
+                // The final adapter or model below is still written.
+                println!(
+                    "warning: the checkpoint of step {} failed: {e}; the final {} is written \
+                     next",
+                    trainer.global_step(),
+                    if trainer.lora().mode() == moe_peft::lora::TrainMode::Lora {
+                        "adapter"
+                    } else {
+                        "model"
+                    }
+                );
+                failed_saves.push(
+                    serde_json::json!({"step": trainer.global_step(), "error": e.to_string()}),
+                );
+            }
+        }
     }
     let final_checkpoint = last_checkpoint.filter(|_| last_saved == trainer.global_step());
     let lora = trainer.into_lora();
     let t = Instant::now();
     // With a checkpoint of this very step, its files are the final ones: linked, not rewritten.
-    match &final_checkpoint {
-        Some(ck) => lora.link_trainable(ck, &out)?,
-        None => lora.save_trainable(&out)?,
-    }
+    let final_checkpoint = match &final_checkpoint {
+        Some(ck) => match lora.link_trainable(ck, &out) {
+            Ok(()) => final_checkpoint,
+            Err(e) => {
+                println!("note: linking the final files failed ({e}); writing them instead");
+                lora.save_trainable(&out)?;
+                None
+            }
+        },
+        None => {
+            lora.save_trainable(&out)?;
+            None
+        }
+    };
     {
         let secs = t.elapsed().as_secs_f64();
         // The adapter files, or the model's (one file or shards and their index).
@@ -1472,6 +1557,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     summary["load_s"] = serde_json::json!(load_seconds);
     summary["steps"] = serde_json::json!(steps_log);
     summary["saves"] = serde_json::json!(saves);
+    summary["failed_saves"] = serde_json::json!(failed_saves);
     summary["padding_fraction"] = serde_json::json!(padding);
     summary["steady_tokens_per_s"] = serde_json::json!(steady_tps);
     summary["peak_host_rss_bytes"] = serde_json::json!(common::peak_rss_bytes());

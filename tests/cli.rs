@@ -1376,6 +1376,39 @@ fn full_finetuning_with_bf16_weights_checkpoints_and_resumes() {
     assert_eq!(state["global_step"], 4, "{state}");
     assert!(out.join("checkpoint-4").join("model.safetensors").exists());
     assert!(out.join("config.json").exists() && out.join("model.safetensors").exists());
+    // The final model is the last checkpoint's file, linked rather than written again.
+    {
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: PathBuf| std::fs::metadata(p).unwrap().ino();
+        assert_eq!(
+            ino(out.join("model.safetensors")),
+            ino(out.join("checkpoint-4").join("model.safetensors"))
+        );
+        assert!(log.contains("linked to the files of"), "{log}");
+    }
+    // A checkpoint that cannot be written (here: a file where its temporary directory goes)
+    // is reported, and training goes on to the next save and the final model.
+    let out2 = tmp.path().join("out2");
+    std::fs::create_dir_all(&out2).unwrap();
+    std::fs::write(out2.join(".checkpoint-2.tmp"), b"in the way").unwrap();
+    let mut a = args(&["--max_steps", "4"]);
+    let at = a.iter().position(|x| x == s(&out)).unwrap();
+    a[at] = s(&out2).to_string();
+    let log = ok(
+        "qlora-train",
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    assert!(
+        log.contains("warning: the checkpoint of step 2 failed")
+            && log.contains(".checkpoint-2.tmp"),
+        "{log}"
+    );
+    assert!(!out2.join("checkpoint-2").exists());
+    assert!(out2
+        .join("checkpoint-4")
+        .join("trainer_state.json")
+        .exists());
+    assert!(out2.join("model.safetensors").exists());
 }
 
 /// Started as rank 0 of a group of one (torchrun's variables), a run writes the same adapter

@@ -561,6 +561,31 @@ impl AdamW {
     }
 
     /// The dtype of dense moments.
+    /// Bytes of tensor data [`Self::save`] writes for every variable (the whole state, also
+    /// when this optimizer holds a share of it), without the file's header.
+    pub fn state_file_bytes(&self) -> u64 {
+        let lens = self.vars.iter().map(|v| v.elem_count() as u64);
+        match &self.moments {
+            Moments::Dense { .. } => {
+                2 * lens.sum::<u64>() * self.moment_dtype().size_in_bytes() as u64 + 4
+            }
+            Moments::Blockwise { .. } => {
+                let block = moe_peft_kernels::adam8bit::BLOCK_SIZE as u64;
+                let min8 = self.cfg.min_8bit_size as u64;
+                lens.map(|n| {
+                    if n >= min8 {
+                        2 * n + 8 * n.div_ceil(block)
+                    } else {
+                        8 * n
+                    }
+                })
+                .sum::<u64>()
+                    + 2 * 256 * 4
+                    + 4
+            }
+        }
+    }
+
     fn moment_dtype(&self) -> DType {
         if self.cfg.bf16_moments {
             DType::BF16
@@ -706,6 +731,31 @@ impl AdamW {
     /// sharded state wrote, one per rank): each variable's state is taken from the file that
     /// holds it, so a run of any group size resumes from them.
     pub fn load_files(&mut self, paths: &[std::path::PathBuf]) -> Result<()> {
+        // Shards of one save: each records the same step.
+        if paths.len() > 1 {
+            let mut steps = Vec::with_capacity(paths.len());
+            for p in paths {
+                let one = Checkpoint::open_files(std::slice::from_ref(p))?;
+                let s = one
+                    .get_raw("__step__", &Device::Cpu)
+                    .and_then(|t| Ok(t.flatten_all()?.to_dtype(DType::U32)?.to_vec1::<u32>()?))
+                    .map_err(|_| Error::Checkpoint {
+                        path: p.display().to_string(),
+                        reason: "optimizer state lacks its step count".into(),
+                    })?;
+                steps.push((p, s.first().copied()));
+            }
+            if let Some((p, s)) = steps.iter().find(|(_, s)| *s != steps[0].1) {
+                return Err(Error::Checkpoint {
+                    path: p.display().to_string(),
+                    reason: format!(
+                        "step {s:?}, but {} has step {:?}: shards of different saves",
+                        steps[0].0.display(),
+                        steps[0].1
+                    ),
+                });
+            }
+        }
         let ck = Checkpoint::open_files(paths)?;
         let file = match paths {
             [one] => one.display().to_string(),
@@ -774,6 +824,39 @@ impl AdamW {
         };
         for (i, (n, v)) in self.names.iter().zip(&self.vars).enumerate() {
             if !self.owned[i] {
+                // Another rank's: only its presence is checked here (every rank then finds
+                // the same file complete or not).
+                let eight = v.elem_count() >= self.cfg.min_8bit_size;
+                let nb = v
+                    .elem_count()
+                    .div_ceil(moe_peft_kernels::adam8bit::BLOCK_SIZE);
+                let keys: Vec<(String, Vec<usize>)> = if eight {
+                    vec![
+                        (format!("{n}.state1"), v.dims().to_vec()),
+                        (format!("{n}.state2"), v.dims().to_vec()),
+                        (format!("{n}.absmax1"), vec![nb]),
+                        (format!("{n}.absmax2"), vec![nb]),
+                    ]
+                } else {
+                    vec![
+                        (format!("{n}.exp_avg"), v.dims().to_vec()),
+                        (format!("{n}.exp_avg_sq"), v.dims().to_vec()),
+                    ]
+                };
+                for (key, dims) in keys {
+                    let e = ck.entry(&key).ok_or_else(|| Error::Checkpoint {
+                        path: file.to_string(),
+                        reason: format!("optimizer state lacks `{key}`"),
+                    })?;
+                    if e.shape != dims {
+                        return Err(Error::ShapeMismatch {
+                            name: key,
+                            file: file.to_string(),
+                            expected: dims,
+                            got: e.shape.clone(),
+                        });
+                    }
+                }
                 continue;
             }
             let so = layout.state_offsets[i];

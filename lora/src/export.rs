@@ -128,7 +128,10 @@ impl LoraModel {
         }
         for n in &files {
             let (src, dst) = (checkpoint.join(n), dir.join(n));
-            moe_peft_model::io::link_or_copy_file(&src, &dst).map_err(|e| Error::io(&dst, e))?;
+            moe_peft_model::io::link_or_copy_file(&src, &dst).map_err(|e| Error::Checkpoint {
+                path: dst.display().to_string(),
+                reason: format!("linking or copying {}: {e}", src.display()),
+            })?;
         }
         Ok(())
     }

@@ -393,6 +393,41 @@ pub fn optimizer_files(dir: &Path) -> Result<Vec<PathBuf>> {
             reason: format!("holds no {OPTIMIZER_STATE} and no optimizer shards"),
         });
     }
+    // Exactly the shards of one group: optimizer-00001-of-0000N … optimizer-0000N-of-0000N.
+    let world = shards
+        .first()
+        .and_then(|p| {
+            p.file_name()?
+                .to_str()?
+                .split("-of-")
+                .nth(1)?
+                .split('.')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0usize);
+    let want: Vec<PathBuf> = (0..world)
+        .map(|r| dir.join(optimizer_shard_name(r, world)))
+        .collect();
+    if world == 0 || shards != want {
+        let missing: Vec<String> = want
+            .iter()
+            .filter(|p| !shards.contains(p))
+            .map(|p| p.display().to_string())
+            .collect();
+        return Err(Error::Checkpoint {
+            path: dir.display().to_string(),
+            reason: if missing.is_empty() {
+                format!(
+                    "its optimizer shards are not one group's set of {}",
+                    optimizer_shard_name(0, world.max(1))
+                )
+            } else {
+                format!("optimizer shard(s) missing: {}", missing.join(", "))
+            },
+        });
+    }
     Ok(shards)
 }
 
@@ -433,8 +468,15 @@ impl Trainer {
         shard_state: bool,
     ) -> Result<Self> {
         cfg.validate()?;
-        let vars = lora.trainable_vars();
         let world = comm.world_size();
+        if shard_state && world > 1 && !cfg.optim.is_8bit() {
+            return Err(Error::InvalidTrainConfig(format!(
+                "sharded optimizer state needs an 8-bit optimizer (adamw_8bit or \
+                 paged_adamw_8bit), not {}",
+                cfg.optim.name()
+            )));
+        }
+        let vars = lora.trainable_vars();
         let owners = (shard_state && world > 1).then(|| {
             let lens: Vec<usize> = vars.iter().map(|(_, v)| v.elem_count()).collect();
             moe_peft_kernels::comm::owners(&lens, world)
@@ -499,6 +541,25 @@ impl Trainer {
     /// The configuration.
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
+    }
+
+    /// About the bytes a checkpoint of this trainer takes (every rank's share together): the
+    /// trained weights as [`LoraModel::save_trainable`] writes them (adapters in f32, fully
+    /// trained weights in their own dtype) and the optimizer state, without the files'
+    /// headers and small JSON files.
+    pub fn checkpoint_bytes(&self) -> u64 {
+        let weights: u64 = self
+            .vars
+            .iter()
+            .map(|(_, v)| {
+                let size = match self.lora.mode() {
+                    crate::inject::TrainMode::Lora => 4,
+                    crate::inject::TrainMode::Full => v.dtype().size_in_bytes(),
+                };
+                (v.elem_count() * size) as u64
+            })
+            .sum();
+        weights + self.opt.state_file_bytes()
     }
 
     /// The optimizer (its state, and which variables it owns when sharded).
@@ -929,8 +990,14 @@ impl Trainer {
             let o = self.opt.save(&state_file);
             agree(o.is_err(), "to write their optimizer state")?;
             o?;
+            agree(false, "to commit the checkpoint")?;
             return Ok(fin);
         }
+        // A failed checkpoint leaves nothing behind (its space is needed for the next try).
+        let discard = |e: Error| -> Error {
+            let _ = std::fs::remove_dir_all(&tmp);
+            e
+        };
         // The adapter and the optimizer state are written side by side: each file's device
         // transfers overlap the other's disk writes.
         let (lora, opt) = (&self.lora, &self.opt);
@@ -939,43 +1006,48 @@ impl Trainer {
             let moments = opt.save(&state_file);
             (adapter.join(), moments)
         });
-        let a = a.map_err(|_| Error::Checkpoint {
-            path: tmp.display().to_string(),
-            reason: "the adapter writer panicked".into(),
-        });
-        agree(
-            !matches!(a, Ok(Ok(()))) || o.is_err(),
-            "to write their optimizer state",
-        )?;
-        a??;
-        o?;
-        let state = TrainerState {
-            global_step: self.global_step,
-            micro_step: self.micro_step,
-            config: self.cfg.clone(),
-            extra,
-        };
-        let p = tmp.join(TRAINER_STATE);
-        let text = serde_json::to_string_pretty(&state).map_err(|e| Error::json(&p, e))?;
-        write_atomic(&p, text.as_bytes())?;
-        before_commit(&tmp)?;
-        if fin.exists() {
-            let old = output_dir.join(format!(".{name}.old"));
-            if old.exists() {
+        let wrote = a
+            .map_err(|_| Error::Checkpoint {
+                path: tmp.display().to_string(),
+                reason: "the adapter writer panicked".into(),
+            })
+            .and_then(|r| r)
+            .and(o);
+        agree(wrote.is_err(), "to write their optimizer state").map_err(discard)?;
+        wrote.map_err(discard)?;
+        let committed = (|| -> Result<()> {
+            let state = TrainerState {
+                global_step: self.global_step,
+                micro_step: self.micro_step,
+                config: self.cfg.clone(),
+                extra,
+            };
+            let p = tmp.join(TRAINER_STATE);
+            let text = serde_json::to_string_pretty(&state).map_err(|e| Error::json(&p, e))?;
+            write_atomic(&p, text.as_bytes())?;
+            before_commit(&tmp)?;
+            if fin.exists() {
+                let old = output_dir.join(format!(".{name}.old"));
+                if old.exists() {
+                    std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+                }
+                std::fs::rename(&fin, &old).map_err(|e| Error::io(&fin, e))?;
+                std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
                 std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+            } else {
+                std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
             }
-            std::fs::rename(&fin, &old).map_err(|e| Error::io(&fin, e))?;
-            std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
-            std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-        } else {
-            std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
-        }
-        if let Ok(d) = std::fs::File::open(output_dir) {
-            let _ = d.sync_all();
-        }
-        if let Some(limit) = limit {
-            rotate_checkpoints(output_dir, limit.max(1))?;
-        }
+            if let Ok(d) = std::fs::File::open(output_dir) {
+                let _ = d.sync_all();
+            }
+            // Inside what the ranks agree on: every rank sees the same outcome of a save.
+            if let Some(limit) = limit {
+                rotate_checkpoints(output_dir, limit.max(1), &fin)?;
+            }
+            Ok(())
+        })();
+        agree(committed.is_err(), "to commit the checkpoint").map_err(discard)?;
+        committed.map_err(discard)?;
         Ok(fin)
     }
 
@@ -1004,7 +1076,19 @@ impl Trainer {
         let mut lora = lora;
         lora.load_trainable(dir)?;
         let mut t = Self::new_in_group(lora, cfg, comm, shard_state)?;
-        t.opt.load_files(&optimizer_files(dir)?)?;
+        let loaded = optimizer_files(dir).and_then(|f| t.opt.load_files(&f));
+        if t.comm.world_size() > 1 {
+            // A rank that cannot load must not leave the others waiting at the first step.
+            let mut v = [if loaded.is_err() { 1.0 } else { 0.0 }];
+            t.comm.all_reduce_host(&mut v)?;
+            if v[0] > 0.0 && loaded.is_ok() {
+                return Err(Error::Checkpoint {
+                    path: dir.display().to_string(),
+                    reason: format!("{} rank(s) of the group could not load it", v[0] as usize),
+                });
+            }
+        }
+        loaded?;
         if t.opt.step_count() != state.global_step {
             return Err(Error::Checkpoint {
                 path: dir.display().to_string(),
@@ -1043,11 +1127,15 @@ pub fn latest_checkpoint(output_dir: &Path) -> Option<PathBuf> {
     list_checkpoints(output_dir).pop().map(|(_, p)| p)
 }
 
-fn rotate_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+/// Keeps the newest `keep` checkpoints (by step), and always `just_written`: a run resumed
+/// from an older checkpoint may write one below others already there.
+fn rotate_checkpoints(output_dir: &Path, keep: usize, just_written: &Path) -> Result<()> {
     let all = list_checkpoints(output_dir);
     if all.len() > keep {
         for (_, p) in &all[..all.len() - keep] {
-            std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+            if p != just_written {
+                std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e))?;
+            }
         }
     }
     Ok(())

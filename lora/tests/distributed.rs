@@ -314,6 +314,20 @@ fn sharded_optimizer_state_trains_alike_and_resumes_on_any_group_size() -> Resul
     let ck3 = again.path().join(format!("checkpoint-{at}"));
     assert_eq!(moe_peft_lora::optimizer_files(&ck3)?.len(), 3);
     assert_eq!(whole_state(&ck3)?, whole);
+    // A shard missing: every rank of a resuming group stops with the same error, naming it
+    // (none waits for the others).
+    let gone = ck3.join("optimizer-00002-of-00003.safetensors");
+    std::fs::remove_file(&gone)?;
+    let errs = on_ranks(2, &|g| -> Result<String> {
+        let (lm, cfg) = full_ft()?;
+        Ok(Trainer::resume_in_group(lm, cfg, &ck3, Arc::new(g), true)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default())
+    })?;
+    for e in &errs {
+        assert!(e.contains(&gone.display().to_string()), "{e}");
+    }
     // Sharding needs an 8-bit optimizer.
     let e = on_ranks(2, &|g| -> Result<String> {
         let c = TrainConfig {
@@ -327,4 +341,50 @@ fn sharded_optimizer_state_trains_alike_and_resumes_on_any_group_size() -> Resul
     })?;
     assert!(e[0].contains("8-bit"), "{}", e[0]);
     Ok(())
+}
+
+#[test]
+fn a_rank_that_owns_no_variable_steps_and_saves_nothing_of_its_own() -> Result<()> {
+    let (lm, cfg) = full_ft()?;
+    let vars = lm.trainable_vars();
+    let before = flat_vars(&vars)?;
+    let opt_cfg = moe_peft_lora::AdamWConfig {
+        optim: moe_peft_lora::Optim::Adamw8bit,
+        min_8bit_size: cfg.min_8bit_size,
+        ..Default::default()
+    };
+    let mut opt =
+        moe_peft_lora::AdamW::new_sharded(vars.clone(), opt_cfg, vec![false; vars.len()])?;
+    let grads = moe_peft_kernels::FlatGrads::new(&vars, DType::F32)?;
+    for (_, v) in &vars {
+        grads.add(
+            v.as_tensor().id(),
+            &v.as_tensor().ones_like()?.to_dtype(DType::F32)?,
+        )?;
+    }
+    opt.step_flat(&grads, 1e-2, 1.0)?;
+    assert_eq!(
+        flat_vars(&vars)?,
+        before,
+        "a variable it does not own changed"
+    );
+    let dir = tempfile::tempdir()?;
+    let f = dir.path().join("optimizer-00001-of-00002.safetensors");
+    opt.save(&f)?;
+    let st = safetensors::SafeTensors::deserialize(&std::fs::read(&f)?)?
+        .names()
+        .len();
+    assert_eq!(st, 3, "the maps and the step only");
+    Ok(())
+}
+
+fn flat_vars(vars: &[(String, candle_core::Var)]) -> Result<Vec<Vec<f32>>> {
+    vars.iter()
+        .map(|(_, v)| {
+            Ok(v.as_tensor()
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1()?)
+        })
+        .collect()
 }

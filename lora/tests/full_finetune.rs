@@ -243,3 +243,43 @@ fn the_final_save_links_the_last_checkpoints_files() -> Result<()> {
     assert!(e.contains(&tmp.path().display().to_string()), "{e}");
     Ok(())
 }
+
+#[test]
+fn checkpoint_size_is_known_before_the_first_save() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let lora = || -> Result<LoraModel> {
+        let cfg = moe_peft_lora::LoraConfig {
+            r: 4,
+            lora_alpha: 8.0,
+            ..moe_peft_lora::LoraConfig::deepseek_recipe()
+        };
+        Ok(LoraModel::new(base()?, cfg, 3)?)
+    };
+    let full =
+        || -> Result<LoraModel> { Ok(LoraModel::full_finetune_in(base()?, 3, DType::BF16)?) };
+    let cases: [(&str, &dyn Fn() -> Result<LoraModel>, Optim); 3] = [
+        ("lora 8-bit", &lora, Optim::Adamw8bit),
+        ("lora adamw_torch", &lora, Optim::AdamwTorch),
+        ("full 8-bit", &full, Optim::Adamw8bit),
+    ];
+    for (i, (what, make, optim)) in cases.into_iter().enumerate() {
+        let mut cfg = train_cfg(1, optim, 1e-3);
+        cfg.min_8bit_size = 256;
+        let mut t = Trainer::new(make()?, cfg)?;
+        t.step(&[batch(0)?])?;
+        let want = t.checkpoint_bytes();
+        let ck = t.save_checkpoint(&tmp.path().join(i.to_string()), serde_json::json!({}), None)?;
+        let mut got = 0u64;
+        for e in std::fs::read_dir(&ck)? {
+            got += e?.metadata()?.len();
+        }
+        // Headers (a few hundred bytes per tensor) and the JSON files come on top.
+        let slack = 400 * 6 * t.vars().len() as u64 + 65_536;
+        eprintln!("{what}: estimated {want} bytes, written {got}");
+        assert!(
+            want <= got && got <= want + slack,
+            "{what}: {want} vs {got}"
+        );
+    }
+    Ok(())
+}
