@@ -1184,11 +1184,14 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         }
         None => Trainer::new_in_group(lora, tcfg, comm.clone(), shard_state)?,
     };
+    // A checkpoint that cannot fit would fail at every save: say so before training (every
+    // rank of a group stops, told through the step agreement below).
+    let mut too_small = false;
     if lead && save_strategy != "no" {
-        // A checkpoint that cannot fit would fail at every save: say so before training.
         let need = trainer.checkpoint_bytes();
         if let Ok(free) = fs2::available_space(&out) {
-            if free < need {
+            too_small = free < need;
+            if too_small && world == 1 {
                 bail!(
                     "--output_dir {}: {:.2} GB free, but each checkpoint takes about {:.2} GB \
                      (trained weights and optimizer state); free some space, choose another \
@@ -1204,12 +1207,32 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                     }
                 );
             }
+            if too_small {
+                eprintln!(
+                    "error: --output_dir {}: {:.2} GB free, but each checkpoint takes about \
+                     {:.2} GB; free some space, choose another --output_dir, or pass \
+                     --save_strategy no",
+                    out.display(),
+                    free as f64 / 1e9,
+                    need as f64 / 1e9
+                );
+            }
         }
     }
     if world > 1 {
-        // Every rank resumed the same step.
-        let mut v = [trainer.global_step() as f64];
+        // Every rank resumed the same step (and rank 0 found room for checkpoints).
+        let mut v = [
+            trainer.global_step() as f64,
+            if too_small { 1.0 } else { 0.0 },
+        ];
         comm.all_reduce_host(&mut v)?;
+        if v[1] > 0.0 {
+            bail!(
+                "rank {rank}: --output_dir {} cannot hold a checkpoint (rank 0 says how much \
+                 space it needs)",
+                out.display()
+            );
+        }
         if v[0] != (trainer.global_step() * world) as f64 {
             bail!(
                 "rank {rank} resumed at step {} but the group does not agree: the ranks saw different checkpoints in {}",
@@ -1417,10 +1440,18 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                     out.display()
                 );
             }
-            println!(
-                "interrupted at step {}: checkpoint saved; run the same command again to resume",
-                m.step
-            );
+            if lead || shard_state {
+                println!(
+                    "interrupted at step {}: checkpoint saved; run the same command again to \
+                     resume",
+                    m.step
+                );
+            } else {
+                println!(
+                    "interrupted at step {}: rank 0 writes the checkpoint",
+                    m.step
+                );
+            }
             return Ok(130);
         }
     }

@@ -560,7 +560,6 @@ impl AdamW {
         Ok(())
     }
 
-    /// The dtype of dense moments.
     /// Bytes of tensor data [`Self::save`] writes for every variable (the whole state, also
     /// when this optimizer holds a share of it), without the file's header.
     pub fn state_file_bytes(&self) -> u64 {
@@ -586,6 +585,7 @@ impl AdamW {
         }
     }
 
+    /// The dtype of dense moments.
     fn moment_dtype(&self) -> DType {
         if self.cfg.bf16_moments {
             DType::BF16

@@ -407,15 +407,24 @@ pub fn optimizer_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .ok()
         })
         .unwrap_or(0usize);
-    let want: Vec<PathBuf> = (0..world)
-        .map(|r| dir.join(optimizer_shard_name(r, world)))
-        .collect();
+    // (The count first: a stray name must not make a list of its claimed size.)
+    let want: Vec<PathBuf> = if world == shards.len() {
+        (0..world)
+            .map(|r| dir.join(optimizer_shard_name(r, world)))
+            .collect()
+    } else {
+        Vec::new()
+    };
     if world == 0 || shards != want {
-        let missing: Vec<String> = want
-            .iter()
-            .filter(|p| !shards.contains(p))
-            .map(|p| p.display().to_string())
-            .collect();
+        let missing: Vec<String> = if world > 0 && world <= 1 << 16 {
+            (0..world)
+                .map(|r| dir.join(optimizer_shard_name(r, world)))
+                .filter(|p| !shards.contains(p))
+                .map(|p| p.display().to_string())
+                .collect()
+        } else {
+            Vec::new()
+        };
         return Err(Error::Checkpoint {
             path: dir.display().to_string(),
             reason: if missing.is_empty() {
@@ -1032,17 +1041,23 @@ impl Trainer {
                     std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
                 }
                 std::fs::rename(&fin, &old).map_err(|e| Error::io(&fin, e))?;
-                std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
-                std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+                if let Err(e) = std::fs::rename(&tmp, &fin) {
+                    // The earlier checkpoint of this step goes back where resume finds it.
+                    let _ = std::fs::rename(&old, &fin);
+                    return Err(Error::io(&fin, e));
+                }
+                // Best effort from here: the checkpoint is in place.
+                let _ = std::fs::remove_dir_all(&old);
             } else {
                 std::fs::rename(&tmp, &fin).map_err(|e| Error::io(&fin, e))?;
             }
             if let Ok(d) = std::fs::File::open(output_dir) {
                 let _ = d.sync_all();
             }
-            // Inside what the ranks agree on: every rank sees the same outcome of a save.
+            // Older checkpoints left by a failed rotation are only disk space; the new one
+            // stands.
             if let Some(limit) = limit {
-                rotate_checkpoints(output_dir, limit.max(1), &fin)?;
+                let _ = rotate_checkpoints(output_dir, limit.max(1), &fin);
             }
             Ok(())
         })();
@@ -1077,8 +1092,9 @@ impl Trainer {
         lora.load_trainable(dir)?;
         let mut t = Self::new_in_group(lora, cfg, comm, shard_state)?;
         let loaded = optimizer_files(dir).and_then(|f| t.opt.load_files(&f));
-        if t.comm.world_size() > 1 {
-            // A rank that cannot load must not leave the others waiting at the first step.
+        if t.owners.is_some() {
+            // A rank that cannot load must not leave the others waiting at the first step
+            // (with sharded state every rank resumes from the same checkpoint).
             let mut v = [if loaded.is_err() { 1.0 } else { 0.0 }];
             t.comm.all_reduce_host(&mut v)?;
             if v[0] > 0.0 && loaded.is_ok() {

@@ -314,20 +314,29 @@ fn sharded_optimizer_state_trains_alike_and_resumes_on_any_group_size() -> Resul
     let ck3 = again.path().join(format!("checkpoint-{at}"));
     assert_eq!(moe_peft_lora::optimizer_files(&ck3)?.len(), 3);
     assert_eq!(whole_state(&ck3)?, whole);
-    // A shard missing: every rank of a resuming group stops with the same error, naming it
-    // (none waits for the others).
+    // A shard missing where rank 0 looks (rank 1 reads a complete copy): rank 0 stops naming
+    // it, and rank 1 stops too instead of waiting for rank 0 at the first step.
+    let whole_copy = tempfile::tempdir()?;
+    for e in std::fs::read_dir(&ck3)? {
+        let e = e?;
+        std::fs::copy(e.path(), whole_copy.path().join(e.file_name()))?;
+    }
     let gone = ck3.join("optimizer-00002-of-00003.safetensors");
     std::fs::remove_file(&gone)?;
     let errs = on_ranks(2, &|g| -> Result<String> {
         let (lm, cfg) = full_ft()?;
-        Ok(Trainer::resume_in_group(lm, cfg, &ck3, Arc::new(g), true)
+        let dir = if g.rank() == 0 {
+            ck3.clone()
+        } else {
+            whole_copy.path().to_path_buf()
+        };
+        Ok(Trainer::resume_in_group(lm, cfg, &dir, Arc::new(g), true)
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default())
     })?;
-    for e in &errs {
-        assert!(e.contains(&gone.display().to_string()), "{e}");
-    }
+    assert!(errs[0].contains(&gone.display().to_string()), "{}", errs[0]);
+    assert!(errs[1].contains("could not load it"), "{}", errs[1]);
     // Sharding needs an 8-bit optimizer.
     let e = on_ranks(2, &|g| -> Result<String> {
         let c = TrainConfig {
