@@ -80,15 +80,7 @@ fn cfg() -> TrainConfig {
 type RankRun = (Vec<f64>, Vec<f64>, Vec<Vec<f32>>);
 
 fn flat(t: &Trainer) -> Result<Vec<Vec<f32>>> {
-    t.vars()
-        .iter()
-        .map(|(_, v)| {
-            Ok(v.as_tensor()
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1()?)
-        })
-        .collect()
+    flat_vars(t.vars())
 }
 
 /// Runs `world` ranks as threads, rank `r` stepping on `micro(step, r)` each step.
@@ -248,7 +240,9 @@ fn sharded_optimizer_state_trains_alike_and_resumes_on_any_group_size() -> Resul
     // Two ranks with the whole state and two with half each: the same bits throughout.
     let mut runs = Vec::new();
     for (shard, dir) in [false, true].into_iter().zip(&dirs) {
-        let ranks = on_ranks(2, &|g| -> Result<(Vec<f64>, Vec<Vec<f32>>, Vec<bool>)> {
+        // Per rank: losses, final weights, which variables' state it held.
+        type Run = (Vec<f64>, Vec<Vec<f32>>, Vec<bool>);
+        let ranks = on_ranks(2, &|g| -> Result<Run> {
             let r = g.rank();
             let (lm, cfg) = full_ft()?;
             let mut t = Trainer::new_in_group(lm, cfg, Arc::new(g), shard)?;
@@ -387,6 +381,7 @@ fn a_rank_that_owns_no_variable_steps_and_saves_nothing_of_its_own() -> Result<(
     Ok(())
 }
 
+/// Every variable's values, flattened to f32.
 fn flat_vars(vars: &[(String, candle_core::Var)]) -> Result<Vec<Vec<f32>>> {
     vars.iter()
         .map(|(_, v)| {

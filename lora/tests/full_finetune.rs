@@ -257,7 +257,8 @@ fn checkpoint_size_is_known_before_the_first_save() -> Result<()> {
     };
     let full =
         || -> Result<LoraModel> { Ok(LoraModel::full_finetune_in(base()?, 3, DType::BF16)?) };
-    let cases: [(&str, &dyn Fn() -> Result<LoraModel>, Optim); 3] = [
+    type Make<'a> = &'a dyn Fn() -> Result<LoraModel>;
+    let cases: [(&str, Make, Optim); 3] = [
         ("lora 8-bit", &lora, Optim::Adamw8bit),
         ("lora adamw_torch", &lora, Optim::AdamwTorch),
         ("full 8-bit", &full, Optim::Adamw8bit),
