@@ -1191,8 +1191,8 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
         let need = trainer.checkpoint_bytes();
         if let Ok(free) = fs2::available_space(&out) {
             too_small = free < need;
-            if too_small && world == 1 {
-                bail!(
+            if too_small {
+                let msg = format!(
                     "--output_dir {}: {:.2} GB free, but each checkpoint takes about {:.2} GB \
                      (trained weights and optimizer state); free some space, choose another \
                      --output_dir, or pass --save_strategy no (the final {} is then the only \
@@ -1206,16 +1206,11 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                         "model"
                     }
                 );
-            }
-            if too_small {
-                eprintln!(
-                    "error: --output_dir {}: {:.2} GB free, but each checkpoint takes about \
-                     {:.2} GB; free some space, choose another --output_dir, or pass \
-                     --save_strategy no",
-                    out.display(),
-                    free as f64 / 1e9,
-                    need as f64 / 1e9
-                );
+                if world == 1 {
+                    bail!(msg);
+                }
+                // In a group, rank 0 says why; every rank stops below.
+                eprintln!("error: {msg}");
             }
         }
     }

@@ -564,88 +564,65 @@ fn bad_command_lines_give_one_clear_error() {
     );
 }
 
+/// Runs `qlora-bench --preset tiny --cpu` with `args`, its JSON report going to `json`:
+/// returns what it printed and the report.
+fn bench_json(json: &Path, args: &[&str]) -> (String, serde_json::Value) {
+    let mut a = vec!["--preset", "tiny", "--cpu", "--json", s(json)];
+    a.extend_from_slice(args);
+    let out = ok("qlora-bench", &a);
+    let v = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (out, v)
+}
+
 #[test]
 fn bench_runs_on_the_cpu_with_the_small_config() {
     let tmp = tempfile::tempdir().unwrap();
-    let json = tmp.path().join("bench.json");
-    let out = ok(
-        "qlora-bench",
-        &[
-            "--preset",
-            "tiny",
-            "--batch_size",
-            "2",
-            "--seq_len",
-            "32",
-            "--steps",
-            "2",
-            "--cpu",
-            "--json",
-            s(&json),
-        ],
+    let small = ["--batch_size", "2", "--seq_len", "32"];
+    let (out, v) = bench_json(
+        &tmp.path().join("bench.json"),
+        &[&small[..], &["--steps", "2"]].concat(),
     );
     assert!(out.contains("RESULT"), "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
     assert_eq!(v["steps"].as_array().unwrap().len(), 2);
     // The same on packed rows of a data file (what qlora-train --packing trains on).
-    let json = tmp.path().join("bench-data.json");
-    let out = ok(
-        "qlora-bench",
+    let data = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/data/tiny_instruct.jsonl"
+    );
+    let (out, v) = bench_json(
+        &tmp.path().join("bench-data.json"),
         &[
-            "--preset",
-            "tiny",
             "--batch_size",
             "2",
             "--seq_len",
             "64",
             "--steps",
             "2",
-            "--cpu",
             "--data",
-            concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/fixtures/data/tiny_instruct.jsonl"
-            ),
-            "--json",
-            s(&json),
+            data,
         ],
     );
     assert!(out.contains("packed into rows of 64"), "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let tps = v["tokens_per_s"].as_f64().unwrap();
     assert!(tps > 0.0, "{tps}");
     // Padded batches of real lengths: only real tokens are counted.
-    let data = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/fixtures/data/tiny_instruct.jsonl"
-    );
-    let json = tmp.path().join("bench-padded.json");
-    let out = ok(
-        "qlora-bench",
+    let (out, v) = bench_json(
+        &tmp.path().join("bench-padded.json"),
         &[
-            "--preset",
-            "tiny",
             "--batch_size",
             "4",
             "--seq_len",
             "128",
             "--steps",
             "2",
-            "--cpu",
             "--data",
             data,
             "--packing",
             "false",
-            "--json",
-            s(&json),
         ],
     );
     assert!(out.contains("padded to the longest"), "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for step in v["steps"].as_array().unwrap() {
         let (real, all) = (
             step["tokens"].as_u64().unwrap(),
@@ -654,24 +631,9 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
         assert!(real > 0 && real < all, "real {real} of {all} positions");
     }
     // Zipf-distributed ids (hot tokens, hence hot experts).
-    let json = tmp.path().join("bench-zipf.json");
-    let out = ok(
-        "qlora-bench",
-        &[
-            "--preset",
-            "tiny",
-            "--batch_size",
-            "2",
-            "--seq_len",
-            "32",
-            "--steps",
-            "1",
-            "--cpu",
-            "--zipf",
-            "1.1",
-            "--json",
-            s(&json),
-        ],
+    let (out, _) = bench_json(
+        &tmp.path().join("bench-zipf.json"),
+        &[&small[..], &["--steps", "1", "--zipf", "1.1"]].concat(),
     );
     assert!(out.contains("Zipf law with exponent 1.1"), "{out}");
     fails(
@@ -680,31 +642,23 @@ fn bench_runs_on_the_cpu_with_the_small_config() {
         "it does not apply to --data",
     );
     // Full fine-tuning (bf16 weights, 8-bit AdamW): every weight trained.
-    let json = tmp.path().join("bench-full.json");
-    let out = ok(
-        "qlora-bench",
+    let (out, v) = bench_json(
+        &tmp.path().join("bench-full.json"),
         &[
-            "--preset",
-            "tiny",
-            "--batch_size",
-            "2",
-            "--seq_len",
-            "32",
-            "--steps",
-            "1",
-            "--cpu",
-            "--bits",
-            "16",
-            "--full",
-            "--bf16_adapters",
-            "--optim",
-            "adamw_8bit",
-            "--json",
-            s(&json),
-        ],
+            &small[..],
+            &[
+                "--steps",
+                "1",
+                "--bits",
+                "16",
+                "--full",
+                "--bf16_adapters",
+                "--optim",
+                "adamw_8bit",
+            ],
+        ]
+        .concat(),
     );
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(v["full"], true, "{out}");
     assert!(v["tokens_per_s"].as_f64().unwrap() > 0.0);
     fails(

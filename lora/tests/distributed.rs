@@ -8,7 +8,7 @@ mod common;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use moe_peft_kernels::{Communicator, ThreadGroup};
-use moe_peft_lora::{LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer};
+use moe_peft_lora::{LoraModel, TrainBatch, TrainConfig, Trainer};
 
 /// The tiny model with adapters; `aux_scale` multiplies its balancing-loss weight.
 fn lora_with(aux_scale: f64) -> Result<LoraModel> {
@@ -21,50 +21,17 @@ fn lora_with(aux_scale: f64) -> Result<LoraModel> {
         cfg.aux_loss_alpha *= aux_scale;
         base = moe_peft_model::MoeModel::random(cfg, &moe_peft_model::LoadOptions::default(), 7)?;
     }
-    Ok(LoraModel::new(
-        base,
-        LoraConfig {
-            r: 4,
-            lora_alpha: 8.0,
-            lora_dropout: 0.1,
-            target_modules: Some(TargetModules::List(
-                moe_peft_lora::DEEPSEEK_TARGETS
-                    .iter()
-                    .map(|s| s.to_string())
-                    .collect(),
-            )),
-            ..Default::default()
-        },
-        3,
-    )?)
+    Ok(LoraModel::new(base, common::deepseek_lora(4, 8.0, 0.1), 3)?)
 }
 
 fn lora() -> Result<LoraModel> {
     lora_with(1.0)
 }
 
+/// Rows of different lengths: the ranks see different token counts.
 fn batch(k: usize) -> Result<TrainBatch> {
-    let (b, s) = (2usize, 10usize);
-    let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
-    for row in 0..b {
-        let start = (k * 37 + row * 61) % 128;
-        for t in 0..s {
-            let id = ((start + t) % 128) as u32;
-            ids.push(id);
-            // Rows of different lengths: the ranks see different token counts.
-            let real = t < s - (k + row) % 3;
-            mask.push(real as u32);
-            labels.push(if t < 2 || !real { -100 } else { id as i64 });
-        }
-    }
-    Ok(TrainBatch::from_host(
-        &ids,
-        &mask,
-        &labels,
-        b,
-        s,
-        &Device::Cpu,
-    )?)
+    let s = 10;
+    common::counting_rows(k, s, 2, &|row, t| t >= s - (k + row) % 3)
 }
 
 fn cfg() -> TrainConfig {

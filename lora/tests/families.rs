@@ -229,33 +229,20 @@ fn lora_from(family: &str, adapter: &std::path::Path) -> Result<LoraModel> {
 /// here, so such a config is refused, by name.
 #[test]
 fn a_bias_setting_that_would_train_biases_is_refused() -> Result<()> {
-    let model = MoeModel::from_pretrained(dir("qwen2_moe"), &LoadOptions::default())?;
-    let e = LoraModel::new(
-        model,
-        moe_peft_lora::LoraConfig {
+    let with_bias_all = |family: &str| -> Result<LoraModel> {
+        let model = MoeModel::from_pretrained(dir(family), &LoadOptions::default())?;
+        let cfg = moe_peft_lora::LoraConfig {
             r: 2,
             lora_alpha: 4.0,
             bias: "all".into(),
             target_modules: Some(moe_peft_lora::TargetModules::List(vec!["q_proj".into()])),
             ..Default::default()
-        },
-        0,
-    )
-    .unwrap_err()
-    .to_string();
+        };
+        Ok(LoraModel::new(model, cfg, 0)?)
+    };
+    let e = with_bias_all("qwen2_moe").unwrap_err().to_string();
     assert!(e.contains("bias") && e.contains("self_attn.q_proj"), "{e}");
     // Mixtral has no biases: the setting changes nothing and is accepted.
-    let model = MoeModel::from_pretrained(dir("mixtral"), &LoadOptions::default())?;
-    LoraModel::new(
-        model,
-        moe_peft_lora::LoraConfig {
-            r: 2,
-            lora_alpha: 4.0,
-            bias: "all".into(),
-            target_modules: Some(moe_peft_lora::TargetModules::List(vec!["q_proj".into()])),
-            ..Default::default()
-        },
-        0,
-    )?;
+    with_bias_all("mixtral")?;
     Ok(())
 }

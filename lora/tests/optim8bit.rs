@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use common::{counting_batch as batch, tiny_base as base};
 use moe_peft_kernels::FlatGrads;
 use moe_peft_lora::{
-    AdamW, AdamWConfig, LoraConfig, LoraModel, Optim, Schedule, TargetModules, TrainConfig, Trainer,
+    AdamW, AdamWConfig, LoraConfig, LoraModel, Optim, Schedule, TrainConfig, Trainer,
 };
 use moe_peft_quant::dynamic::create_dynamic_map;
 
@@ -210,18 +210,7 @@ fn each_update_is_the_published_algorithm_element_by_element() -> Result<()> {
 }
 
 fn lora_cfg() -> LoraConfig {
-    LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        lora_dropout: 0.0,
-        target_modules: Some(TargetModules::List(
-            moe_peft_lora::DEEPSEEK_TARGETS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        )),
-        ..Default::default()
-    }
+    common::deepseek_lora(8, 16.0, 0.0)
 }
 
 fn train_cfg(steps: usize, optim: Optim) -> TrainConfig {

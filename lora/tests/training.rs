@@ -2,6 +2,8 @@
 //! checkpoint reproduces the uninterrupted run's losses exactly; saves are atomic and
 //! round-trip; bad adapters and configs are refused with clear errors.
 
+mod common;
+
 use std::path::Path;
 
 use anyhow::Result;
@@ -12,53 +14,19 @@ use moe_peft_lora::{
 };
 use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
-fn base() -> Result<MoeModel> {
-    let mut cfg = DeepSeekMoeConfig::tiny(128);
-    cfg.max_position_embeddings = 64;
-    Ok(MoeModel::random(cfg, &LoadOptions::default(), 7)?)
-}
+use common::tiny_base as base;
 
 fn lora_cfg(dropout: f64) -> LoraConfig {
     LoraConfig {
-        r: 8,
-        lora_alpha: 16.0,
-        lora_dropout: dropout,
-        target_modules: Some(TargetModules::List(
-            moe_peft_lora::DEEPSEEK_TARGETS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
-        )),
         modules_to_save: Some(vec!["lm_head".into()]),
-        ..Default::default()
+        ..common::deepseek_lora(8, 16.0, dropout)
     }
 }
 
 /// Counting sequences (`t, t+1, …` mod vocab): each next token is predictable. The first
 /// three positions are prompt (-100); row 1 is right-padded by 2.
 fn batch(step: usize) -> Result<TrainBatch> {
-    let (b, s) = (2usize, 12usize);
-    let mut ids = Vec::new();
-    let mut mask = Vec::new();
-    let mut labels = Vec::new();
-    for row in 0..b {
-        let start = (step * 37 + row * 61) % 128;
-        for t in 0..s {
-            let pad = row == 1 && t >= s - 2;
-            let id = if pad { 1 } else { ((start + t) % 128) as u32 };
-            ids.push(id);
-            mask.push(u32::from(!pad));
-            labels.push(if pad || t < 3 { -100 } else { id as i64 });
-        }
-    }
-    Ok(TrainBatch::from_host(
-        &ids,
-        &mask,
-        &labels,
-        b,
-        s,
-        &Device::Cpu,
-    )?)
+    common::counting_rows(step, 12, 3, &|row, t| row == 1 && t >= 10)
 }
 
 fn train_cfg(steps: usize) -> TrainConfig {

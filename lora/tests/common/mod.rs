@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Var};
-use moe_peft_lora::{LoraModel, TrainBatch, TrainConfig, Trainer};
+use moe_peft_lora::{LoraConfig, LoraModel, TargetModules, TrainBatch, TrainConfig, Trainer};
 use moe_peft_model::{DeepSeekMoeConfig, LoadOptions, MoeModel};
 
 /// The tiny DeepSeekMoE (vocabulary 128, 64 positions), random weights of seed 7.
@@ -16,15 +16,33 @@ pub fn tiny_base() -> Result<MoeModel> {
 
 /// Batch `step` of counting sequences: 2 rows of 12 tokens, the first 3 of each unlabelled.
 pub fn counting_batch(step: usize) -> Result<TrainBatch> {
-    let (b, s) = (2usize, 12usize);
+    counting_rows(step, 12, 3, &|_, _| false)
+}
+
+/// Batch `k` of two counting rows of `s` tokens (`t, t+1, …` mod 128: each next token is
+/// predictable; row `r` starts at `(37k + 61r) mod 128`), the first `unlabelled` positions of
+/// each without a label, and the positions where `pad(row, t)` holds padding (id 1, masked,
+/// unlabelled).
+pub fn counting_rows(
+    k: usize,
+    s: usize,
+    unlabelled: usize,
+    pad: &dyn Fn(usize, usize) -> bool,
+) -> Result<TrainBatch> {
+    let b = 2usize;
     let (mut ids, mut mask, mut labels) = (Vec::new(), Vec::new(), Vec::new());
     for row in 0..b {
-        let start = (step * 37 + row * 61) % 128;
+        let start = (k * 37 + row * 61) % 128;
         for t in 0..s {
-            let id = ((start + t) % 128) as u32;
+            let pad = pad(row, t);
+            let id = if pad { 1 } else { ((start + t) % 128) as u32 };
             ids.push(id);
-            mask.push(1);
-            labels.push(if t < 3 { -100 } else { id as i64 });
+            mask.push(u32::from(!pad));
+            labels.push(if pad || t < unlabelled {
+                -100
+            } else {
+                id as i64
+            });
         }
     }
     Ok(TrainBatch::from_host(
@@ -35,6 +53,22 @@ pub fn counting_batch(step: usize) -> Result<TrainBatch> {
         s,
         &Device::Cpu,
     )?)
+}
+
+/// LoRA on every DeepSeekMoE projection, routed experts included.
+pub fn deepseek_lora(r: usize, lora_alpha: f64, lora_dropout: f64) -> LoraConfig {
+    LoraConfig {
+        r,
+        lora_alpha,
+        lora_dropout,
+        target_modules: Some(TargetModules::List(
+            moe_peft_lora::DEEPSEEK_TARGETS
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        )),
+        ..Default::default()
+    }
 }
 
 /// Trains `lm()` for `steps` steps of counting batches, saving a checkpoint after `at`, then
