@@ -1186,6 +1186,12 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
     };
     // A checkpoint that cannot fit would fail at every save: say so before training (every
     // rank of a group stops, told through the step agreement below).
+    // What the run writes in the end.
+    let product = if trainer.lora().mode() == moe_peft::lora::TrainMode::Lora {
+        "adapter"
+    } else {
+        "model"
+    };
     let mut too_small = false;
     if lead && save_strategy != "no" {
         let need = trainer.checkpoint_bytes();
@@ -1200,11 +1206,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                     out.display(),
                     free as f64 / 1e9,
                     need as f64 / 1e9,
-                    if trainer.lora().mode() == moe_peft::lora::TrainMode::Lora {
-                        "adapter"
-                    } else {
-                        "model"
-                    }
+                    product
                 );
                 if world == 1 {
                     bail!(msg);
@@ -1484,11 +1486,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                     "warning: the checkpoint of step {} failed: {e}; the final {} is written \
                      next",
                     trainer.global_step(),
-                    if trainer.lora().mode() == moe_peft::lora::TrainMode::Lora {
-                        "adapter"
-                    } else {
-                        "model"
-                    }
+                    product
                 );
                 failed_saves.push(
                     serde_json::json!({"step": trainer.global_step(), "error": e.to_string()}),
@@ -1530,11 +1528,7 @@ fn run(mut args: Args, demo: bool) -> Result<i32> {
                     .sum::<u64>()
             })
             .unwrap_or(0);
-        let what = if lora.mode() == moe_peft::lora::TrainMode::Lora {
-            "adapter"
-        } else {
-            "model"
-        };
+        let what = product;
         match &final_checkpoint {
             Some(ck) => println!(
                 "wrote the final {what} ({:.2} GB, linked to the files of {} in {secs:.1}s)",

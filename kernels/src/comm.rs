@@ -221,18 +221,9 @@ impl Communicator for ThreadGroup {
         self.shared.world
     }
     fn all_reduce_sum(&self, t: &Tensor) -> Result<()> {
-        let mine = to_host(t)?;
-        let n = mine.len();
-        let sum = self.exchange(mine, |all| {
-            let mut s = vec![0f64; n];
-            for v in all {
-                for (a, b) in s.iter_mut().zip(v) {
-                    *a += b;
-                }
-            }
-            s
-        })?;
-        write_back(t, sum)
+        let mut v = to_host(t)?;
+        self.all_reduce_host(&mut v)?;
+        write_back(t, v)
     }
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<()> {
         check_root(root, self.shared.world)?;

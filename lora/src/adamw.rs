@@ -238,6 +238,19 @@ fn views(flat: &Tensor, vars: &[Var], offsets: &[usize]) -> Result<Vec<Tensor>> 
         .collect()
 }
 
+/// Refuses to shard the state of an optimizer that is not 8-bit (only the 8-bit kernels skip
+/// another rank's variables).
+pub(crate) fn require_8bit_for_sharding(optim: Optim) -> Result<()> {
+    if optim.is_8bit() {
+        return Ok(());
+    }
+    Err(Error::InvalidTrainConfig(format!(
+        "sharded optimizer state needs an 8-bit optimizer (adamw_8bit or paged_adamw_8bit), \
+         not {}",
+        optim.name()
+    )))
+}
+
 /// Refuses variables that are not f32, naming the first (dense AdamW keeps f32 master weights).
 fn require_f32(names: &[String], vars: &[Var]) -> Result<()> {
     if let Some(bad) = vars.iter().position(|v| v.dtype() != DType::F32) {
@@ -283,12 +296,8 @@ impl AdamW {
                 vars.len()
             )));
         }
-        if owned.iter().any(|o| !o) && !cfg.optim.is_8bit() {
-            return Err(Error::InvalidTrainConfig(format!(
-                "sharded optimizer state needs an 8-bit optimizer (adamw_8bit or \
-                 paged_adamw_8bit), not {}",
-                cfg.optim.name()
-            )));
+        if owned.iter().any(|o| !o) {
+            require_8bit_for_sharding(cfg.optim)?;
         }
         let mut names = Vec::with_capacity(vars.len());
         let mut vs = Vec::with_capacity(vars.len());
@@ -569,18 +578,10 @@ impl AdamW {
                 2 * lens.sum::<u64>() * self.moment_dtype().size_in_bytes() as u64 + 4
             }
             Moments::Blockwise { .. } => {
-                let block = moe_peft_kernels::adam8bit::BLOCK_SIZE as u64;
-                let min8 = self.cfg.min_8bit_size as u64;
-                lens.map(|n| {
-                    if n >= min8 {
-                        2 * n + 8 * n.div_ceil(block)
-                    } else {
-                        8 * n
-                    }
-                })
-                .sum::<u64>()
-                    + 2 * 256 * 4
-                    + 4
+                // The layout of every variable's state, as one rank holding all of it has.
+                let all: Vec<usize> = self.vars.iter().map(|v| v.elem_count()).collect();
+                let layout = BlockwiseLayout::new(&all, self.cfg.min_8bit_size);
+                layout.state_bytes() as u64 + 2 * 256 * 4 + 4
             }
         }
     }

@@ -49,6 +49,26 @@ pub fn save_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Resu
     Ok(())
 }
 
+/// A model file of a HF checkpoint: `model.safetensors`, a shard, or the shard index.
+fn is_model_file(name: &str) -> bool {
+    name.starts_with("model") && name.contains(".safetensors")
+}
+
+/// Removes the model files in `dir` other than `keep`: a model written there before, with
+/// another number of shards, must not be read back beside a new one.
+fn remove_model_files(dir: &Path, keep: &[String]) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().to_string();
+        if is_model_file(&n) && !keep.contains(&n) {
+            std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
+        }
+    }
+    Ok(())
+}
+
 impl LoraModel {
     /// Saves what training changes into `dir`: the PEFT adapter for LoRA, or for full
     /// fine-tuning a HF checkpoint (shards of at most 5 GB + `config.json`), every weight in the
@@ -69,17 +89,7 @@ impl LoraModel {
                     native_dtypes: true,
                     ..Default::default()
                 };
-                // A model written here before, with another number of shards, must not be
-                // read back beside this one.
-                if let Ok(entries) = std::fs::read_dir(dir) {
-                    for e in entries.flatten() {
-                        let n = e.file_name().to_string_lossy().to_string();
-                        if n.starts_with("model") && n.contains(".safetensors") {
-                            std::fs::remove_file(e.path())
-                                .map_err(|err| Error::io(e.path(), err))?;
-                        }
-                    }
-                }
+                remove_model_files(dir, &[])?;
                 export_hf(self.model(), dir, &opts).map(|_| ())
             }
         }
@@ -92,9 +102,7 @@ impl LoraModel {
     pub fn link_trainable(&self, checkpoint: &Path, dir: &Path) -> Result<()> {
         let wanted = |n: &str| match self.mode() {
             TrainMode::Lora => n == ADAPTER_WEIGHTS || n == ADAPTER_CONFIG,
-            TrainMode::Full => {
-                (n.starts_with("model") && n.contains(".safetensors")) || n == "config.json"
-            }
+            TrainMode::Full => is_model_file(n) || n == "config.json",
         };
         let mut files: Vec<String> = std::fs::read_dir(checkpoint)
             .map_err(|e| Error::io(checkpoint, e))?
@@ -117,14 +125,7 @@ impl LoraModel {
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
         if self.mode() == TrainMode::Full {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    let n = e.file_name().to_string_lossy().to_string();
-                    if n.starts_with("model") && n.contains(".safetensors") && !files.contains(&n) {
-                        std::fs::remove_file(e.path()).map_err(|err| Error::io(e.path(), err))?;
-                    }
-                }
-            }
+            remove_model_files(dir, &files)?;
         }
         for n in &files {
             let (src, dst) = (checkpoint.join(n), dir.join(n));

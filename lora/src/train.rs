@@ -478,12 +478,9 @@ impl Trainer {
     ) -> Result<Self> {
         cfg.validate()?;
         let world = comm.world_size();
-        if shard_state && world > 1 && !cfg.optim.is_8bit() {
-            return Err(Error::InvalidTrainConfig(format!(
-                "sharded optimizer state needs an 8-bit optimizer (adamw_8bit or \
-                 paged_adamw_8bit), not {}",
-                cfg.optim.name()
-            )));
+        if shard_state && world > 1 {
+            // On every rank alike (a rank owning all variables would not notice).
+            crate::adamw::require_8bit_for_sharding(cfg.optim)?;
         }
         let vars = lora.trainable_vars();
         let owners = (shard_state && world > 1).then(|| {

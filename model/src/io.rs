@@ -155,10 +155,10 @@ pub fn link_or_copy_file(src: &Path, dst: &Path) -> std::io::Result<()> {
     if tmp.exists() {
         std::fs::remove_file(&tmp)?;
     }
-    if std::fs::hard_link(src, &tmp).is_err() {
-        std::fs::copy(src, &tmp)?;
+    match std::fs::hard_link(src, &tmp) {
+        Ok(()) => std::fs::rename(&tmp, dst),
+        Err(_) => copy_file(src, dst),
     }
-    std::fs::rename(&tmp, dst)
 }
 
 /// Pieces that may wait for the write thread.
