@@ -99,6 +99,15 @@ struct Args {
     /// per expert, to measure the difference).
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
     batched_dequant: bool,
+    /// In training, make each MoE layer's dispatch, experts and combine one graph node (false:
+    /// three, to measure the difference).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    routed_node: bool,
+    /// The experts' weight gradients in one launch of the segmented kernel where the experts
+    /// average few rows (false: always cuBLAS's grouped GEMM, one launch per expert, to
+    /// measure the difference).
+    #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "true")]
+    tn_kernel: bool,
     /// Keep the adapter weights in bf16 (needs an 8-bit --optim: stochastic rounding).
     #[arg(long, value_parser = parse_bool, num_args = 0..=1, default_missing_value = "true", default_value = "false")]
     bf16_adapters: bool,
@@ -256,6 +265,8 @@ fn run(args: Args) -> Result<()> {
         candle_core::DType::F32
     };
     moe_peft::lora::set_batched_dequantization(args.batched_dequant);
+    moe_peft::model::ops::set_routed_node(args.routed_node);
+    moe_peft::kernels::grouped::set_tn_kernel(args.tn_kernel);
     moe_peft::model::ops::set_causal_attention_chunks(args.causal_chunks);
     let mut lora = if args.full {
         if args.bits != 16 {
@@ -487,6 +498,7 @@ fn run(args: Args) -> Result<()> {
             "keep_activations_layers": args.keep_activations_layers,
             "optim": args.optim.name(), "bf16_adapters": args.bf16_adapters, "full": args.full,
             "batched_dequant": args.batched_dequant, "causal_chunks": args.causal_chunks,
+            "routed_node": args.routed_node, "tn_kernel": args.tn_kernel,
             "bf16_moments": args.bf16_moments, "bf16_grads": args.bf16_grads,
             "data": args.data, "packing": args.packing, "zipf": args.zipf,
             "median_step_s": median, "tokens_per_s": tps, "tflops": tflops, "mfu": mfu,

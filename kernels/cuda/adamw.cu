@@ -63,6 +63,17 @@ extern "C" __global__ void flat_add_f32_bf16(float* d, const __nv_bfloat16* s, u
 extern "C" __global__ void flat_add_bf16_f32(__nv_bfloat16* d, const float* s, uint64_t n) { flat_add(d, s, n); }
 extern "C" __global__ void flat_add_bf16_bf16(__nv_bfloat16* d, const __nv_bfloat16* s, uint64_t n) { flat_add(d, s, n); }
 
+// The same for `gridDim.y` variables of n elements each: dst[offs[y] + i] += src[y·n + i]
+// (one launch for a layer's stacked expert gradients).
+template <typename D, typename S>
+__device__ void flat_add_many(D* dst, const S* src, const uint64_t* offs, uint64_t n) {
+    flat_add(dst + offs[blockIdx.y], src + blockIdx.y * n, n);
+}
+extern "C" __global__ void flat_add_many_f32_f32(float* d, const float* s, const uint64_t* o, uint64_t n) { flat_add_many(d, s, o, n); }
+extern "C" __global__ void flat_add_many_f32_bf16(float* d, const __nv_bfloat16* s, const uint64_t* o, uint64_t n) { flat_add_many(d, s, o, n); }
+extern "C" __global__ void flat_add_many_bf16_f32(__nv_bfloat16* d, const float* s, const uint64_t* o, uint64_t n) { flat_add_many(d, s, o, n); }
+extern "C" __global__ void flat_add_many_bf16_bf16(__nv_bfloat16* d, const __nv_bfloat16* s, const uint64_t* o, uint64_t n) { flat_add_many(d, s, o, n); }
+
 // out[blockIdx.x] = Σ x² over a grid-stride share of x, in f64 (blockDim.x = 256).
 template <typename T>
 __device__ void sum_squares(const T* x, uint64_t n, double* out) {

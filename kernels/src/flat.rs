@@ -129,6 +129,56 @@ impl FlatGrads {
         Ok(())
     }
 
+    /// Adds `g` of shape `(ids.len(), …)`, the gradients of the distinct variables `ids`
+    /// (all of one shape) stacked, as [`Self::add`] of each slice would: the same sums, in
+    /// one launch on CUDA (a MoE layer's expert gradients of one kind).
+    pub fn add_stacked(&self, ids: &[TensorId], g: &Tensor) -> candle_core::Result<()> {
+        let Some((&first, _)) = ids.split_first() else {
+            return Ok(());
+        };
+        let mut vars = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(&i) = self.index.get(id) else {
+                candle_core::bail!("flat gradients: not a trainable variable")
+            };
+            if vars.contains(&i) {
+                candle_core::bail!("flat gradients: a variable appears twice in a stacked add")
+            }
+            vars.push(i);
+        }
+        let shape = &self.shapes[self.index[&first]];
+        if g.dims().first() != Some(&ids.len()) || &g.dims()[1..] != shape.as_slice() {
+            candle_core::bail!(
+                "flat gradients: stacked gradients {:?} for {} variables of shape {:?}",
+                g.dims(),
+                ids.len(),
+                shape
+            )
+        }
+        if let Some(&i) = vars.iter().find(|&&i| &self.shapes[i] != shape) {
+            candle_core::bail!(
+                "flat gradients: a stacked add mixes shapes {:?} and {:?}",
+                shape,
+                self.shapes[i]
+            )
+        }
+        let g = match g.dtype() {
+            DType::F32 | DType::BF16 => g.contiguous()?,
+            _ => g.to_dtype(DType::F32)?.contiguous()?,
+        };
+        self.buf.inplace_op2(
+            &g,
+            &AddMany {
+                offsets: vars.iter().map(|&i| self.offsets[i]).collect(),
+                n: self.lens[vars[0]],
+            },
+        )?;
+        if let Ok(mut t) = self.touched.lock() {
+            vars.iter().for_each(|&i| t[i] = true);
+        }
+        Ok(())
+    }
+
     /// Which variables got a gradient since the last [`Self::zero`].
     pub fn touched(&self) -> Result<Vec<bool>> {
         Ok(self.touched_mut()?.clone())
@@ -270,39 +320,100 @@ impl candle_core::InplaceOp2 for AddAt {
         src: &candle_core::CpuStorage,
         ls: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::CpuStorage as C;
         let Some((da, _)) = ld.contiguous_offsets() else {
             candle_core::bail!("flat-grad-add: buffer must be contiguous")
         };
         let Some((sa, sb)) = ls.contiguous_offsets() else {
             candle_core::bail!("flat-grad-add: gradient must be contiguous")
         };
-        let (a, b) = (da + self.offset, da + self.offset + self.n);
         if sb - sa != self.n {
             candle_core::bail!("flat-grad-add: {} elements for {}", sb - sa, self.n)
         }
-        match (dst, src) {
-            (C::F32(d), C::F32(s)) => {
-                for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
-                    *d += *s;
-                }
+        add_cpu(dst, da + self.offset, src, sa, self.n)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        ld: &candle_core::Layout,
+        src: &candle_core::CudaStorage,
+        ls: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        cuda::add_at(dst, ld, src, ls, self.offset, self.n)
+    }
+}
+
+/// `dst[a..a + n] += src[sa..sa + n]`, summed in f32 and rounded to `dst`'s type.
+fn add_cpu(
+    dst: &mut candle_core::CpuStorage,
+    a: usize,
+    src: &candle_core::CpuStorage,
+    sa: usize,
+    n: usize,
+) -> candle_core::Result<()> {
+    use candle_core::CpuStorage as C;
+    let (b, sb) = (a + n, sa + n);
+    match (dst, src) {
+        (C::F32(d), C::F32(s)) => {
+            for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
+                *d += *s;
             }
-            (C::F32(d), C::BF16(s)) => {
-                for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
-                    *d += s.to_f32();
-                }
+        }
+        (C::F32(d), C::BF16(s)) => {
+            for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
+                *d += s.to_f32();
             }
-            (C::BF16(d), C::F32(s)) => {
-                for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
-                    *d = half::bf16::from_f32(d.to_f32() + *s);
-                }
+        }
+        (C::BF16(d), C::F32(s)) => {
+            for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
+                *d = half::bf16::from_f32(d.to_f32() + *s);
             }
-            (C::BF16(d), C::BF16(s)) => {
-                for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
-                    *d = half::bf16::from_f32(d.to_f32() + s.to_f32());
-                }
+        }
+        (C::BF16(d), C::BF16(s)) => {
+            for (d, s) in d[a..b].iter_mut().zip(&s[sa..sb]) {
+                *d = half::bf16::from_f32(d.to_f32() + s.to_f32());
             }
-            _ => candle_core::bail!("flat-grad-add: f32 or bf16 only"),
+        }
+        _ => candle_core::bail!("flat-grad-add: f32 or bf16 only"),
+    }
+    Ok(())
+}
+
+/// `buf[offsets[i]..offsets[i] + n] += g[i·n..(i + 1)·n]` for every `i`, in place.
+struct AddMany {
+    offsets: Vec<usize>,
+    n: usize,
+}
+
+impl candle_core::InplaceOp2 for AddMany {
+    fn name(&self) -> &'static str {
+        "flat-grad-add-many"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut candle_core::CpuStorage,
+        ld: &candle_core::Layout,
+        src: &candle_core::CpuStorage,
+        ls: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        let Some((da, _)) = ld.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-add: buffer must be contiguous")
+        };
+        let Some((sa, sb)) = ls.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-add: gradient must be contiguous")
+        };
+        if sb - sa != self.n * self.offsets.len() {
+            candle_core::bail!(
+                "flat-grad-add: {} elements for {} × {}",
+                sb - sa,
+                self.offsets.len(),
+                self.n
+            )
+        }
+        for (i, &o) in self.offsets.iter().enumerate() {
+            add_cpu(dst, da + o, src, sa + i * self.n, self.n)?;
         }
         Ok(())
     }
@@ -315,7 +426,7 @@ impl candle_core::InplaceOp2 for AddAt {
         src: &candle_core::CudaStorage,
         ls: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        cuda::add_at(dst, ld, src, ls, self.offset, self.n)
+        cuda::add_many(dst, ld, src, ls, &self.offsets, self.n)
     }
 }
 
@@ -375,6 +486,79 @@ pub(crate) mod cuda {
             (DType::F32, DType::BF16) => go!(f32, half::bf16),
             (DType::BF16, DType::F32) => go!(half::bf16, f32),
             _ => go!(half::bf16, half::bf16),
+        }
+        Ok(())
+    }
+
+    pub(super) fn add_many(
+        dst: &mut CudaStorage,
+        ld: &Layout,
+        src: &CudaStorage,
+        ls: &Layout,
+        offsets: &[usize],
+        n: usize,
+    ) -> candle_core::Result<()> {
+        let Some((da, _)) = ld.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-add: buffer must be contiguous")
+        };
+        let Some((sa, sb)) = ls.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-add: gradient must be contiguous")
+        };
+        if sb - sa != n * offsets.len() {
+            candle_core::bail!(
+                "flat-grad-add: {} elements for {} × {n}",
+                sb - sa,
+                offsets.len()
+            )
+        }
+        if n == 0 || offsets.is_empty() {
+            return Ok(());
+        }
+        let dev = dst.device().clone();
+        let name = match (dst.dtype(), src.dtype()) {
+            (DType::F32, DType::F32) => "flat_add_many_f32_f32",
+            (DType::F32, DType::BF16) => "flat_add_many_f32_bf16",
+            (DType::BF16, DType::F32) => "flat_add_many_bf16_f32",
+            (DType::BF16, DType::BF16) => "flat_add_many_bf16_bf16",
+            _ => candle_core::bail!("flat-grad-add: f32 or bf16 only"),
+        };
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let offs: Vec<u64> = offsets.iter().map(|&o| (da + o) as u64).collect();
+        let n64 = n as u64;
+        let per = n64.div_ceil(256).clamp(1, 1024) as u32;
+        let stream = dev.cuda_stream();
+        let doffs = stream.clone_htod(&offs).w()?;
+        for (c, chunk) in (0..offsets.len())
+            .collect::<Vec<_>>()
+            .chunks(65535)
+            .enumerate()
+        {
+            let cfg = LaunchConfig {
+                grid_dim: (per, chunk.len() as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let first = c * 65535;
+            let ov = doffs.slice(first..first + chunk.len());
+            macro_rules! go {
+                ($d:ty, $s:ty) => {{
+                    let mut dv = dst.as_cuda_slice_mut::<$d>()?.slice_mut(0..);
+                    let sv = src
+                        .as_cuda_slice::<$s>()?
+                        .slice(sa + first * n..sa + (first + chunk.len()) * n);
+                    let mut b = f.builder();
+                    b.arg(&mut dv).arg(&sv).arg(&ov).arg(&n64);
+                    // SAFETY: the arguments match the `flat_add_many_*` kernels in adamw.cu;
+                    // every offset + n lies in the buffer (the variables' own ranges).
+                    unsafe { b.launch(cfg) }.w()?;
+                }};
+            }
+            match (dst.dtype(), src.dtype()) {
+                (DType::F32, DType::F32) => go!(f32, f32),
+                (DType::F32, DType::BF16) => go!(f32, half::bf16),
+                (DType::BF16, DType::F32) => go!(half::bf16, f32),
+                _ => go!(half::bf16, half::bf16),
+            }
         }
         Ok(())
     }
@@ -458,6 +642,52 @@ mod tests {
             assert_eq!(f.norm()?, 0.0);
             assert!(f.to_vec()?.iter().all(|g| g.is_none()));
         }
+        Ok(())
+    }
+
+    /// A stacked add equals one add per slice, bit for bit, and marks only its variables.
+    #[test]
+    fn stacked_adds_equal_one_add_per_variable() -> Result<()> {
+        let dev = Device::Cpu;
+        let shape = (3, 5);
+        let vars: Vec<(String, Var)> = (0..6)
+            .map(|i| {
+                let n = if i == 2 { (5, 3) } else { shape };
+                Ok((format!("v{i}"), Var::zeros(n, DType::F32, &dev)?))
+            })
+            .collect::<Result<_>>()?;
+        let pick = [4usize, 0, 3];
+        let ids: Vec<TensorId> = pick.iter().map(|&i| vars[i].1.as_tensor().id()).collect();
+        for (dtype, gdt) in [
+            (DType::F32, DType::F32),
+            (DType::F32, DType::BF16),
+            (DType::BF16, DType::F32),
+            (DType::BF16, DType::BF16),
+        ] {
+            let g = Tensor::randn(0f32, 1., (3, 3, 5), &dev)?.to_dtype(gdt)?;
+            let (one, many) = (FlatGrads::new(&vars, dtype)?, FlatGrads::new(&vars, dtype)?);
+            for f in [&one, &many] {
+                f.add(vars[0].1.as_tensor().id(), &Tensor::ones(shape, gdt, &dev)?)?;
+            }
+            for (i, &id) in ids.iter().enumerate() {
+                one.add(id, &g.get(i)?)?;
+            }
+            many.add_stacked(&ids, &g)?;
+            let (a, b) = (
+                one.buffer().to_dtype(DType::F32)?,
+                many.buffer().to_dtype(DType::F32)?,
+            );
+            assert_eq!(a.to_vec1::<f32>()?, b.to_vec1::<f32>()?);
+            assert_eq!(many.touched()?, vec![true, false, false, true, true, false]);
+        }
+        let f = FlatGrads::new(&vars, DType::F32)?;
+        let g = Tensor::zeros((3, 3, 5), DType::F32, &dev)?;
+        let twice = [ids[0], ids[1], ids[0]];
+        assert!(f.add_stacked(&twice, &g).is_err(), "a variable twice");
+        let mixed = [ids[0], vars[2].1.as_tensor().id(), ids[1]];
+        assert!(f.add_stacked(&mixed, &g).is_err(), "mixed shapes");
+        assert!(f.add_stacked(&ids[..2], &g).is_err(), "count checked");
+        f.add_stacked(&[], &g)?;
         Ok(())
     }
 }

@@ -3,7 +3,10 @@
 //!
 //! On CUDA each product runs as a single `cublasGemmGroupedBatchedEx` (one launch for all the
 //! experts of a layer instead of one GEMM per expert; a single group as a plain
-//! `cublasGemmEx`), and [`grouped_matmul_add`] accumulates into its output in the same call;
+//! `cublasGemmEx`), and [`grouped_matmul_add`] accumulates into its output in the same call.
+//! [`grouped_matmul_tn`] (the experts' weight gradients, whose inner dimension is each group's
+//! row count) runs small groups as one launch of a segmented tensor-core kernel
+//! (`cuda/grouped.cu`), since cuBLAS launches each group of a different size on its own;
 //! elsewhere they loop over the groups with candle's matmul, which is the reference the CUDA
 //! path is tested against.
 
@@ -112,6 +115,22 @@ pub fn grouped_matmul_add(
     y + (t * alpha)?
 }
 
+static TN_KERNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Groups of at most this many rows on average take the segmented kernel; larger ones
+/// cuBLAS. Measured on an H200 at DeepSeekMoE-16B's expert shapes (BENCHMARKS.md): with 96 rows
+/// per expert (1×1024 tokens) the one launch makes the step 16 % faster than cuBLAS's 64;
+/// with 1,536 (16×1024) cuBLAS's kernels are 5× faster than the segmented one.
+pub const TN_KERNEL_MAX_MEAN_ROWS: usize = 512;
+
+/// Whether [`grouped_matmul_tn`] of bf16/f16 operands on CUDA may run as one launch of this
+/// crate's segmented kernel (the default: when the groups average at most
+/// [`TN_KERNEL_MAX_MEAN_ROWS`] rows) or always as cuBLAS's grouped GEMM, which launches each
+/// group of a different row count on its own (to measure the difference).
+pub fn set_tn_kernel(on: bool) {
+    TN_KERNEL.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// `out[g] = a[rows_g]ᵀ · b[rows_g]` for consecutive row groups (`counts[g]` rows; an empty
 /// group gives zeros): the per-expert weight gradients. `a` is `(R, m)`, `b` is `(R, n)`;
 /// returns `(groups, m, n)`.
@@ -124,6 +143,14 @@ pub fn grouped_matmul_tn(a: &Tensor, b: &Tensor, counts: &[usize]) -> Result<Ten
             a.dims(),
             b.dims()
         )
+    }
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda()
+        && matches!(a.dtype(), DType::BF16 | DType::F16)
+        && TN_KERNEL.load(std::sync::atomic::Ordering::Relaxed)
+        && r <= TN_KERNEL_MAX_MEAN_ROWS * counts.len()
+    {
+        return cuda::segmented_tn(a, b, counts, m, n);
     }
     #[cfg(feature = "cuda")]
     if a.device().is_cuda() && matches!(a.dtype(), DType::BF16 | DType::F16 | DType::F32) {
@@ -354,6 +381,73 @@ mod cuda {
         let out = empty(r, n, x, false)?;
         grouped_matmul_into(&out, x, ws, counts, transpose_w, (k, n), (1.0, 0.0))?;
         Ok(out)
+    }
+
+    /// One launch of `grouped_tn_*` (grouped.cu) for every group.
+    pub(super) fn segmented_tn(
+        a: &Tensor,
+        b: &Tensor,
+        counts: &[usize],
+        m: usize,
+        n: usize,
+    ) -> Result<Tensor> {
+        use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/grouped.ptx"));
+        let (a, b) = (a.contiguous()?, b.contiguous()?);
+        let g = counts.len();
+        let out = empty(g * m, n, &a, false)?;
+        if g == 0 || m == 0 || n == 0 {
+            return out.reshape((g, m, n));
+        }
+        if g > 65535 || counts.iter().any(|&c| c > u32::MAX as usize) {
+            candle_core::bail!("grouped_matmul_tn: {g} groups or a group too large for one launch")
+        }
+        let candle_core::Device::Cuda(dev) = a.device() else {
+            candle_core::bail!("not CUDA")
+        };
+        let name = match a.dtype() {
+            DType::BF16 => "grouped_tn_bf16",
+            _ => "grouped_tn_f16",
+        };
+        let f = dev.get_or_load_custom_func(name, "moe_peft_kernels_grouped", PTX)?;
+        let mut starts = Vec::with_capacity(g);
+        let mut off = 0u64;
+        for &c in counts {
+            starts.push(off);
+            off += c as u64;
+        }
+        let cnt: Vec<u32> = counts.iter().map(|&c| c as u32).collect();
+        let stream = dev.cuda_stream();
+        let (ds, dc) = (
+            stream.clone_htod(&starts).w()?,
+            stream.clone_htod(&cnt).w()?,
+        );
+        let (aa, ba, oa) = (
+            address(&a)?.addr(),
+            address(&b)?.addr(),
+            address(&out)?.addr(),
+        );
+        let (m32, n32) = (m as u32, n as u32);
+        // 16-byte loads when every row of both operands starts on a 16-byte boundary.
+        let vec = i32::from(m % 8 == 0 && n % 8 == 0 && aa % 16 == 0 && ba % 16 == 0);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(64) as u32, m.div_ceil(64) as u32, g as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut l = f.builder();
+        l.arg(&aa)
+            .arg(&ba)
+            .arg(&oa)
+            .arg(&ds)
+            .arg(&dc)
+            .arg(&m32)
+            .arg(&n32)
+            .arg(&vec);
+        // SAFETY: a (R, m) and b (R, n) are contiguous with R = Σ counts, out (g·m, n) of their
+        // dtype; `starts`/`counts` hold g entries; the signature is in grouped.cu.
+        unsafe { l.launch(cfg) }.w()?;
+        out.reshape((g, m, n))
     }
 
     pub(super) fn grouped_matmul_tn(

@@ -10,6 +10,7 @@
 //! | [`xent`] | cross-entropy rows (loss and softmax) for the LM head |
 //! | [`swiglu`] | `silu(gate) ⊙ up` and its backward |
 //! | [`rows`] | row gather for MoE dispatch and combine |
+//! | [`combine`] | the MoE combine (gate-weighted sum of expert rows) and its gradients |
 //! | [`grouped`] | grouped GEMMs, one product per expert in one call |
 //! | [`dropout`] | counter-based inverted dropout, plain and per row group |
 //! | [`adam8bit`] | 8-bit blockwise AdamW (bitsandbytes' `AdamW8bit`) and bf16 stochastic rounding |
@@ -29,6 +30,7 @@ pub mod adam8bit;
 pub mod adamw;
 pub mod autograd;
 pub mod cast;
+pub mod combine;
 pub mod comm;
 pub mod device;
 pub mod dropout;
@@ -60,6 +62,9 @@ pub use adam8bit::{
 pub use adamw::{adamw_update, adamw_update_flat, AdamWStep};
 pub use autograd::{attach_backward, attach_backward2, attach_backward3};
 pub use cast::{bit_patterns, cast_many};
+pub use combine::{
+    combine_rows_backward_rows, combine_rows_backward_weights, combine_rows_forward,
+};
 pub use comm::{Communicator, SingleProcess, ThreadGroup};
 pub use device::{
     cuda_device_or_skip, cuda_profiler, pool_memory, reset_pool_peaks, retain_freed_device_memory,

@@ -411,6 +411,31 @@ fn grouped_gemms_match_the_cpu() -> Result<()> {
             .to_scalar::<f32>()?;
         assert_eq!(empty, 0.0, "empty group");
     }
+    // The one-launch segmented kernel against cuBLAS's grouped GEMM at the experts' shapes
+    // (64 groups, empty ones among them; r = 64 against 2048 and 1408 columns).
+    // (Groups below the mean size that switches to cuBLAS.)
+    let counts: Vec<usize> = (0..64).map(|i| (i * 37) % 150).collect();
+    assert!(
+        counts.iter().sum::<usize>() <= 64 * moe_peft_kernels::grouped::TN_KERNEL_MAX_MEAN_ROWS
+    );
+    let r: usize = counts.iter().sum();
+    for dtype in [DType::BF16, DType::F16] {
+        // (67 × 45: rows that are not whole 16-byte words, read value by value.)
+        for (m, n) in [(64usize, 2048usize), (1408, 64), (67, 45)] {
+            let a = Tensor::randn(0f32, 1.0, (r, m), &gpu)?.to_dtype(dtype)?;
+            let b = Tensor::randn(0f32, 1.0, (r, n), &gpu)?.to_dtype(dtype)?;
+            let k = grouped_matmul_tn(&a, &b, &counts)?;
+            moe_peft_kernels::grouped::set_tn_kernel(false);
+            let c = grouped_matmul_tn(&a, &b, &counts);
+            moe_peft_kernels::grouped::set_tn_kernel(true);
+            let (k, c) = (k.to_dtype(DType::F32)?, c?.to_dtype(DType::F32)?);
+            let rel = ((&k - &c)?.sqr()?.sum_all()?.sqrt()? / c.sqr()?.sum_all()?.sqrt()?)?
+                .to_scalar::<f32>()?;
+            assert!(rel < 1e-2, "segmented xᵀ·y {dtype:?} {m}×{n}: {rel}");
+            let zero = k.get(0)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+            assert_eq!(zero, 0.0, "empty group");
+        }
+    }
     Ok(())
 }
 
@@ -504,6 +529,7 @@ fn flat_gradients_beyond_two_to_the_32_elements() -> Result<()> {
         ("a".to_string(), mk(big)?),
         ("b".to_string(), mk(big)?),
         ("c".to_string(), mk(1000)?),
+        ("d".to_string(), mk(1000)?),
     ];
     let f = FlatGrads::new(&vars, DType::BF16)?;
     assert!(f.offsets()[2] > 1 << 32);
@@ -513,9 +539,126 @@ fn flat_gradients_beyond_two_to_the_32_elements() -> Result<()> {
         f.view(2)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
         vec![3f32; 1000]
     );
-    assert!((f.norm()? - (9000f64).sqrt()).abs() < 1e-9);
+    // A stacked add at 64-bit offsets.
+    let ids = [vars[3].1.as_tensor().id(), vars[2].1.as_tensor().id()];
+    f.add_stacked(&ids, &Tensor::stack(&[&g, &g], 0)?)?;
+    assert_eq!(
+        f.view(2)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        vec![6f32; 1000]
+    );
+    assert_eq!(
+        f.view(3)?.to_dtype(DType::F32)?.to_vec1::<f32>()?,
+        vec![3f32; 1000]
+    );
+    assert!((f.norm()? - (45000f64).sqrt()).abs() < 1e-9);
     f.zero()?;
     assert_eq!(f.norm()?, 0.0);
     assert!(f.to_vec()?.iter().all(|g| g.is_none()));
+    Ok(())
+}
+
+/// A stacked gradient add (one launch for a layer's expert gradients of one kind) equals the
+/// CPU twin bit for bit, for every buffer and gradient dtype.
+#[test]
+fn stacked_flat_gradient_adds_match_the_cpu() -> Result<()> {
+    use moe_peft_kernels::FlatGrads;
+    let Some(dev) = gpu() else { return Ok(()) };
+    for (dtype, gdt) in [
+        (DType::F32, DType::F32),
+        (DType::F32, DType::BF16),
+        (DType::BF16, DType::F32),
+        (DType::BF16, DType::BF16),
+    ] {
+        let mut sums = Vec::new();
+        for d in [&Device::Cpu, &dev] {
+            let vars: Vec<(String, Var)> = (0..70)
+                .map(|i| Ok((format!("v{i}"), Var::zeros((7, 333), DType::F32, d)?)))
+                .collect::<Result<_>>()?;
+            let f = FlatGrads::new(&vars, dtype)?;
+            let pick: Vec<usize> = (0..70).rev().step_by(3).collect();
+            let ids: Vec<_> = pick.iter().map(|&i| vars[i].1.as_tensor().id()).collect();
+            let g = Tensor::arange(0f32, (pick.len() * 7 * 333) as f32, &Device::Cpu)?
+                .affine(1e-3, -0.5)?
+                .sin()?
+                .reshape((pick.len(), 7, 333))?
+                .to_dtype(gdt)?;
+            f.add_stacked(&ids, &g.to_device(d)?)?;
+            f.add_stacked(&ids, &g.to_device(d)?)?;
+            sums.push(f.buffer().to_device(&Device::Cpu)?);
+        }
+        assert_same(&sums[0], &sums[1], "stacked flat gradient add")?;
+    }
+    Ok(())
+}
+
+/// The MoE combine and both its gradients equal the CPU twin bit for bit (f32, bf16, f16;
+/// a hidden size that is not a multiple of the block).
+#[test]
+fn moe_combine_kernels_match_the_cpu() -> Result<()> {
+    use moe_peft_kernels::combine::{
+        combine_rows_backward_rows, combine_rows_backward_weights, combine_rows_forward,
+    };
+    let Some(dev) = gpu() else { return Ok(()) };
+    let cpu = Device::Cpu;
+    for (n, k, h) in [(300usize, 6usize, 2048usize), (37, 4, 1000)] {
+        let nk = n * k;
+        let inverse: Vec<u32> = (0..nk as u64)
+            .map(|i| ((i * 7919) % nk as u64) as u32)
+            .collect();
+        let mut order = vec![0u32; nk];
+        for (o, &p) in inverse.iter().enumerate() {
+            order[p as usize] = o as u32;
+        }
+        let inv = Tensor::new(inverse.as_slice(), &cpu)?;
+        let ord = Tensor::new(order.as_slice(), &cpu)?;
+        let w = Tensor::rand(0f32, 1., (n, k), &cpu)?;
+        for dt in [DType::F32, DType::BF16, DType::F16] {
+            let ys = Tensor::randn(0f32, 1., (nk, h), &cpu)?.to_dtype(dt)?;
+            let g = Tensor::randn(0f32, 1., (n, h), &cpu)?.to_dtype(dt)?;
+            let on = |d: &Device| -> Result<Vec<Tensor>> {
+                let (ys, g, w) = (ys.to_device(d)?, g.to_device(d)?, w.to_device(d)?);
+                let (inv, ord) = (inv.to_device(d)?, ord.to_device(d)?);
+                Ok(vec![
+                    combine_rows_forward(&ys, &w, &inv)?.to_device(&cpu)?,
+                    combine_rows_backward_rows(&g, &w, &ord)?.to_device(&cpu)?,
+                    combine_rows_backward_weights(&g, &ys, &w, &inv)?.to_device(&cpu)?,
+                ])
+            };
+            let (c, gpu_out) = (on(&cpu)?, on(&dev)?);
+            for (what, (a, b)) in ["forward", "row gradients", "weight gradients"]
+                .iter()
+                .zip(c.iter().zip(&gpu_out))
+            {
+                assert_same(a, b, &format!("combine {what} {dt:?} {n}×{k}×{h}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The heads' split/merge transpose by row gather equals the CPU's strided copy bit for bit
+/// (queries and grouped key/value heads, bf16 and f32, a row size without 16-byte words).
+#[test]
+fn head_transposes_match_the_cpu() -> Result<()> {
+    use moe_peft_kernels::rows::swap_dims12;
+    let Some(dev) = gpu() else { return Ok(()) };
+    for (shape, dt) in [
+        ((2, 33, 16, 128), DType::BF16),
+        ((3, 5, 4, 64), DType::F32),
+        ((2, 7, 3, 5), DType::BF16),
+    ] {
+        let x = Tensor::randn(0f32, 1., shape, &Device::Cpu)?.to_dtype(dt)?;
+        let want = swap_dims12(&x)?;
+        let got = swap_dims12(&x.to_device(&dev)?)?;
+        // Twice: the second call takes the cached row order.
+        let again = swap_dims12(&x.to_device(&dev)?)?;
+        assert_same(&want, &got.to_device(&Device::Cpu)?, "heads transpose")?;
+        assert_same(
+            &want,
+            &again.to_device(&Device::Cpu)?,
+            "heads transpose, cached",
+        )?;
+        assert_eq!(want.dims(), &[shape.0, shape.2, shape.1, shape.3]);
+    }
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! Through autograd, each expert's slice of the grouped input is a `narrow` of one tracked
 //! tensor, and candle's backward of `narrow` allocates a zero tensor the size of the whole
 //! input per expert (64 experts: 64 full-size buffers per layer). Here the experts run on
-//! detached slices and one op attaches the hand-written input gradient to the grouped input;
+//! detached slices and one op attaches the hand-written input gradient to the grouped input
+//! (in training, [`ExpertsForward::forward_detached`] hands that backward to the MoE layer instead,
+//! which attaches one backward for dispatch, experts and combine together);
 //! the LoRA gradients go to a gradient sink (straight into the trainer's flat gradient buffer,
 //! or to [`crate::LoraModel::backward`], which returns them with candle's). Per projection `y = W x + s·B A drop(x)`:
 //! `dx = Wᵀ dy + s·drop(Aᵀ (Bᵀ dy))`, `dB = s·dy (A drop(x))ᵀ`, `dA = s·(Bᵀ dy) drop(x)ᵀ`
@@ -24,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use candle_core::{DType, Tensor, TensorId};
 use moe_peft_kernels::{grouped_matmul, grouped_matmul_add, grouped_matmul_tn};
-use moe_peft_model::{Activation, ExpertsForward, ExpertsOutput, Linear, Mlp};
+use moe_peft_model::{Activation, ExpertsBackward, ExpertsForward, ExpertsOutput, Linear, Mlp};
 use moe_peft_quant::matmul_t;
 
 use moe_peft_kernels::cast_many;
@@ -83,6 +85,22 @@ impl GradSink {
             None => g,
         };
         m.insert(id, v);
+        Ok(())
+    }
+
+    /// Adds `g[i]` to the gradient of `ids[i]` for every `i` (`g` stacked along its first
+    /// dimension): with a flat buffer holding them all, in one launch.
+    pub(crate) fn add_stacked(&self, ids: &[TensorId], g: &Tensor) -> candle_core::Result<()> {
+        if self.collecting.load(Ordering::SeqCst) == 0 {
+            if let Ok(f) = self.flat.read() {
+                if let Some(f) = f.as_ref().filter(|f| ids.iter().all(|&id| f.contains(id))) {
+                    return f.add_stacked(ids, g);
+                }
+            }
+        }
+        for (i, &id) in ids.iter().enumerate() {
+            self.add(id, g.get(i)?)?;
+        }
         Ok(())
     }
 
@@ -502,9 +520,7 @@ impl GroupProj {
         if let Some(vars) = &self.trained {
             // Every expert's weight gradient `dyᵀ x` in one grouped GEMM.
             let dw = grouped_matmul_tn(dy, x, counts)?;
-            for (i, v) in vars.iter().enumerate() {
-                sink.add(v.as_tensor().id(), dw.get(i)?)?;
-            }
+            sink.add_stacked(&ids(vars), &dw)?;
         }
         if let (Some(l), Some(xa)) = (&self.lora, xa) {
             let dyb = (grouped_matmul(dy, &l.b_c.iter().collect::<Vec<_>>(), counts, false)?
@@ -513,10 +529,8 @@ impl GroupProj {
             // them to the gradient buffer's dtype as it adds them).
             let db = (grouped_matmul_tn(dy, xa, counts)? * l.scaling)?;
             let da = grouped_matmul_tn(&dyb, &self.drop_x(x, counts)?, counts)?;
-            for (i, (a, b)) in l.a.iter().zip(&l.b).enumerate() {
-                sink.add(b.as_tensor().id(), db.get(i)?)?;
-                sink.add(a.as_tensor().id(), da.get(i)?)?;
-            }
+            sink.add_stacked(&ids(&l.b), &db)?;
+            sink.add_stacked(&ids(&l.a), &da)?;
             let a: Vec<&Tensor> = l.a_c.iter().collect();
             if l.dropout > 0.0 {
                 let dxl = grouped_matmul(&dyb, &a, counts, false)?;
@@ -527,6 +541,11 @@ impl GroupProj {
         }
         Ok(dx)
     }
+}
+
+/// The tensor ids of `vars`, in order.
+fn ids(vars: &[candle_core::Var]) -> Vec<TensorId> {
+    vars.iter().map(|v| v.as_tensor().id()).collect()
 }
 
 /// Every routed expert of a layer as grouped GEMMs (see [`GroupProj`]).
@@ -587,14 +606,18 @@ impl Grouped {
     }
 }
 
-impl ExpertsForward for FusedLoraExperts {
-    fn forward(
+impl FusedLoraExperts {
+    /// The experts' outputs of `xs` (taken outside the graph) and, with `keep`, their backward
+    /// from the outputs' gradient to the rows' gradient; `None` when this path declines the
+    /// layer.
+    fn run(
         &self,
         experts: &[Mlp],
         xs: &Tensor,
         counts: &[usize],
         train: bool,
-    ) -> moe_peft_model::Result<ExpertsOutput> {
+        keep: bool,
+    ) -> moe_peft_model::Result<Option<(Tensor, Option<ExpertsBackward>)>> {
         let dtype = xs.dtype();
         // Every adapter's A and B in the activation dtype, cast in one go.
         let mut mats = Vec::new();
@@ -622,7 +645,7 @@ impl ExpertsForward for FusedLoraExperts {
                 Proj::of(&m.up_proj, train, &mut casts)?,
                 Proj::of(&m.down_proj, train, &mut casts)?,
             ) else {
-                return Ok(ExpertsOutput::Declined);
+                return Ok(None);
             };
             parts.push(Some(ExpertParts {
                 gate,
@@ -631,19 +654,18 @@ impl ExpertsForward for FusedLoraExperts {
                 act: m.activation(),
             }));
         }
-        let keep = train && xs.track_op();
         let x = xs.detach();
         if let Some(grouped) = Grouped::of(&parts, counts) {
             let (ys, saved) = grouped.forward(&x)?;
             if !keep {
-                return Ok(ExpertsOutput::Computed(ys));
+                return Ok(Some((ys, None)));
             }
             let sink = self.sink.clone();
-            let y = moe_peft_kernels::attach_backward(xs, ys, move |dy| {
+            let backward: ExpertsBackward = Box::new(move |dy| {
                 let dy = dy.to_dtype(x.dtype())?;
                 grouped.backward(&x, &saved, &dy, &sink)
-            })?;
-            return Ok(ExpertsOutput::Computed(y));
+            });
+            return Ok(Some((ys, Some(backward))));
         }
         let mut outs = Vec::with_capacity(experts.len());
         let mut saved = Vec::with_capacity(experts.len());
@@ -660,11 +682,11 @@ impl ExpertsForward for FusedLoraExperts {
         }
         let ys = Tensor::cat(&outs, 0)?;
         if !keep {
-            return Ok(ExpertsOutput::Computed(ys));
+            return Ok(Some((ys, None)));
         }
         let counts = counts.to_vec();
         let sink = self.sink.clone();
-        let y = moe_peft_kernels::attach_backward(xs, ys, move |dy| {
+        let backward: ExpertsBackward = Box::new(move |dy| {
             let dy = dy.to_dtype(x.dtype())?;
             let mut dxs = Vec::with_capacity(parts.len());
             let mut off = 0;
@@ -682,7 +704,38 @@ impl ExpertsForward for FusedLoraExperts {
                 }
             }
             Tensor::cat(&dxs, 0)
-        })?;
-        Ok(ExpertsOutput::Computed(y))
+        });
+        Ok(Some((ys, Some(backward))))
+    }
+}
+
+impl ExpertsForward for FusedLoraExperts {
+    fn forward(
+        &self,
+        experts: &[Mlp],
+        xs: &Tensor,
+        counts: &[usize],
+        train: bool,
+    ) -> moe_peft_model::Result<ExpertsOutput> {
+        let keep = train && xs.track_op();
+        Ok(match self.run(experts, xs, counts, train, keep)? {
+            None => ExpertsOutput::Declined,
+            Some((ys, None)) => ExpertsOutput::Computed(ys),
+            Some((ys, Some(backward))) => {
+                ExpertsOutput::Computed(moe_peft_kernels::attach_backward(xs, ys, backward)?)
+            }
+        })
+    }
+
+    fn forward_detached(
+        &self,
+        experts: &[Mlp],
+        xs: &Tensor,
+        counts: &[usize],
+    ) -> moe_peft_model::Result<Option<(Tensor, ExpertsBackward)>> {
+        Ok(match self.run(experts, xs, counts, true, true)? {
+            Some((ys, Some(backward))) => Some((ys, backward)),
+            _ => None,
+        })
     }
 }

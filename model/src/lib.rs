@@ -47,9 +47,9 @@ pub use families::{
 };
 pub use generate::GenerateOptions;
 pub use layers::{
-    Activation, Attention, DecoderLayer, Dispatch, ExpertsForward, ExpertsOutput, ForwardContext,
-    LayerCache, LayerOutput, Linear, Mlp, Moe, MoeAux, MoeGate, MoeOrMlp, RmsNorm, RouterStats,
-    Routing, ATTENTION_PROJECTIONS,
+    Activation, Attention, DecoderLayer, Dispatch, ExpertsBackward, ExpertsForward, ExpertsOutput,
+    ForwardContext, LayerCache, LayerOutput, Linear, Mlp, Moe, MoeAux, MoeGate, MoeOrMlp, RmsNorm,
+    RouterStats, Routing, ATTENTION_PROJECTIONS,
 };
 pub use model::{
     causal_lm_loss, Embedding, KvCache, LoadOptions, LossOutput, ModelOutput, MoeModel, WeightRef,

@@ -288,44 +288,76 @@ pub fn causal_attention_core_chunked(
     })
 }
 
-/// The MoE combine: `y[t] = Σ_j w[t, j]·ys[inverse[t·k + j]]` in f32, cast to `ys`' dtype
+/// The MoE combine: `y[t] = Σ_j w[t, j]·ys[inverse[t·k + j]]` in f32, rounded to `ys`' dtype
 /// (`ys`: expert outputs grouped by expert, `(n·k, H)`; `w`: f32 gate weights `(n, k)`;
-/// `order` is the inverse permutation of `inverse`). One batched `(1×k)·(k×H)` product per
-/// token, as the reference multiplies the outputs by the f32 weights and sums; computed
-/// outside the graph with the backward written out, so the graph keeps only the output and
-/// not the token-ordered and f32 copies of `ys`.
+/// `order` is the inverse permutation of `inverse`), as the reference multiplies the outputs
+/// by the f32 weights and sums. Computed outside the graph by
+/// [`moe_peft_kernels::combine`] (the rows read in place: no token-ordered or f32 copy of
+/// `ys`) with the backward written out, so the graph keeps only the output.
 pub fn combine_rows(
     ys: &Tensor,
     w: &Tensor,
     inverse: &Tensor,
     order: &Tensor,
 ) -> candle_core::Result<Tensor> {
-    let (nk, h) = ys.dims2()?;
-    let (n, k) = w.dims2()?;
-    if n * k != nk {
-        candle_core::bail!("combine_rows: {nk} rows for {n} tokens × {k}")
-    }
-    let dt = ys.dtype();
-    let (ysd, wd) = (ys.detach(), w.detach());
-    let inv = inverse.clone();
-    let by_token = move |ys: &Tensor| -> candle_core::Result<Tensor> {
-        gather_rows(ys, &inv)?
-            .reshape((n, k, h))?
-            .to_dtype(DType::F32)
+    use moe_peft_kernels::combine::{
+        combine_rows_backward_rows, combine_rows_backward_weights, combine_rows_forward,
     };
-    let y = wd
-        .unsqueeze(1)?
-        .matmul(&by_token(&ysd)?)?
-        .squeeze(1)?
-        .to_dtype(dt)?;
-    let order = order.clone();
+    let (ysd, wd) = (ys.detach(), w.detach());
+    let y = combine_rows_forward(&ysd, &wd, inverse)?;
+    let (inv, order) = (inverse.clone(), order.clone());
     attach_backward2(ys, w, y, move |gy| {
-        let g = gy.to_dtype(DType::F32)?.unsqueeze(1)?; // (n, 1, H)
-        let dtok = wd.unsqueeze(2)?.matmul(&g)?.to_dtype(dt)?; // (n, k, H)
-        let dys = gather_rows(&dtok.reshape((nk, h))?, &order)?;
-        drop(dtok);
-        let dw = g.matmul(&by_token(&ysd)?.t()?)?.squeeze(1)?; // (n, k)
+        let gy = gy.to_dtype(ysd.dtype())?;
+        let dys = combine_rows_backward_rows(&gy, &wd, &order)?;
+        let dw = combine_rows_backward_weights(&gy, &ysd, &wd, &inv)?;
         Ok((Some(dys), Some(dw)))
+    })
+}
+
+static ROUTED_NODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Let a MoE layer in training make dispatch, experts and combine one graph node
+/// ([`routed_node`], the default, where the experts' implementation supports it) or three (to
+/// measure the difference).
+pub fn set_routed_node(on: bool) {
+    ROUTED_NODE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether [`set_routed_node`] is on.
+pub fn routed_node_enabled() -> bool {
+    ROUTED_NODE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The routed experts of a MoE layer as one graph node from the layer input `x` `(n, H)` and
+/// the gate weights `w` `(n, k)` to the combined output `(n, H)`: `ys` are the expert outputs
+/// of `x`'s dispatched rows, computed outside the graph, and `experts_backward` maps their
+/// gradient to the rows' gradient. Backward: the combine's two gradients, the experts', then
+/// the dispatch's (`dx[t] = Σ_j dxs[inverse[t·k + j]]`, the combine's sum with unit weights).
+pub fn routed_node(
+    x: &Tensor,
+    w: &Tensor,
+    ys: Tensor,
+    experts_backward: crate::layers::ExpertsBackward,
+    inverse: &Tensor,
+    order: &Tensor,
+) -> candle_core::Result<Tensor> {
+    use moe_peft_kernels::combine::{
+        combine_rows_backward_rows, combine_rows_backward_weights, combine_rows_forward,
+    };
+    let wd = w.detach();
+    let y = combine_rows_forward(&ys, &wd, inverse)?;
+    let (inv, order) = (inverse.clone(), order.clone());
+    let dt = x.dtype();
+    attach_backward2(x, w, y, move |gy| {
+        let gy = gy.to_dtype(ys.dtype())?;
+        let dw = combine_rows_backward_weights(&gy, &ys, &wd, &inv)?;
+        let dys = combine_rows_backward_rows(&gy, &wd, &order)?;
+        drop(gy);
+        let dxs = experts_backward(&dys)?.to_dtype(dt)?;
+        drop(dys);
+        let ones = Tensor::ones(wd.dims(), DType::F32, wd.device())?;
+        let dx = combine_rows_forward(&dxs, &ones, &inv)?;
+        Ok((Some(dx), Some(dw)))
     })
 }
 

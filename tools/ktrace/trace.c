@@ -6,6 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+// The kernel record of the CUPTI headers built against (CUDA 13.0's CUPTI: -DKREC=CUpti_ActivityKernel10).
+#ifndef KREC
+#define KREC CUpti_ActivityKernel11
+#endif
 #define MAXK 8192
 static char names[MAXK][200];
 static int nk = 0;
@@ -35,7 +39,7 @@ static void CUPTIAPI complete(CUcontext c, uint32_t sid, uint8_t* buf, size_t si
     CUpti_Activity* r = NULL;
     while (cuptiActivityGetNextRecord(buf, valid, &r) == CUPTI_SUCCESS) {
         if (r->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL || r->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
-            CUpti_ActivityKernel11* k = (CUpti_ActivityKernel11*)r;
+            KREC* k = (KREC*)r;
             char nm[200];
             if (getenv("KTRACE_GRID"))
                 snprintf(nm, sizeof nm, "%.150s <%d,%d,%d>x%d", k->name ? k->name : "?", k->gridX, k->gridY, k->gridZ, k->blockX);

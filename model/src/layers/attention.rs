@@ -5,6 +5,7 @@ use candle_core::Tensor;
 use crate::arch::{Arch, QkNorm};
 use crate::error::Result;
 use crate::ops::{attention_core, causal_attention_core};
+use moe_peft_kernels::rows::swap_dims12;
 
 use super::{ForwardContext, LayerCache, Linear, RmsNorm};
 
@@ -150,7 +151,7 @@ fn split_heads(
     rope: Option<(&Tensor, &Tensor)>,
 ) -> Result<Tensor> {
     let (b, s, _) = x.dims3()?;
-    let split = |t: &Tensor| t.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous();
+    let split = |t: &Tensor| swap_dims12(&t.reshape((b, s, heads, d))?);
     let y = split(&x.detach())?;
     let y = match rope {
         Some((cos, sin)) => candle_nn::rotary_emb::rope(&y, cos, sin)?,
@@ -165,20 +166,16 @@ fn split_heads(
             Some((cos, neg_sin)) => candle_nn::rotary_emb::rope(&g.contiguous()?, cos, neg_sin)?,
             None => g.clone(),
         };
-        g.transpose(1, 2)?.contiguous()?.reshape((b, s, heads * d))
+        swap_dims12(&g)?.reshape((b, s, heads * d))
     })?)
 }
 
 /// `(b, heads, s, d)` → `(b, s, heads·d)` as one op (the inverse of [`split_heads`] without RoPE).
 fn merge_heads(y: &Tensor) -> Result<Tensor> {
     let (b, heads, s, d) = y.dims4()?;
-    let out = y
-        .detach()
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((b, s, heads * d))?;
+    let out = swap_dims12(&y.detach())?.reshape((b, s, heads * d))?;
     Ok(moe_peft_kernels::attach_backward(y, out, move |g| {
-        g.reshape((b, s, heads, d))?.transpose(1, 2)?.contiguous()
+        swap_dims12(&g.reshape((b, s, heads, d))?)
     })?)
 }
 

@@ -30,7 +30,7 @@ pub use cache::LayerCache;
 pub use decoder::{DecoderLayer, LayerOutput, MoeOrMlp};
 pub use mask::{attention_mask, every_query_sees_a_key, segment_attention_mask, ForwardContext};
 pub use mlp::{Activation, Mlp};
-pub use moe::{Dispatch, ExpertsForward, ExpertsOutput, Moe, MoeAux};
+pub use moe::{Dispatch, ExpertsBackward, ExpertsForward, ExpertsOutput, Moe, MoeAux};
 pub use norm::RmsNorm;
 pub use rope::Rotary;
 pub use router::{MoeGate, RouterStats, Routing};

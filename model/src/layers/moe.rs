@@ -5,7 +5,8 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use crate::error::{Error, Result};
-use crate::ops::{combine_rows, dispatch_rows};
+use crate::ops::{combine_rows, dispatch_rows, routed_node};
+use moe_peft_kernels::rows::gather_rows;
 
 use super::{ForwardContext, Mlp, MoeGate, RouterStats};
 
@@ -18,6 +19,11 @@ pub enum ExpertsOutput {
     /// layer runs its plain per-expert loop instead.
     Declined,
 }
+
+/// The backward of routed experts run outside the graph: from the gradient of their outputs
+/// `(rows, hidden)` to the gradient of their inputs (the experts' own trainable gradients go
+/// where the implementation sends them).
+pub type ExpertsBackward = Box<dyn Fn(&Tensor) -> candle_core::Result<Tensor> + Send + Sync>;
 
 /// A replacement for the per-expert loop: runs every routed expert on its contiguous slice
 /// of `xs` (rows grouped by expert, `counts[e]` rows for expert `e`) and returns the outputs in
@@ -32,6 +38,18 @@ pub trait ExpertsForward: Send + Sync + std::fmt::Debug {
         counts: &[usize],
         train: bool,
     ) -> Result<ExpertsOutput>;
+
+    /// Training: computes the outputs of `xs` (outside the graph) and returns them with their
+    /// backward, so that the layer makes dispatch, experts and combine one graph node. `None`:
+    /// the layer calls [`Self::forward`] instead.
+    fn forward_detached(
+        &self,
+        _experts: &[Mlp],
+        _xs: &Tensor,
+        _counts: &[usize],
+    ) -> Result<Option<(Tensor, ExpertsBackward)>> {
+        Ok(None)
+    }
 }
 
 /// A MoE layer: router, routed experts and optional fused shared experts.
@@ -124,32 +142,47 @@ impl Moe {
         let inverse = Tensor::new(d.inverse.as_slice(), dev)?;
         let src: Vec<u32> = d.order.iter().map(|&p| p / k as u32).collect();
         let src = Tensor::new(src.as_slice(), dev)?;
-        let xs = dispatch_rows(&x2, &src, &inverse, k)?;
-        let fused = match &self.experts_forward {
-            Some(f) => f.forward(&self.experts, &xs, &d.counts, train)?,
-            None => ExpertsOutput::Declined,
+        // Training through an implementation that runs the experts outside the graph: dispatch,
+        // experts and combine are one node (no gradient buffers for the dispatched rows and
+        // the expert outputs, the largest tensors of the layer).
+        let detached = match &self.experts_forward {
+            Some(f) if train && x2.track_op() && crate::ops::routed_node_enabled() => {
+                let xs = gather_rows(&x2.detach(), &src)?;
+                f.forward_detached(&self.experts, &xs, &d.counts)?
+            }
+            _ => None,
         };
-        let ys = match fused {
-            ExpertsOutput::Computed(ys) => ys,
-            ExpertsOutput::Declined => {
-                let mut outs = Vec::with_capacity(self.experts.len());
-                let mut off = 0;
-                for (e, expert) in self.experts.iter().enumerate() {
-                    let c = d.counts[e];
-                    if c == 0 {
-                        continue;
+        // Σ_j w[n, j]·y[n, j, :] in f32 (the reference multiplies the expert outputs by the f32
+        // gate weights), reading the rows in expert order in place (`combine_rows`).
+        let mut y = match detached {
+            Some((ys, backward)) => {
+                routed_node(&x2, &r.topk_weight, ys, backward, &inverse, &order)?
+            }
+            None => {
+                let xs = dispatch_rows(&x2, &src, &inverse, k)?;
+                let fused = match &self.experts_forward {
+                    Some(f) => f.forward(&self.experts, &xs, &d.counts, train)?,
+                    None => ExpertsOutput::Declined,
+                };
+                let ys = match fused {
+                    ExpertsOutput::Computed(ys) => ys,
+                    ExpertsOutput::Declined => {
+                        let mut outs = Vec::with_capacity(self.experts.len());
+                        let mut off = 0;
+                        for (e, expert) in self.experts.iter().enumerate() {
+                            let c = d.counts[e];
+                            if c == 0 {
+                                continue;
+                            }
+                            outs.push(expert.forward(&xs.narrow(0, off, c)?, train)?);
+                            off += c;
+                        }
+                        Tensor::cat(&outs, 0)?
                     }
-                    outs.push(expert.forward(&xs.narrow(0, off, c)?, train)?);
-                    off += c;
-                }
-                Tensor::cat(&outs, 0)?
+                };
+                combine_rows(&ys, &r.topk_weight, &inverse, &order)?
             }
         };
-        // Back to token order, then Σ_j w[n, j]·y[n, j, :] in f32 (the reference multiplies the
-        // expert outputs by the f32 gate weights) as one batched (1×k)·(k×H) product per token:
-        // contiguous operands, no broadcast or strided reduction.
-        // (`combine_rows` keeps only its output in the graph.)
-        let mut y = combine_rows(&ys, &r.topk_weight, &inverse, &order)?;
         if let Some(sh) = &self.shared_experts {
             let mut ys = sh.forward(&x2, train)?;
             if let Some(g) = &self.shared_expert_gate {
