@@ -157,7 +157,7 @@ pub fn combine_rows_backward_weights(
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Storage, Tensor};
+    use candle_core::{DType, Tensor};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/combine.ptx"));
     const MODULE: &str = "moe_peft_kernels_combine";
@@ -179,29 +179,6 @@ mod cuda {
         }
     }
 
-    fn empty(shape: (usize, usize), dtype: DType, like: &Tensor) -> candle_core::Result<Tensor> {
-        let candle_core::Device::Cuda(dev) = like.device() else {
-            candle_core::bail!("combine: not CUDA")
-        };
-        let n = (shape.0 * shape.1).max(1);
-        // SAFETY: every element is written by the kernel that fills the tensor.
-        let storage = match dtype {
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone())
-            }
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev.clone())
-            }
-            _ => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
-        };
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            shape,
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
-    }
-
     /// Forward (`x` = ys, `idx` = inverse) or row gradients (`x` = g, `idx` = order).
     /// Indices are not range-checked on the device: the model builds them from its dispatch.
     pub(super) fn launch(
@@ -219,7 +196,7 @@ mod cuda {
             Kind::Forward => (n, "combine_fwd_"),
             Kind::Rows => (n * k, "combine_bwd_rows_"),
         };
-        let out = empty((rows, h), x.dtype(), &x)?;
+        let out = crate::device::uninit_cuda((rows, h), x.dtype(), &x)?;
         if rows == 0 || h == 0 {
             return Ok(out);
         }
@@ -256,7 +233,7 @@ mod cuda {
             candle_core::bail!("combine: not CUDA")
         };
         let (g, ys, inv) = (g.contiguous()?, ys.contiguous()?, inverse.contiguous()?);
-        let out = empty((n, k), DType::F32, &ys)?;
+        let out = crate::device::uninit_cuda((n, k), DType::F32, &ys)?;
         if n * k == 0 {
             return Ok(out);
         }

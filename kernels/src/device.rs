@@ -193,6 +193,37 @@ pub fn device_address(t: &candle_core::Tensor) -> candle_core::Result<DeviceAddr
     })
 }
 
+/// A `(rows, cols)` CUDA tensor of `dtype` (bf16, f16, else f32) on `like`'s device whose
+/// elements are not initialised: for kernels that write every one.
+#[cfg(feature = "cuda")]
+pub(crate) fn uninit_cuda(
+    (rows, cols): (usize, usize),
+    dtype: candle_core::DType,
+    like: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{CudaStorage, DType, Storage};
+    let candle_core::Device::Cuda(dev) = like.device() else {
+        candle_core::bail!("not a CUDA tensor")
+    };
+    let n = (rows * cols).max(1);
+    // SAFETY: the memory is only read after the caller's kernel has written it.
+    let storage = match dtype {
+        DType::BF16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone())
+        }
+        DType::F16 => {
+            CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev.clone())
+        }
+        _ => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
+    };
+    Ok(candle_core::Tensor::from_storage(
+        Storage::Cuda(storage),
+        (rows, cols),
+        candle_core::op::BackpropOp::none(),
+        false,
+    ))
+}
+
 /// The CUDA device a GPU test runs on: `Some(cuda:0)`, or `None` (the test skips, saying so on
 /// stderr) when there is none: a CPU-only build or machine. With `MOE_PEFT_REQUIRE_CUDA=1` a
 /// missing device panics instead, so a GPU run cannot pass by skipping.

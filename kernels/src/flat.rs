@@ -112,21 +112,7 @@ impl FlatGrads {
                 self.shapes[i]
             )
         }
-        let g = match g.dtype() {
-            DType::F32 | DType::BF16 => g.contiguous()?,
-            _ => g.to_dtype(DType::F32)?.contiguous()?,
-        };
-        self.buf.inplace_op2(
-            &g,
-            &AddAt {
-                offset: self.offsets[i],
-                n: g.elem_count(),
-            },
-        )?;
-        if let Ok(mut t) = self.touched.lock() {
-            t[i] = true;
-        }
-        Ok(())
+        self.add_stacked(&[id], &g.unsqueeze(0)?)
     }
 
     /// Adds `g` of shape `(ids.len(), …)`, the gradients of the distinct variables `ids`
@@ -302,48 +288,6 @@ impl candle_core::InplaceOp1 for Zero {
     }
 }
 
-/// `buf[offset..offset + n] += g`, in place (f32 or bf16 on either side, summed in f32).
-struct AddAt {
-    offset: usize,
-    n: usize,
-}
-
-impl candle_core::InplaceOp2 for AddAt {
-    fn name(&self) -> &'static str {
-        "flat-grad-add"
-    }
-
-    fn cpu_fwd(
-        &self,
-        dst: &mut candle_core::CpuStorage,
-        ld: &candle_core::Layout,
-        src: &candle_core::CpuStorage,
-        ls: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        let Some((da, _)) = ld.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: buffer must be contiguous")
-        };
-        let Some((sa, sb)) = ls.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: gradient must be contiguous")
-        };
-        if sb - sa != self.n {
-            candle_core::bail!("flat-grad-add: {} elements for {}", sb - sa, self.n)
-        }
-        add_cpu(dst, da + self.offset, src, sa, self.n)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        dst: &mut candle_core::CudaStorage,
-        ld: &candle_core::Layout,
-        src: &candle_core::CudaStorage,
-        ls: &candle_core::Layout,
-    ) -> candle_core::Result<()> {
-        cuda::add_at(dst, ld, src, ls, self.offset, self.n)
-    }
-}
-
 /// `dst[a..a + n] += src[sa..sa + n]`, summed in f32 and rounded to `dst`'s type.
 fn add_cpu(
     dst: &mut candle_core::CpuStorage,
@@ -380,7 +324,8 @@ fn add_cpu(
     Ok(())
 }
 
-/// `buf[offsets[i]..offsets[i] + n] += g[i·n..(i + 1)·n]` for every `i`, in place.
+/// `buf[offsets[i]..offsets[i] + n] += g[i·n..(i + 1)·n]` for every `i`, in place (f32 or bf16
+/// on either side, summed in f32).
 struct AddMany {
     offsets: Vec<usize>,
     n: usize,
@@ -398,20 +343,7 @@ impl candle_core::InplaceOp2 for AddMany {
         src: &candle_core::CpuStorage,
         ls: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        let Some((da, _)) = ld.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: buffer must be contiguous")
-        };
-        let Some((sa, sb)) = ls.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: gradient must be contiguous")
-        };
-        if sb - sa != self.n * self.offsets.len() {
-            candle_core::bail!(
-                "flat-grad-add: {} elements for {} × {}",
-                sb - sa,
-                self.offsets.len(),
-                self.n
-            )
-        }
+        let (da, sa) = self.bounds(ld, ls)?;
         for (i, &o) in self.offsets.iter().enumerate() {
             add_cpu(dst, da + o, src, sa + i * self.n, self.n)?;
         }
@@ -426,7 +358,33 @@ impl candle_core::InplaceOp2 for AddMany {
         src: &candle_core::CudaStorage,
         ls: &candle_core::Layout,
     ) -> candle_core::Result<()> {
-        cuda::add_many(dst, ld, src, ls, &self.offsets, self.n)
+        let (da, sa) = self.bounds(ld, ls)?;
+        cuda::add_many(dst, da, src, sa, &self.offsets, self.n)
+    }
+}
+
+impl AddMany {
+    /// The buffer's and the gradients' first elements, both layouts checked.
+    fn bounds(
+        &self,
+        ld: &candle_core::Layout,
+        ls: &candle_core::Layout,
+    ) -> candle_core::Result<(usize, usize)> {
+        let Some((da, _)) = ld.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-add: buffer must be contiguous")
+        };
+        let Some((sa, sb)) = ls.contiguous_offsets() else {
+            candle_core::bail!("flat-grad-add: gradient must be contiguous")
+        };
+        if sb - sa != self.n * self.offsets.len() {
+            candle_core::bail!(
+                "flat-grad-add: {} elements for {} × {}",
+                sb - sa,
+                self.offsets.len(),
+                self.n
+            )
+        }
+        Ok((da, sa))
     }
 }
 
@@ -439,117 +397,75 @@ pub(crate) mod cuda {
 
     use crate::adamw::cuda::{MODULE, PTX};
 
-    pub(super) fn add_at(
-        dst: &mut CudaStorage,
-        ld: &Layout,
-        src: &CudaStorage,
-        ls: &Layout,
-        offset: usize,
-        n: usize,
-    ) -> candle_core::Result<()> {
-        let Some((da, _)) = ld.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: buffer must be contiguous")
-        };
-        let Some((sa, sb)) = ls.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: gradient must be contiguous")
-        };
-        if sb - sa != n {
-            candle_core::bail!("flat-grad-add: {} elements for {n}", sb - sa)
-        }
-        if n == 0 {
-            return Ok(());
-        }
-        let dev = dst.device().clone();
-        let name = match (dst.dtype(), src.dtype()) {
-            (DType::F32, DType::F32) => "flat_add_f32_f32",
-            (DType::F32, DType::BF16) => "flat_add_f32_bf16",
-            (DType::BF16, DType::F32) => "flat_add_bf16_f32",
-            (DType::BF16, DType::BF16) => "flat_add_bf16_bf16",
-            _ => candle_core::bail!("flat-grad-add: f32 or bf16 only"),
-        };
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let n64 = n as u64;
-        let cfg = crate::adamw::cuda::launch_config(n64);
-        let a = da + offset;
-        macro_rules! go {
-            ($d:ty, $s:ty) => {{
-                let mut dv = dst.as_cuda_slice_mut::<$d>()?.slice_mut(a..a + n);
-                let sv = src.as_cuda_slice::<$s>()?.slice(sa..sb);
-                let mut b = f.builder();
-                b.arg(&mut dv).arg(&sv).arg(&n64);
-                // SAFETY: the arguments match the `flat_add_*` kernels in adamw.cu.
-                unsafe { b.launch(cfg) }.w()?;
-            }};
-        }
-        match (dst.dtype(), src.dtype()) {
-            (DType::F32, DType::F32) => go!(f32, f32),
-            (DType::F32, DType::BF16) => go!(f32, half::bf16),
-            (DType::BF16, DType::F32) => go!(half::bf16, f32),
-            _ => go!(half::bf16, half::bf16),
-        }
-        Ok(())
-    }
-
+    /// `dst[da + offsets[i]..][..n] += src[sa + i·n..][..n]`: one `flat_add_*` launch for one
+    /// variable, one `flat_add_many_*` launch (offsets uploaded) for several.
     pub(super) fn add_many(
         dst: &mut CudaStorage,
-        ld: &Layout,
+        da: usize,
         src: &CudaStorage,
-        ls: &Layout,
+        sa: usize,
         offsets: &[usize],
         n: usize,
     ) -> candle_core::Result<()> {
-        let Some((da, _)) = ld.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: buffer must be contiguous")
-        };
-        let Some((sa, sb)) = ls.contiguous_offsets() else {
-            candle_core::bail!("flat-grad-add: gradient must be contiguous")
-        };
-        if sb - sa != n * offsets.len() {
-            candle_core::bail!(
-                "flat-grad-add: {} elements for {} × {n}",
-                sb - sa,
-                offsets.len()
-            )
-        }
         if n == 0 || offsets.is_empty() {
             return Ok(());
         }
         let dev = dst.device().clone();
-        let name = match (dst.dtype(), src.dtype()) {
-            (DType::F32, DType::F32) => "flat_add_many_f32_f32",
-            (DType::F32, DType::BF16) => "flat_add_many_f32_bf16",
-            (DType::BF16, DType::F32) => "flat_add_many_bf16_f32",
-            (DType::BF16, DType::BF16) => "flat_add_many_bf16_bf16",
+        let kind = match (dst.dtype(), src.dtype()) {
+            (DType::F32, DType::F32) => "f32_f32",
+            (DType::F32, DType::BF16) => "f32_bf16",
+            (DType::BF16, DType::F32) => "bf16_f32",
+            (DType::BF16, DType::BF16) => "bf16_bf16",
             _ => candle_core::bail!("flat-grad-add: f32 or bf16 only"),
         };
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let offs: Vec<u64> = offsets.iter().map(|&o| (da + o) as u64).collect();
+        let many = offsets.len() > 1;
+        let name = format!("flat_add_{}{kind}", if many { "many_" } else { "" });
+        let f = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let n64 = n as u64;
-        let per = n64.div_ceil(256).clamp(1, 1024) as u32;
         let stream = dev.cuda_stream();
-        let doffs = stream.clone_htod(&offs).w()?;
-        for (c, chunk) in (0..offsets.len())
-            .collect::<Vec<_>>()
-            .chunks(65535)
-            .enumerate()
-        {
-            let cfg = LaunchConfig {
-                grid_dim: (per, chunk.len() as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
+        let offs: Vec<u64> = offsets.iter().map(|&o| (da + o) as u64).collect();
+        let doffs = if many {
+            Some(stream.clone_htod(&offs).w()?)
+        } else {
+            None
+        };
+        let idx: Vec<usize> = (0..offsets.len()).collect();
+        for (c, chunk) in idx.chunks(65535).enumerate() {
             let first = c * 65535;
-            let ov = doffs.slice(first..first + chunk.len());
+            let cfg = if many {
+                LaunchConfig {
+                    grid_dim: (
+                        n64.div_ceil(256).clamp(1, 1024) as u32,
+                        chunk.len() as u32,
+                        1,
+                    ),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                }
+            } else {
+                crate::adamw::cuda::launch_config(n64)
+            };
+            let span = sa + first * n..sa + (first + chunk.len()) * n;
             macro_rules! go {
                 ($d:ty, $s:ty) => {{
-                    let mut dv = dst.as_cuda_slice_mut::<$d>()?.slice_mut(0..);
-                    let sv = src
-                        .as_cuda_slice::<$s>()?
-                        .slice(sa + first * n..sa + (first + chunk.len()) * n);
+                    let sv = src.as_cuda_slice::<$s>()?.slice(span.clone());
                     let mut b = f.builder();
-                    b.arg(&mut dv).arg(&sv).arg(&ov).arg(&n64);
-                    // SAFETY: the arguments match the `flat_add_many_*` kernels in adamw.cu;
-                    // every offset + n lies in the buffer (the variables' own ranges).
+                    // The single-variable kernel takes its slice; the many-variable one the whole
+                    // buffer and the offsets.
+                    let mut dv = match &doffs {
+                        Some(_) => dst.as_cuda_slice_mut::<$d>()?.slice_mut(0..),
+                        None => dst
+                            .as_cuda_slice_mut::<$d>()?
+                            .slice_mut(da + offsets[0]..da + offsets[0] + n),
+                    };
+                    b.arg(&mut dv).arg(&sv);
+                    let ov = doffs.as_ref().map(|d| d.slice(first..first + chunk.len()));
+                    if let Some(ov) = &ov {
+                        b.arg(ov);
+                    }
+                    b.arg(&n64);
+                    // SAFETY: the arguments match the `flat_add_*` / `flat_add_many_*` kernels
+                    // in adamw.cu; every offset + n lies in the buffer (the variables' ranges).
                     unsafe { b.launch(cfg) }.w()?;
                 }};
             }

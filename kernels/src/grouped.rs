@@ -176,7 +176,7 @@ mod cuda {
     use candle_core::cuda_backend::cudarc::cublas::sys as cublas;
     use candle_core::cuda_backend::cudarc::driver::DevicePtr;
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+    use candle_core::{DType, Result, Tensor};
 
     /// The device address of a contiguous tensor's first element, and its element size.
     fn address(t: &Tensor) -> Result<crate::device::DeviceAddress<'_>> {
@@ -198,26 +198,8 @@ mod cuda {
         if zero {
             return Tensor::zeros((rows, cols), like.dtype(), like.device());
         }
-        let candle_core::Device::Cuda(dev) = like.device() else {
-            candle_core::bail!("not CUDA")
-        };
-        let n = (rows * cols).max(1);
-        // SAFETY: every element is written by the GEMMs below (the groups tile the rows).
-        let storage = match like.dtype() {
-            DType::BF16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::bf16>(n)? }, dev.clone())
-            }
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(n)? }, dev.clone())
-            }
-            _ => CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(n)? }, dev.clone()),
-        };
-        Ok(Tensor::from_storage(
-            Storage::Cuda(storage),
-            (rows, cols),
-            candle_core::op::BackpropOp::none(),
-            false,
-        ))
+        // Every element is written by the GEMMs (the groups tile the rows).
+        crate::device::uninit_cuda((rows, cols), like.dtype(), like)
     }
 
     /// One GEMM per group, column-major as cuBLAS sees row-major data.

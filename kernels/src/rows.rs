@@ -83,7 +83,7 @@ fn swap_index(
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{CudaStorage, DType, Storage, Tensor};
+    use candle_core::{DType, Tensor};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
     const MODULE: &str = "moe_peft_kernels_rows";
@@ -105,26 +105,11 @@ mod cuda {
         if xa % 16 != 0 {
             return x.index_select(idx, 0);
         }
-        // SAFETY: every element is written by the kernel (fresh allocations are 256-byte aligned).
-        let storage = match x.dtype() {
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                unsafe { dev.alloc::<half::bf16>(m * h)? },
-                dev.clone(),
-            ),
-            DType::F16 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<half::f16>(m * h)? }, dev.clone())
-            }
-            DType::F32 => {
-                CudaStorage::wrap_cuda_slice(unsafe { dev.alloc::<f32>(m * h)? }, dev.clone())
-            }
-            _ => return x.index_select(idx, 0),
-        };
-        let out = Tensor::from_storage(
-            Storage::Cuda(storage),
-            (m, h),
-            candle_core::op::BackpropOp::none(),
-            false,
-        );
+        if !matches!(x.dtype(), DType::BF16 | DType::F16 | DType::F32) {
+            return x.index_select(idx, 0);
+        }
+        // Every element is written by the kernel (fresh allocations are 256-byte aligned).
+        let out = crate::device::uninit_cuda((m, h), x.dtype(), x)?;
         let (ia, oa) = (address(idx)?, address(&out)?);
         let n = n as u64;
         let words = (h * x.dtype().size_in_bytes() / 16) as u32;
