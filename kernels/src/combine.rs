@@ -8,6 +8,7 @@
 //! multiply-adds in f32 and is rounded once to the output's dtype. The CPU functions are the
 //! reference: the CUDA kernels give the same bits (the weight gradient's dot products are
 //! summed as 32 strided partial sums folded pairwise, the order of a warp reduction, on both).
+//! A row index out of range is an error here and a zero row on CUDA (as [`crate::gather_rows`]).
 //! Not differentiable: the model attaches the backward.
 
 use candle_core::{DType, Tensor};
@@ -179,8 +180,8 @@ mod cuda {
         }
     }
 
-    /// Forward (`x` = ys, `idx` = inverse) or row gradients (`x` = g, `idx` = order).
-    /// Indices are not range-checked on the device: the model builds them from its dispatch.
+    /// Forward (`x` = ys, `idx` = inverse) or row gradients (`x` = g, `idx` = order). An
+    /// index out of range reads as a zero row (the kernels check; the host does not read them).
     pub(super) fn launch(
         kind: Kind,
         x: &Tensor,
@@ -217,8 +218,8 @@ mod cuda {
             .arg(&rows64)
             .arg(&k32)
             .arg(&h32);
-        // SAFETY: x holds (n·k or n, h) contiguous values, w n·k f32, idx n·k u32 below n·k,
-        // out (rows, h) of x's dtype; the kernel signatures are in combine.cu.
+        // SAFETY: x holds (n·k or n, h) contiguous values, w n·k f32, idx n·k u32 (the kernels
+        // skip those >= n·k), out (rows, h) of x's dtype; the signatures are in combine.cu.
         unsafe { b.launch(cfg) }.w()?;
         Ok(out)
     }
@@ -257,8 +258,8 @@ mod cuda {
             .arg(&nk)
             .arg(&k32)
             .arg(&h32);
-        // SAFETY: g (n, h) and ys (n·k, h) contiguous of one dtype, inverse n·k u32 below n·k,
-        // out n·k f32; the kernel signature is in combine.cu.
+        // SAFETY: g (n, h) and ys (n·k, h) contiguous of one dtype, inverse n·k u32 (the kernel
+        // skips those >= n·k), out n·k f32; the kernel signature is in combine.cu.
         unsafe { b.launch(cfg) }.w()?;
         Ok(out)
     }

@@ -429,9 +429,8 @@ pub(crate) mod cuda {
         } else {
             None
         };
-        let idx: Vec<usize> = (0..offsets.len()).collect();
-        for (c, chunk) in idx.chunks(65535).enumerate() {
-            let first = c * 65535;
+        for first in (0..offsets.len()).step_by(65535) {
+            let chunk = first..offsets.len().min(first + 65535);
             let cfg = if many {
                 LaunchConfig {
                     grid_dim: (

@@ -117,8 +117,8 @@ pub fn grouped_matmul_add(
 
 static TN_KERNEL: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
-/// Groups of at most this many rows on average take the segmented kernel; larger ones
-/// cuBLAS. Measured on an H200 at DeepSeekMoE-16B's expert shapes (BENCHMARKS.md): with 96 rows
+/// Groups of at most this many rows on average (and none above four times as many: one
+/// block loops over a group's rows) take the segmented kernel; larger ones cuBLAS. Measured on an H200 at DeepSeekMoE-16B's expert shapes (BENCHMARKS.md): with 96 rows
 /// per expert (1×1024 tokens) the one launch makes the step 16 % faster than cuBLAS's 64;
 /// with 1,536 (16×1024) cuBLAS's kernels are 5× faster than the segmented one.
 pub const TN_KERNEL_MAX_MEAN_ROWS: usize = 512;
@@ -149,6 +149,8 @@ pub fn grouped_matmul_tn(a: &Tensor, b: &Tensor, counts: &[usize]) -> Result<Ten
         && matches!(a.dtype(), DType::BF16 | DType::F16)
         && TN_KERNEL.load(std::sync::atomic::Ordering::Relaxed)
         && r <= TN_KERNEL_MAX_MEAN_ROWS * counts.len()
+        && counts.iter().all(|&c| c <= 4 * TN_KERNEL_MAX_MEAN_ROWS)
+        && counts.len() <= 65535
     {
         return cuda::segmented_tn(a, b, counts, m, n);
     }
@@ -380,9 +382,6 @@ mod cuda {
         let out = empty(g * m, n, &a, false)?;
         if g == 0 || m == 0 || n == 0 {
             return out.reshape((g, m, n));
-        }
-        if g > 65535 || counts.iter().any(|&c| c > u32::MAX as usize) {
-            candle_core::bail!("grouped_matmul_tn: {g} groups or a group too large for one launch")
         }
         let candle_core::Device::Cuda(dev) = a.device() else {
             candle_core::bail!("not CUDA")

@@ -9,9 +9,9 @@
 //! | [`norm`] | RMSNorm forward and input gradient |
 //! | [`xent`] | cross-entropy rows (loss and softmax) for the LM head |
 //! | [`swiglu`] | `silu(gate) ⊙ up` and its backward |
-//! | [`rows`] | row gather for MoE dispatch and combine |
+//! | [`rows`] | row gather for MoE dispatch, and the attention heads' transposes |
 //! | [`combine`] | the MoE combine (gate-weighted sum of expert rows) and its gradients |
-//! | [`grouped`] | grouped GEMMs, one product per expert in one call |
+//! | [`grouped`] | grouped GEMMs, one product per expert in one call (a segmented kernel for the experts' weight gradients) |
 //! | [`dropout`] | counter-based inverted dropout, plain and per row group |
 //! | [`adam8bit`] | 8-bit blockwise AdamW (bitsandbytes' `AdamW8bit`) and bf16 stochastic rounding |
 //! | [`adamw`] | the AdamW update, per variable or all at once from a [`FlatGrads`] |

@@ -1,6 +1,7 @@
-//! Row gather `x[idx]` for the MoE dispatch and combine. candle's `index_select` moves one
-//! element per thread; on CUDA, rows that are whole 16-byte words are copied here a warp per
-//! row with 16-byte accesses. Elsewhere (and for other shapes) it is `index_select`.
+//! Row gather `x[idx]` for the MoE dispatch, and the attention heads' transposes built on it.
+//! candle's `index_select` moves one element per thread; on CUDA, rows that are whole 16-byte
+//! words are copied here a warp per row with 16-byte accesses. Elsewhere (and for other
+//! shapes) it is `index_select`.
 
 #[cfg(feature = "cuda")]
 use candle_core::DType;
@@ -54,8 +55,11 @@ fn swap_index(
     static CACHE: OnceLock<Mutex<HashMap<Key, Tensor>>> = OnceLock::new();
     let key = (a, b, c, dev.location());
     let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    // (Another `Device` of the same GPU has its own stream: its tensors are not shared.)
     if let Some(t) = cache.lock().ok().and_then(|m| m.get(&key).cloned()) {
-        return Ok(t);
+        if t.device().same_device(dev) {
+            return Ok(t);
+        }
     }
     if a * b * c > u32::MAX as usize {
         candle_core::bail!("swap_dims12: {a}×{b}×{c} rows do not fit u32 indices")

@@ -625,6 +625,14 @@ fn moe_combine_kernels_match_the_cpu() -> Result<()> {
                 ])
             };
             let (c, gpu_out) = (on(&cpu)?, on(&dev)?);
+            // An index out of range: an error on the CPU, a zero term on CUDA (no bad read).
+            let mut bad = inverse.clone();
+            bad[0] = u32::MAX;
+            let bad = Tensor::new(bad.as_slice(), &dev)?;
+            let (ysg, wg) = (ys.to_device(&dev)?, w.to_device(&dev)?);
+            let y = combine_rows_forward(&ysg, &wg, &bad)?.to_dtype(DType::F32)?;
+            assert!(y.sum_all()?.to_scalar::<f32>()?.is_finite());
+            assert!(combine_rows_forward(&ys, &w, &bad.to_device(&cpu)?).is_err());
             for (what, (a, b)) in ["forward", "row gradients", "weight gradients"]
                 .iter()
                 .zip(c.iter().zip(&gpu_out))
